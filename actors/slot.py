@@ -1,0 +1,243 @@
+"""SlotActor: one sequence of the context, serving one request at a time.
+
+The slot pulls a ticket from the mailbox when it is idle, tokenizes the prompt (off the event
+loop), refuses a prompt that does not fit its context, reuses the common prefix of the tokens
+its sequence already holds, and hands the sequence to the ModelActor. Each token the step loop
+delivers is turned into text (whole UTF-8 characters, stop strings held back) and streamed to
+the caller. A caller who does not read makes the slot wait, which pauses only this sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Callable
+from functools import partial
+
+import anyio
+import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from actors.model import INBOX_LEAD, Delivery, ModelActor, SequenceJob
+from runtime.backends.base import SamplerSpec
+from runtime.config import RuntimeConfig
+from runtime.errors import ContextOverflowError, GenerationError, InvalidRequestError
+from runtime.messages import ChatRequest, Chunk, DoneReason, GenerateRequest, RequestStats
+from runtime.streaming import TextStream
+from runtime.ticket import Ticket
+
+__all__ = ["SlotActor", "SlotStatistics"]
+
+OnDone = Callable[[Ticket, DoneReason, RequestStats | None], None]
+
+
+class SlotStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """One slot: whether it is busy, and the prompt tokens its sequence keeps cached."""
+
+    slot: int
+    busy: bool
+    served: int
+    cached_tokens: int
+
+
+def sampler_spec(request: GenerateRequest | ChatRequest) -> SamplerSpec | None:
+    """The sampler chain for ``request``; None when plain argmax gives the same token."""
+    if request.greedy:
+        return None
+    return SamplerSpec(
+        temperature=request.temperature,
+        top_k=request.top_k,
+        top_p=request.top_p,
+        min_p=request.min_p,
+        repeat_penalty=request.repeat_penalty,
+        repeat_last_n=request.repeat_last_n,
+        seed=secrets.randbits(32) if request.seed is None else request.seed,
+    )
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class SlotActor:
+    """Serves tickets from ``receiver`` on sequence ``slot`` of ``model``'s context.
+
+    :param on_done: called once per ticket with its done_reason and stats (None if it failed
+        before it started).
+    """
+
+    def __init__(
+        self,
+        slot: int,
+        model: ModelActor,
+        receiver: MemoryObjectReceiveStream[Ticket],
+        config: RuntimeConfig,
+        on_done: OnDone,
+    ) -> None:
+        self.slot = slot
+        self.model = model
+        self.config = config
+        self._receiver = receiver
+        self._on_done = on_done
+        self._cached: list[int] = []
+        self._served = 0
+        self.current: Ticket | None = None
+        """The ticket being served; the Supervisor fails it if this slot crashes."""
+
+    async def run(self) -> None:
+        """Serve tickets until the mailbox closes. Raises only on a fault in this slot."""
+        async for ticket in self._receiver:
+            self.current = ticket
+            await self._serve(ticket)  # on a fault, ``current`` stays set for the Supervisor
+            ticket.on_cancel = None
+            self.current = None
+            self._served += 1
+
+    async def _serve(self, ticket: Ticket) -> None:
+        picked_ns = time.perf_counter_ns()
+        if ticket.cancelled:
+            self._end(ticket, "cancel", None)
+            return
+        request = ticket.request
+        try:
+            tokens = await self._tokenize(request)
+            max_new = self._max_new(len(tokens), request.max_tokens)
+        except InvalidRequestError as exc:
+            self._end(ticket, "error", None, exc)
+            return
+        seq = self.slot
+        keep = common_prefix(self._cached, tokens) if self.config.prefix_cache else 0
+        keep = min(keep, len(tokens) - 1)
+        self._cached = []
+        send, inbox = anyio.create_memory_object_stream[Delivery](INBOX_LEAD + 2)
+        job = SequenceJob(seq, tokens, keep, max_new, sampler_spec(request), send)
+
+        def cancel() -> None:
+            with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+                send.send_nowait(Delivery(-1, "cancel"))
+
+        ticket.on_cancel = cancel
+        self.model.begin(job)
+        text = TextStream(request.stop)
+        pieces = self.model.backend.pieces
+        pending: list[int] = []
+        out = ""
+        first_ns: int | None = None
+        reason: DoneReason
+        with inbox, send:
+            while True:
+                delivery = await inbox.receive()
+                if inbox.statistics().current_buffer_used == INBOX_LEAD - 1:
+                    self.model.notify()  # the step loop may have paused this sequence
+                if delivery.error is not None:
+                    self.model.end(seq)
+                    if not isinstance(delivery.error, GenerationError):
+                        raise delivery.error  # this sequence's own fault: the slot crashes
+                    self._end(ticket, "error", None, delivery.error)
+                    return
+                if delivery.finish == "cancel":
+                    reason = "cancel"
+                    break
+                if first_ns is None:
+                    first_ns = time.perf_counter_ns()
+                pending.append(delivery.token)
+                if delivery.finish != "stop":  # an end-of-generation token has no text
+                    out += text.push(pieces[delivery.token])
+                if text.stopped:
+                    reason = "stop"
+                    break
+                if delivery.finish is not None:
+                    reason = "stop" if delivery.finish == "stop" else "length"
+                    break
+                if out:
+                    try:
+                        await ticket.reply.send(Chunk(text=out, token_ids=tuple(pending)))
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        reason = "cancel"
+                        break
+                    out, pending = "", []
+        finished = reason != "cancel" and first_ns is not None
+        if finished:
+            out += text.finish()
+        if finished and self.config.prefix_cache:
+            self._cached = tokens  # the prompt's cells stay for the next request; the rest go
+        self.model.end(seq, keep=len(self._cached))
+        end_ns = time.perf_counter_ns()
+        prefilled = first_ns is not None
+        if reason in ("stop", "length") and prefilled and self.config.prefix_cache:
+            self._cached = tokens  # the prompt's cells stay; the rest is trimmed
+            self.model.end(seq, keep=len(tokens))
+        else:
+            self.model.end(seq)
+        stats = RequestStats(
+            slot=self.slot,
+            prompt_tokens=len(tokens),
+            prompt_tokens_cached=keep,
+            completion_tokens=job.generated,
+            load_duration_ns=0,
+            queue_duration_ns=picked_ns - ticket.admitted_ns,
+            prefill_duration_ns=(first_ns or end_ns) - picked_ns,
+            decode_duration_ns=end_ns - (first_ns or end_ns),
+            total_duration_ns=end_ns - ticket.admitted_ns,
+            time_to_first_token_ns=None if first_ns is None else first_ns - ticket.admitted_ns,
+        )
+        final = Chunk(
+            text=out if finished else "",
+            token_ids=tuple(pending),
+            done=True,
+            done_reason=reason,
+            stats=stats,
+        )
+        self._end(ticket, reason, stats, final)
+
+    def _end(
+        self,
+        ticket: Ticket,
+        reason: DoneReason,
+        stats: RequestStats | None,
+        final: Chunk | BaseException | None = None,
+    ) -> None:
+        """Send the last reply (a final chunk or an error), close the stream, report."""
+        if final is not None:
+            try:
+                ticket.reply.send_nowait(final)
+            except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+        ticket.reply.close()
+        self._on_done(ticket, reason, stats)
+
+    def fail(self, ticket: Ticket, error: BaseException) -> None:
+        """Fail ``ticket`` with ``error`` (used by the Supervisor when this slot crashed)."""
+        self._end(ticket, "error", None, error)
+
+    async def _tokenize(self, request: GenerateRequest | ChatRequest) -> list[int]:
+        backend = self.model.backend
+        if isinstance(request, ChatRequest):
+            prompt = await anyio.to_thread.run_sync(backend.chat_prompt, request.messages)
+        else:
+            prompt = request.prompt
+        tokens = await anyio.to_thread.run_sync(partial(backend.tokenize, prompt, add_special=True))
+        if not tokens:
+            raise InvalidRequestError("prompt has no tokens after tokenizing; it needs at least one")
+        return tokens
+
+    def _max_new(self, n_prompt: int, max_tokens: int | None) -> int:
+        n_ctx = self.config.n_ctx_per_slot
+        cap = self.config.max_tokens_cap
+        wanted = min(cap, n_ctx - n_prompt) if max_tokens is None else max_tokens
+        if wanted < 1 or n_prompt + wanted > n_ctx:
+            raise ContextOverflowError(n_prompt, max(wanted, 1), n_ctx)
+        return wanted
+
+    def statistics(self) -> SlotStatistics:
+        """A snapshot of this slot."""
+        return SlotStatistics(
+            slot=self.slot, busy=self.current is not None, served=self._served, cached_tokens=len(self._cached)
+        )
+

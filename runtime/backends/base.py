@@ -1,0 +1,109 @@
+"""The backend protocol: what the ModelActor needs from an inference library.
+
+All methods are blocking and are called from worker threads, never from the event loop.
+``step`` and the sequence operations run on one thread at a time (the ModelActor's);
+``tokenize`` and ``chat_prompt`` only read the vocabulary and may run on any worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from runtime.messages import ChatMessage
+
+__all__ = ["Backend", "ModelInfo", "SamplerSpec", "StepPlan", "StepResult"]
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What a loaded model is and what it costs; sizes in bytes, lengths in tokens."""
+
+    name: str
+    path: str
+    backend: str
+    n_vocab: int
+    n_layer: int
+    n_ctx_train: int
+    n_ctx_per_slot: int
+    n_seq_max: int
+    weights_bytes: int
+    kv_bytes_per_slot: int
+    """n_ctx_per_slot x n_layer x (n_embd_k_gqa + n_embd_v_gqa) x bytes per element."""
+    gpu_layers: int
+
+
+class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A sampler chain for one sequence (llama.cpp order: penalties, top-k, top-p, min-p, temp)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+    seed: int
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """One step: sequence housekeeping, then one batched decode, then sampling.
+
+    ``tokens``, ``positions`` and ``seq_ids`` have shape (n_tokens,); ``output_rows`` has shape
+    (n_outputs,) and lists the batch rows whose logits are sampled, in the order of the results.
+    """
+
+    tokens: npt.NDArray[np.int32]
+    positions: npt.NDArray[np.int32]
+    seq_ids: npt.NDArray[np.int32]
+    output_rows: npt.NDArray[np.int32]
+    trims: list[tuple[int, int]] = field(default_factory=list)
+    """(seq_id, p0): remove the sequence's KV cells at positions >= p0, before decoding."""
+    samplers: dict[int, SamplerSpec | None] = field(default_factory=dict)
+    """seq_id -> new sampler for that sequence (None: greedy argmax), set before decoding."""
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens decoded in this step."""
+        return int(self.tokens.shape[0])
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Sampled tokens, shape (n_outputs,), and errors of single rows (row index -> error)."""
+
+    tokens: npt.NDArray[np.int32]
+    row_errors: dict[int, BaseException] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model with one context of ``info.n_seq_max`` sequences."""
+
+    info: ModelInfo
+    pieces: Sequence[bytes]
+    """Token id -> the bytes it stands for (a table read on the event loop; no native call)."""
+    eog_tokens: frozenset[int]
+    """End-of-generation token ids (EOS, EOT, ...)."""
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Token ids of ``text``; special tokens written in the text are recognised."""
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """Render ``messages`` with the model's chat template, ending at the assistant's turn."""
+
+    def step(self, plan: StepPlan) -> StepResult:
+        """Apply trims and samplers, decode ``plan`` in one batch, sample every output row.
+
+        :raises RuntimeError: if the decode itself fails (the whole step is lost).
+        """
+
+    def seq_cells(self, seq_id: int) -> int:
+        """KV cells the sequence holds now (0 when it holds none)."""
+
+    def close(self) -> None:
+        """Free the context and the weights."""

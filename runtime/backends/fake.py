@@ -1,0 +1,169 @@
+"""A deterministic test double of a model: scripted tokens, settable delay, memory and faults.
+
+Tokens: id 0 is EOS, ids 1 to 256 are the bytes 0 to 255 (so any text tokenizes, byte by
+byte), and ids from 257 on are the ``extra_pieces`` given. The fake keeps a real KV cache of
+its own (each sequence's tokens by position) and refuses a decode at a position that does not
+follow the sequence's last cell, so runtime bookkeeping errors show up as failures.
+
+Without a script, the next token is a letter chosen by a hash of the sequence's whole history,
+so outputs depend on every earlier token of that sequence and of no other (as in a real model).
+A ``scripts`` entry makes a prompt generate exactly the given token ids, then EOS.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
+from runtime.messages import ChatMessage
+
+__all__ = ["EOS", "FakeBackend", "InjectedFault"]
+
+EOS = 0
+_BYTE0 = 1
+_LETTERS = np.array([_BYTE0 + c for c in b"abcdefghijklmnopqrstuvwxyz "], dtype=np.int32)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the fake backend where a test asked for a fault."""
+
+
+class FakeBackend:
+    """A model double that runs in microseconds; see the module docstring.
+
+    :param scripts: prompt text -> token ids to generate for it (then EOS).
+    :param extra_pieces: bytes of the token ids 257, 258, ... for scripts to use.
+    :param step_delay_s: seconds each step sleeps, as if computing.
+    :param fault_prompts: prompts whose sequence fails (InjectedFault on its own row only)
+        when it samples its ``fault_after``-th token.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_seq_max: int = 4,
+        n_ctx_per_slot: int = 2048,
+        scripts: Mapping[str, Sequence[int]] | None = None,
+        extra_pieces: Sequence[bytes] = (),
+        step_delay_s: float = 0.0,
+        weights_bytes: int = 100 << 20,
+        kv_bytes_per_slot: int = 1 << 20,
+        fault_prompts: Sequence[str] = (),
+        fault_after: int = 2,
+    ) -> None:
+        self.pieces: list[bytes] = [b""] + [bytes([b]) for b in range(256)] + list(extra_pieces)
+        self.eog_tokens = frozenset({EOS})
+        self.info = ModelInfo(
+            name="fake",
+            path="fake",
+            backend="fake",
+            n_vocab=len(self.pieces),
+            n_layer=1,
+            n_ctx_train=n_ctx_per_slot,
+            n_ctx_per_slot=n_ctx_per_slot,
+            n_seq_max=n_seq_max,
+            weights_bytes=weights_bytes,
+            kv_bytes_per_slot=kv_bytes_per_slot,
+            gpu_layers=0,
+        )
+        self.step_delay_s = step_delay_s
+        self.fault_after = fault_after
+        self._scripts = {tuple(self._encode(p)): list(s) for p, s in (scripts or {}).items()}
+        self._faults = [tuple(self._encode(p)) for p in fault_prompts]
+        self._cells: dict[int, list[int]] = {}
+        self._hashes: dict[int, list[int]] = {}
+        self._samplers: dict[int, np.random.Generator | None] = {}
+        self.fail_next_steps = 0
+        """Make this many coming steps raise InjectedFault as a whole (a ModelActor fault)."""
+        self.call_threads: set[int] = set()
+        """Ids of every thread that called into the backend."""
+        self.steps = 0
+        self.sequences_per_step: list[int] = []
+        self.closed = False
+
+    @staticmethod
+    def _encode(text: str) -> list[int]:
+        return [_BYTE0 + b for b in text.encode()]
+
+    def _touch(self) -> None:
+        self.call_threads.add(threading.get_ident())
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """One token per UTF-8 byte; no BOS."""
+        self._touch()
+        return self._encode(text)
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """A ChatML-like rendering, ending at the assistant's turn."""
+        self._touch()
+        return "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
+
+    def step(self, plan: StepPlan) -> StepResult:
+        """Trim, set samplers, append the batch to each sequence's cells, sample each output."""
+        self._touch()
+        for seq_id, p0 in plan.trims:
+            del self._cells.setdefault(seq_id, [])[p0:]
+            del self._hashes.setdefault(seq_id, [])[p0:]
+        for seq_id, spec in plan.samplers.items():
+            self._samplers[seq_id] = self._new_sampler(spec)
+        if plan.n_tokens == 0:
+            return StepResult(tokens=np.empty(0, dtype=np.int32))
+        if self.fail_next_steps > 0:
+            self.fail_next_steps -= 1
+            raise InjectedFault("injected fault in the whole step")
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        self.steps += 1
+        self.sequences_per_step.append(len(set(plan.seq_ids.tolist())))
+        for token, pos, seq_id in zip(
+            plan.tokens.tolist(), plan.positions.tolist(), plan.seq_ids.tolist(), strict=True
+        ):
+            cells, hashes = self._cells.setdefault(seq_id, []), self._hashes.setdefault(seq_id, [])
+            if pos != len(cells):
+                raise RuntimeError(f"sequence {seq_id}: decode at position {pos}, cells end at {len(cells)}")
+            cells.append(token)
+            hashes.append(((hashes[-1] if hashes else 17) * 1_000_003 + token) & 0xFFFFFFFF)
+        out = np.empty(len(plan.output_rows), dtype=np.int32)
+        errors: dict[int, BaseException] = {}
+        for i, row in enumerate(plan.output_rows.tolist()):
+            seq_id = int(plan.seq_ids[row])
+            try:
+                out[i] = self._next_token(seq_id)
+            except InjectedFault as exc:
+                errors[i] = exc
+                out[i] = EOS
+        return StepResult(tokens=out, row_errors=errors)
+
+    def _new_sampler(self, spec: SamplerSpec | None) -> np.random.Generator | None:
+        return None if spec is None or spec.temperature == 0 else np.random.default_rng(spec.seed)
+
+    def _next_token(self, seq_id: int) -> int:
+        cells = self._cells[seq_id]
+        for prompt, script in self._scripts.items():
+            if tuple(cells[: len(prompt)]) == prompt:
+                done = len(cells) - len(prompt)
+                return script[done] if done < len(script) else EOS
+        for prompt in self._faults:
+            if tuple(cells[: len(prompt)]) == prompt and len(cells) - len(prompt) + 1 >= self.fault_after:
+                raise InjectedFault(f"injected fault in sequence {seq_id}")
+        rng = self._samplers.get(seq_id)
+        h = self._hashes[seq_id][-1]
+        if rng is not None:
+            h ^= int(rng.integers(0, 1 << 16))
+        return int(_LETTERS[h % len(_LETTERS)])
+
+    def seq_cells(self, seq_id: int) -> int:
+        """Cells the sequence holds."""
+        self._touch()
+        return len(self._cells.get(seq_id, ()))
+
+    def close(self) -> None:
+        """Drop every sequence."""
+        self._touch()
+        self._cells.clear()
+        self._hashes.clear()
+        self.closed = True

@@ -1,0 +1,278 @@
+"""The default backend: GGUF models through llama-cpp-python's low-level API (pinned 0.3.36).
+
+One ``llama_model`` (the weights) and one ``llama_context`` with ``n_seq_max`` = slots and a
+KV cache of ``n_ctx_per_slot`` cells per sequence (``kv_unified`` off: each sequence has its
+own part). A step fills one ``llama_batch`` from numpy arrays in bulk, calls ``llama_decode``
+once, reads all logits at once, takes one argmax over every greedy row and runs each other
+row's llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, dist).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as llama
+import numpy as np
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
+from runtime.config import RuntimeConfig
+from runtime.errors import InvalidRequestError, ModelLoadError
+from runtime.messages import ChatMessage
+
+__all__ = ["LlamaCppBackend"]
+
+log = logging.getLogger("slotserve.llama_cpp")
+_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_KV_TYPE_BYTES = {llama.GGML_TYPE_F16: 2.0}
+
+
+@llama.llama_log_callback  # type: ignore[untyped-decorator]
+def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    if level >= 3 or log.isEnabledFor(logging.DEBUG):
+        log.log(_LEVELS.get(level, logging.DEBUG), text.decode(errors="replace").rstrip())
+
+
+_init_lock = threading.Lock()
+_initialized = False
+
+
+def _init_llama() -> None:
+    global _initialized
+    with _init_lock:
+        if not _initialized:
+            llama.llama_log_set(_log, ctypes.c_void_p(0))
+            llama.llama_backend_init()
+            _initialized = True
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this llama-cpp-python build can put layers on a GPU."""
+    return bool(llama.llama_supports_gpu_offload())
+
+
+class LlamaCppBackend:
+    """A GGUF model and one context of ``config.slots`` sequences.
+
+    :raises ModelLoadError: if the file cannot be loaded or the context cannot be created.
+    """
+
+    def __init__(self, path: Path, config: RuntimeConfig) -> None:
+        _init_llama()
+        self._samplers: dict[int, Any] = {}
+        gpu_layers = config.n_gpu_layers
+        if gpu_layers < 0:
+            gpu_layers = 999 if gpu_offload_supported() else 0
+        mparams = llama.llama_model_default_params()
+        mparams.n_gpu_layers = gpu_layers
+        self._model = llama.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self._model:
+            raise ModelLoadError(f"llama.cpp could not load {str(path)!r} (is it a GGUF file?)")
+        self._vocab = llama.llama_model_get_vocab(self._model)
+        n_seq = config.slots
+        n_batch = max(config.n_batch, n_seq)
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx_per_slot * n_seq
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = min(n_batch, 512)
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = cparams.n_threads_batch = config.n_threads
+        cparams.kv_unified = False
+        cparams.no_perf = True
+        self._ctx = llama.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama.llama_model_free(self._model)
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {n_seq} x {config.n_ctx_per_slot} tokens"
+            )
+        self._mem = llama.llama_get_memory(self._ctx)
+        self._n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        self._batch = _NumpyBatch(n_batch)
+        self.pieces = [self._piece(t) for t in range(self._n_vocab)]
+        self.eog_tokens = frozenset(t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(self._vocab, t))
+        self._add_bos = bool(llama.llama_vocab_get_add_bos(self._vocab))
+        template = llama.llama_model_chat_template(self._model, None)
+        self._chat = (
+            Jinja2ChatFormatter(
+                template=template.decode(),
+                eos_token=self._special_text(llama.llama_vocab_eos(self._vocab)),
+                bos_token=self._special_text(llama.llama_vocab_bos(self._vocab)),
+            )
+            if template
+            else None
+        )
+        n_layer = llama.llama_model_n_layer(self._model)
+        self.info = ModelInfo(
+            name=self._meta("general.name") or path.stem,
+            path=str(path),
+            backend="llama_cpp",
+            n_vocab=self._n_vocab,
+            n_layer=n_layer,
+            n_ctx_train=llama.llama_model_n_ctx_train(self._model),
+            n_ctx_per_slot=config.n_ctx_per_slot,
+            n_seq_max=n_seq,
+            weights_bytes=int(llama.llama_model_size(self._model)),
+            kv_bytes_per_slot=int(config.n_ctx_per_slot * n_layer * self._kv_bytes_per_cell_layer()),
+            gpu_layers=min(gpu_layers, n_layer + 1),
+        )
+
+    # -- model facts ---------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(512)
+        n = llama.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode(errors="replace") if n >= 0 else None
+
+    def _kv_bytes_per_cell_layer(self) -> float:
+        """(n_embd_k_gqa + n_embd_v_gqa) x bytes per element, f16 cache (llama.cpp default)."""
+        arch = self._meta("general.architecture") or "llama"
+        n_embd = llama.llama_model_n_embd(self._model)
+        n_head = llama.llama_model_n_head(self._model)
+        n_head_kv = llama.llama_model_n_head_kv(self._model)
+        k_dim = int(self._meta(f"{arch}.attention.key_length") or n_embd // n_head)
+        v_dim = int(self._meta(f"{arch}.attention.value_length") or n_embd // n_head)
+        return (k_dim + v_dim) * n_head_kv * _KV_TYPE_BYTES[llama.GGML_TYPE_F16]
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def _special_text(self, token: int) -> str:
+        return self._piece(token, special=True).decode(errors="replace") if token >= 0 else ""
+
+    # -- text ----------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Token ids of ``text`` (llama_tokenize; special tokens in the text are parsed)."""
+        data = text.encode()
+        n_max = len(data) + 8
+        buf = (llama.llama_token * n_max)()
+        n = llama.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
+        if n < 0:
+            n_max = -n
+            buf = (llama.llama_token * n_max)()
+            n = llama.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
+        return list(buf[:n])
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """Render with the GGUF's ``tokenizer.chat_template`` (Jinja, as transformers does).
+
+        :raises InvalidRequestError: if the model has no chat template.
+        """
+        if self._chat is None:
+            raise InvalidRequestError(f"model {self.info.name!r} has no chat template; use generate")
+        rendered = self._chat(messages=[{"role": m.role, "content": m.content} for m in messages])
+        return str(rendered.prompt)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self, plan: StepPlan) -> StepResult:
+        """Trim, set samplers, decode the batch once, sample every output row.
+
+        :raises RuntimeError: if llama_decode fails (its return code is in the message).
+        """
+        for seq_id, p0 in plan.trims:
+            llama.llama_memory_seq_rm(self._mem, seq_id, p0, -1)
+        for seq_id, spec in plan.samplers.items():
+            self._set_sampler(seq_id, spec)
+        n_out = len(plan.output_rows)
+        out = np.empty(n_out, dtype=np.int32)
+        if plan.n_tokens == 0:
+            return StepResult(tokens=out)
+        self._batch.fill(plan)
+        rc = llama.llama_decode(self._ctx, self._batch.struct)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} for a batch of {plan.n_tokens} tokens")
+        logits = np.ctypeslib.as_array(llama.llama_get_logits(self._ctx), shape=(n_out * self._n_vocab,))
+        logits = logits.reshape(n_out, self._n_vocab)
+        seq_ids = plan.seq_ids[plan.output_rows]
+        chains = [self._samplers.get(int(s)) for s in seq_ids]
+        greedy = np.array([c is None for c in chains], dtype=bool)
+        if greedy.any():
+            out[greedy] = np.argmax(logits[greedy], axis=1)
+        errors: dict[int, BaseException] = {}
+        for i in np.flatnonzero(~greedy).tolist():
+            try:
+                out[i] = llama.llama_sampler_sample(chains[i], self._ctx, int(plan.output_rows[i]))
+            except Exception as exc:  # one row's sampler must not fail the others
+                errors[i] = exc
+        return StepResult(tokens=out, row_errors=errors)
+
+    def _set_sampler(self, seq_id: int, spec: SamplerSpec | None) -> None:
+        old = self._samplers.pop(seq_id, None)
+        if old is not None:
+            llama.llama_sampler_free(old)
+        if spec is None:
+            return
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        add = llama.llama_sampler_chain_add
+        if spec.repeat_penalty != 1.0:
+            # The binding still declares a leading n_vocab that the C function no longer takes;
+            # penalty_last_n goes first so that the native call reads it either way.
+            n = spec.repeat_last_n
+            add(chain, llama.llama_sampler_init_penalties(n, n, spec.repeat_penalty, 0.0, 0.0))
+        if spec.temperature == 0:
+            add(chain, llama.llama_sampler_init_greedy())
+        else:
+            add(chain, llama.llama_sampler_init_top_k(spec.top_k))
+            add(chain, llama.llama_sampler_init_top_p(spec.top_p, 1))
+            add(chain, llama.llama_sampler_init_min_p(spec.min_p, 1))
+            add(chain, llama.llama_sampler_init_temp(spec.temperature))
+            add(chain, llama.llama_sampler_init_dist(spec.seed))
+        self._samplers[seq_id] = chain
+
+    def seq_cells(self, seq_id: int) -> int:
+        """KV cells of the sequence (llama_memory_seq_pos_max - pos_min + 1; 0 if none)."""
+        hi = llama.llama_memory_seq_pos_max(self._mem, seq_id)
+        lo = llama.llama_memory_seq_pos_min(self._mem, seq_id)
+        return 0 if hi < 0 else hi - lo + 1
+
+    def close(self) -> None:
+        """Free samplers, the context and the weights."""
+        for chain in self._samplers.values():
+            llama.llama_sampler_free(chain)
+        self._samplers.clear()
+        if self._ctx:
+            llama.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama.llama_model_free(self._model)
+            self._model = None
+
+
+class _NumpyBatch:
+    """A ``llama_batch`` whose arrays are numpy arrays, filled in bulk (one sequence a token)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.tokens = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        self.seq_ptrs = self.seq.ctypes.data + 4 * np.arange(capacity, dtype=np.uint64)
+        self.struct = llama.llama_batch()
+        s = self.struct
+        s.token = self.tokens.ctypes.data_as(ctypes.POINTER(llama.llama_token))
+        s.embd = None
+        s.pos = self.pos.ctypes.data_as(ctypes.POINTER(llama.llama_pos))
+        s.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        s.seq_id = self.seq_ptrs.ctypes.data_as(ctypes.POINTER(ctypes.POINTER(llama.llama_seq_id)))
+        s.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+
+    def fill(self, plan: StepPlan) -> None:
+        n = plan.n_tokens
+        self.tokens[:n] = plan.tokens
+        self.pos[:n] = plan.positions
+        self.seq[:n] = plan.seq_ids
+        self.logits[:n] = 0
+        self.logits[plan.output_rows] = 1
+        self.struct.n_tokens = n

@@ -1,0 +1,97 @@
+"""The ``slotserve`` command: ``run`` (the main job), ``generate`` (stream one answer).
+
+Every option also reads its ``SLOTSERVE_*`` environment variable (see RuntimeConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from runtime.config import RuntimeConfig
+from runtime.errors import SlotserveError
+from runtime.main_job import DEFAULT_PROMPTS, run_job
+from runtime.messages import ChatMessage, ChatRequest, GenerateRequest
+from runtime.runtime import Runtime
+
+__all__ = ["build_parser", "main"]
+
+
+def _config_options(p: argparse.ArgumentParser, slots_default: int | None = None) -> None:
+    p.add_argument("--model", help="'default' (embedded SmolLM2-135M) or a GGUF path [SLOTSERVE_MODEL]")
+    p.add_argument("--backend", choices=["llama_cpp", "fake"], help="[SLOTSERVE_BACKEND]")
+    p.add_argument("--slots", type=int, default=slots_default, help="concurrent sequences [SLOTSERVE_SLOTS]")
+    p.add_argument("--max-queue", type=int, dest="max_queue", help="requests that may wait [SLOTSERVE_MAX_QUEUE]")
+    p.add_argument("--n-ctx-per-slot", type=int, dest="n_ctx_per_slot", help="[SLOTSERVE_N_CTX_PER_SLOT]")
+    p.add_argument("--threads", type=int, help="CPU threads, 0 = all [SLOTSERVE_THREADS]")
+    p.add_argument("--config", type=Path, help="a TOML file of RuntimeConfig settings")
+
+
+def _config(args: argparse.Namespace) -> RuntimeConfig:
+    keys = ("model", "backend", "slots", "max_queue", "n_ctx_per_slot", "threads")
+    return RuntimeConfig.load(args.config, **{k: getattr(args, k) for k in keys})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``slotserve`` command."""
+    parser = argparse.ArgumentParser(prog="slotserve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the main job: prompts at once through the slots, then one at a time")
+    _config_options(run, slots_default=4)
+    run.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="a JSON list of prompts")
+    run.add_argument("--max-tokens", type=int, default=64, dest="max_tokens")
+    run.add_argument("--json", type=Path, help="also write the report to this JSON file")
+
+    gen = sub.add_parser("generate", help="stream one answer to stdout")
+    _config_options(gen, slots_default=1)
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    gen.add_argument("--max-tokens", type=int, default=256, dest="max_tokens")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--seed", type=int)
+    return parser
+
+
+async def _generate(args: argparse.Namespace) -> None:
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    request: GenerateRequest | ChatRequest
+    if args.raw:
+        request = GenerateRequest(prompt=args.prompt, **sampling)
+    else:
+        request = ChatRequest(messages=(ChatMessage(role="user", content=args.prompt),), **sampling)
+    async with Runtime(_config(args)) as rt, rt.generate(request) as stream:
+        async for chunk in stream:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+async def _run(args: argparse.Namespace) -> None:
+    report = await run_job(_config(args), args.prompts, args.max_tokens)
+    if args.json:
+        args.json.write_bytes(msgspec.json.format(msgspec.json.encode(report)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``slotserve``; returns the exit status (2 for a slotserve error)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"run": _run, "generate": _generate}
+    try:
+        anyio.run(commands[args.command], args)
+    except SlotserveError as exc:
+        print(f"slotserve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

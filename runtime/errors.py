@@ -1,0 +1,96 @@
+"""The one exception hierarchy of slotserve.
+
+::
+
+    SlotserveError
+    ├── ConfigError               a RuntimeConfig value is out of range or unknown
+    ├── InvalidRequestError       a request field is missing, of the wrong type or out of range
+    │   └── ContextOverflowError  prompt + max_tokens do not fit the slot's context
+    ├── QueueFullError            the mailbox is full (admission refused)
+    ├── ModelLoadError            the weights could not be found or loaded
+    ├── RuntimeClosedError        the runtime is not running (not started, closing or closed)
+    │   └── RuntimeFailedError    too many restarts within the restart period
+    └── GenerationError           a request failed after admission
+        └── SlotFailedError       the slot serving the request crashed (it was restarted)
+
+Every message says what was wrong, the value, and the limit.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ContextOverflowError",
+    "GenerationError",
+    "InvalidRequestError",
+    "ModelLoadError",
+    "QueueFullError",
+    "RuntimeClosedError",
+    "RuntimeFailedError",
+    "SlotFailedError",
+    "SlotserveError",
+]
+
+
+class SlotserveError(Exception):
+    """Base class of every error slotserve raises on purpose."""
+
+
+class ConfigError(SlotserveError, ValueError):
+    """A RuntimeConfig value is out of range, of the wrong type, or unknown."""
+
+
+class InvalidRequestError(SlotserveError, ValueError):
+    """A request is malformed; the message names the field, its value and the limit.
+
+    Subclasses ValueError so that msgspec reports it as a validation error while decoding.
+    """
+
+
+class ContextOverflowError(InvalidRequestError):
+    """The prompt plus max_tokens does not fit the slot's context (no silent truncation).
+
+    :ivar prompt_tokens: tokens in the prompt.
+    :ivar max_tokens: tokens the request asked to generate.
+    :ivar n_ctx_per_slot: the slot's context size in tokens.
+    """
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, n_ctx_per_slot: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.n_ctx_per_slot = n_ctx_per_slot
+        super().__init__(
+            f"prompt is {prompt_tokens:,} tokens and max_tokens is {max_tokens:,} "
+            f"({prompt_tokens + max_tokens:,} in all); "
+            f"slot context is {n_ctx_per_slot:,} tokens (n_ctx_per_slot)"
+        )
+
+
+class QueueFullError(SlotserveError):
+    """The mailbox holds ``capacity`` requests already and every slot is busy."""
+
+    def __init__(self, capacity: int, waited_s: float | None = None) -> None:
+        self.capacity = capacity
+        self.waited_s = waited_s
+        waited = "" if waited_s is None else f" after waiting {waited_s:g} s"
+        super().__init__(f"mailbox is full ({capacity} queued, max_queue={capacity}){waited}")
+
+
+class ModelLoadError(SlotserveError):
+    """The model file is missing or the backend could not load it."""
+
+
+class RuntimeClosedError(SlotserveError):
+    """The runtime does not accept requests: it is not started, is closing or is closed."""
+
+
+class RuntimeFailedError(RuntimeClosedError):
+    """The runtime stopped serving after more restarts than its restart intensity allows."""
+
+
+class GenerationError(SlotserveError):
+    """A request failed after it was admitted."""
+
+
+class SlotFailedError(GenerationError):
+    """The slot serving this request crashed; the request failed, the slot was restarted."""

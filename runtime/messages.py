@@ -1,0 +1,226 @@
+"""Requests, chunks, results and status records: frozen, keyword-only msgspec Structs.
+
+Requests validate themselves when constructed and when decoded (``__post_init__``), so bad input
+is refused at the edge with an :class:`~runtime.errors.InvalidRequestError` that names the field,
+its value and the limit. Sampling defaults follow llama.cpp's server (``repeat_penalty`` 1.0,
+``top_k`` 40, ``top_p`` 0.95, ``min_p`` 0.05) except ``temperature``, 0.8 as in Ollama.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from runtime.errors import InvalidRequestError
+
+__all__ = [
+    "ChatMessage",
+    "ChatRequest",
+    "Chunk",
+    "Completion",
+    "DoneReason",
+    "GenerateRequest",
+    "RequestStats",
+    "RuntimeState",
+    "RuntimeStatus",
+    "decode_request",
+]
+
+DoneReason = Literal["stop", "length", "cancel", "error"]
+RuntimeState = Literal["loading", "ready", "failed", "closed"]
+
+MAX_TOKENS_LIMIT = 1 << 20  # no context we support is larger; a bigger ask is a client bug
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # characters per stop string; the holdback buffer is bounded by it
+SEED_LIMIT = (1 << 32) - 1  # llama.cpp seeds are uint32
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message)
+
+
+def _check_text(field: str, text: str) -> None:
+    _check(bool(text), f"{field} is empty; it needs at least one character")
+    nul = text.find("\x00")
+    _check(nul < 0, f"{field} contains a NUL character at index {nul}; NUL is not allowed")
+
+
+class _Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Fields shared by every request: how many tokens, how to sample, when to stop."""
+
+    max_tokens: int | None = None
+    """Tokens to generate at most (1 to 1,048,576). None: until the slot's context is full."""
+    temperature: float = 0.8
+    """0 means greedy (argmax); otherwise 0 < t <= 100."""
+    top_k: int = 40
+    """Keep the k most likely tokens; 0 disables."""
+    top_p: float = 0.95
+    """Nucleus sampling mass in (0, 1]; 1 disables."""
+    min_p: float = 0.05
+    """Drop tokens below min_p x the top probability, in [0, 1]; 0 disables."""
+    repeat_penalty: float = 1.0
+    """Penalty for tokens among the last ``repeat_last_n``, in (0, 10]; 1 disables."""
+    repeat_last_n: int = 64
+    """How many recent tokens the repeat penalty looks at (0 to 4,096)."""
+    seed: int | None = None
+    """Sampling seed (0 to 2**32-1); None draws one per request."""
+    stop: tuple[str, ...] = ()
+    """Stop strings (at most 16, each 1 to 256 characters); never emitted."""
+
+    def _validate_sampling(self) -> None:
+        m = self.max_tokens
+        _check(
+            m is None or 1 <= m <= MAX_TOKENS_LIMIT,
+            f"max_tokens is {m}; it must be between 1 and {MAX_TOKENS_LIMIT:,}",
+        )
+        t = self.temperature
+        _check(math.isfinite(t) and 0 <= t <= 100, f"temperature is {t}; it must be 0 to 100")
+        _check(0 <= self.top_k <= 1 << 20, f"top_k is {self.top_k}; it must be >= 0")
+        p = self.top_p
+        _check(math.isfinite(p) and 0 < p <= 1, f"top_p is {p}; it must be in (0, 1]")
+        p = self.min_p
+        _check(math.isfinite(p) and 0 <= p <= 1, f"min_p is {p}; it must be in [0, 1]")
+        r = self.repeat_penalty
+        _check(math.isfinite(r) and 0 < r <= 10, f"repeat_penalty is {r}; it must be in (0, 10]")
+        n = self.repeat_last_n
+        _check(0 <= n <= 4096, f"repeat_last_n is {n}; it must be 0 to 4,096")
+        s = self.seed
+        _check(s is None or 0 <= s <= SEED_LIMIT, f"seed is {s}; it must be 0 to {SEED_LIMIT:,}")
+        _check(
+            len(self.stop) <= MAX_STOP_STRINGS,
+            f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed",
+        )
+        for i, text in enumerate(self.stop):
+            _check_text(f"stop[{i}]", text)
+            _check(
+                len(text) <= MAX_STOP_LENGTH,
+                f"stop[{i}] is {len(text)} characters; at most {MAX_STOP_LENGTH} are allowed",
+            )
+
+    @property
+    def greedy(self) -> bool:
+        """True when the next token is the argmax of the logits with nothing else applied."""
+        return self.temperature == 0 and self.repeat_penalty == 1.0
+
+
+class GenerateRequest(_Sampling, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Complete ``prompt`` (raw text; the model's BOS is added if the model wants one).
+
+    :raises InvalidRequestError: if a field is out of range (the message names it and the limit).
+    """
+
+    prompt: str
+
+    def __post_init__(self) -> None:
+        _check_text("prompt", self.prompt)
+        self._validate_sampling()
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One chat turn; ``role`` is system, user, assistant or tool (OpenAI and Ollama roles)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+    def __post_init__(self) -> None:
+        nul = self.content.find("\x00")
+        _check(nul < 0, f"message content contains a NUL character at index {nul}")
+
+
+class ChatRequest(_Sampling, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Answer ``messages``, rendered with the model's own chat template (GGUF metadata).
+
+    :raises InvalidRequestError: if messages is empty or a field is out of range.
+    """
+
+    messages: tuple[ChatMessage, ...]
+
+    def __post_init__(self) -> None:
+        _check(len(self.messages) > 0, "messages is empty; a chat needs at least one message")
+        self._validate_sampling()
+
+
+R = TypeVar("R", GenerateRequest, ChatRequest)
+
+
+def decode_request(data: bytes | str | dict[str, Any], kind: type[R]) -> R:
+    """Build a request of type ``kind`` from JSON text or a dict, refusing unknown fields.
+
+    :raises InvalidRequestError: if the JSON is malformed, a field is unknown, missing, of the
+        wrong type or out of range; the message names the field (``$.max_tokens``).
+    """
+    try:
+        if isinstance(data, dict):
+            return msgspec.convert(data, kind)
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"request is not valid JSON: {exc}") from None
+
+
+class RequestStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Counts (tokens) and durations (ns) of one finished request; Ollama's timing fields."""
+
+    slot: int
+    prompt_tokens: int
+    prompt_tokens_cached: int
+    """Prompt tokens whose KV cells were reused from the slot's previous request."""
+    completion_tokens: int
+    load_duration_ns: int
+    """Time this request waited for the weights to load: 0 once the runtime is ready."""
+    queue_duration_ns: int
+    prefill_duration_ns: int
+    decode_duration_ns: int
+    total_duration_ns: int
+    time_to_first_token_ns: int | None
+    """None when no token was generated."""
+
+
+class Chunk(msgspec.Struct, frozen=True, kw_only=True):
+    """A piece of the streamed answer: whole UTF-8 characters only, never part of a stop string.
+
+    The last chunk has ``done=True`` with ``done_reason`` and ``stats`` set.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    done: bool = False
+    done_reason: DoneReason | None = None
+    stats: RequestStats | None = None
+
+
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    """A whole answer: the text, its token ids, why it ended and its stats."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    done_reason: DoneReason
+    stats: RequestStats
+
+
+class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the runtime (``rt.status()``); sizes in bytes, counts in requests."""
+
+    state: RuntimeState
+    failure: str | None
+    model: str
+    backend: str
+    weights_bytes: int
+    kv_bytes_per_slot: int
+    n_ctx_per_slot: int
+    slots_configured: int
+    slots_effective: int
+    slots_busy: int
+    queue_depth: int
+    queue_capacity: int
+    requests_admitted: int
+    requests_completed: int
+    requests_cancelled: int
+    requests_failed: int
+    requests_rejected: int
+    restarts: int
+    steps: int

@@ -1,0 +1,267 @@
+"""Runtime: the public entry point that loads one model and runs its actors.
+
+::
+
+    async with Runtime(RuntimeConfig(slots=4)) as rt:
+        result = await rt.complete(GenerateRequest(prompt="Hello", max_tokens=32))
+
+Entering loads the weights (in a worker thread) and starts the Supervisor, which starts the
+ModelActor and the slots. Leaving cancels what is still running (done_reason ``cancel``), fails
+what still waits in the mailbox with RuntimeClosedError, and frees the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import TracebackType
+
+import anyio
+import anyio.abc
+
+import msgspec
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from actors.model import ModelActor, ModelStatistics
+from actors.supervisor import Supervisor, SupervisorStatistics
+from runtime.backends import Backend, load_backend
+from runtime.config import RuntimeConfig
+from runtime.errors import InvalidRequestError, RuntimeClosedError, RuntimeFailedError
+from runtime.mailbox import Mailbox, MailboxStatistics
+from runtime.messages import (
+    ChatRequest,
+    Completion,
+    DoneReason,
+    GenerateRequest,
+    RequestStats,
+    RuntimeState,
+    RuntimeStatus,
+)
+from runtime.ticket import Reply, ResponseStream, Ticket
+
+__all__ = ["Runtime", "RuntimeStatistics"]
+
+log = logging.getLogger("slotserve")
+
+
+class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """The statistics() records of the mailbox, the ModelActor and the Supervisor."""
+
+    mailbox: MailboxStatistics
+    model: ModelStatistics
+    supervisor: SupervisorStatistics
+
+
+class Runtime:
+    """One model served by slots. Use as ``async with Runtime(config) as rt``.
+
+    :param config: settings; ``RuntimeConfig.load()`` reads them from the environment.
+    :param backend: an already loaded backend (tests pass a FakeBackend); by default the
+        model of ``config`` is loaded with ``config.backend``.
+    :param registry: the prometheus-client registry for this runtime's metrics (default: the
+        global one); pass your own to run two runtimes in one process.
+    :raises ModelLoadError: on entering, if the model cannot be loaded.
+    """
+
+    def __init__(
+        self,
+        config: RuntimeConfig | None = None,
+        *,
+        backend: Backend | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config or RuntimeConfig()
+        self.registry = REGISTRY if registry is None else registry
+        """The prometheus-client registry this runtime's metrics live on."""
+        self._backend = backend
+        self._state: RuntimeState = "loading"
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._model: ModelActor | None = None
+        self._mailbox: Mailbox[Ticket] = Mailbox(self.config.max_queue)
+        self._supervisor: Supervisor | None = None
+        self._in_flight: set[Ticket] = set()
+        self._outcomes: dict[DoneReason, int] = {"stop": 0, "length": 0, "cancel": 0, "error": 0}
+        self.load_seconds = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Runtime:
+        start = time.perf_counter()
+        if self._backend is None:
+            self._backend = await anyio.to_thread.run_sync(load_backend, self.config)
+        self.load_seconds = time.perf_counter() - start
+        self._model = ModelActor(self._backend, n_batch=max(self.config.n_batch, self.config.slots))
+        self._supervisor = Supervisor(
+            self.config, self._model, self._mailbox, self._request_done, self._failed
+        )
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            await self._tg.start(self._supervisor.run)
+        except BaseException:
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+            raise
+        self._state = "ready"
+        info = self._backend.info
+        log.info(
+            "ready: %s, %d slots x %d tokens, weights %d bytes, KV %d bytes per slot, loaded in %.2f s",
+            info.name, self.config.slots, info.n_ctx_per_slot, info.weights_bytes,
+            info.kv_bytes_per_slot, self.load_seconds,
+        )  # fmt: skip
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._state != "failed":
+            self._state = "closed"
+        for ticket in self._mailbox.close(lambda: RuntimeClosedError("the runtime is closed")):
+            self._refuse(ticket, RuntimeClosedError("the runtime closed before this request started"))
+        for ticket in list(self._in_flight):
+            ticket.cancel()
+        assert self._tg is not None and self._backend is not None
+        with anyio.move_on_after(5):
+            while self._in_flight:
+                await anyio.sleep(0.005)
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)  # the body's own exception propagates as is
+        await anyio.to_thread.run_sync(self._backend.close)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def generate(
+        self, request: GenerateRequest | ChatRequest, *, admission_timeout_s: float | None = None
+    ) -> ResponseStream:
+        """Admit ``request`` and return the stream of its chunks.
+
+        With ``admission_timeout_s`` None the request is admitted now or refused now; with a
+        number, a full mailbox is waited on for up to that many seconds when the stream is
+        first read.
+
+        :raises QueueFullError: if the mailbox is full (at once, or after the timeout).
+        :raises InvalidRequestError: if max_tokens exceeds ``max_tokens_cap``.
+        :raises RuntimeClosedError: if the runtime is not ready (RuntimeFailedError if failed).
+        """
+        self._check_ready()
+        cap = self.config.max_tokens_cap
+        if request.max_tokens is not None and request.max_tokens > cap:
+            raise InvalidRequestError(
+                f"max_tokens is {request.max_tokens:,}; the limit is {cap:,} (max_tokens_cap)"
+            )
+        send, receive = anyio.create_memory_object_stream[Reply](self.config.stream_buffer)
+        ticket = Ticket(request=request, reply=send)
+        if admission_timeout_s is None:
+            try:
+                self._mailbox.put_nowait(ticket)
+            except BaseException:
+                send.close()
+                receive.close()
+                raise
+            self._in_flight.add(ticket)
+            return ResponseStream(ticket, receive)
+
+        async def admit() -> None:
+            try:
+                await self._mailbox.put(ticket, admission_timeout_s)
+            except BaseException:
+                send.close()
+                raise
+            self._in_flight.add(ticket)
+
+        return ResponseStream(ticket, receive, admit=admit)
+
+    def chat(self, request: ChatRequest, *, admission_timeout_s: float | None = None) -> ResponseStream:
+        """:meth:`generate` for a chat: the messages go through the model's chat template."""
+        return self.generate(request, admission_timeout_s=admission_timeout_s)
+
+    async def complete(
+        self, request: GenerateRequest | ChatRequest, *, admission_timeout_s: float | None = None
+    ) -> Completion:
+        """Generate and return the whole answer; raises what :meth:`generate` and streaming do."""
+        return await self.generate(request, admission_timeout_s=admission_timeout_s).collect()
+
+    async def complete_chat(
+        self, request: ChatRequest, *, admission_timeout_s: float | None = None
+    ) -> Completion:
+        """:meth:`complete` for a chat."""
+        return await self.complete(request, admission_timeout_s=admission_timeout_s)
+
+    def _check_ready(self) -> None:
+        if self._state == "failed":
+            assert self._supervisor is not None
+            raise RuntimeFailedError(f"the runtime failed: {self._supervisor.failure}")
+        if self._state != "ready":
+            raise RuntimeClosedError(f"the runtime is {self._state}; requests need it ready")
+
+    def _refuse(self, ticket: Ticket, error: BaseException) -> None:
+        try:
+            ticket.reply.send_nowait(error)
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        ticket.reply.close()
+        self._request_done(ticket, "error", None)
+
+    def _request_done(self, ticket: Ticket, reason: DoneReason, stats: RequestStats | None) -> None:
+        self._in_flight.discard(ticket)
+        self._outcomes[reason] += 1
+
+    def _failed(self, reason: str) -> None:
+        self._state = "failed"
+        error = RuntimeFailedError(f"the runtime failed: {reason}")
+        for ticket in self._mailbox.close(lambda: RuntimeFailedError(f"the runtime failed: {reason}")):
+            self._refuse(ticket, error)
+
+    # -- status --------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> Backend:
+        """The loaded backend.
+
+        :raises RuntimeClosedError: before the runtime was entered.
+        """
+        if self._backend is None:
+            raise RuntimeClosedError("the runtime has not been started")
+        return self._backend
+
+    def statistics(self) -> RuntimeStatistics:
+        """The actors' own statistics records (more detail than :meth:`status`).
+
+        :raises RuntimeClosedError: before the runtime was entered.
+        """
+        if self._model is None or self._supervisor is None:
+            raise RuntimeClosedError("the runtime has not been started")
+        return RuntimeStatistics(
+            mailbox=self._mailbox.statistics(),
+            model=self._model.statistics(),
+            supervisor=self._supervisor.statistics(),
+        )
+
+    def status(self) -> RuntimeStatus:
+        """A frozen snapshot: model, memory (bytes), slots, queue and request counts."""
+        mailbox = self._mailbox.statistics()
+        sup = self._supervisor.statistics() if self._supervisor else None
+        model = self._model.statistics() if self._model else None
+        info = self._backend.info if self._backend else None
+        o = self._outcomes
+        return RuntimeStatus(
+            state=self._state,
+            failure=sup.failure if sup else None,
+            model=info.name if info else self.config.model,
+            backend=self.config.backend if info is None else info.backend,
+            weights_bytes=info.weights_bytes if info else 0,
+            kv_bytes_per_slot=info.kv_bytes_per_slot if info else 0,
+            n_ctx_per_slot=self.config.n_ctx_per_slot,
+            slots_configured=self.config.slots,
+            slots_effective=sup.slots_effective if sup else 0,
+            slots_busy=sup.slots_busy if sup else 0,
+            queue_depth=mailbox.depth,
+            queue_capacity=mailbox.capacity,
+            requests_admitted=mailbox.admitted,
+            requests_completed=o["stop"] + o["length"],
+            requests_cancelled=o["cancel"],
+            requests_failed=o["error"],
+            requests_rejected=mailbox.rejected,
+            restarts=(sup.slot_restarts + sup.model_restarts) if sup else 0,
+            steps=model.steps if model else 0,
+        )

@@ -1,0 +1,71 @@
+"""Opening runtimes for tests, on the fake backend or the embedded model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from runtime import ChatMessage, ChatRequest, GenerateRequest, Runtime, RuntimeConfig
+from runtime.backends.fake import FakeBackend
+
+BACKENDS = ["fake", "llama_cpp"]
+
+
+def llama_available() -> bool:
+    """Whether llama-cpp-python and the embedded model are installed."""
+    try:
+        import llama_cpp  # noqa: F401
+
+        from runtime.models import resolve_model
+
+        resolve_model("default")
+    except Exception:
+        return False
+    return True
+
+
+def require_backend(kind: str) -> None:
+    """Skip a test whose backend is missing, except under CI=true, where that is a failure."""
+    if kind == "llama_cpp" and not llama_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("llama-cpp-python or the embedded model is missing under CI=true")
+        pytest.skip("llama-cpp-python or the embedded model is not installed")
+
+
+@asynccontextmanager
+async def open_runtime(kind: str, *, fake: dict[str, Any] | None = None, **config: Any) -> AsyncIterator[Runtime]:
+    """A ready Runtime on ``kind``; ``fake`` holds FakeBackend options."""
+    require_backend(kind)
+    config.setdefault("n_ctx_per_slot", 512)
+    cfg = RuntimeConfig(backend=kind, **config)  # type: ignore[arg-type]
+    backend = None
+    if kind == "fake":
+        backend = FakeBackend(n_seq_max=cfg.slots, n_ctx_per_slot=cfg.n_ctx_per_slot, **(fake or {}))
+    async with Runtime(cfg, backend=backend) as rt:
+        yield rt
+
+
+def greedy(prompt: str, max_tokens: int = 16, **kw: Any) -> GenerateRequest:
+    """A greedy (deterministic) request."""
+    return GenerateRequest(prompt=prompt, max_tokens=max_tokens, temperature=0, **kw)
+
+
+def chat(text: str, max_tokens: int = 16, **kw: Any) -> ChatRequest:
+    """A one-message greedy chat."""
+    return ChatRequest(messages=(ChatMessage(role="user", content=text),), max_tokens=max_tokens, temperature=0, **kw)
+
+
+PROMPTS = [
+    "The capital of France is",
+    "List three colours:",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "def fibonacci(n):",
+    "Water boils at",
+    "The quick brown fox",
+    "In 1492, Columbus sailed across the Atlantic Ocean and reached the islands that are now called",
+    "Q: What is 7 times 8?\nA:",
+]

@@ -1,0 +1,118 @@
+"""What only the fake backend can show: injected faults, thread discipline, exact scripts."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+from runtime import RuntimeClosedError, RuntimeFailedError, SlotFailedError
+from tests.helpers import PROMPTS, greedy, open_runtime
+
+
+async def test_a_slot_fault_fails_only_its_request_and_the_slot_restarts() -> None:
+    fake = {"fault_prompts": ["boom"], "step_delay_s": 0.001}
+    async with open_runtime("fake", slots=4, restart_intensity=3, fake=fake) as rt:
+        results: dict[str, object] = {}
+
+        async def run(prompt: str) -> None:
+            try:
+                results[prompt] = await rt.complete(greedy(prompt, max_tokens=20))
+            except SlotFailedError as exc:
+                results[prompt] = exc
+
+        async with anyio.create_task_group() as tg:
+            for p in [*PROMPTS[:3], "boom"]:
+                tg.start_soon(run, p)
+        status = rt.status()
+        again = await rt.complete(greedy(PROMPTS[4], max_tokens=5))
+        slots = rt.statistics().supervisor
+    assert isinstance(results["boom"], SlotFailedError)
+    assert "injected fault" in str(results["boom"])
+    for p in PROMPTS[:3]:
+        assert results[p].done_reason == "length"  # type: ignore[union-attr]
+    assert status.restarts == 1 and status.requests_failed == 1 and status.state == "ready"
+    assert again.stats.completion_tokens == 5
+    assert slots.slot_restarts == 1 and slots.slots_effective == 4
+
+
+async def test_too_many_faults_fail_the_runtime() -> None:
+    fake = {"fault_prompts": ["boom"]}
+    async with open_runtime("fake", slots=1, max_queue=8, restart_intensity=2, fake=fake) as rt:
+        streams = [rt.generate(greedy("boom", max_tokens=5)) for _ in range(3)]
+        queued = rt.generate(greedy(PROMPTS[0], max_tokens=5))
+        for s in streams:
+            with pytest.raises(SlotFailedError):
+                await s.collect()
+        with pytest.raises(RuntimeFailedError, match="more than 2 restarts"):
+            await queued.collect()
+        with pytest.raises(RuntimeFailedError, match="more than 2 restarts"):
+            rt.generate(greedy(PROMPTS[0]))
+        status = rt.status()
+    assert status.state == "failed"
+    assert status.failure is not None and "slot 0 crashed" in status.failure
+    assert isinstance(RuntimeFailedError("x"), RuntimeClosedError)
+
+
+async def test_a_failed_step_fails_its_requests_and_the_loop_restarts() -> None:
+    async with open_runtime("fake", slots=2) as rt:
+        backend = rt.backend
+        backend.fail_next_steps = 1  # type: ignore[attr-defined]
+        from runtime import GenerationError
+
+        with pytest.raises(GenerationError, match="model step failed"):
+            await rt.complete(greedy(PROMPTS[0], max_tokens=5))
+        ok = await rt.complete(greedy(PROMPTS[1], max_tokens=5))
+        status = rt.status()
+    assert ok.stats.completion_tokens == 5
+    assert status.restarts == 1 and status.state == "ready"
+
+
+async def test_no_backend_call_runs_on_the_event_loop_thread() -> None:
+    loop_thread = threading.get_ident()
+    async with open_runtime("fake", slots=2) as rt:
+        await rt.complete(greedy(PROMPTS[0], max_tokens=5))
+        await rt.complete_chat(__import__("tests.helpers").helpers.chat("hi", max_tokens=3))
+        threads = set(rt.backend.call_threads)  # type: ignore[attr-defined]
+    assert threads and loop_thread not in threads
+
+
+async def test_slow_reader_pauses_only_its_own_sequence() -> None:
+    """A caller that does not read stalls its own request, never the batch."""
+    async with open_runtime("fake", slots=2, stream_buffer=1) as rt:
+        stalled = rt.generate(greedy(PROMPTS[0], max_tokens=300))
+        await stalled.__anext__()
+        other = await rt.complete(greedy(PROMPTS[1], max_tokens=200))
+        model = rt.statistics().model
+        await stalled.aclose()
+    assert other.stats.completion_tokens == 200
+    assert model.tokens_sampled < 300  # the stalled sequence did not run to its end
+
+
+async def test_admission_timeout_waits_then_refuses() -> None:
+    from runtime import QueueFullError
+
+    async with open_runtime("fake", slots=1, max_queue=0, fake={"step_delay_s": 0.01}) as rt:
+        busy = rt.generate(greedy(PROMPTS[0], max_tokens=50))
+        waiting = rt.generate(greedy(PROMPTS[1], max_tokens=2), admission_timeout_s=0.05)
+        with pytest.raises(QueueFullError, match="after waiting"):
+            await waiting.collect()
+        patient = rt.generate(greedy(PROMPTS[1], max_tokens=2), admission_timeout_s=10)
+        first = await busy.collect()
+        second = await patient.collect()
+    assert first.stats.completion_tokens == 50
+    assert second.stats.completion_tokens == 2
+
+
+async def test_closing_the_runtime_cancels_and_refuses() -> None:
+    async with open_runtime("fake", slots=1, fake={"step_delay_s": 0.005}) as rt:
+        running = rt.generate(greedy(PROMPTS[0], max_tokens=400))
+        queued = rt.generate(greedy(PROMPTS[1], max_tokens=5))
+        await running.__anext__()
+    chunks = [c async for c in running]
+    assert chunks[-1].done_reason == "cancel"
+    with pytest.raises(RuntimeClosedError):
+        await queued.collect()
+    with pytest.raises(RuntimeClosedError):
+        rt.generate(greedy("x"))
