@@ -83,7 +83,8 @@ class ModelActor:
     """Runs the step loop over one backend; slots call :meth:`begin` and :meth:`end`.
 
     :param n_batch: tokens one step decodes at most.
-    :param on_step: called on the event loop after each step with the plan and its seconds.
+    :param on_step: called on the event loop after each decode step with (tokens, sequences,
+        prompt tokens, seconds): :meth:`runtime.events.Observer.step`.
     """
 
     def __init__(
@@ -91,7 +92,7 @@ class ModelActor:
         backend: Backend,
         *,
         n_batch: int,
-        on_step: Callable[[StepPlan, float], None] | None = None,
+        on_step: Callable[[int, int, int, float], None] | None = None,
     ) -> None:
         self.backend = backend
         self.n_batch = n_batch
@@ -155,10 +156,10 @@ class ModelActor:
                 self._fail_all(exc)
                 raise
             seconds = time.perf_counter() - start
-            self._account(plan, seconds)
+            n_sequences = self._account(plan, seconds)
             self._deliver(plan, rows, result)
-            if self._on_step is not None:
-                self._on_step(plan, seconds)
+            if self._on_step is not None and plan.n_tokens:
+                self._on_step(plan.n_tokens, n_sequences, plan.n_prompt_tokens, seconds)
 
     def _plan(self) -> tuple[StepPlan | None, list[SequenceJob]]:
         """Choose this step's tokens: decoding sequences first, then prompt chunks (FIFO)."""
@@ -194,6 +195,7 @@ class ModelActor:
             output_rows=np.array(out_rows, dtype=np.int32),
             trims=self._trims,
             samplers=self._samplers,
+            n_prompt_tokens=len(tokens) - len(decoding),
         )
         self._trims, self._samplers = [], {}
         # Advance prompt bookkeeping now; the jobs in ``rows`` advance when tokens arrive.
@@ -236,9 +238,10 @@ class ModelActor:
         for job in list(self._jobs.values()):
             self._finish(job, Delivery(-1, "error", error))
 
-    def _account(self, plan: StepPlan, seconds: float) -> None:
+    def _account(self, plan: StepPlan, seconds: float) -> int:
+        """Count the step; return how many sequences it carried."""
         if plan.n_tokens == 0:
-            return  # only housekeeping (trims, samplers): no decode happened
+            return 0  # only housekeeping (trims, samplers): no decode happened
         self._steps += 1
         self._tokens_decoded += plan.n_tokens
         self._tokens_sampled += len(plan.output_rows)
@@ -246,6 +249,7 @@ class ModelActor:
         self._last_sequences = n
         self._steps_by_sequences[n] = self._steps_by_sequences.get(n, 0) + 1
         self._step_seconds += seconds
+        return n
 
     def statistics(self) -> ModelStatistics:
         """A snapshot of the step counters."""

@@ -23,13 +23,15 @@ from actors.model import INBOX_LEAD, Delivery, ModelActor, SequenceJob
 from runtime.backends.base import SamplerSpec
 from runtime.config import RuntimeConfig
 from runtime.errors import ContextOverflowError, GenerationError, InvalidRequestError
+from runtime.events import Observers
 from runtime.messages import ChatRequest, Chunk, DoneReason, GenerateRequest, RequestStats
 from runtime.streaming import TextStream
 from runtime.ticket import Ticket
 
 __all__ = ["SlotActor", "SlotStatistics"]
 
-OnDone = Callable[[Ticket, DoneReason, RequestStats | None], None]
+OnDone = Callable[[Ticket, DoneReason, RequestStats | None, BaseException | None], None]
+"""(ticket, done_reason, stats or None if it never started, the error if it failed)."""
 
 
 class SlotStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,8 +81,10 @@ class SlotActor:
         receiver: MemoryObjectReceiveStream[Ticket],
         config: RuntimeConfig,
         on_done: OnDone,
+        observers: Observers,
     ) -> None:
         self.slot = slot
+        self._observers = observers
         self.model = model
         self.config = config
         self._receiver = receiver
@@ -129,6 +133,7 @@ class SlotActor:
         pending: list[int] = []
         out = ""
         first_ns: int | None = None
+        last_ns = 0
         reason: DoneReason
         with inbox, send:
             while True:
@@ -144,8 +149,12 @@ class SlotActor:
                 if delivery.finish == "cancel":
                     reason = "cancel"
                     break
+                now_ns = time.perf_counter_ns()
                 if first_ns is None:
-                    first_ns = time.perf_counter_ns()
+                    first_ns = now_ns
+                else:
+                    self._observers.inter_token((now_ns - last_ns) / 1e9)
+                last_ns = now_ns
                 pending.append(delivery.token)
                 if delivery.finish != "stop":  # an end-of-generation token has no text
                     out += text.push(pieces[delivery.token])
@@ -210,7 +219,7 @@ class SlotActor:
             except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
         ticket.reply.close()
-        self._on_done(ticket, reason, stats)
+        self._on_done(ticket, reason, stats, final if isinstance(final, BaseException) else None)
 
     def fail(self, ticket: Ticket, error: BaseException) -> None:
         """Fail ``ticket`` with ``error`` (used by the Supervisor when this slot crashed)."""

@@ -20,6 +20,7 @@ from actors.model import ModelActor
 from actors.slot import OnDone, SlotActor, SlotStatistics
 from runtime.config import RuntimeConfig
 from runtime.errors import SlotFailedError
+from runtime.events import Observers
 from runtime.mailbox import Mailbox
 from runtime.policies import restart_allowed
 from runtime.ticket import Ticket
@@ -55,8 +56,10 @@ class Supervisor:
         mailbox: Mailbox[Ticket],
         on_done: OnDone,
         on_failed: Callable[[str], None],
+        observers: Observers,
     ) -> None:
         self.config = config
+        self._observers = observers
         self.model = model
         self.mailbox = mailbox
         self._on_done = on_done
@@ -88,6 +91,7 @@ class Supervisor:
             except Exception as exc:
                 log.error("model step failed: %r; restarting the step loop", exc)
                 self._model_restarts += 1
+                self._observers.restart("model")
                 if not self._restart(f"model step failed: {exc!r}"):
                     return
 
@@ -96,7 +100,7 @@ class Supervisor:
         task_status.started()
         with receiver:
             while True:
-                actor = SlotActor(slot, self.model, receiver, self.config, self._on_done)
+                actor = SlotActor(slot, self.model, receiver, self.config, self._on_done, self._observers)
                 self._slots[slot] = actor
                 try:
                     await actor.run()
@@ -104,6 +108,7 @@ class Supervisor:
                 except Exception as exc:
                     log.error("slot %d crashed: %r; restarting it", slot, exc)
                     self._slot_restarts += 1
+                    self._observers.restart("slot")
                     self.model.end(slot)
                     ticket = actor.current
                     if ticket is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from types import TracebackType
 
 import anyio
@@ -26,7 +27,8 @@ from actors.model import ModelActor, ModelStatistics
 from actors.supervisor import Supervisor, SupervisorStatistics
 from runtime.backends import Backend, load_backend
 from runtime.config import RuntimeConfig
-from runtime.errors import InvalidRequestError, RuntimeClosedError, RuntimeFailedError
+from runtime.errors import InvalidRequestError, QueueFullError, RuntimeClosedError, RuntimeFailedError
+from runtime.events import Observer, Observers
 from runtime.mailbox import Mailbox, MailboxStatistics
 from runtime.messages import (
     ChatRequest,
@@ -60,6 +62,7 @@ class Runtime:
         model of ``config`` is loaded with ``config.backend``.
     :param registry: the prometheus-client registry for this runtime's metrics (default: the
         global one); pass your own to run two runtimes in one process.
+    :param observers: receivers of runtime events (runtime.events.Observer).
     :raises ModelLoadError: on entering, if the model cannot be loaded.
     """
 
@@ -69,10 +72,13 @@ class Runtime:
         *,
         backend: Backend | None = None,
         registry: CollectorRegistry | None = None,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.config = config or RuntimeConfig()
         self.registry = REGISTRY if registry is None else registry
         """The prometheus-client registry this runtime's metrics live on."""
+        self.observers = Observers(*observers)
+        """Receivers of runtime events (see runtime.events); ``observers.add`` adds one."""
         self._backend = backend
         self._state: RuntimeState = "loading"
         self._tg: anyio.abc.TaskGroup | None = None
@@ -90,9 +96,11 @@ class Runtime:
         if self._backend is None:
             self._backend = await anyio.to_thread.run_sync(load_backend, self.config)
         self.load_seconds = time.perf_counter() - start
-        self._model = ModelActor(self._backend, n_batch=max(self.config.n_batch, self.config.slots))
+        self._model = ModelActor(
+            self._backend, n_batch=max(self.config.n_batch, self.config.slots), on_step=self.observers.step
+        )
         self._supervisor = Supervisor(
-            self.config, self._model, self._mailbox, self._request_done, self._failed
+            self.config, self._model, self._mailbox, self._request_done, self._failed, self.observers
         )
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
@@ -143,9 +151,17 @@ class Runtime:
         :raises InvalidRequestError: if max_tokens exceeds ``max_tokens_cap``.
         :raises RuntimeClosedError: if the runtime is not ready (RuntimeFailedError if failed).
         """
-        self._check_ready()
+        try:
+            self._check_ready()
+        except RuntimeFailedError:
+            self.observers.request_rejected("failed")
+            raise
+        except RuntimeClosedError:
+            self.observers.request_rejected("closed")
+            raise
         cap = self.config.max_tokens_cap
         if request.max_tokens is not None and request.max_tokens > cap:
+            self.observers.request_rejected("invalid")
             raise InvalidRequestError(
                 f"max_tokens is {request.max_tokens:,}; the limit is {cap:,} (max_tokens_cap)"
             )
@@ -154,20 +170,22 @@ class Runtime:
         if admission_timeout_s is None:
             try:
                 self._mailbox.put_nowait(ticket)
-            except BaseException:
+            except BaseException as exc:
                 send.close()
                 receive.close()
+                self._rejected(exc)
                 raise
-            self._in_flight.add(ticket)
+            self._admitted(ticket)
             return ResponseStream(ticket, receive)
 
         async def admit() -> None:
             try:
                 await self._mailbox.put(ticket, admission_timeout_s)
-            except BaseException:
+            except BaseException as exc:
                 send.close()
+                self._rejected(exc)
                 raise
-            self._in_flight.add(ticket)
+            self._admitted(ticket)
 
         return ResponseStream(ticket, receive, admit=admit)
 
@@ -194,17 +212,32 @@ class Runtime:
         if self._state != "ready":
             raise RuntimeClosedError(f"the runtime is {self._state}; requests need it ready")
 
+    def _admitted(self, ticket: Ticket) -> None:
+        self._in_flight.add(ticket)
+        self.observers.request_admitted()
+
+    def _rejected(self, exc: BaseException) -> None:
+        if isinstance(exc, QueueFullError):
+            self.observers.request_rejected("queue_full")
+        elif isinstance(exc, RuntimeFailedError):
+            self.observers.request_rejected("failed")
+        elif isinstance(exc, RuntimeClosedError):
+            self.observers.request_rejected("closed")
+
     def _refuse(self, ticket: Ticket, error: BaseException) -> None:
         try:
             ticket.reply.send_nowait(error)
         except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         ticket.reply.close()
-        self._request_done(ticket, "error", None)
+        self._request_done(ticket, "error", None, error)
 
-    def _request_done(self, ticket: Ticket, reason: DoneReason, stats: RequestStats | None) -> None:
+    def _request_done(
+        self, ticket: Ticket, reason: DoneReason, stats: RequestStats | None, error: BaseException | None
+    ) -> None:
         self._in_flight.discard(ticket)
         self._outcomes[reason] += 1
+        self.observers.request_finished(reason, stats, error)
 
     def _failed(self, reason: str) -> None:
         self._state = "failed"

@@ -65,6 +65,8 @@ class StepPlan:
     """(seq_id, p0): remove the sequence's KV cells at positions >= p0, before decoding."""
     samplers: dict[int, SamplerSpec | None] = field(default_factory=dict)
     """seq_id -> new sampler for that sequence (None: greedy argmax), set before decoding."""
+    n_prompt_tokens: int = 0
+    """Of ``tokens``, how many are prompt (prefill) tokens; the rest are one per decoding sequence."""
 
     @property
     def n_tokens(self) -> int:
