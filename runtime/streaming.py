@@ -6,7 +6,8 @@ Two steps per token, both incremental:
    decoder keeps the partial character until its last byte arrives.
 2. Stop strings: text that could be the start of a stop string is held back until the next
    text decides it; a matched stop string and everything after it are never emitted
-   (llama.cpp's server and Ollama behave the same way).
+   (llama.cpp's server and Ollama behave the same way). The first stop string to be complete
+   wins, so the answer is the same however the text is split into tokens.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ class StopMatcher:
         if not self._stops:
             return text
         buf = self._held + text
-        first = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if first >= 0:
+        # The stop that is complete first wins (earliest end, then earliest start), as if the
+        # text had come one character at a time: the result never depends on token splits.
+        hits = [(i + len(s), i) for s in self._stops if (i := buf.find(s)) >= 0]
+        if hits:
             self.stopped = True
             self._held = ""
-            return buf[:first]
+            return buf[: min(hits)[1]]
         keep = self._partial_suffix(buf)
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep]

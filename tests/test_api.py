@@ -1,0 +1,110 @@
+"""The public surface: exports, layering, configuration sources, error messages."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+import runtime
+from runtime import ConfigError, ContextOverflowError, GenerateRequest, InvalidRequestError, RuntimeConfig
+from runtime import errors as errors_module
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_all_is_complete_and_exact() -> None:
+    public = {n for n, v in vars(runtime).items() if not n.startswith("_") and not inspect.ismodule(v)}
+    public -= {"annotations"}
+    assert set(runtime.__all__) == public
+    assert all(hasattr(runtime, n) for n in runtime.__all__)
+
+
+def test_every_error_is_under_one_base_and_in_the_tree() -> None:
+    doc = errors_module.__doc__ or ""
+    for name in errors_module.__all__:
+        cls = getattr(errors_module, name)
+        assert issubclass(cls, runtime.SlotserveError)
+        assert name in doc, f"{name} is missing from the tree in runtime/errors.py"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_runtime_imports_actors_only_where_it_builds_the_runtime() -> None:
+    allowed = {"runtime.py", "main_job.py", "cli.py"}  # builders of the Runtime, and its users
+    for path in (ROOT / "runtime").rglob("*.py"):
+        if path.name in allowed:
+            continue
+        bad = {m for m in _imports(path) if m == "actors" or m.startswith("actors.")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_config_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "slotserve.toml"
+    toml.write_text('slots = 3\nmax_queue = 5\nmodel = "x.gguf"\n')
+    monkeypatch.setenv("SLOTSERVE_MAX_QUEUE", "7")
+    monkeypatch.setenv("SLOTSERVE_PREFIX_CACHE", "false")
+    cfg = RuntimeConfig.load(toml, model="y.gguf")
+    assert (cfg.slots, cfg.max_queue, cfg.model, cfg.prefix_cache) == (3, 7, "y.gguf", False)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"slots": 0}, "slots is 0; it must be between 1 and 1,024"),
+        ({"n_ctx_per_slot": 8}, "n_ctx_per_slot is 8"),
+        ({"restart_period_s": 0.0}, "restart_period_s is 0.0"),
+    ],
+)
+def test_config_out_of_range_names_field_and_limit(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RuntimeConfig.load(**fields)
+
+
+def test_unknown_setting_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown field `slot`"):
+        RuntimeConfig.load(slot=3)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"prompt": ""}, "prompt is empty"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens is 0; it must be between 1 and 1,048,576"),
+        ({"prompt": "x", "temperature": float("nan")}, "temperature is nan"),
+        ({"prompt": "x", "top_p": 0.0}, r"top_p is 0.0; it must be in \(0, 1\]"),
+        ({"prompt": "x", "stop": [""]}, r"stop\[0\] is empty"),
+        ({"prompt": "x", "seed": -1}, "seed is -1"),
+    ],
+)
+def test_request_errors_name_field_value_and_limit(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        GenerateRequest(**fields)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match=message):
+        runtime.decode_request(fields, GenerateRequest)
+
+
+def test_decode_request_reports_json_and_type_errors() -> None:
+    with pytest.raises(InvalidRequestError, match="not valid JSON"):
+        runtime.decode_request(b"{oops", GenerateRequest)
+    with pytest.raises(InvalidRequestError, match=r"Expected `int \| null`, got `str` - at `\$\.max_tokens`"):
+        runtime.decode_request(b'{"prompt": "x", "max_tokens": "many"}', GenerateRequest)
+
+
+def test_context_overflow_message_has_both_numbers() -> None:
+    exc = ContextOverflowError(2310, 100, 2048)
+    assert str(exc) == (
+        "prompt is 2,310 tokens and max_tokens is 100 (2,410 in all); slot context is 2,048 tokens (n_ctx_per_slot)"
+    )
+    assert isinstance(exc, InvalidRequestError)
