@@ -30,8 +30,32 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     model: str = "default"
     """``default`` (the embedded SmolLM2-135M-Instruct) or a path to a local GGUF file."""
     backend: BackendName = "llama_cpp"
-    slots: int = 4
-    """Concurrent sequences, each a SlotActor with its own part of the KV cache (1 to 1,024)."""
+    slots: int | Literal["auto"] = 4
+    """Concurrent sequences, each a SlotActor with its own part of the KV cache (1 to 1,024),
+    or ``auto``: as many as fit in free memory, between min_slots and max_slots."""
+    min_slots: int = 1
+    """Fewest slots that memory-driven sizing (``auto``, live resizing) may choose."""
+    max_slots: int = 16
+    """Most slots that memory-driven sizing may choose."""
+    unfit_slots: Literal["reduce", "refuse"] = "reduce"
+    """A configured slot count that does not fit in memory: ``reduce`` it (with a warning) or
+    ``refuse`` to start (ConfigError naming the bytes needed and available)."""
+    memory_source: Literal["auto", "host", "nvml", "none"] = "auto"
+    """Where free memory is read: ``auto`` is NVML when layers are on a GPU, else the host
+    (psutil, bounded by the cgroup v2 limit); ``none`` turns memory-driven sizing off."""
+    memory_headroom_fraction: float = 0.10
+    """Fraction of the device's memory kept free."""
+    memory_headroom_bytes: int = 256 << 20
+    """Bytes kept free at least, whatever the fraction gives."""
+    resize_interval_s: float = 2.0
+    """Seconds between memory readings for live resizing; 0 turns live resizing off."""
+    resize_cooldown_s: float = 10.0
+    """Seconds after a resize before the next one."""
+    resize_hysteresis: float = 0.5
+    """Growing needs this many slots' KV bytes to spare beyond the larger count (no flapping)."""
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"
+    """KV cache element type; q8_0 and q4_0 take less memory (more slots) for a little accuracy,
+    and turn flash attention on (llama.cpp needs it for a quantized V cache)."""
     max_queue: int = 16
     """Admitted requests that may wait for a free slot; more are refused (QueueFullError)."""
     n_ctx_per_slot: int = 2048
@@ -49,12 +73,17 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     restart_intensity: int = 3
     """Restarts allowed within ``restart_period_s`` before the runtime fails (Erlang/OTP)."""
     restart_period_s: float = 5.0
+    restart_backoff_s: float = 0.02
+    """First wait before restarting a failed actor; doubles with each recent restart (jittered)."""
+    restart_backoff_max_s: float = 2.0
     stream_buffer: int = 8
     """Chunks a slot may run ahead of a caller who is not reading, before it pauses itself."""
 
     def __post_init__(self) -> None:
         limits = {
-            "slots": (1, 1024),
+            "min_slots": (1, 1024),
+            "max_slots": (1, 1024),
+            "memory_headroom_bytes": (0, 1 << 50),
             "max_queue": (0, 1 << 20),
             "n_ctx_per_slot": (16, 1 << 20),
             "n_batch": (1, 1 << 16),
@@ -68,8 +97,25 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ConfigError(f"{name} is {value}; it must be between {low:,} and {high:,}")
-        if not self.restart_period_s > 0:
-            raise ConfigError(f"restart_period_s is {self.restart_period_s}; it must be > 0")
+        if self.slots != "auto" and not 1 <= self.slots <= 1024:
+            raise ConfigError(f"slots is {self.slots}; it must be between 1 and 1,024, or 'auto'")
+        if self.min_slots > self.max_slots:
+            raise ConfigError(f"min_slots is {self.min_slots}; it must be <= max_slots ({self.max_slots})")
+        positive = ("restart_period_s",)
+        non_negative = ("restart_backoff_s", "restart_backoff_max_s", "resize_interval_s", "resize_cooldown_s", "resize_hysteresis")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} is {getattr(self, name)}; it must be > 0")
+        for name in non_negative:
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} is {getattr(self, name)}; it must be >= 0")
+        if not 0 <= self.memory_headroom_fraction < 1:
+            raise ConfigError(f"memory_headroom_fraction is {self.memory_headroom_fraction}; it must be in [0, 1)")
+
+    @property
+    def initial_slots(self) -> int:
+        """The slot count to start from before memory is read: ``slots``, or min_slots for auto."""
+        return self.min_slots if self.slots == "auto" else self.slots
 
     @property
     def n_threads(self) -> int:

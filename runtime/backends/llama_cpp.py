@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp as llama
+import msgspec
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -29,7 +30,12 @@ __all__ = ["LlamaCppBackend"]
 
 log = logging.getLogger("slotserve.llama_cpp")
 _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
-_KV_TYPE_BYTES = {llama.GGML_TYPE_F16: 2.0}
+KV_TYPES = {
+    # name: (ggml type, bytes per element: a q8_0 block is 32 values in 34 bytes, q4_0 in 18)
+    "f16": (llama.GGML_TYPE_F16, 2.0),
+    "q8_0": (llama.GGML_TYPE_Q8_0, 34 / 32),
+    "q4_0": (llama.GGML_TYPE_Q4_0, 18 / 32),
+}
 
 
 @llama.llama_log_callback  # type: ignore[untyped-decorator]
@@ -51,20 +57,37 @@ def _init_llama() -> None:
             _initialized = True
 
 
+def kv_bytes_per_slot(backend: LlamaCppBackend, n_ctx_per_slot: int, kv_type: str) -> int:
+    """n_ctx_per_slot x n_layer x (n_embd_k_gqa + n_embd_v_gqa) x bytes per element."""
+    meta = backend._meta
+    model = backend._model
+    arch = meta("general.architecture") or "llama"
+    n_embd = llama.llama_model_n_embd(model)
+    n_head = llama.llama_model_n_head(model)
+    n_head_kv = llama.llama_model_n_head_kv(model)
+    k_dim = int(meta(f"{arch}.attention.key_length") or n_embd // n_head)
+    v_dim = int(meta(f"{arch}.attention.value_length") or n_embd // n_head)
+    per_cell_layer = (k_dim + v_dim) * n_head_kv * KV_TYPES[kv_type][1]
+    return int(n_ctx_per_slot * llama.llama_model_n_layer(model) * per_cell_layer)
+
+
 def gpu_offload_supported() -> bool:
     """Whether this llama-cpp-python build can put layers on a GPU."""
     return bool(llama.llama_supports_gpu_offload())
 
 
 class LlamaCppBackend:
-    """A GGUF model and one context of ``config.slots`` sequences.
+    """A GGUF model (weights loaded once) and one context of ``n_seq`` sequences.
 
+    :param n_seq: sequences (slots) of the first context; :meth:`resize` makes a new context.
     :raises ModelLoadError: if the file cannot be loaded or the context cannot be created.
     """
 
-    def __init__(self, path: Path, config: RuntimeConfig) -> None:
+    def __init__(self, path: Path, config: RuntimeConfig, n_seq: int | None = None) -> None:
         _init_llama()
+        self._config = config
         self._samplers: dict[int, Any] = {}
+        self._ctx: Any = None
         gpu_layers = config.n_gpu_layers
         if gpu_layers < 0:
             gpu_layers = 999 if gpu_offload_supported() else 0
@@ -74,28 +97,9 @@ class LlamaCppBackend:
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {str(path)!r} (is it a GGUF file?)")
         self._vocab = llama.llama_model_get_vocab(self._model)
-        n_seq = config.slots
-        n_batch = max(config.n_batch, n_seq)
-        cparams = llama.llama_context_default_params()
-        cparams.n_ctx = config.n_ctx_per_slot * n_seq
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = min(n_batch, 512)
-        cparams.n_seq_max = n_seq
-        cparams.n_threads = cparams.n_threads_batch = config.n_threads
-        cparams.kv_unified = False
-        cparams.no_perf = True
-        self._ctx = llama.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            llama.llama_model_free(self._model)
-            raise ModelLoadError(
-                f"llama.cpp could not create a context of {n_seq} x {config.n_ctx_per_slot} tokens"
-            )
-        self._mem = llama.llama_get_memory(self._ctx)
         self._n_vocab = llama.llama_vocab_n_tokens(self._vocab)
-        self._batch = _NumpyBatch(n_batch)
         self.pieces = [self._piece(t) for t in range(self._n_vocab)]
         self.eog_tokens = frozenset(t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(self._vocab, t))
-        self._add_bos = bool(llama.llama_vocab_get_add_bos(self._vocab))
         template = llama.llama_model_chat_template(self._model, None)
         self._chat = (
             Jinja2ChatFormatter(
@@ -115,11 +119,70 @@ class LlamaCppBackend:
             n_layer=n_layer,
             n_ctx_train=llama.llama_model_n_ctx_train(self._model),
             n_ctx_per_slot=config.n_ctx_per_slot,
-            n_seq_max=n_seq,
+            n_seq_max=0,
             weights_bytes=int(llama.llama_model_size(self._model)),
-            kv_bytes_per_slot=int(config.n_ctx_per_slot * n_layer * self._kv_bytes_per_cell_layer()),
+            kv_bytes_per_slot=kv_bytes_per_slot(self, config.n_ctx_per_slot, config.kv_cache_type),
             gpu_layers=min(gpu_layers, n_layer + 1),
         )
+        try:
+            self._create_context(n_seq or config.initial_slots)
+        except ModelLoadError:
+            llama.llama_model_free(self._model)
+            raise
+
+    def _create_context(self, n_seq: int) -> None:
+        config = self._config
+        n_batch = max(config.n_batch, n_seq)
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx_per_slot * n_seq
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = min(n_batch, 512)
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = cparams.n_threads_batch = config.n_threads
+        cparams.kv_unified = False
+        cparams.no_perf = True
+        cparams.type_k = cparams.type_v = KV_TYPES[config.kv_cache_type][0]
+        if config.kv_cache_type != "f16":
+            cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED  # a quantized V needs it
+        ctx = llama.llama_init_from_model(self._model, cparams)
+        if not ctx:
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {n_seq} x {config.n_ctx_per_slot} tokens "
+                f"({config.kv_cache_type} KV cache)"
+            )
+        self._ctx = ctx
+        self._mem = llama.llama_get_memory(ctx)
+        self._batch = _NumpyBatch(n_batch)
+        self.info = msgspec.structs.replace(self.info, n_seq_max=n_seq)
+
+    def resize(self, n_seq: int) -> int:
+        """Replace the context by one of ``n_seq`` sequences, keeping the weights and carrying
+        the KV cells of sequences ``0 .. min(old, new) - 1`` across (llama_state_seq_get_data /
+        llama_state_seq_set_data). Sequences from ``n_seq`` on must be empty.
+
+        :returns: bytes of sequence state carried.
+        :raises ModelLoadError: if the new context cannot be created (the old one is gone).
+        :raises RuntimeError: if a sequence beyond ``n_seq`` still holds cells, or a state
+            could not be restored.
+        """
+        old = self.info.n_seq_max
+        for seq in range(n_seq, old):
+            if self.seq_cells(seq):
+                raise RuntimeError(f"sequence {seq} still holds {self.seq_cells(seq)} cells; cannot drop it")
+        states: list[tuple[int, Any, int]] = []
+        for seq in range(min(old, n_seq)):
+            if self.seq_cells(seq) == 0:
+                continue
+            size = llama.llama_state_seq_get_size(self._ctx, seq)
+            buf = (ctypes.c_uint8 * size)()
+            states.append((seq, buf, llama.llama_state_seq_get_data(self._ctx, buf, size, seq)))
+        llama.llama_free(self._ctx)
+        self._ctx = None
+        self._create_context(n_seq)
+        for seq, buf, n in states:
+            if llama.llama_state_seq_set_data(self._ctx, buf, n, seq) != n:
+                raise RuntimeError(f"could not restore sequence {seq} ({n} bytes) into the new context")
+        return sum(n for _, _, n in states)
 
     # -- model facts ---------------------------------------------------------------------------
 
@@ -127,16 +190,6 @@ class LlamaCppBackend:
         buf = ctypes.create_string_buffer(512)
         n = llama.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
         return buf.value.decode(errors="replace") if n >= 0 else None
-
-    def _kv_bytes_per_cell_layer(self) -> float:
-        """(n_embd_k_gqa + n_embd_v_gqa) x bytes per element, f16 cache (llama.cpp default)."""
-        arch = self._meta("general.architecture") or "llama"
-        n_embd = llama.llama_model_n_embd(self._model)
-        n_head = llama.llama_model_n_head(self._model)
-        n_head_kv = llama.llama_model_n_head_kv(self._model)
-        k_dim = int(self._meta(f"{arch}.attention.key_length") or n_embd // n_head)
-        v_dim = int(self._meta(f"{arch}.attention.value_length") or n_embd // n_head)
-        return (k_dim + v_dim) * n_head_kv * _KV_TYPE_BYTES[llama.GGML_TYPE_F16]
 
     def _piece(self, token: int, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)

@@ -1,0 +1,74 @@
+"""How an error becomes an HTTP answer: status code, headers and a short code (each API writes
+its own body around the message: Ollama's ``{"error": ...}``, OpenAI's error object).
+
+=================================================  =====================
+error                                              status
+=================================================  =====================
+InvalidRequestError (and ContextOverflowError)     400
+HTTPException raised by the server (unknown        its own (404, 413)
+model, body too large)
+QueueFullError                                     503 with Retry-After
+RuntimeClosedError (loading, closing)              503 with Retry-After
+RuntimeFailedError                                 503
+GenerationError (a slot crashed mid-request)       500
+anything else (a bug; logged)                      500
+=================================================  =====================
+
+Bad input never gives 500: it is refused as InvalidRequestError before it reaches the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from starlette.exceptions import HTTPException
+
+from runtime.errors import (
+    GenerationError,
+    InvalidRequestError,
+    QueueFullError,
+    RuntimeClosedError,
+    RuntimeFailedError,
+)
+
+__all__ = ["HttpError", "http_error", "model_not_found"]
+
+log = logging.getLogger("slotserve.server")
+
+_CODES = {400: "invalid_request", 404: "model_not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+class HttpError(msgspec.Struct, frozen=True, kw_only=True):
+    """An error as HTTP sees it: ``status``, a message naming the problem, extra headers, and a
+    short machine-readable ``code`` (``invalid_request``, ``queue_full``, ...)."""
+
+    status: int
+    message: str
+    code: str
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+def model_not_found(name: str, served: str) -> HTTPException:
+    """The 404 for a request that names a model this server does not serve."""
+    return HTTPException(404, f"model {name!r} not found; this server serves {served!r}")
+
+
+def http_error(exc: BaseException, retry_after_s: int) -> HttpError:
+    """The HTTP answer for ``exc``; ``retry_after_s`` goes in Retry-After where retrying helps."""
+    retry = {"Retry-After": str(retry_after_s)}
+    if isinstance(exc, InvalidRequestError):
+        return HttpError(status=400, message=str(exc), code="invalid_request")
+    if isinstance(exc, HTTPException):
+        code = _CODES.get(exc.status_code, "http_error")
+        return HttpError(status=exc.status_code, message=exc.detail, code=code, headers=dict(exc.headers or {}))
+    if isinstance(exc, QueueFullError):
+        return HttpError(status=503, message=f"server busy: {exc}", code="queue_full", headers=retry)
+    if isinstance(exc, RuntimeFailedError):
+        return HttpError(status=503, message=str(exc), code="runtime_failed")
+    if isinstance(exc, RuntimeClosedError):
+        return HttpError(status=503, message=str(exc), code="unavailable", headers=retry)
+    if isinstance(exc, GenerationError):
+        return HttpError(status=500, message=str(exc), code="generation_failed")
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return HttpError(status=500, message=f"internal error ({type(exc).__name__})", code="internal")

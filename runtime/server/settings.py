@@ -1,0 +1,63 @@
+"""ServerSettings: how the HTTP server listens and what it accepts (the model is RuntimeConfig's).
+
+Sources, later ones winning: the defaults below, environment variables named
+``SLOTSERVE_<FIELD>`` (upper case), keyword arguments, as for RuntimeConfig.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgspec
+
+from runtime.config import ENV_PREFIX
+from runtime.errors import ConfigError
+
+__all__ = ["ServerSettings"]
+
+
+class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where to listen, how big a request body may be, and the name the model is served under.
+
+    :raises ConfigError: if a value is out of range (the message names the field and limit).
+    """
+
+    host: str = "127.0.0.1"
+    """Address to bind; loopback only unless told otherwise."""
+    port: int = 11434
+    """TCP port; 11434 is Ollama's, so Ollama clients find the server without settings."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body accepted (bytes); a bigger one gets 413."""
+    retry_after_s: int = 1
+    """Seconds a refused client is told to wait (``Retry-After`` on 503)."""
+    model_name: str | None = None
+    """The name the model is served under; default: the GGUF file's name without ``.gguf``."""
+
+    def __post_init__(self) -> None:
+        limits = {"port": (0, 65_535), "max_body_bytes": (1, 1 << 30), "retry_after_s": (0, 3600)}
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"{name} is {value}; it must be between {low:,} and {high:,}")
+        if not self.host:
+            raise ConfigError("host is empty; give an address to bind, such as 127.0.0.1")
+        if self.model_name is not None and not self.model_name.strip():
+            raise ConfigError("model_name is empty; leave it unset or give a name")
+
+    @classmethod
+    def load(cls, **overrides: Any) -> ServerSettings:
+        """Read defaults < ``SLOTSERVE_*`` environment < ``overrides`` (None values are skipped).
+
+        :raises ConfigError: if a value is malformed or out of range.
+        """
+        values: dict[str, Any] = {}
+        for name in cls.__struct_fields__:
+            raw = os.environ.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(str(exc)) from None
