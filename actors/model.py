@@ -135,6 +135,21 @@ class ModelActor:
         """Run ``fn(*args)`` on the context's worker thread, between steps."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
+    async def resize(self, n_seq: int) -> tuple[float, int]:
+        """Replace the context by one of ``n_seq`` sequences between two steps (weights kept,
+        sequences below ``n_seq`` carried across); the caller has emptied the ones above.
+
+        :returns: (seconds no step could run, bytes of sequence state carried).
+        """
+
+        def work() -> tuple[float, int]:
+            start = time.perf_counter()
+            carried = self.backend.resize(n_seq)
+            return time.perf_counter() - start, carried
+
+        self._trims = [(s, p) for s, p in self._trims if s < n_seq]
+        return await anyio.to_thread.run_sync(work, limiter=self._limiter)
+
     # -- the step loop -----------------------------------------------------------------------
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -91,17 +91,37 @@ class SlotActor:
         self._on_done = on_done
         self._cached: list[int] = []
         self._served = 0
+        self.retiring = False
         self.current: Ticket | None = None
         """The ticket being served; the Supervisor fails it if this slot crashes."""
 
-    async def run(self) -> None:
-        """Serve tickets until the mailbox closes. Raises only on a fault in this slot."""
-        async for ticket in self._receiver:
+    async def run(self, first: Ticket | None = None) -> None:
+        """Serve ``first`` (a request retried after a crash), then tickets from the mailbox
+        until it closes or the slot is retired. Raises only on a fault in this slot."""
+        ticket = first
+        while True:
+            if ticket is None:
+                try:
+                    ticket = await self._receiver.receive()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    return
             self.current = ticket
             await self._serve(ticket)  # on a fault, ``current`` stays set for the Supervisor
             ticket.on_cancel = None
             self.current = None
             self._served += 1
+            ticket = None
+            if self.retiring:
+                return
+
+    def retire(self) -> None:
+        """Take no more requests: finish the current one (if any), then return from run.
+
+        Closing this slot's receive clone wakes an idle wait without losing a ticket that was
+        already handed over (the wait returns it, and the slot serves it first).
+        """
+        self.retiring = True
+        self._receiver.close()
 
     async def _serve(self, ticket: Ticket) -> None:
         picked_ns = time.perf_counter_ns()
@@ -170,6 +190,7 @@ class SlotActor:
                     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                         reason = "cancel"
                         break
+                    ticket.sent += 1
                     out, pending = "", []
         finished = reason != "cancel" and first_ns is not None
         if finished:

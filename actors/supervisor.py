@@ -1,20 +1,30 @@
-"""Supervisor: starts the ModelActor then the slots, restarts what fails, stops in reverse.
+"""Supervisor: starts the ModelActor then the slots, restarts what fails, resizes the slot
+count from memory telemetry, stops in reverse.
 
-Restarts are one-for-one: a slot that crashes fails its own request with SlotFailedError and
-is replaced by a fresh SlotActor on the same sequence; its siblings never notice. A failed
-step fails the requests in it and the step loop starts again. More than ``restart_intensity``
-restarts within ``restart_period_s`` seconds put the runtime into the failed state: the
-mailbox closes, queued requests fail with RuntimeFailedError, and so does every new one.
+Restarts are one-for-one: a slot that crashes is replaced by a fresh SlotActor on the same
+sequence after a jittered backoff; its siblings never notice. Its request is retried once on
+the new slot if nothing had been streamed yet, else failed with SlotFailedError; a request that
+crashes a slot twice is failed. A failed step fails the requests in it and the step loop starts
+again. More than ``restart_intensity`` restarts within ``restart_period_s`` seconds put the
+runtime into the failed state.
+
+Resizing: a new count means a new llama.cpp context (weights kept). Growing carries every
+sequence across and starts new slots. Shrinking retires the highest slots: they take no new
+requests, finish the ones they hold (the drain point), and then the context is replaced,
+carrying the sequences of the slots that stay; no request is cancelled or changed.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 
 import anyio
+import anyio.abc
 import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from actors.model import ModelActor
 from actors.slot import OnDone, SlotActor, SlotStatistics
@@ -22,22 +32,37 @@ from runtime.config import RuntimeConfig
 from runtime.errors import SlotFailedError
 from runtime.events import Observers
 from runtime.mailbox import Mailbox
-from runtime.policies import restart_allowed
+from runtime.policies import backoff_s, headroom_bytes, resize_due, restart_allowed, target_slots
+from runtime.telemetry import MemoryProbe, MemoryReading
 from runtime.ticket import Ticket
 
-__all__ = ["Supervisor", "SupervisorStatistics"]
+__all__ = ["ResizeRecord", "Supervisor", "SupervisorStatistics"]
 
 log = logging.getLogger("slotserve.supervisor")
 
 
-class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """Slot counts, restarts by actor, and the failure that stopped the runtime, if any."""
+class ResizeRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One resize: slot counts before and after, why, and how long no step ran (seconds)."""
 
-    slots_configured: int
+    from_slots: int
+    to_slots: int
+    reason: str
+    pause_s: float
+    drain_s: float
+    """Seconds the retiring slots took to finish their requests (shrinking only)."""
+    carried_bytes: int
+
+
+class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Slot counts, restarts by actor, resizes, the last memory reading, and any failure."""
+
     slots_effective: int
+    slots_target: int
     slots_busy: int
     slot_restarts: int
     model_restarts: int
+    resizes: tuple[ResizeRecord, ...]
+    memory: MemoryReading | None
     failure: str | None
     slots: tuple[SlotStatistics, ...]
 
@@ -45,6 +70,8 @@ class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
 class Supervisor:
     """Owns the actors' tasks. ``run`` returns once they are started (``task_status``).
 
+    :param slots: the slot count to start with.
+    :param probe: memory readings for live resizing (None: no live resizing).
     :param on_done: called once for every ticket a slot finishes, fails or cancels.
     :param on_failed: called once when the restart intensity is exceeded, with the reason.
     """
@@ -57,26 +84,45 @@ class Supervisor:
         on_done: OnDone,
         on_failed: Callable[[str], None],
         observers: Observers,
+        *,
+        slots: int,
+        probe: MemoryProbe | None = None,
     ) -> None:
         self.config = config
-        self._observers = observers
         self.model = model
         self.mailbox = mailbox
+        self._observers = observers
         self._on_done = on_done
         self._on_failed = on_failed
+        self._probe = probe
+        self._n = slots
+        self._target = slots
         self._slots: dict[int, SlotActor] = {}
+        self._receivers: dict[int, MemoryObjectReceiveStream[Ticket]] = {}
+        self._stopped: dict[int, anyio.Event] = {}
         self._restarts: list[float] = []
         self._slot_restarts = 0
         self._model_restarts = 0
+        self._resizes: list[ResizeRecord] = []
+        self._last_resize_s: float | None = None
+        self._resize_lock = anyio.Lock()
+        self._reading: MemoryReading | None = None
+        self._rng = random.Random()
+        self._tg: anyio.abc.TaskGroup | None = None
         self.failure: str | None = None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run the ModelActor and ``config.slots`` SlotActors until cancelled."""
+        """Run the ModelActor, the slots and the memory watch until cancelled."""
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             await tg.start(self._supervise_model)
-            for slot in range(self.config.slots):
+            for slot in range(self._n):
                 await tg.start(self._supervise_slot, slot)  # returns once it waits for work
+            if self._probe is not None and self.config.resize_interval_s > 0:
+                tg.start_soon(self._watch_memory)
             task_status.started()
+
+    # -- restarts ------------------------------------------------------------------------------
 
     async def _supervise_model(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         started = False
@@ -92,58 +138,150 @@ class Supervisor:
                 log.error("model step failed: %r; restarting the step loop", exc)
                 self._model_restarts += 1
                 self._observers.restart("model")
-                if not self._restart(f"model step failed: {exc!r}"):
+                if not await self._restart(f"model step failed: {exc!r}"):
                     return
 
     async def _supervise_slot(self, slot: int, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        receiver = self.mailbox.receiver()
+        receiver = self._receivers[slot] = self.mailbox.receiver()
+        stopped = self._stopped[slot] = anyio.Event()
         task_status.started()
-        with receiver:
-            while True:
-                actor = SlotActor(slot, self.model, receiver, self.config, self._on_done, self._observers)
-                self._slots[slot] = actor
-                try:
-                    await actor.run()
-                    return  # the mailbox closed
-                except Exception as exc:
-                    log.error("slot %d crashed: %r; restarting it", slot, exc)
-                    self._slot_restarts += 1
-                    self._observers.restart("slot")
-                    self.model.end(slot)
-                    ticket = actor.current
-                    if ticket is not None:
-                        error = SlotFailedError(f"slot {slot} failed while serving this request: {exc!r}")
-                        actor.fail(ticket, error)
-                    if not self._restart(f"slot {slot} crashed: {exc!r}"):
-                        return
+        retry: Ticket | None = None
+        try:
+            with receiver:
+                while True:
+                    actor = SlotActor(slot, self.model, receiver, self.config, self._on_done, self._observers)
+                    self._slots[slot] = actor
+                    try:
+                        await actor.run(first=retry)
+                        return  # the mailbox closed, or the slot was retired
+                    except Exception as exc:
+                        retry = self._crashed(actor, exc)
+                        if not await self._restart(f"slot {slot} crashed: {exc!r}"):
+                            if retry is not None:
+                                actor.fail(retry, SlotFailedError(f"slot {slot} failed: {exc!r}"))
+                            return
+        finally:
+            self._slots.pop(slot, None)
+            stopped.set()
 
-    def _restart(self, reason: str) -> bool:
-        """Count a restart; fail the runtime and return False past the restart intensity."""
-        now = time.monotonic()
-        allowed = restart_allowed(
-            self._restarts, now, self.config.restart_intensity, self.config.restart_period_s
+    def _crashed(self, actor: SlotActor, exc: Exception) -> Ticket | None:
+        """Handle a slot crash; return its request if it should be retried on the new slot."""
+        log.error("slot %d crashed: %r; restarting it", actor.slot, exc)
+        self._slot_restarts += 1
+        self._observers.restart("slot")
+        self.model.end(actor.slot)
+        ticket = actor.current
+        if ticket is None:
+            return None
+        ticket.crashes += 1
+        if ticket.sent == 0 and ticket.crashes < 2 and not ticket.cancelled:
+            return ticket  # nothing reached the caller yet: one more try
+        actor.fail(
+            ticket,
+            SlotFailedError(
+                f"slot {actor.slot} failed while serving this request ({ticket.crashes} crash(es)): {exc!r}"
+            ),
         )
+        return None
+
+    async def _restart(self, reason: str) -> bool:
+        """Count a restart and wait a jittered backoff; past the restart intensity, fail the
+        runtime and return False."""
+        now = time.monotonic()
+        cfg = self.config
+        allowed = restart_allowed(self._restarts, now, cfg.restart_intensity, cfg.restart_period_s)
+        recent = sum(1 for t in self._restarts if now - t < cfg.restart_period_s)
         self._restarts.append(now)
         if not allowed and self.failure is None:
             self.failure = (
-                f"more than {self.config.restart_intensity} restarts within "
-                f"{self.config.restart_period_s:g} s; the last: {reason}"
+                f"more than {cfg.restart_intensity} restarts within {cfg.restart_period_s:g} s; the last: {reason}"
             )
             log.critical("runtime failed: %s", self.failure)
             self._on_failed(self.failure)
-        return allowed and self.failure is None
+        if not allowed or self.failure is not None:
+            return False
+        await anyio.sleep(backoff_s(recent + 1, cfg.restart_backoff_s, cfg.restart_backoff_max_s, self._rng))
+        return True
+
+    # -- resizing ------------------------------------------------------------------------------
+
+    async def resize(self, slots: int, reason: str) -> ResizeRecord | None:
+        """Change the slot count to ``slots``; returns what was done (None if nothing to do).
+
+        Waits for retiring slots to finish their requests when shrinking.
+        :raises RuntimeError: if the supervisor is not running.
+        """
+        if self._tg is None:
+            raise RuntimeError("the supervisor is not running")
+        async with self._resize_lock:
+            old = self._n
+            if slots == old or self.failure is not None:
+                return None
+            self._target = slots
+            log.warning("resizing from %d to %d slots (%s)", old, slots, reason)
+            drain_start = time.perf_counter()
+            for slot in range(slots, old):
+                self._slots[slot].retire()
+            for slot in range(slots, old):
+                await self._stopped[slot].wait()
+                self.model.end(slot)
+            drain_s = time.perf_counter() - drain_start if slots < old else 0.0
+            pause_s, carried = await self.model.resize(slots)
+            self._n = slots
+            for slot in range(old, slots):
+                await self._tg.start(self._supervise_slot, slot)
+            record = ResizeRecord(
+                from_slots=old, to_slots=slots, reason=reason, pause_s=pause_s, drain_s=drain_s, carried_bytes=carried
+            )
+            self._resizes.append(record)
+            self._last_resize_s = time.monotonic()
+            self._observers.resize("grow" if slots > old else "shrink", reason, pause_s)
+            log.warning(
+                "resized from %d to %d slots (%s): drain %.3f s, pause %.3f s, %d bytes carried",
+                old, slots, reason, drain_s, pause_s, carried,
+            )  # fmt: skip
+            return record
+
+    def fit(self, reading: MemoryReading) -> int:
+        """The slot count that ``reading`` calls for (see runtime.policies.target_slots):
+        between min_slots and max_slots for ``auto``, at most the configured count otherwise."""
+        cfg = self.config
+        return target_slots(
+            reading.free_bytes,
+            self._n,
+            self.model.backend.info.kv_bytes_per_slot,
+            headroom_bytes(reading.total_bytes, cfg.memory_headroom_fraction, cfg.memory_headroom_bytes),
+            cfg.min_slots,
+            cfg.max_slots if cfg.slots == "auto" else cfg.slots,  # a set count is a ceiling
+            cfg.resize_hysteresis,
+        )
+
+    async def _watch_memory(self) -> None:
+        assert self._probe is not None
+        while True:
+            await anyio.sleep(self.config.resize_interval_s)
+            reading = await anyio.to_thread.run_sync(self._probe.read)
+            if reading is None:
+                continue  # unknown is not zero: never shrink on a failed reading
+            self._reading = reading
+            target = self.fit(reading)
+            self._target = target if not self._resize_lock.locked() else self._target
+            now = time.monotonic()
+            if resize_due(target, self._n, self._last_resize_s, now, self.config.resize_cooldown_s):
+                reason = "memory_low" if target < self._n else "memory_available"
+                await self.resize(target, reason)
 
     def statistics(self) -> SupervisorStatistics:
-        """A snapshot of the slots and restart counts."""
+        """A snapshot of the slots, restarts, resizes and the last memory reading."""
         slots = tuple(s.statistics() for s in self._slots.values())
         return SupervisorStatistics(
-            slots_configured=self.config.slots,
-            slots_effective=len(self._slots),
+            slots_effective=self._n,
+            slots_target=self._target,
             slots_busy=sum(s.busy for s in slots),
             slot_restarts=self._slot_restarts,
             model_restarts=self._model_restarts,
+            resizes=tuple(self._resizes),
+            memory=self._reading,
             failure=self.failure,
             slots=slots,
         )
-
-

@@ -1,4 +1,5 @@
-"""The ``slotserve`` command: ``run`` (the main job), ``generate`` (stream one answer).
+"""The ``slotserve`` command: ``run`` (the main job), ``generate`` (stream one answer),
+``serve`` (the HTTP server).
 
 Every option also reads its ``SLOTSERVE_*`` environment variable (see RuntimeConfig).
 """
@@ -57,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=256, dest="max_tokens")
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--seed", type=int)
+
+    srv = sub.add_parser("serve", help="HTTP server: Ollama- and OpenAI-compatible API, /health, /metrics")
+    _config_options(srv)
+    srv.add_argument("--host", help="address to bind (default 127.0.0.1: this host only) [SLOTSERVE_HOST]")
+    srv.add_argument("--port", type=int, help="TCP port (default 11434, Ollama's) [SLOTSERVE_PORT]")
+    srv.add_argument("--max-body-bytes", type=int, dest="max_body_bytes", help="[SLOTSERVE_MAX_BODY_BYTES]")
+    srv.add_argument("--model-name", dest="model_name", help="name to serve it as [SLOTSERVE_MODEL_NAME]")
     return parser
 
 
@@ -80,11 +88,19 @@ async def _run(args: argparse.Namespace) -> None:
         args.json.write_bytes(msgspec.json.format(msgspec.json.encode(report)))
 
 
+async def _serve(args: argparse.Namespace) -> None:
+    from runtime.server import ServerSettings, serve  # starlette and uvicorn load only here
+
+    keys = ("host", "port", "max_body_bytes", "model_name")
+    settings = ServerSettings.load(**{k: getattr(args, k) for k in keys})
+    await serve(_config(args), settings)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``slotserve``; returns the exit status (2 for a slotserve error)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"run": _run, "generate": _generate}
+    commands = {"run": _run, "generate": _generate, "serve": _serve}
     try:
         anyio.run(commands[args.command], args)
     except SlotserveError as exc:

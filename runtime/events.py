@@ -10,10 +10,11 @@ from typing import Literal, Protocol
 
 from runtime.messages import DoneReason, RequestStats
 
-__all__ = ["Observer", "Observers", "RejectReason", "RestartedActor"]
+__all__ = ["Observer", "Observers", "RejectReason", "ResizeDirection", "RestartedActor"]
 
 RejectReason = Literal["queue_full", "invalid", "closed", "failed"]
 RestartedActor = Literal["slot", "model"]
+ResizeDirection = Literal["grow", "shrink"]
 
 
 class Observer(Protocol):
@@ -36,6 +37,9 @@ class Observer(Protocol):
 
     def restart(self, actor: RestartedActor) -> None:
         """An actor was restarted after a failure."""
+
+    def resize(self, direction: ResizeDirection, reason: str, pause_s: float) -> None:
+        """The slot count changed (``reason``: manual, memory_low, memory_available, startup)."""
 
 
 class Observers:
@@ -71,3 +75,7 @@ class Observers:
     def restart(self, actor: RestartedActor) -> None:
         for o in self._observers:
             o.restart(actor)
+
+    def resize(self, direction: ResizeDirection, reason: str, pause_s: float) -> None:
+        for o in self._observers:
+            o.resize(direction, reason, pause_s)

@@ -213,7 +213,12 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True):
     kv_bytes_per_slot: int
     n_ctx_per_slot: int
     slots_configured: int
+    """The slots asked for (with ``auto``: the count chosen at start)."""
+    slots_auto: bool
     slots_effective: int
+    """The slots running now."""
+    slots_target: int
+    """The slots the Supervisor is moving to (differs from effective during a resize)."""
     slots_busy: int
     queue_depth: int
     queue_capacity: int
@@ -224,3 +229,9 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True):
     requests_rejected: int
     restarts: int
     steps: int
+    kv_cache_type: str
+    resizes: int
+    last_resize: Any | None
+    """The last ResizeRecord: from_slots, to_slots, reason, pause_s, drain_s, carried_bytes."""
+    memory: Any | None
+    """The last MemoryReading the Supervisor used: source, device, total/used/free bytes."""

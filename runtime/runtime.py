@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Literal
 
 import anyio
 import anyio.abc
@@ -24,12 +25,15 @@ import msgspec
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from actors.model import ModelActor, ModelStatistics
-from actors.supervisor import Supervisor, SupervisorStatistics
+from actors.supervisor import ResizeRecord, Supervisor, SupervisorStatistics
 from runtime.backends import Backend, load_backend
 from runtime.config import RuntimeConfig
-from runtime.errors import InvalidRequestError, QueueFullError, RuntimeClosedError, RuntimeFailedError
+from runtime.errors import ConfigError, InvalidRequestError, QueueFullError, RuntimeClosedError, RuntimeFailedError
 from runtime.events import Observer, Observers
 from runtime.mailbox import Mailbox, MailboxStatistics
+from runtime.metrics import RuntimeMetrics
+from runtime.sizing import initial_slots, probe_for
+from runtime.telemetry import MemoryProbe
 from runtime.messages import (
     ChatRequest,
     Completion,
@@ -63,6 +67,8 @@ class Runtime:
     :param registry: the prometheus-client registry for this runtime's metrics (default: the
         global one); pass your own to run two runtimes in one process.
     :param observers: receivers of runtime events (runtime.events.Observer).
+    :param probe: the memory probe for sizing (tests pass a ScriptedProbe); by default the one
+        ``config.memory_source`` names; None turns memory-driven sizing off.
     :raises ModelLoadError: on entering, if the model cannot be loaded.
     """
 
@@ -73,6 +79,7 @@ class Runtime:
         backend: Backend | None = None,
         registry: CollectorRegistry | None = None,
         observers: Sequence[Observer] = (),
+        probe: MemoryProbe | None | Literal["config"] = "config",
     ) -> None:
         self.config = config or RuntimeConfig()
         self.registry = REGISTRY if registry is None else registry
@@ -85,6 +92,8 @@ class Runtime:
         self._model: ModelActor | None = None
         self._mailbox: Mailbox[Ticket] = Mailbox(self.config.max_queue)
         self._supervisor: Supervisor | None = None
+        self._probe = probe
+        self._slots_configured = 0
         self._in_flight: set[Ticket] = set()
         self._outcomes: dict[DoneReason, int] = {"stop": 0, "length": 0, "cancel": 0, "error": 0}
         self.load_seconds = 0.0
@@ -93,15 +102,30 @@ class Runtime:
 
     async def __aenter__(self) -> Runtime:
         start = time.perf_counter()
+        self.observers.add(RuntimeMetrics(self))  # counters, histograms and gauges on self.registry
+        cfg = self.config
         if self._backend is None:
-            self._backend = await anyio.to_thread.run_sync(load_backend, self.config)
+            # One sequence first: the real count is chosen once the KV bytes per slot are known.
+            self._backend = await anyio.to_thread.run_sync(load_backend, cfg, 1)
         self.load_seconds = time.perf_counter() - start
-        self._model = ModelActor(
-            self._backend, n_batch=max(self.config.n_batch, self.config.slots), on_step=self.observers.step
-        )
+        backend = self._backend
+        if self._probe == "config":
+            self._probe = probe_for(cfg, backend.info.gpu_layers)
+        probe = self._probe
+        reading = None if probe is None else await anyio.to_thread.run_sync(probe.read)
+        try:
+            slots = initial_slots(cfg, reading, backend.info.n_seq_max, backend.info.kv_bytes_per_slot)
+            if slots != backend.info.n_seq_max:
+                await anyio.to_thread.run_sync(backend.resize, slots)
+        except BaseException:
+            await anyio.to_thread.run_sync(backend.close)
+            raise
+        self._slots_configured = slots if cfg.slots == "auto" else cfg.slots
+        self._model = ModelActor(backend, n_batch=cfg.n_batch, on_step=self.observers.step)
         self._supervisor = Supervisor(
-            self.config, self._model, self._mailbox, self._request_done, self._failed, self.observers
-        )
+            cfg, self._model, self._mailbox, self._request_done, self._failed, self.observers,
+            slots=slots, probe=probe,
+        )  # fmt: skip
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         try:
@@ -111,11 +135,13 @@ class Runtime:
             await self._tg.__aexit__(None, None, None)
             raise
         self._state = "ready"
-        info = self._backend.info
-        log.info(
-            "ready: %s, %d slots x %d tokens, weights %d bytes, KV %d bytes per slot, loaded in %.2f s",
-            info.name, self.config.slots, info.n_ctx_per_slot, info.weights_bytes,
-            info.kv_bytes_per_slot, self.load_seconds,
+        info = backend.info
+        log.log(
+            logging.WARNING if slots < self._slots_configured else logging.INFO,
+            "ready: %s, slots configured %s, effective %d, x %d tokens; weights %d bytes, KV %d bytes per slot; "
+            "loaded in %.2f s",
+            info.name, cfg.slots, slots, info.n_ctx_per_slot, info.weights_bytes, info.kv_bytes_per_slot,
+            self.load_seconds,
         )  # fmt: skip
         return self
 
@@ -285,8 +311,10 @@ class Runtime:
             weights_bytes=info.weights_bytes if info else 0,
             kv_bytes_per_slot=info.kv_bytes_per_slot if info else 0,
             n_ctx_per_slot=self.config.n_ctx_per_slot,
-            slots_configured=self.config.slots,
+            slots_configured=self._slots_configured,
+            slots_auto=self.config.slots == "auto",
             slots_effective=sup.slots_effective if sup else 0,
+            slots_target=sup.slots_target if sup else 0,
             slots_busy=sup.slots_busy if sup else 0,
             queue_depth=mailbox.depth,
             queue_capacity=mailbox.capacity,
@@ -297,4 +325,22 @@ class Runtime:
             requests_rejected=mailbox.rejected,
             restarts=(sup.slot_restarts + sup.model_restarts) if sup else 0,
             steps=model.steps if model else 0,
+            kv_cache_type=self.config.kv_cache_type,
+            resizes=len(sup.resizes) if sup else 0,
+            last_resize=sup.resizes[-1] if sup and sup.resizes else None,
+            memory=sup.memory if sup else None,
         )
+
+    async def resize(self, slots: int) -> ResizeRecord | None:
+        """Change the slot count by hand, live: weights kept, no request dropped or changed.
+
+        Shrinking waits for the retired slots to finish the requests they hold.
+        :returns: what was done (pause and drain in seconds), or None if ``slots`` is current.
+        :raises ConfigError: if ``slots`` is outside 1..1,024.
+        :raises RuntimeClosedError: if the runtime is not ready.
+        """
+        if not 1 <= slots <= 1024:
+            raise ConfigError(f"slots is {slots}; it must be between 1 and 1,024")
+        self._check_ready()
+        assert self._supervisor is not None
+        return await self._supervisor.resize(slots, "manual")

@@ -31,6 +31,10 @@ class Ticket:
     reply: MemoryObjectSendStream[Reply]
     admitted_ns: int = field(default_factory=time.perf_counter_ns)
     cancelled: bool = False
+    sent: int = 0
+    """Chunks sent to the caller so far (a request that sent none can be retried)."""
+    crashes: int = 0
+    """Slot crashes this request was part of."""
     on_cancel: Callable[[], None] | None = None
     """Set by the slot that serves the ticket; called once on cancel."""
 

@@ -107,5 +107,13 @@ class Backend(Protocol):
     def seq_cells(self, seq_id: int) -> int:
         """KV cells the sequence holds now (0 when it holds none)."""
 
+    def resize(self, n_seq: int) -> int:
+        """Make the context hold ``n_seq`` sequences, keeping the weights and the cells of
+        sequences below both counts; cells of sequences from ``n_seq`` on are dropped.
+
+        :returns: bytes of sequence state carried to the new context.
+        :raises NotImplementedError: if this backend cannot change its sequence count.
+        """
+
     def close(self) -> None:
         """Free the context and the weights."""

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+import msgspec
 import numpy as np
 
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
@@ -82,6 +83,8 @@ class FakeBackend:
         self.call_threads: set[int] = set()
         """Ids of every thread that called into the backend."""
         self.steps = 0
+        self.resizes: list[int] = []
+        """Sequence counts of every resize, in order."""
         self.sequences_per_step: list[int] = []
         self.closed = False
 
@@ -106,6 +109,8 @@ class FakeBackend:
         """Trim, set samplers, append the batch to each sequence's cells, sample each output."""
         self._touch()
         for seq_id, p0 in plan.trims:
+            if seq_id >= self.info.n_seq_max:
+                continue  # dropped by a resize, as in llama.cpp
             del self._cells.setdefault(seq_id, [])[p0:]
             del self._hashes.setdefault(seq_id, [])[p0:]
         for seq_id, spec in plan.samplers.items():
@@ -122,6 +127,8 @@ class FakeBackend:
         for token, pos, seq_id in zip(
             plan.tokens.tolist(), plan.positions.tolist(), plan.seq_ids.tolist(), strict=True
         ):
+            if seq_id >= self.info.n_seq_max:
+                raise RuntimeError(f"decode in sequence {seq_id}; the context has {self.info.n_seq_max}")
             cells, hashes = self._cells.setdefault(seq_id, []), self._hashes.setdefault(seq_id, [])
             if pos != len(cells):
                 raise RuntimeError(f"sequence {seq_id}: decode at position {pos}, cells end at {len(cells)}")
@@ -155,6 +162,17 @@ class FakeBackend:
         if rng is not None:
             h ^= int(rng.integers(0, 1 << 16))
         return int(_LETTERS[h % len(_LETTERS)])
+
+    def resize(self, n_seq: int) -> int:
+        """Keep sequences below ``n_seq``; as llama.cpp, sizes are fixed until the next resize."""
+        self._touch()
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        for seq_id in [s for s in self._cells if s >= n_seq]:
+            del self._cells[seq_id], self._hashes[seq_id]
+        self.info = msgspec.structs.replace(self.info, n_seq_max=n_seq)
+        self.resizes.append(n_seq)
+        return sum(4 * len(c) for c in self._cells.values())
 
     def seq_cells(self, seq_id: int) -> int:
         """Cells the sequence holds."""

@@ -169,20 +169,22 @@ class LlamaCppBackend:
         for seq in range(n_seq, old):
             if self.seq_cells(seq):
                 raise RuntimeError(f"sequence {seq} still holds {self.seq_cells(seq)} cells; cannot drop it")
-        states: list[tuple[int, Any, int]] = []
+        states: list[tuple[int, bytes]] = []
         for seq in range(min(old, n_seq)):
             if self.seq_cells(seq) == 0:
                 continue
             size = llama.llama_state_seq_get_size(self._ctx, seq)
             buf = (ctypes.c_uint8 * size)()
-            states.append((seq, buf, llama.llama_state_seq_get_data(self._ctx, buf, size, seq)))
+            n = llama.llama_state_seq_get_data(self._ctx, buf, size, seq)
+            states.append((seq, restream(bytes(buf)[:n], seq, old, n_seq)))
         llama.llama_free(self._ctx)
         self._ctx = None
         self._create_context(n_seq)
-        for seq, buf, n in states:
-            if llama.llama_state_seq_set_data(self._ctx, buf, n, seq) != n:
-                raise RuntimeError(f"could not restore sequence {seq} ({n} bytes) into the new context")
-        return sum(n for _, _, n in states)
+        for seq, state in states:
+            src = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+            if llama.llama_state_seq_set_data(self._ctx, src, len(state), seq) != len(state):
+                raise RuntimeError(f"could not restore sequence {seq} ({len(state)} bytes) into the new context")
+        return sum(len(s) for _, s in states)
 
     # -- model facts ---------------------------------------------------------------------------
 
@@ -233,8 +235,10 @@ class LlamaCppBackend:
 
         :raises RuntimeError: if llama_decode fails (its return code is in the message).
         """
+        n_seq = self.info.n_seq_max
         for seq_id, p0 in plan.trims:
-            llama.llama_memory_seq_rm(self._mem, seq_id, p0, -1)
+            if seq_id < n_seq:  # a sequence dropped by a resize has nothing left to trim
+                llama.llama_memory_seq_rm(self._mem, seq_id, p0, -1)
         for seq_id, spec in plan.samplers.items():
             self._set_sampler(seq_id, spec)
         n_out = len(plan.output_rows)
@@ -300,6 +304,26 @@ class LlamaCppBackend:
         if self._model:
             llama.llama_model_free(self._model)
             self._model = None
+
+
+def restream(state: bytes, seq: int, n_old: int, n_new: int) -> bytes:
+    """Re-address a sequence's saved KV state from a context of ``n_old`` sequences to one of
+    ``n_new``: with ``kv_unified`` off, llama.cpp keeps one KV stream per sequence and writes a
+    cell count for every stream (0 for all but the sequence's own), and refuses a state whose
+    stream count differs from the context's. The layout is that of the pinned llama.cpp:
+    u32 magic, u32 seq_id, u32 n_stream, then one block per stream.
+
+    :raises RuntimeError: if the state does not have that layout.
+    """
+    header = np.frombuffer(state[:12], dtype="<u4")
+    tail = 4 * (n_old - seq - 1)
+    body = state[12:]
+    empty_before, empty_after = body[: 4 * seq], body[len(body) - tail :] if tail else b""
+    if header[1] != seq or header[2] != n_old or any(empty_before) or any(empty_after):
+        raise RuntimeError(f"sequence {seq}: unexpected KV state layout (header {header.tolist()})")
+    own = body[4 * seq : len(body) - tail]
+    new_header = np.array([header[0], seq, n_new], dtype="<u4").tobytes()
+    return new_header + bytes(4 * seq) + own + bytes(4 * (n_new - seq - 1))
 
 
 class _NumpyBatch:

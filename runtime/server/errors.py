@@ -61,7 +61,9 @@ def http_error(exc: BaseException, retry_after_s: int) -> HttpError:
         return HttpError(status=400, message=str(exc), code="invalid_request")
     if isinstance(exc, HTTPException):
         code = _CODES.get(exc.status_code, "http_error")
-        return HttpError(status=exc.status_code, message=exc.detail, code=code, headers=dict(exc.headers or {}))
+        return HttpError(
+            status=exc.status_code, message=exc.detail, code=code, headers=dict(exc.headers or {})
+        )
     if isinstance(exc, QueueFullError):
         return HttpError(status=503, message=f"server busy: {exc}", code="queue_full", headers=retry)
     if isinstance(exc, RuntimeFailedError):

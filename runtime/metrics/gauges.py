@@ -1,0 +1,132 @@
+"""Gauges read when the registry is collected, from ``rt.status()`` and ``rt.statistics()``.
+
+Nothing counts these up and down as events happen, so they cannot drift: after a mass cancel
+with no further traffic, the next scrape reads an empty queue and idle slots. A closed runtime
+has no gauges. Collecting reads the runtimes' snapshots, which belong to the event loop: the
+ASGI app (``metrics_app``) collects there; prometheus-client's threaded HTTP server would read
+them from another thread, best effort.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from runtime.messages import RuntimeStatus
+    from runtime.runtime import Runtime
+
+__all__ = ["STATES", "Gauges"]
+
+STATES = ("loading", "ready", "failed")
+"""The values of ``slotserve_runtime_state``'s ``state`` label."""
+
+_PER_MODEL = {
+    "slotserve_queue_depth": "Requests waiting in the mailbox.",
+    "slotserve_queue_capacity": "Requests the mailbox holds at most (max_queue).",
+    "slotserve_slots_configured": "Slots asked for (with slots=auto: the count chosen at start).",
+    "slotserve_slots_effective": "Slots running now (fewer than configured when memory is short).",
+    "slotserve_slots_target": "Slots the Supervisor is moving to (differs from effective during a resize).",
+    "slotserve_slots_busy": "Slots serving a request.",
+    "slotserve_model_weights_bytes": "Bytes of the loaded weights.",
+    "slotserve_kv_cache_allocated_bytes": "KV cache bytes allocated: effective slots x KV bytes per slot.",
+    "slotserve_prefix_cache_tokens": "Prompt tokens that idle slots keep in their sequences for prefix reuse.",
+    "slotserve_model_load_duration_seconds": "Seconds the weights took to load.",
+}
+
+
+@dataclass(slots=True)
+class _Reading:
+    """The gauges of one model label, summed over its runtimes on one registry."""
+
+    states: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PER_MODEL, 0.0))
+    devices: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """device -> (free, total) bytes, as the Supervisor last read them."""
+
+    def add(self, rt: Runtime, status: RuntimeStatus) -> None:
+        if status.state in self.states:
+            self.states[status.state] += 1
+        cached = 0
+        if status.state != "loading":
+            cached = sum(s.cached_tokens for s in rt.statistics().supervisor.slots)
+        values = {
+            "slotserve_queue_depth": status.queue_depth,
+            "slotserve_queue_capacity": status.queue_capacity,
+            "slotserve_slots_configured": status.slots_configured,
+            "slotserve_slots_effective": status.slots_effective,
+            "slotserve_slots_target": status.slots_target,
+            "slotserve_slots_busy": status.slots_busy,
+            "slotserve_model_weights_bytes": status.weights_bytes,
+            "slotserve_kv_cache_allocated_bytes": status.slots_effective * status.kv_bytes_per_slot,
+            "slotserve_prefix_cache_tokens": cached,
+        }
+        for name, value in values.items():
+            self.values[name] += value
+        load = "slotserve_model_load_duration_seconds"
+        self.values[load] = max(self.values[load], rt.load_seconds)
+        memory = status.memory
+        if memory is not None:
+            self.devices[memory.device] = (memory.free_bytes, memory.total_bytes)
+
+
+class Gauges(Collector):
+    """The gauge collector of one registry: reads every entered, unclosed runtime on it."""
+
+    def __init__(self) -> None:
+        self._runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+    def add(self, rt: Runtime) -> None:
+        """Read ``rt`` at every collection until it is closed (or garbage)."""
+        self._runtimes.add(rt)
+
+    def describe(self) -> Iterable[Metric]:
+        """The families without samples, so a registry can refuse a clashing name."""
+        return list(_families({}))
+
+    def collect(self) -> Iterable[Metric]:
+        """Read every runtime now; one sample per model label and family."""
+        readings: dict[str, _Reading] = {}
+        for rt in list(self._runtimes):
+            status = rt.status()
+            if status.state != "closed":
+                readings.setdefault(status.model, _Reading()).add(rt, status)
+        return list(_families(readings))
+
+
+def _families(readings: dict[str, _Reading]) -> Iterator[Metric]:
+    state = GaugeMetricFamily(
+        "slotserve_runtime_state",
+        "Runtimes in each state (loading, ready, failed): 1 for the state a runtime is in.",
+        labels=["model", "state"],
+    )
+    for model, r in readings.items():
+        for name, count in r.states.items():
+            state.add_metric([model, name], count)
+    yield state
+    for name, doc in _PER_MODEL.items():
+        family = GaugeMetricFamily(name, doc, labels=["model"])
+        for model, r in readings.items():
+            family.add_metric([model], r.values[name])
+        yield family
+    free = GaugeMetricFamily(
+        "slotserve_device_memory_free_bytes",
+        "Free memory of the device that bounds the slot count, as the Supervisor last read it.",
+        labels=["model", "device"],
+    )
+    total = GaugeMetricFamily(
+        "slotserve_device_memory_total_bytes",
+        "Total memory of that device, as last read.",
+        labels=["model", "device"],
+    )
+    for model, r in readings.items():
+        for device, (free_bytes, total_bytes) in r.devices.items():
+            free.add_metric([model, device], free_bytes)
+            total.add_metric([model, device], total_bytes)
+    yield free
+    yield total

@@ -1,0 +1,163 @@
+"""RuntimeMetrics: the runtime's events (runtime.events) turned into counters and histograms.
+
+Each event costs a few microseconds: the labelled children are bound once per runtime, so the
+per-token path (``inter_token``) is one histogram observe.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+from runtime.events import RejectReason, ResizeDirection, RestartedActor
+from runtime.messages import DoneReason, RequestStats
+from runtime.metrics.families import (
+    ACTORS,
+    FAILURE_REASONS,
+    REJECT_REASONS,
+    RESIZE_DIRECTIONS,
+    RESIZE_REASONS,
+    Families,
+    failure_reason,
+    families_for,
+)
+
+if TYPE_CHECKING:
+    from runtime.runtime import Runtime
+
+__all__ = ["RuntimeMetrics"]
+
+
+class _Series:
+    """One model's children of the families, bound once.
+
+    Every label set we know of is made here, so each series exists, at 0, before its first event
+    (``rate`` and ``increase`` then see the first one, and dashboards show 0, not "no data").
+    """
+
+    def __init__(self, f: Families, model: str) -> None:
+        self.f, self.model, m = f, model, model
+        outcomes = [("completed", "stop"), ("completed", "length"), ("cancelled", "cancel")]
+        outcomes += [("failed", r) for r in FAILURE_REASONS] + [("rejected", r) for r in REJECT_REASONS]
+        self.requests = {(o, r): f.requests.labels(m, o, r) for o, r in outcomes}
+        for actor in ACTORS:
+            f.restarts.labels(m, actor)
+        for direction in RESIZE_DIRECTIONS:
+            for reason in RESIZE_REASONS:
+                f.resizes.labels(m, direction, reason)
+        self.prompt_tokens = f.prompt_tokens.labels(m)
+        self.prompt_tokens_cached = f.prompt_tokens_cached.labels(m)
+        self.generation_tokens = f.generation_tokens.labels(m)
+        self.steps = f.steps.labels(m)
+        self.prefill_tokens = f.step_tokens.labels(m, "prefill")
+        self.decode_tokens = f.step_tokens.labels(m, "decode")
+        self.ttft = f.ttft.labels(m)
+        self.itl = f.itl.labels(m)
+        self.e2e = f.e2e.labels(m)
+        self.queue = f.queue.labels(m)
+        self.prefill = f.prefill.labels(m)
+        self.decode = f.decode.labels(m)
+        self.request_prompt = f.request_prompt.labels(m)
+        self.request_generation = f.request_generation.labels(m)
+        self.step_sequences = f.step_sequences.labels(m)
+        self.step_seconds = f.step_seconds.labels(m)
+        self.resize_pause = f.resize_pause.labels(m)
+
+
+class RuntimeMetrics:
+    """The metrics of one Runtime on ``rt.registry``: an Observer (runtime.events) for the
+    counters and histograms, and an entry in the registry's collector for the gauges.
+
+    The Runtime makes one when it is entered; a host never needs to. The ``model`` label is
+    ``rt.status().model``, bound once the weights are loaded (a request refused while they load
+    is counted under the configured model: ``default`` or the path). The request histograms
+    take completed requests (done_reason stop or length); the token counters take every request
+    that ran, cancelled ones included.
+
+    :raises ValueError: if ``rt.registry`` already holds another metric of one of our names.
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self._f = families_for(rt.registry)
+        self._f.gauges.add(rt)
+        self._rt = weakref.ref(rt)
+        self._s: _Series | None = None
+
+    def _series(self) -> _Series | None:
+        """The bound series; None while the weights load (the model's name is not known yet)."""
+        if self._s is None:
+            rt = self._rt()
+            status = None if rt is None else rt.status()
+            if status is None or status.state == "loading":
+                return None
+            self._s = _Series(self._f, status.model)
+        return self._s
+
+    def request_admitted(self) -> None:
+        """Nothing to count: the admitted are the finished plus those queued or in a slot."""
+
+    def request_rejected(self, reason: RejectReason) -> None:
+        """Count a request refused before admission."""
+        s = self._s or self._series()
+        if s is not None:
+            s.requests["rejected", reason].inc()
+        elif (rt := self._rt()) is not None:
+            self._f.requests.labels(rt.status().model, "rejected", reason).inc()
+
+    def request_finished(self, reason: DoneReason, stats: RequestStats | None, error: BaseException | None) -> None:
+        """Count the request by outcome and its tokens; observe a completed one's latencies."""
+        s = self._s or self._series()
+        if s is None:
+            return
+        completed = reason == "stop" or reason == "length"
+        if completed:
+            s.requests["completed", reason].inc()
+        elif reason == "cancel":
+            s.requests["cancelled", "cancel"].inc()
+        else:
+            s.requests["failed", failure_reason(error)].inc()
+        if stats is None:
+            return
+        s.prompt_tokens.inc(stats.prompt_tokens)
+        s.prompt_tokens_cached.inc(stats.prompt_tokens_cached)
+        s.generation_tokens.inc(stats.completion_tokens)
+        if not completed:
+            return
+        s.queue.observe(stats.queue_duration_ns / 1e9)
+        s.prefill.observe(stats.prefill_duration_ns / 1e9)
+        s.decode.observe(stats.decode_duration_ns / 1e9)
+        s.e2e.observe(stats.total_duration_ns / 1e9)
+        if stats.time_to_first_token_ns is not None:
+            s.ttft.observe(stats.time_to_first_token_ns / 1e9)
+        s.request_prompt.observe(stats.prompt_tokens)
+        s.request_generation.observe(stats.completion_tokens)
+
+    def inter_token(self, seconds: float) -> None:
+        """Observe one inter-token latency (seconds)."""
+        s = self._s or self._series()
+        if s is not None:
+            s.itl.observe(seconds)
+
+    def step(self, n_tokens: int, n_sequences: int, n_prompt_tokens: int, seconds: float) -> None:
+        """Count a decode step and its prefill and decode tokens; observe its sequences and seconds."""
+        s = self._s or self._series()
+        if s is None:
+            return
+        s.steps.inc()
+        s.prefill_tokens.inc(n_prompt_tokens)
+        s.decode_tokens.inc(n_tokens - n_prompt_tokens)
+        s.step_sequences.observe(n_sequences)
+        s.step_seconds.observe(seconds)
+
+    def restart(self, actor: RestartedActor) -> None:
+        """Count an actor restart."""
+        s = self._s or self._series()
+        if s is not None:
+            s.f.restarts.labels(s.model, actor).inc()
+
+    def resize(self, direction: ResizeDirection, reason: str, pause_s: float) -> None:
+        """Count a change of the slot count and observe its pause (seconds no step ran)."""
+        s = self._s or self._series()
+        if s is not None:
+            s.f.resizes.labels(s.model, direction, reason).inc()
+            s.resize_pause.observe(pause_s)

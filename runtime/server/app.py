@@ -1,0 +1,109 @@
+"""The ASGI app: Ollama's and OpenAI's endpoints over one Runtime, plus /health and /metrics.
+
+::
+
+    app = create_app(RuntimeConfig(slots=4))          # loads the model in the background
+    app = create_app(running_runtime)                 # serves a runtime its owner runs
+
+=========================  ==============================================================
+GET  /                     ``slotserve is running`` (Ollama answers its name the same way)
+GET  /health               200 when ready; 503 ``loading`` or ``failed: reason``
+GET  /metrics              Prometheus exposition of ``runtime.registry``
+POST /api/generate, /chat  Ollama (runtime.server.ollama_api)
+GET  /api/tags, /ps,       Ollama
+     /version
+POST /v1/chat/completions  OpenAI (runtime.server.openai_api)
+POST /v1/completions
+GET  /v1/models
+=========================  ==============================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import msgspec
+from prometheus_client import CollectorRegistry, make_asgi_app
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from runtime.config import RuntimeConfig
+from runtime.runtime import Runtime
+from runtime.server.context import ServerContext
+from runtime.server.host import RuntimeHost
+from runtime.server.names import ModelNames
+from runtime.server.ollama_api import OllamaApi
+from runtime.server.openai_api import OpenAIApi
+from runtime.server.settings import ServerSettings
+
+__all__ = ["create_app"]
+
+
+def create_app(
+    runtime: Runtime | RuntimeConfig,
+    settings: ServerSettings | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+) -> Starlette:
+    """The HTTP app serving ``runtime``.
+
+    :param runtime: a RuntimeConfig, or a Runtime. A config, or a Runtime not yet entered, is
+        started by the app in a background task when the app starts (ASGI lifespan) and
+        stopped when it stops; /health answers 503 ``loading`` meanwhile. A running Runtime
+        (embedding the app in a host application) is only served; its owner stops it.
+    :param settings: body limit, Retry-After, served model name (host and port are the ASGI
+        server's business; see :func:`runtime.server.serve`).
+    :param registry: for a RuntimeConfig: the prometheus-client registry of the new Runtime
+        (default: the global one).
+    """
+    rt = Runtime(runtime, registry=registry) if isinstance(runtime, RuntimeConfig) else runtime
+    settings = settings or ServerSettings()
+    host = RuntimeHost(rt)
+    server = ServerContext(host=host, settings=settings, names=ModelNames(rt, settings.model_name))
+
+    async def health(request: Request) -> Response:
+        problem = host.problem()
+        if problem is None:
+            status = rt.status()
+            body = {"status": "ok", "model": server.names.primary, "slots": status.slots_effective,
+                    "slots_busy": status.slots_busy, "queue_depth": status.queue_depth}  # fmt: skip
+            return Response(msgspec.json.encode(body), media_type="application/json")
+        state, _, reason = problem.partition(": ")
+        headers = {"Retry-After": str(settings.retry_after_s)} if state == "loading" else {}
+        body = {"status": state} | ({"reason": reason} if reason else {})
+        return Response(msgspec.json.encode(body), 503, headers=headers, media_type="application/json")
+
+    async def root(request: Request) -> Response:
+        return PlainTextResponse("slotserve is running")
+
+    routes: list[BaseRoute] = [
+        Route("/", root, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", _AsgiEndpoint(make_asgi_app(registry=rt.registry))),
+        *OllamaApi(server).routes(),
+        *OpenAIApi(server).routes(),
+    ]
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with host.running():
+            yield
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.server = server
+    return app
+
+
+class _AsgiEndpoint:
+    """Wraps an ASGI app so that a Route serves it at exactly its path (a Mount would redirect
+    ``/metrics`` to ``/metrics/``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)

@@ -1,0 +1,81 @@
+"""What every endpoint shares: the runtime's host, the settings, the served names, and the steps
+each generating request takes (read the body, check readiness and model, admit, reply).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from runtime.messages import ChatRequest, GenerateRequest
+from runtime.runtime import Runtime
+from runtime.server.body import decode_body, read_body
+from runtime.server.host import RuntimeHost
+from runtime.server.names import ModelNames
+from runtime.server.reply import Framing, ReplyResponse, error_response
+from runtime.server.settings import ServerSettings
+
+__all__ = ["ServerContext"]
+
+T = TypeVar("T")
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(eq=False)
+class ServerContext:
+    """The state one app's endpoints share."""
+
+    host: RuntimeHost
+    settings: ServerSettings
+    names: ModelNames
+    created_s: int = field(default_factory=lambda: int(time.time()))
+    """Unix time (seconds) the app was made; OpenAI's ``created`` of the model."""
+
+    @property
+    def runtime(self) -> Runtime:
+        """The served runtime."""
+        return self.host.runtime
+
+    async def read(self, request: Request, kind: type[T]) -> T:
+        """The request body decoded into ``kind``.
+
+        :raises HTTPException: 413 if the body is over ``max_body_bytes``.
+        :raises InvalidRequestError: if it is empty, not JSON, or of the wrong shape.
+        """
+        return decode_body(await read_body(request, self.settings.max_body_bytes), kind)
+
+    def check(self, model: str) -> None:
+        """Check that the runtime takes requests and that ``model`` names the served model.
+
+        :raises RuntimeClosedError: if it is loading or closed (RuntimeFailedError if failed).
+        :raises HTTPException: 404 if ``model`` is not a name of the served model.
+        """
+        self.host.check_ready()
+        self.names.check(model)
+
+    def reply(
+        self, request: GenerateRequest | ChatRequest, framing: Framing, *, streaming: bool
+    ) -> ReplyResponse:
+        """Admit ``request`` now and answer with its stream.
+
+        :raises QueueFullError: if the mailbox is full.
+        :raises InvalidRequestError: if max_tokens is over ``max_tokens_cap``.
+        """
+        stream = self.runtime.generate(request)
+        return ReplyResponse(stream, framing, streaming=streaming, retry_after_s=self.settings.retry_after_s)
+
+    def guarded(self, framing: Framing, endpoint: Endpoint) -> Endpoint:
+        """``endpoint`` with every error it raises answered in ``framing``'s error format."""
+
+        async def guarded_endpoint(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except Exception as exc:
+                return error_response(exc, framing, self.settings.retry_after_s)
+
+        return guarded_endpoint

@@ -1,0 +1,162 @@
+"""OpenAI's API: POST /v1/chat/completions and /v1/completions, GET /v1/models.
+
+With ``"stream": true`` the answer is server-sent events, ``data: {json}`` each, ending with
+``data: [DONE]``; ``finish_reason`` is null on every chunk but the last, and with
+``stream_options.include_usage`` one more chunk with empty ``choices`` carries ``usage``.
+Errors are OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``, also
+in-band as the last event before ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from runtime.messages import Chunk, Completion, RequestStats
+from runtime.server.context import ServerContext
+from runtime.server.errors import HttpError
+from runtime.server.openai_wire import OpenAIChatBody, OpenAICompletionBody, chat_request, completion_request
+from runtime.server.reply import ReplyResponse
+
+__all__ = ["OpenAIApi", "OpenAIFraming"]
+
+_encode = msgspec.json.encode
+_DONE = b"data: [DONE]\n\n"
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + _encode(data) + b"\n\n"
+
+
+def usage(stats: RequestStats) -> dict[str, Any]:
+    """OpenAI's ``usage`` object from our stats (tokens)."""
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": stats.prompt_tokens_cached},
+    }
+
+
+class OpenAIFraming:
+    """Objects and SSE frames of /v1/chat/completions (``chat=True``) or /v1/completions."""
+
+    stream_media_type = "text/event-stream"
+
+    def __init__(self, model: str, *, chat: bool, include_usage: bool = False) -> None:
+        self._model = model
+        self._chat = chat
+        self._include_usage = include_usage
+        self._id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self._created = int(time.time())
+        self._role_sent = False
+
+    def _object(self, choices: list[dict[str, Any]], *, streamed: bool, **extra: Any) -> dict[str, Any]:
+        kind = ("chat.completion" if self._chat else "text_completion") + (
+            ".chunk" if streamed and self._chat else ""
+        )
+        out = {
+            "id": self._id,
+            "object": kind,
+            "created": self._created,
+            "model": self._model,
+            "choices": choices,
+        }
+        out.update(extra)
+        return out
+
+    def _choice(self, text: str, finish_reason: str | None, *, streamed: bool) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0}
+        if not self._chat:
+            choice["text"] = text
+        elif streamed:
+            choice["delta"] = {} if finish_reason and not text else {"content": text}
+            if not self._role_sent:
+                choice["delta"]["role"] = "assistant"
+                self._role_sent = True
+        else:
+            choice["message"] = {"role": "assistant", "content": text}
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish_reason
+        return choice
+
+    def _chunk(self, text: str, finish_reason: str | None) -> bytes:
+        extra = {"usage": None} if self._include_usage else {}
+        return _event(
+            self._object([self._choice(text, finish_reason, streamed=True)], streamed=True, **extra)
+        )
+
+    def piece(self, chunk: Chunk) -> bytes:
+        """One event with the chunk's text and ``finish_reason: null``."""
+        return self._chunk(chunk.text, None)
+
+    def last(self, chunk: Chunk) -> bytes:
+        """The last text (if any), the event with ``finish_reason``, usage if asked, ``[DONE]``."""
+        assert chunk.stats is not None
+        frames = [self._chunk(chunk.text, None)] if chunk.text else []
+        frames.append(self._chunk("", chunk.done_reason))
+        if self._include_usage:
+            frames.append(_event(self._object([], streamed=True, usage=usage(chunk.stats))))
+        frames.append(_DONE)
+        return b"".join(frames)
+
+    def whole(self, completion: Completion) -> bytes:
+        """The completion object of a request that is not streamed."""
+        choice = self._choice(completion.text, completion.done_reason, streamed=False)
+        return _encode(self._object([choice], streamed=False, usage=usage(completion.stats)))
+
+    def error(self, error: HttpError) -> bytes:
+        """OpenAI's error object."""
+        kind = "invalid_request_error" if error.status < 500 else "server_error"
+        return _encode({"error": {"message": error.message, "type": kind, "param": None, "code": error.code}})
+
+    def error_frame(self, error: HttpError) -> bytes:
+        """The error object as an event, then ``[DONE]`` (the official client raises it)."""
+        return b"data: " + self.error(error) + b"\n\n" + _DONE
+
+
+_ERRORS = OpenAIFraming("", chat=True)
+
+
+class OpenAIApi:
+    """The OpenAI endpoints of one app."""
+
+    def __init__(self, server: ServerContext) -> None:
+        self._server = server
+
+    def routes(self) -> list[Route]:
+        """The routes, each answering errors with OpenAI's error object."""
+        s = self._server
+        return [
+            Route("/v1/chat/completions", s.guarded(_ERRORS, self.chat_completions), methods=["POST"]),
+            Route("/v1/completions", s.guarded(_ERRORS, self.completions), methods=["POST"]),
+            Route("/v1/models", s.guarded(_ERRORS, self.models), methods=["GET"]),
+        ]
+
+    async def chat_completions(self, request: Request) -> ReplyResponse:
+        """POST /v1/chat/completions: answer the messages through the model's chat template."""
+        s = self._server
+        body = await s.read(request, OpenAIChatBody)
+        s.check(body.model)
+        framing = OpenAIFraming(body.model, chat=True, include_usage=body.include_usage)
+        return s.reply(chat_request(body), framing, streaming=body.stream)
+
+    async def completions(self, request: Request) -> ReplyResponse:
+        """POST /v1/completions: complete the prompt as is."""
+        s = self._server
+        body = await s.read(request, OpenAICompletionBody)
+        s.check(body.model)
+        framing = OpenAIFraming(body.model, chat=False, include_usage=body.include_usage)
+        return s.reply(completion_request(body), framing, streaming=body.stream)
+
+    async def models(self, request: Request) -> Response:
+        """GET /v1/models: the one model this server serves."""
+        model = {"id": self._server.names.primary, "object": "model", "created": self._server.created_s,
+                 "owned_by": "slotserve"}  # fmt: skip
+        return Response(_encode({"object": "list", "data": [model]}), media_type="application/json")

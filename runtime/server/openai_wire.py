@@ -1,0 +1,174 @@
+"""OpenAI's request bodies (POST /v1/chat/completions, /v1/completions) and how they become our
+requests. Pure functions of their input, so they can be tested without a server.
+
+Field names follow OpenAI's API reference. Unset sampling fields take slotserve's defaults
+(runtime.messages), so the same values give the same request as the embedded API. Also
+accepted, as llama.cpp's server and vLLM do: ``top_k``, ``min_p``, ``repeat_penalty``,
+``repeat_last_n``. Fields that would change the answer in ways we do not implement (``n`` > 1,
+penalties, ``logit_bias``, ``logprobs``, tools, JSON output, ``echo``, ``suffix``) are refused
+with 400 rather than ignored; fields that do not change the answer (``user``, ``metadata``, ...)
+are ignored. ``max_tokens`` of /v1/completions defaults to 16, as in OpenAI's reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from runtime.errors import InvalidRequestError
+from runtime.messages import ChatMessage, ChatRequest, GenerateRequest
+
+__all__ = ["OpenAIChatBody", "OpenAICompletionBody", "chat_request", "completion_request"]
+
+COMPLETION_MAX_TOKENS_DEFAULT = 16
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+
+    include_usage: bool = False
+
+
+class ContentPart(msgspec.Struct, kw_only=True):
+    """One part of a message's content; only ``text`` parts are supported."""
+
+    type: str
+    text: str | None = None
+
+
+class OpenAIMessage(msgspec.Struct, kw_only=True):
+    """One chat message; ``developer`` is OpenAI's newer name for ``system``."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+
+
+class _Body(msgspec.Struct, kw_only=True):
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extensions of llama.cpp's server and vLLM
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class OpenAIChatBody(_Body, kw_only=True):
+    """The body of POST /v1/chat/completions (unknown fields are ignored)."""
+
+    messages: list[OpenAIMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+class OpenAICompletionBody(_Body, kw_only=True):
+    """The body of POST /v1/completions (unknown fields are ignored)."""
+
+    prompt: str | list[str]
+    max_tokens: int | None = COMPLETION_MAX_TOKENS_DEFAULT
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+_SAMPLING = ("temperature", "top_p", "seed", "top_k", "min_p", "repeat_penalty", "repeat_last_n")
+
+
+def _refuse(field: str, value: object, allowed: str) -> None:
+    raise InvalidRequestError(f"{field} is {value!r}; slotserve supports only {allowed}")
+
+
+def _sampling(body: _Body) -> dict[str, Any]:
+    if body.n not in (None, 1):
+        _refuse("n", body.n, "1 (one choice per request)")
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(body, name)
+        if value not in (None, 0):
+            _refuse(name, value, "0 (use repeat_penalty)")
+    if body.logit_bias:
+        _refuse("logit_bias", body.logit_bias, "an empty or absent logit_bias")
+    fields: dict[str, Any] = {k: getattr(body, k) for k in _SAMPLING if getattr(body, k) is not None}
+    if isinstance(body.stop, str):
+        fields["stop"] = (body.stop,)
+    elif body.stop is not None:
+        fields["stop"] = tuple(body.stop)
+    return fields
+
+
+def _content(i: int, content: str | list[ContentPart] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            _refuse(f"messages[{i}].content[{j}].type", part.type, "'text' parts")
+        texts.append(part.text or "")
+    return "\n".join(texts)
+
+
+def chat_request(body: OpenAIChatBody) -> ChatRequest:
+    """The request for a /v1/chat/completions body.
+
+    :raises InvalidRequestError: if messages is empty, a field is out of range, or it asks for
+        what we do not support.
+    """
+    if body.logprobs:
+        _refuse("logprobs", body.logprobs, "false")
+    if body.tools:
+        _refuse("tools", f"<{len(body.tools)} tools>", "no tools")
+    if body.response_format is not None and body.response_format.get("type", "text") != "text":
+        _refuse("response_format.type", body.response_format.get("type"), "'text'")
+    fields = _sampling(body)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    messages = tuple(
+        ChatMessage(role="system" if m.role == "developer" else m.role, content=_content(i, m.content))
+        for i, m in enumerate(body.messages)
+    )
+    return ChatRequest(messages=messages, max_tokens=max_tokens, **fields)
+
+
+def completion_request(body: OpenAICompletionBody) -> GenerateRequest:
+    """The request for a /v1/completions body: the prompt is completed as is (no template).
+
+    :raises InvalidRequestError: if the prompt is empty or not one string, a field is out of
+        range, or it asks for what we do not support.
+    """
+    if body.echo:
+        _refuse("echo", body.echo, "false")
+    if body.suffix:
+        _refuse("suffix", body.suffix, "an empty or absent suffix")
+    if body.logprobs:
+        _refuse("logprobs", body.logprobs, "null")
+    if body.best_of not in (None, 1):
+        _refuse("best_of", body.best_of, "1")
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            _refuse("prompt", f"<a list of {len(prompt)} prompts>", "one prompt per request")
+        prompt = prompt[0]
+    return GenerateRequest(prompt=prompt, max_tokens=body.max_tokens, **_sampling(body))

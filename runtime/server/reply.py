@@ -1,0 +1,139 @@
+"""Serving one ResponseStream over HTTP, streamed or whole, for any API's framing.
+
+The first chunk is awaited before the status line is sent, so errors the runtime reports on the
+first read (ContextOverflowError, a refused admission) still get their 4xx or 503. After that an
+error is sent in-band, in the API's own framing, and the stream ends cleanly.
+
+While the reply waits (in the mailbox, during a long prefill, between chunks) a watcher task
+listens for ``http.disconnect``; a client that goes away closes the ResponseStream, which
+cancels the request at the slot's next step boundary. The handler only reads the stream: the
+slot and its sequence belong to the SlotActor.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import anyio
+import anyio.abc
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from runtime.errors import GenerationError, RuntimeClosedError
+from runtime.messages import Chunk, Completion
+from runtime.server.errors import HttpError, http_error
+from runtime.ticket import ResponseStream
+
+__all__ = ["Framing", "ReplyResponse", "error_response"]
+
+log = logging.getLogger("slotserve.server")
+
+
+class Framing(Protocol):
+    """How one API writes answers and errors (Ollama NDJSON, OpenAI SSE)."""
+
+    stream_media_type: str
+    """Content-Type of a streamed answer."""
+
+    def piece(self, chunk: Chunk) -> bytes:
+        """A streamed frame carrying ``chunk.text`` (not the last chunk)."""
+
+    def last(self, chunk: Chunk) -> bytes:
+        """The closing frames: the last chunk's text if any, why it ended, the counts."""
+
+    def whole(self, completion: Completion) -> bytes:
+        """The JSON body of an answer that is not streamed."""
+
+    def error(self, error: HttpError) -> bytes:
+        """The JSON body of an error response."""
+
+    def error_frame(self, error: HttpError) -> bytes:
+        """An error sent in-band once streaming has started, then the end of the stream."""
+
+
+def error_response(exc: BaseException, framing: Framing, retry_after_s: int) -> Response:
+    """A complete error response for ``exc`` in ``framing``'s error format."""
+    error = http_error(exc, retry_after_s)
+    return Response(framing.error(error), error.status, headers=error.headers, media_type="application/json")
+
+
+class ReplyResponse:
+    """An ASGI response serving ``stream``; ``streaming`` selects frames or one JSON body."""
+
+    def __init__(
+        self, stream: ResponseStream, framing: Framing, *, streaming: bool, retry_after_s: int
+    ) -> None:
+        self._stream = stream
+        self._framing = framing
+        self._streaming = streaming
+        self._retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with self._stream, anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            await self._reply(scope, receive, send)
+            tg.cancel_scope.cancel()
+
+    async def _reply(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            chunk = await _next(self._stream)
+            if not self._streaming:
+                completion = await _rest(self._stream, chunk)
+        except Exception as exc:
+            await error_response(exc, self._framing, self._retry_after_s)(scope, receive, send)
+            return
+        if not self._streaming:
+            body = self._framing.whole(completion)
+            await Response(body, media_type="application/json")(scope, receive, send)
+            return
+        headers = [
+            (b"content-type", self._framing.stream_media_type.encode()),
+            (b"cache-control", b"no-cache"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        try:
+            while not chunk.done:
+                await send(
+                    {"type": "http.response.body", "body": self._framing.piece(chunk), "more_body": True}
+                )
+                chunk = await _next(self._stream)
+            frame = self._framing.last(chunk)
+        except Exception as exc:
+            frame = self._framing.error_frame(http_error(exc, self._retry_after_s))
+        await send({"type": "http.response.body", "body": frame, "more_body": False})
+
+
+async def _next(stream: ResponseStream) -> Chunk:
+    """The next chunk; a cancelled request (the runtime is closing) becomes an error."""
+    try:
+        chunk = await stream.__anext__()
+    except StopAsyncIteration:
+        raise GenerationError("the reply ended without a final chunk") from None
+    if chunk.done and chunk.done_reason == "cancel":
+        raise RuntimeClosedError("the request was cancelled: the runtime is shutting down")
+    return chunk
+
+
+async def _rest(stream: ResponseStream, first: Chunk) -> Completion:
+    """Read the rest of the answer after ``first``."""
+    texts, tokens, chunk = [first.text], list(first.token_ids), first
+    while not chunk.done:
+        chunk = await _next(stream)
+        texts.append(chunk.text)
+        tokens.extend(chunk.token_ids)
+    assert chunk.done_reason is not None
+    assert chunk.stats is not None
+    return Completion(
+        text="".join(texts), token_ids=tuple(tokens), done_reason=chunk.done_reason, stats=chunk.stats
+    )
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.abc.CancelScope) -> None:
+    """Cancel ``scope`` when the client disconnects (the request body was read already)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            log.debug("client disconnected; cancelling its request")
+            scope.cancel()
+            return
