@@ -227,14 +227,14 @@ class Supervisor:
                 self.model.end(slot)
             drain_s = time.perf_counter() - drain_start if slots < old else 0.0
             pause_s, carried = await self.model.resize(slots)
-            self._n = slots
-            for slot in range(old, slots):
-                await self._tg.start(self._supervise_slot, slot)
             record = ResizeRecord(
                 from_slots=old, to_slots=slots, reason=reason, pause_s=pause_s, drain_s=drain_s, carried_bytes=carried
             )
+            self._n = slots
             self._resizes.append(record)
             self._last_resize_s = time.monotonic()
+            for slot in range(old, slots):
+                await self._tg.start(self._supervise_slot, slot)
             self._observers.resize("grow" if slots > old else "shrink", reason, pause_s)
             log.warning(
                 "resized from %d to %d slots (%s): drain %.3f s, pause %.3f s, %d bytes carried",

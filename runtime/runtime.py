@@ -101,6 +101,16 @@ class Runtime:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Runtime:
+        try:
+            return await self._start()
+        except BaseException:
+            self._state = "closed"
+            self._mailbox.close(lambda: RuntimeClosedError("the runtime did not start"))
+            if self._backend is not None:
+                await anyio.to_thread.run_sync(self._backend.close)
+            raise
+
+    async def _start(self) -> Runtime:
         start = time.perf_counter()
         self.observers.add(RuntimeMetrics(self))  # counters, histograms and gauges on self.registry
         cfg = self.config
@@ -113,13 +123,9 @@ class Runtime:
             self._probe = probe_for(cfg, backend.info.gpu_layers)
         probe = self._probe
         reading = None if probe is None else await anyio.to_thread.run_sync(probe.read)
-        try:
-            slots = initial_slots(cfg, reading, backend.info.n_seq_max, backend.info.kv_bytes_per_slot)
-            if slots != backend.info.n_seq_max:
-                await anyio.to_thread.run_sync(backend.resize, slots)
-        except BaseException:
-            await anyio.to_thread.run_sync(backend.close)
-            raise
+        slots = initial_slots(cfg, reading, backend.info.n_seq_max, backend.info.kv_bytes_per_slot)
+        if slots != backend.info.n_seq_max:
+            await anyio.to_thread.run_sync(backend.resize, slots)
         self._slots_configured = slots if cfg.slots == "auto" else cfg.slots
         self._model = ModelActor(backend, n_batch=cfg.n_batch, on_step=self.observers.step)
         self._supervisor = Supervisor(

@@ -1,4 +1,4 @@
-"""Backends: ``llama_cpp`` (default), ``fake`` (tests); see base.py for the protocol."""
+"""Backends: ``llama_cpp`` (default), ``ctransformers`` (legacy), ``fake`` (tests); see base.py."""
 
 from __future__ import annotations
 
@@ -31,4 +31,14 @@ def load_backend(config: RuntimeConfig, n_seq: int | None = None) -> Backend:
                 f"the llama_cpp backend needs llama-cpp-python ({exc}); pip install 'slotserve[llama]'"
             ) from None
         return LlamaCppBackend(path, config, n_seq)
+    if config.backend == "ctransformers":
+        path = resolve_model(config.model)
+        try:
+            from runtime.backends.ctransformers import CTransformersBackend
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"the ctransformers backend needs ctransformers and gguf ({exc}); "
+                "pip install 'slotserve[ctransformers]'"
+            ) from None
+        return CTransformersBackend(path, config, n_seq)
     raise ConfigError(f"backend {config.backend!r} is not available in this build")

@@ -35,6 +35,18 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     kv_bytes_per_slot: int
     """n_ctx_per_slot x n_layer x (n_embd_k_gqa + n_embd_v_gqa) x bytes per element."""
     gpu_layers: int
+    batched: bool = True
+    """One decode evaluates every busy sequence together (False: one after another)."""
+    state_export: bool = True
+    """A sequence's KV cells can be saved and restored (llama_state_seq_get/set_data)."""
+    instances: int = 1
+    """Library instances loaded: 1 where one context holds every sequence, else one per slot."""
+    weights_copies: int = 1
+    """Times the weights are resident: 1 where instances share them (mmap), else ``instances``."""
+    instance_bytes: int = 0
+    """Bytes one more slot costs beyond its KV cache (an instance's own copy of the weights)."""
+    isolated: bool = False
+    """The model runs in a worker process: a native crash there fails its requests only."""
 
 
 class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -54,5 +54,7 @@ RESIZE_PAUSE_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 TOKENS = tuple(float(2**i) for i in range(18))
 """Prompt and generated tokens per request: 1 to 131,072."""
 
-SEQUENCES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0, 192.0, 256.0, 384.0, 512.0)
+SEQUENCES = (
+    1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0, 192.0, 256.0, 384.0, 512.0,
+)  # fmt: skip
 """Sequences per decode step."""

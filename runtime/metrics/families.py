@@ -73,6 +73,11 @@ class Families:
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # The gauge collector first: collecting it binds the series of newly ready runtimes
+        # (at 0), so the counters and histograms collected after it already show them.
+        self.gauges = Gauges()
+        registry.register(self.gauges)
+
         def counter(name: str, doc: str, *labels: str) -> Counter:
             return Counter(name, doc, ("model", *labels), registry=registry)
 
@@ -149,8 +154,6 @@ class Families:
             "Time no step could run while a resize replaced the context.",
             buckets.RESIZE_PAUSE_SECONDS,
         )
-        self.gauges = Gauges()
-        registry.register(self.gauges)
 
 
 _FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, Families] = weakref.WeakKeyDictionary()

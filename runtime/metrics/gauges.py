@@ -12,7 +12,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -21,7 +21,18 @@ if TYPE_CHECKING:
     from runtime.messages import RuntimeStatus
     from runtime.runtime import Runtime
 
-__all__ = ["STATES", "Gauges"]
+__all__ = ["STATES", "GaugeSource", "Gauges"]
+
+
+class GaugeSource(Protocol):
+    """What the collector reads: a runtime (None once it is garbage), told of each reading."""
+
+    def runtime(self) -> Runtime | None:
+        """The runtime to read, or None."""
+
+    def collecting(self, status: RuntimeStatus) -> None:
+        """Called with the runtime's status at each collection, before its families are read."""
+
 
 STATES = ("loading", "ready", "failed")
 """The values of ``slotserve_runtime_state``'s ``state`` label."""
@@ -35,7 +46,7 @@ _PER_MODEL = {
     "slotserve_slots_busy": "Slots serving a request.",
     "slotserve_model_weights_bytes": "Bytes of the loaded weights.",
     "slotserve_kv_cache_allocated_bytes": "KV cache bytes allocated: effective slots x KV bytes per slot.",
-    "slotserve_prefix_cache_tokens": "Prompt tokens that idle slots keep in their sequences for prefix reuse.",
+    "slotserve_prefix_cache_tokens": "Prompt tokens idle slots keep in their sequences for prefix reuse.",
     "slotserve_model_load_duration_seconds": "Seconds the weights took to load.",
 }
 
@@ -79,23 +90,26 @@ class Gauges(Collector):
     """The gauge collector of one registry: reads every entered, unclosed runtime on it."""
 
     def __init__(self) -> None:
-        self._runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+        self._sources: weakref.WeakSet[GaugeSource] = weakref.WeakSet()
 
-    def add(self, rt: Runtime) -> None:
-        """Read ``rt`` at every collection until it is closed (or garbage)."""
-        self._runtimes.add(rt)
+    def add(self, source: GaugeSource) -> None:
+        """Read ``source``'s runtime at every collection until it is closed (or garbage)."""
+        self._sources.add(source)
 
     def describe(self) -> Iterable[Metric]:
         """The families without samples, so a registry can refuse a clashing name."""
         return list(_families({}))
 
     def collect(self) -> Iterable[Metric]:
-        """Read every runtime now; one sample per model label and family."""
+        """Read every runtime now: one sample per model label and family."""
         readings: dict[str, _Reading] = {}
-        for rt in list(self._runtimes):
-            status = rt.status()
-            if status.state != "closed":
-                readings.setdefault(status.model, _Reading()).add(rt, status)
+        for source in list(self._sources):
+            rt = source.runtime()
+            status = None if rt is None else rt.status()
+            if rt is None or status is None or status.state == "closed":
+                continue
+            source.collecting(status)
+            readings.setdefault(status.model, _Reading()).add(rt, status)
         return list(_families(readings))
 
 

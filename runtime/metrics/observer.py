@@ -10,7 +10,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from runtime.events import RejectReason, ResizeDirection, RestartedActor
-from runtime.messages import DoneReason, RequestStats
+from runtime.messages import DoneReason, RequestStats, RuntimeStatus
 from runtime.metrics.families import (
     ACTORS,
     FAILURE_REASONS,
@@ -79,18 +79,24 @@ class RuntimeMetrics:
 
     def __init__(self, rt: Runtime) -> None:
         self._f = families_for(rt.registry)
-        self._f.gauges.add(rt)
         self._rt = weakref.ref(rt)
         self._s: _Series | None = None
+        self._f.gauges.add(self)
+
+    def runtime(self) -> Runtime | None:
+        """The runtime these metrics are of (None once it is garbage)."""
+        return self._rt()
+
+    def collecting(self, status: RuntimeStatus) -> None:
+        """Bind the series when the registry is collected and the runtime is ready, so that they
+        are scraped at 0 before its first request (``rate`` then sees every increase)."""
+        if self._s is None and status.state != "loading":
+            self._s = _Series(self._f, status.model)
 
     def _series(self) -> _Series | None:
         """The bound series; None while the weights load (the model's name is not known yet)."""
-        if self._s is None:
-            rt = self._rt()
-            status = None if rt is None else rt.status()
-            if status is None or status.state == "loading":
-                return None
-            self._s = _Series(self._f, status.model)
+        if self._s is None and (rt := self._rt()) is not None:
+            self.collecting(rt.status())
         return self._s
 
     def request_admitted(self) -> None:
@@ -104,7 +110,9 @@ class RuntimeMetrics:
         elif (rt := self._rt()) is not None:
             self._f.requests.labels(rt.status().model, "rejected", reason).inc()
 
-    def request_finished(self, reason: DoneReason, stats: RequestStats | None, error: BaseException | None) -> None:
+    def request_finished(
+        self, reason: DoneReason, stats: RequestStats | None, error: BaseException | None
+    ) -> None:
         """Count the request by outcome and its tokens; observe a completed one's latencies."""
         s = self._s or self._series()
         if s is None:

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import msgspec
-from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runtime.config import RuntimeConfig
+from runtime.metrics import metrics_app
 from runtime.runtime import Runtime
 from runtime.server.context import ServerContext
 from runtime.server.host import RuntimeHost
@@ -83,7 +84,7 @@ def create_app(
     routes: list[BaseRoute] = [
         Route("/", root, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
-        Route("/metrics", _AsgiEndpoint(make_asgi_app(registry=rt.registry))),
+        Route("/metrics", _AsgiEndpoint(metrics_app(rt))),
         *OllamaApi(server).routes(),
         *OpenAIApi(server).routes(),
     ]

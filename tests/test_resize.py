@@ -1,0 +1,130 @@
+"""Memory-driven slot counts: startup sizing, live resizing, and resizing under load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from runtime import Completion, ConfigError, Runtime, RuntimeConfig
+from runtime.backends.fake import FakeBackend
+from runtime.telemetry import CgroupHostProbe, ScriptedProbe
+from tests.helpers import BACKENDS, PROMPTS, greedy, open_runtime, require_backend
+
+MiB = 1 << 20
+KV = MiB  # the fake backend's KV bytes per slot
+NO_HEADROOM = {"memory_headroom_fraction": 0.0, "memory_headroom_bytes": 0}
+
+
+def fake_runtime(probe: ScriptedProbe, **config: object) -> Runtime:
+    cfg = RuntimeConfig(backend="fake", **{**NO_HEADROOM, **config})  # type: ignore[arg-type]
+    return Runtime(cfg, backend=FakeBackend(n_seq_max=1), probe=probe)
+
+
+async def wait_for(predicate: object, timeout_s: float = 10.0) -> None:
+    with anyio.fail_after(timeout_s):
+        while not predicate():  # type: ignore[operator]
+            await anyio.sleep(0.005)
+
+
+async def test_auto_takes_what_fits_and_follows_memory_down_and_up() -> None:
+    probe = ScriptedProbe(free_bytes=6 * KV)  # with the 1-slot start context: 7 fit
+    cfg = {"slots": "auto", "max_slots": 8, "resize_interval_s": 0.02, "resize_cooldown_s": 0.1}
+    async with fake_runtime(probe, **cfg) as rt:
+        first = rt.status()
+        assert (first.slots_configured, first.slots_effective, first.slots_auto) == (7, 7, True)
+        probe.free_bytes = -2 * KV  # someone else took memory: 2 slots' worth beyond what we hold
+        await wait_for(lambda: rt.status().slots_effective == 5)
+        low = rt.status()
+        probe.free_bytes = 10 * KV
+        await wait_for(lambda: rt.status().slots_effective == 8)
+        high = rt.status()
+    assert low.last_resize is not None and low.last_resize.reason == "memory_low"
+    assert low.slots_target == 5 and low.memory is not None and low.memory.free_bytes == -2 * KV
+    assert high.last_resize.reason == "memory_available" and high.last_resize.to_slots == 8
+    assert high.resizes == 2
+
+
+async def test_wobbling_readings_resize_at_most_once() -> None:
+    probe = ScriptedProbe(free_bytes=3 * KV)  # 4 fit with the 1-slot start context
+    cfg = {"slots": 4, "resize_interval_s": 0.01, "resize_cooldown_s": 0.0, "resize_hysteresis": 0.5}
+    async with fake_runtime(probe, **cfg) as rt:
+        assert rt.status().slots_effective == 4
+        for i in range(60):  # around the point where exactly 4 fit, by a third of a slot
+            probe.free_bytes = (KV // 3) * (1 if i % 2 else -1) + (4 - rt.status().slots_effective) * KV
+            await anyio.sleep(0.012)
+        status = rt.status()
+    assert status.resizes <= 1
+
+
+async def test_a_set_count_that_does_not_fit_is_reduced_or_refused() -> None:
+    probe = ScriptedProbe(free_bytes=2 * KV)  # 3 fit (with the 1-slot start context)
+    async with fake_runtime(probe, slots=6, resize_interval_s=0) as rt:
+        status = rt.status()
+    assert (status.slots_configured, status.slots_effective) == (6, 3)
+    with pytest.raises(ConfigError, match=r"6 slots need 6,291,456 bytes of KV cache .* 3,145,728 bytes are available"):
+        async with fake_runtime(ScriptedProbe(free_bytes=2 * KV), slots=6, unfit_slots="refuse"):
+            pass
+
+
+async def test_an_unknown_reading_never_shrinks() -> None:
+    probe = ScriptedProbe(free_bytes=None)
+    async with fake_runtime(probe, slots=4, resize_interval_s=0.01, resize_cooldown_s=0) as rt:
+        await wait_for(lambda: probe.reads >= 5)
+        status = rt.status()
+    assert status.slots_effective == 4 and status.resizes == 0
+
+
+async def test_auto_on_this_machine_reads_host_memory_and_the_cgroup_limit(tmp_path: Path) -> None:
+    """The real host probe picks a count from free memory; a lower cgroup limit (written by the
+    test into a cgroup v2 folder of its own) lowers it."""
+    require_backend("llama_cpp")
+    cfg = RuntimeConfig(slots="auto", max_slots=6, n_ctx_per_slot=1024, resize_interval_s=0.05, resize_cooldown_s=0)
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("0\n")
+    probe = CgroupHostProbe(tmp_path)
+    async with Runtime(cfg, probe=probe) as rt:
+        kv = rt.status().kv_bytes_per_slot
+        start = rt.status()
+        assert start.slots_effective == 6  # this machine has far more than 6 x 24 MiB free
+        assert start.memory is None or start.memory.source == "host"
+        limit = 3 * kv + cfg.memory_headroom_bytes + 20 * MiB
+        (tmp_path / "memory.max").write_text(f"{limit}\n")
+        (tmp_path / "memory.current").write_text(f"{6 * kv}\n")  # our own six slots' KV
+        await wait_for(lambda: rt.status().slots_effective < 6, 20)
+        low = rt.status()
+    assert low.memory is not None and low.memory.source == "cgroup"
+    assert low.slots_effective == max(1, (limit - 6 * kv + 6 * kv - cfg.memory_headroom_bytes) // kv) < 6
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_resize_under_load_keeps_every_request_exact(kind: str) -> None:
+    """Grow 2 -> 4 and shrink 4 -> 2 while requests run: all complete, each output is token
+    for token what it is without a resize, and the weights were never reloaded."""
+    requests = [greedy(p, max_tokens=40) for p in PROMPTS[:6]]
+    fake = {"step_delay_s": 0.003}
+    async with open_runtime(kind, slots=4, prefix_cache=False, memory_source="none", fake=fake) as rt:
+        await rt.resize(2)
+        alone = [await rt.complete(r) for r in requests]
+        results: list[Completion | None] = [None] * len(requests)
+
+        async def run(i: int) -> None:
+            results[i] = await rt.complete(requests[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(requests)):
+                tg.start_soon(run, i)
+            await wait_for(lambda: all(rt.backend.seq_cells(s) > 0 for s in (0, 1)))
+            grow = await rt.resize(4)
+            await wait_for(lambda: rt.status().slots_busy >= 3)
+            shrink = await rt.resize(2)
+        status = rt.status()
+    assert grow is not None and (grow.from_slots, grow.to_slots, grow.reason) == (2, 4, "manual")
+    assert shrink is not None and (shrink.from_slots, shrink.to_slots) == (4, 2)
+    assert grow.carried_bytes > 0  # the two running sequences moved to the new context
+    assert grow.pause_s > 0 and shrink.pause_s > 0
+    for i, (a, b) in enumerate(zip(alone, results, strict=True)):
+        assert b is not None and b.done_reason == a.done_reason, i
+        assert b.token_ids == a.token_ids, f"request {i} changed across the resize"
+    assert status.slots_effective == 2 and status.requests_failed == 0 and status.requests_cancelled == 0
