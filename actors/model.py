@@ -77,6 +77,10 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     failed_steps: int
     steps_by_sequences: dict[int, int]
     """Number of sequences in a step -> how many steps carried that many."""
+    pending_trims: int
+    """KV removals waiting for the next step."""
+    stepping: bool
+    """Whether a step (or a resize) is running in the worker thread now."""
 
 
 class ModelActor:
@@ -109,6 +113,7 @@ class ModelActor:
         self._step_seconds = 0.0
         self._failed_steps = 0
         self._steps_by_sequences: dict[int, int] = {}
+        self._in_step = False
 
     # -- called by slots, on the event loop --------------------------------------------------
 
@@ -162,6 +167,7 @@ class ModelActor:
                 self._wakeup = anyio.Event()
                 continue
             start = time.perf_counter()
+            self._in_step = True
             try:
                 result: StepResult = await anyio.to_thread.run_sync(
                     self.backend.step, plan, limiter=self._limiter
@@ -170,6 +176,8 @@ class ModelActor:
                 self._failed_steps += 1
                 self._fail_all(exc)
                 raise
+            finally:
+                self._in_step = False
             seconds = time.perf_counter() - start
             n_sequences = self._account(plan, seconds)
             self._deliver(plan, rows, result)
@@ -277,4 +285,6 @@ class ModelActor:
             step_seconds_total=self._step_seconds,
             failed_steps=self._failed_steps,
             steps_by_sequences=dict(self._steps_by_sequences),
+            pending_trims=len(self._trims),
+            stepping=self._in_step or self._limiter.borrowed_tokens > 0,
         )

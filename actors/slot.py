@@ -148,6 +148,8 @@ class SlotActor:
 
         ticket.on_cancel = cancel
         self.model.begin(job)
+        if ticket.cancelled:  # cancelled while the prompt was being tokenized
+            cancel()
         text = TextStream(request.stop)
         pieces = self.model.backend.pieces
         pending: list[int] = []

@@ -29,6 +29,7 @@ from runtime.messages import (
     RuntimeStatus,
     decode_request,
 )
+from runtime.metrics import metrics_app
 from runtime.runtime import Runtime
 from runtime.ticket import ResponseStream
 
@@ -55,4 +56,5 @@ __all__ = [
     "SlotFailedError",
     "SlotserveError",
     "decode_request",
+    "metrics_app",
 ]

@@ -223,6 +223,8 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True):
     queue_depth: int
     queue_capacity: int
     requests_admitted: int
+    requests_in_flight: int
+    """Admitted and not yet ended: queued, being served, or waiting to be retried."""
     requests_completed: int
     requests_cancelled: int
     requests_failed: int

@@ -325,6 +325,7 @@ class Runtime:
             queue_depth=mailbox.depth,
             queue_capacity=mailbox.capacity,
             requests_admitted=mailbox.admitted,
+            requests_in_flight=len(self._in_flight),
             requests_completed=o["stop"] + o["length"],
             requests_cancelled=o["cancel"],
             requests_failed=o["error"],

@@ -16,6 +16,7 @@ from types import TracebackType
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from runtime.errors import GenerationError
 from runtime.messages import ChatRequest, Chunk, Completion, GenerateRequest
 
 __all__ = ["ResponseStream", "Ticket"]
@@ -77,8 +78,8 @@ class ResponseStream:
                 admit, self._admit = self._admit, None
                 await admit()
             item = await self._receive.receive()
-        except anyio.EndOfStream:
-            self._finish()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self._finish()  # ended, or closed by another task while this one waited
             raise StopAsyncIteration from None
         except BaseException:
             self._finish()
@@ -93,7 +94,8 @@ class ResponseStream:
     async def collect(self) -> Completion:
         """Read the whole answer.
 
-        :raises GenerationError: if the request failed after admission.
+        :raises GenerationError: if the request failed after admission, or the stream was
+            closed (the request cancelled) before it finished.
         :raises ContextOverflowError: if the prompt and max_tokens do not fit the slot.
         """
         texts: list[str] = []
@@ -110,7 +112,7 @@ class ResponseStream:
                         done_reason=chunk.done_reason,
                         stats=chunk.stats,
                     )
-        raise AssertionError("the reply stream ended without a final chunk")
+        raise GenerationError("the response stream was closed before the request finished (cancelled)")
 
     def _finish(self) -> None:
         self._done = True

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import importlib.util
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from runtime import ChatMessage, ChatRequest, GenerateRequest, Runtime, RuntimeConfig
 from runtime.backends.fake import FakeBackend
 
-BACKENDS = ["fake", "llama_cpp"]
+BACKENDS = ["fake", "llama_cpp", "ctransformers"]
 
 
 def llama_available() -> bool:
@@ -28,12 +35,41 @@ def llama_available() -> bool:
     return True
 
 
+def ctransformers_available() -> bool:
+    """Whether ctransformers, gguf and the embedded model (to convert) are installed; nothing is
+    imported (importing ctransformers takes a third of a second: not on the event loop)."""
+    from runtime.models import resolve_model
+
+    if importlib.util.find_spec("ctransformers") is None or importlib.util.find_spec("gguf") is None:
+        return False
+    try:
+        resolve_model("default")
+    except Exception:
+        return False
+    return True
+
+
 def require_backend(kind: str) -> None:
     """Skip a test whose backend is missing, except under CI=true, where that is a failure."""
     if kind == "llama_cpp" and not llama_available():
         if os.environ.get("CI") == "true":
             pytest.fail("llama-cpp-python or the embedded model is missing under CI=true")
         pytest.skip("llama-cpp-python or the embedded model is not installed")
+    if kind == "ctransformers" and not ctransformers_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("ctransformers, gguf or the embedded model is missing under CI=true")
+        pytest.skip("ctransformers, gguf or the embedded model is not installed")
+
+
+@functools.cache
+def ctransformers_smollm2() -> str:
+    """The embedded SmolLM2 converted for ctransformers (once per test session, in a temp dir)."""
+    from runtime.convert import convert_for_ctransformers
+    from runtime.models import resolve_model
+
+    folder = tempfile.mkdtemp(prefix="slotserve-ct-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return str(convert_for_ctransformers(resolve_model("default"), Path(folder) / "smollm2-ct.gguf"))
 
 
 @asynccontextmanager
@@ -41,6 +77,8 @@ async def open_runtime(kind: str, *, fake: dict[str, Any] | None = None, **confi
     """A ready Runtime on ``kind``; ``fake`` holds FakeBackend options."""
     require_backend(kind)
     config.setdefault("n_ctx_per_slot", 512)
+    if kind == "ctransformers":
+        config.setdefault("model", await anyio.to_thread.run_sync(ctransformers_smollm2))
     cfg = RuntimeConfig(backend=kind, **config)  # type: ignore[arg-type]
     backend = None
     if kind == "fake":

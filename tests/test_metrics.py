@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,9 +13,11 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+import runtime.runtime
 from runtime import (
     ContextOverflowError,
     InvalidRequestError,
+    ModelLoadError,
     QueueFullError,
     Runtime,
     RuntimeClosedError,
@@ -22,6 +25,7 @@ from runtime import (
     RuntimeFailedError,
     SlotFailedError,
 )
+from runtime.backends import Backend
 from runtime.backends.fake import FakeBackend
 from runtime.metrics import metrics_app
 from runtime.telemetry import ScriptedProbe
@@ -62,8 +66,9 @@ def value(registry: CollectorRegistry, name: str, model: str = "fake", **labels:
 
 
 async def wait_until(predicate: Any, timeout_s: float = 10.0) -> None:
+    """Poll ``predicate()`` (a snapshot: there is no event to wait on) until it is true."""
     with anyio.fail_after(timeout_s):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 (a snapshot to poll: no event to wait on)
             await anyio.sleep(0.002)
 
 
@@ -96,7 +101,8 @@ async def test_counters_and_histograms_equal_what_was_sent() -> None:
     assert value(reg, "slotserve_steps_total") == model.steps
     assert value(reg, "slotserve_step_sequences_count") == model.steps
     assert value(reg, "slotserve_step_duration_seconds_count") == model.steps
-    assert value(reg, "slotserve_step_sequences_sum") == sum(n * c for n, c in model.steps_by_sequences.items())
+    carried = sum(n * count for n, count in model.steps_by_sequences.items())
+    assert value(reg, "slotserve_step_sequences_sum") == carried
     assert value(reg, "slotserve_step_sequences_bucket", le="2.0") == model.steps  # 2 slots at most
 
 
@@ -152,12 +158,44 @@ async def test_gauges_return_to_idle_after_a_mass_cancel() -> None:
         assert value(reg, "slotserve_queue_depth") == 6
         for s in streams:
             await s.aclose()
-        await wait_until(lambda: value(reg, "slotserve_requests_total", outcome="cancelled", reason="cancel") == 8)
+        cancelled = {"outcome": "cancelled", "reason": "cancel"}
+        await wait_until(lambda: value(reg, "slotserve_requests_total", **cancelled) == 8)
         assert value(reg, "slotserve_slots_busy") == 0
         assert value(reg, "slotserve_queue_depth") == 0
         assert value(reg, "slotserve_time_to_first_token_seconds_count") == 0  # none completed
         assert value(reg, "slotserve_generation_tokens_total") >= 2  # the two that decoded
     assert reg.get_sample_value("slotserve_slots_busy", {"model": "fake"}) is None  # closed: no gauges
+
+
+async def test_the_loading_state_and_a_failed_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the weights load the state reads loading, under the configured model's name; a
+    start that failed leaves no gauges behind."""
+    release = threading.Event()
+
+    def slow_failing_load(config: RuntimeConfig, n_seq: int | None = None) -> Backend:
+        release.wait(10)
+        raise ModelLoadError("the weights could not be read")
+
+    monkeypatch.setattr(runtime.runtime, "load_backend", slow_failing_load)
+    reg = CollectorRegistry()
+    rt = Runtime(RuntimeConfig(model="default"), registry=reg)
+
+    async def enter() -> None:
+        with pytest.raises(ModelLoadError):
+            async with rt:
+                pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(enter)
+        await wait_until(
+            lambda: reg.get_sample_value("slotserve_runtime_state", {"model": "default", "state": "loading"})
+        )
+        assert value(reg, "slotserve_runtime_state", "default", state="ready") == 0
+        with pytest.raises(RuntimeClosedError):
+            rt.generate(greedy("too early"))
+        release.set()
+    assert value(reg, "slotserve_requests_total", "default", outcome="rejected", reason="closed") == 1
+    assert reg.get_sample_value("slotserve_runtime_state", {"model": "default", "state": "loading"}) is None
 
 
 async def test_slot_and_runtime_gauges() -> None:
@@ -181,7 +219,8 @@ async def test_slot_and_runtime_gauges() -> None:
 async def test_restarts_failures_and_the_failed_state() -> None:
     """Two slot crashes with restart_intensity 1: one restart, then the runtime fails."""
     reg = CollectorRegistry()
-    async with fake_runtime(reg, slots=1, max_queue=4, restart_intensity=1, fake={"fault_prompts": ["boom"]}) as rt:
+    fake = {"fault_prompts": ["boom"]}
+    async with fake_runtime(reg, slots=1, max_queue=4, restart_intensity=1, fake=fake) as rt:
         crashing = [rt.generate(greedy("boom", max_tokens=5)) for _ in range(2)]
         queued = rt.generate(greedy("fine", max_tokens=5))
         for s in crashing:
@@ -219,12 +258,13 @@ async def test_resizes_are_counted_with_their_pause() -> None:
 async def test_device_memory_is_the_supervisors_last_reading() -> None:
     reg = CollectorRegistry()
     probe = ScriptedProbe(free_bytes=6 << 30, total_bytes=16 << 30)
-    async with fake_runtime(reg, slots=2, min_slots=2, max_slots=2, resize_interval_s=0.01, probe=probe) as rt:
+    fixed: dict[str, Any] = {"slots": 2, "min_slots": 2, "max_slots": 2}
+    async with fake_runtime(reg, resize_interval_s=0.01, probe=probe, **fixed) as rt:
         await wait_until(lambda: rt.status().memory is not None)
         assert value(reg, "slotserve_device_memory_free_bytes", device="scripted") == 6 << 30
         assert value(reg, "slotserve_device_memory_total_bytes", device="scripted") == 16 << 30
         probe.free_bytes = 5 << 30
-        await wait_until(lambda: rt.status().memory.free_bytes == 5 << 30)
+        await wait_until(lambda: getattr(rt.status().memory, "free_bytes", None) == 5 << 30)
         assert value(reg, "slotserve_device_memory_free_bytes", device="scripted") == 5 << 30
 
 
@@ -233,7 +273,10 @@ async def test_two_runtimes_share_a_registry_without_clashing() -> None:
     reg = CollectorRegistry()
     host = Counter("host_requests", "the host application's own counter", registry=reg)
     host.inc(7)
-    async with fake_runtime(reg, name="model-a", slots=2) as a, fake_runtime(reg, name="model-b", slots=3) as b:
+    async with (
+        fake_runtime(reg, name="model-a", slots=2) as a,
+        fake_runtime(reg, name="model-b", slots=3) as b,
+    ):
         await a.complete(greedy("for a", max_tokens=4))
         await b.complete(greedy("for b", max_tokens=6))
         assert value(reg, "slotserve_slots_effective", "model-a") == 2

@@ -7,13 +7,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import anyio
 import yaml
 from prometheus_client import CollectorRegistry
 
 from runtime.telemetry import ScriptedProbe
 from tests.helpers import greedy
-from tests.test_metrics import fake_runtime
+from tests.test_metrics import fake_runtime, wait_until
 
 GRAFANA = Path(__file__).resolve().parent.parent / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "slotserve.json"
@@ -57,7 +56,10 @@ def test_dashboard_is_valid() -> None:
     cells: dict[tuple[int, int], str] = {}
     for p in panels:
         g = p["gridPos"]
-        assert g["w"] > 0 and g["h"] > 0 and 0 <= g["x"] and g["x"] + g["w"] <= GRID_COLUMNS, p["title"]
+        assert g["w"] > 0, p["title"]
+        assert g["h"] > 0, p["title"]
+        assert g["x"] >= 0, p["title"]
+        assert g["x"] + g["w"] <= GRID_COLUMNS, p["title"]
         for x in range(g["x"], g["x"] + g["w"]):
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[x, y]!r} at {(x, y)}"
@@ -76,9 +78,10 @@ def test_dashboard_has_the_panels_the_issue_lists() -> None:
         "slotserve_prompt_tokens_total", "slotserve_generation_tokens_total",
         "slotserve_time_to_first_token_seconds_bucket", "slotserve_inter_token_latency_seconds_bucket",
         "slotserve_e2e_request_latency_seconds_bucket", "slotserve_queue_depth", "slotserve_queue_capacity",
-        "slotserve_slots_busy", "slotserve_slots_effective", "slotserve_slots_configured", "slotserve_slots_target",
-        "slotserve_kv_cache_allocated_bytes", "slotserve_device_memory_free_bytes", "slotserve_requests_total",
-        "slotserve_actor_restarts_total", "slotserve_slot_resizes_total", "slotserve_step_sequences_bucket",
+        "slotserve_slots_busy", "slotserve_slots_effective", "slotserve_slots_configured",
+        "slotserve_slots_target", "slotserve_kv_cache_allocated_bytes", "slotserve_device_memory_free_bytes",
+        "slotserve_requests_total", "slotserve_actor_restarts_total", "slotserve_slot_resizes_total",
+        "slotserve_step_sequences_bucket",
     ):  # fmt: skip
         assert needed in exprs, needed
 
@@ -97,10 +100,10 @@ async def exposed_families() -> tuple[dict[str, tuple[str, set[str]]], set[str]]
     """What a runtime on the fake backend exposes: families, and every sample name."""
     reg = CollectorRegistry()
     probe = ScriptedProbe(free_bytes=8 << 30, total_bytes=16 << 30)
-    async with fake_runtime(reg, slots=2, min_slots=2, max_slots=2, resize_interval_s=0.01, probe=probe) as rt:
+    fixed: dict[str, Any] = {"slots": 2, "min_slots": 2, "max_slots": 2}
+    async with fake_runtime(reg, resize_interval_s=0.01, probe=probe, **fixed) as rt:
         await rt.complete(greedy("hello", max_tokens=3))
-        while rt.status().memory is None:
-            await anyio.sleep(0.005)
+        await wait_until(lambda: rt.status().memory is not None)
         samples = {s.name for f in reg.collect() for s in f.samples}
         return families_of(reg), samples
 
@@ -132,11 +135,13 @@ def test_provisioning_files_point_at_the_dashboard_and_prometheus() -> None:
     ds = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert ds["apiVersion"] == 1
     (source,) = ds["datasources"]
-    assert source["type"] == "prometheus" and source["url"].startswith("http")
+    assert source["type"] == "prometheus"
+    assert source["url"].startswith("http")
     prom = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())
     assert source["jsonData"]["timeInterval"] == prom["global"]["scrape_interval"]
     boards = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "slotserve.yml").read_text())
     (provider,) = boards["providers"]
-    assert provider["type"] == "file" and provider["options"]["path"]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"]
     (job,) = prom["scrape_configs"]
     assert job["metrics_path"] == "/metrics"

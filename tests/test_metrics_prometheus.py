@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from runtime import GenerateRequest, Runtime, RuntimeConfig
 from runtime.metrics import metrics_app
 from tests.helpers import PROMPTS, greedy, require_backend
-from tests.test_metrics import fake_runtime
+from tests.test_metrics import fake_runtime, wait_until
 from tests.test_metrics_dashboard import GRAFANA, dashboard_queries
 
 SCRAPE_INTERVAL_S = 1
@@ -33,7 +33,7 @@ def require_prometheus() -> tuple[str, str]:
     prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
     if prometheus is None or promtool is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("prometheus or promtool is missing under CI=true (.ci/install-prometheus installs them)")
+            pytest.fail("prometheus or promtool is missing under CI=true (.ci/install-prometheus)")
         pytest.skip("prometheus and promtool are not installed (run .ci/install-prometheus)")
     return prometheus, promtool
 
@@ -64,9 +64,7 @@ async def serving_metrics(rt: Runtime) -> AsyncIterator[str]:
     with sock:
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: server.serve(sockets=[sock]))
-            with anyio.fail_after(10):
-                while not server.started:
-                    await anyio.sleep(0.01)
+            await wait_until(lambda: server.started)
             try:
                 yield f"127.0.0.1:{sock.getsockname()[1]}"
             finally:
@@ -130,12 +128,14 @@ async def check_metrics_with_promtool(promtool: str, text: bytes) -> None:
     """``promtool check metrics`` must report nothing (no lint problem) on ``text``."""
     result = await anyio.run_process([promtool, "check", "metrics"], input=text, check=False)
     report = (result.stdout + result.stderr).decode()
-    assert result.returncode == 0 and report.strip() == "", report
+    assert result.returncode == 0, report
+    assert report.strip() == "", report
 
 
 async def test_promtool_accepts_the_example_config_and_our_metrics() -> None:
     _, promtool = require_prometheus()
-    result = await anyio.run_process([promtool, "check", "config", str(GRAFANA / "prometheus.yml")], check=False)
+    config = str(GRAFANA / "prometheus.yml")
+    result = await anyio.run_process([promtool, "check", "config", config], check=False)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
     assert b"SUCCESS" in result.stdout + result.stderr
     reg = CollectorRegistry()
@@ -160,8 +160,9 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
         model = rt.status().model
         async with serving_metrics(rt) as target, running_prometheus(prometheus, tmp_path, target) as api:
             selector = f'{{job="slotserve", model="{model}"}}'
-            with anyio.fail_after(60):  # scraped, with the request series already at 0
-                while not await query(api, f"slotserve_requests_total{selector}"):
+            # Wait until Prometheus has scraped the request series at 0 (polling its API: no event).
+            with anyio.fail_after(60):
+                while not await query(api, f"slotserve_requests_total{selector}"):  # noqa: ASYNC110
                     await anyio.sleep(0.5)
             tokens: list[int] = []
 
@@ -193,7 +194,9 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
                     if not missing:
                         break
                     await anyio.sleep(SCRAPE_INTERVAL_S)
-            completed = await query(api, f'sum(slotserve_requests_total{{outcome="completed", model="{model}"}})')
+            completed = await query(
+                api, f'sum(slotserve_requests_total{{model="{model}", outcome="completed"}})'
+            )
             generated = await query(api, f"slotserve_generation_tokens_total{selector}")
             models = (await api.get("/api/v1/label/model/values")).json()["data"]
     assert not missing, missing

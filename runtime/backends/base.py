@@ -35,6 +35,8 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     kv_bytes_per_slot: int
     """n_ctx_per_slot x n_layer x (n_embd_k_gqa + n_embd_v_gqa) x bytes per element."""
     gpu_layers: int
+    compute_bytes: int = 0
+    """Compute and output buffers of the current context, as the backend reports them."""
     batched: bool = True
     """One decode evaluates every busy sequence together (False: one after another)."""
     state_export: bool = True

@@ -11,6 +11,7 @@ from a ``config.json`` beside the file (``{"model_type": "gpt2"}``).
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass, field
@@ -75,11 +76,18 @@ class ModelFile:
 
 
 def read_model_file(path: Path) -> ModelFile:
-    """Read the facts of ``path`` (GGUF or legacy GGML).
+    """Read the facts of ``path`` (GGUF or legacy GGML); remembered per file version, since a
+    large vocabulary takes the gguf reader seconds.
 
     :raises ModelLoadError: if the file is neither, a legacy file has no model type beside it,
         or a GGUF file has what ctransformers 0.2.27 cannot load (named, with the way out).
     """
+    stat = path.stat()
+    return _read_model_file(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_model_file(path: Path, _mtime_ns: int, _size: int) -> ModelFile:
     with path.open("rb") as f:
         magic = f.read(4)
     if magic == GGUF_MAGIC:

@@ -266,4 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, so that what it pickles names runtime.backends.ct_worker.
+    from runtime.backends.ct_worker import main as _main
+
+    sys.exit(_main())

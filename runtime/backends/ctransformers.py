@@ -340,12 +340,13 @@ class CTransformersBackend:
 
     def resize(self, n_seq: int) -> int:
         """Hold ``n_seq`` instances: new ones are created, those from ``n_seq`` on are freed;
-        the others are left as they are, so nothing needs to be carried.
+        the others keep their cells where they are (nothing is copied).
 
-        :returns: 0 (bytes of sequence state carried: none is copied).
+        :returns: bytes of KV state the kept sequences carry across (kept in place).
         :raises ModelLoadError: if a new instance cannot be created.
         """
         with self._lock:
+            kept = sum(len(h) for s, h in self._history.items() if s < n_seq)
             for seq_id in [s for s in self._history if s >= n_seq]:
                 del self._history[seq_id]
                 self._worker_cells.pop(seq_id, None)
@@ -362,7 +363,7 @@ class CTransformersBackend:
         self.info = msgspec.structs.replace(
             self.info, n_seq_max=n_seq, instances=n_seq, weights_copies=1 if shared else n_seq
         )
-        return 0
+        return kept * self._file.kv_bytes_per_token
 
     # -- tools and drills ----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,10 +39,19 @@ KV_TYPES = {
 }
 
 
+_BUFFER_LINE = re.compile(r"(\w+)\s+(compute|output) buffer size =\s+([\d.]+) MiB")
+_buffers = threading.local()
+"""Per thread: bytes of the compute and output buffers llama.cpp reports while it builds a
+context (the C API has no call for them; its log line is the report)."""
+
+
 @llama.llama_log_callback  # type: ignore[untyped-decorator]
 def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    line = text.decode(errors="replace").rstrip()
+    if (m := _BUFFER_LINE.search(line)) and hasattr(_buffers, "bytes"):
+        _buffers.bytes += int(float(m.group(3)) * 2**20)
     if level >= 3 or log.isEnabledFor(logging.DEBUG):
-        log.log(_LEVELS.get(level, logging.DEBUG), text.decode(errors="replace").rstrip())
+        log.log(_LEVELS.get(level, logging.DEBUG), line)
 
 
 _init_lock = threading.Lock()
@@ -144,7 +154,10 @@ class LlamaCppBackend:
         cparams.type_k = cparams.type_v = KV_TYPES[config.kv_cache_type][0]
         if config.kv_cache_type != "f16":
             cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED  # a quantized V needs it
+        _buffers.bytes = 0
         ctx = llama.llama_init_from_model(self._model, cparams)
+        compute_bytes = _buffers.bytes
+        del _buffers.bytes
         if not ctx:
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {n_seq} x {config.n_ctx_per_slot} tokens "
@@ -153,7 +166,7 @@ class LlamaCppBackend:
         self._ctx = ctx
         self._mem = llama.llama_get_memory(ctx)
         self._batch = _NumpyBatch(n_batch)
-        self.info = msgspec.structs.replace(self.info, n_seq_max=n_seq)
+        self.info = msgspec.structs.replace(self.info, n_seq_max=n_seq, compute_bytes=compute_bytes)
 
     def resize(self, n_seq: int) -> int:
         """Replace the context by one of ``n_seq`` sequences, keeping the weights and carrying

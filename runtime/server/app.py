@@ -70,13 +70,19 @@ def create_app(
         problem = host.problem()
         if problem is None:
             status = rt.status()
-            body = {"status": "ok", "model": server.names.primary, "slots": status.slots_effective,
-                    "slots_busy": status.slots_busy, "queue_depth": status.queue_depth}  # fmt: skip
+            body: dict[str, object] = {
+                "status": "ok", "model": server.names.primary, "slots": status.slots_effective,
+                "slots_busy": status.slots_busy, "queue_depth": status.queue_depth,
+            }  # fmt: skip
             return Response(msgspec.json.encode(body), media_type="application/json")
         state, _, reason = problem.partition(": ")
         headers = {"Retry-After": str(settings.retry_after_s)} if state == "loading" else {}
-        body = {"status": state} | ({"reason": reason} if reason else {})
-        return Response(msgspec.json.encode(body), 503, headers=headers, media_type="application/json")
+        problem_body: dict[str, object] = {"status": state}
+        if reason:
+            problem_body["reason"] = reason
+        return Response(
+            msgspec.json.encode(problem_body), 503, headers=headers, media_type="application/json"
+        )
 
     async def root(request: Request) -> Response:
         return PlainTextResponse("slotserve is running")

@@ -23,7 +23,7 @@ from runtime.server.settings import ServerSettings
 __all__ = ["ServerContext"]
 
 T = TypeVar("T")
-Endpoint = Callable[[Request], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response | ReplyResponse]]
 
 
 @dataclass(eq=False)
@@ -72,7 +72,7 @@ class ServerContext:
     def guarded(self, framing: Framing, endpoint: Endpoint) -> Endpoint:
         """``endpoint`` with every error it raises answered in ``framing``'s error format."""
 
-        async def guarded_endpoint(request: Request) -> Response:
+        async def guarded_endpoint(request: Request) -> Response | ReplyResponse:
             try:
                 return await endpoint(request)
             except Exception as exc:

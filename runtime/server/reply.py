@@ -16,7 +16,6 @@ import logging
 from typing import Protocol
 
 import anyio
-import anyio.abc
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -129,7 +128,7 @@ async def _rest(stream: ResponseStream, first: Chunk) -> Completion:
     )
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.abc.CancelScope) -> None:
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
     """Cancel ``scope`` when the client disconnects (the request body was read already)."""
     while True:
         message = await receive()

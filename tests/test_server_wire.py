@@ -1,0 +1,204 @@
+"""From the APIs' JSON bodies to our requests: the pure mapping, and a property: whatever JSON
+arrives, decoding and mapping either give a valid request or raise InvalidRequestError (so bad
+input can never become a 500)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime import ChatMessage, ChatRequest, GenerateRequest, InvalidRequestError
+from runtime.server.body import decode_body
+from runtime.server.ollama_wire import OllamaChatBody, OllamaGenerateBody, chat_request, generate_request
+from runtime.server.openai_wire import (
+    OpenAIChatBody,
+    OpenAICompletionBody,
+    completion_request,
+)
+from runtime.server.openai_wire import (
+    chat_request as openai_chat_request,
+)
+
+N_CTX = 512
+
+
+def ollama_generate(**body: Any) -> GenerateRequest | ChatRequest | None:
+    return generate_request(
+        decode_body(json.dumps({"model": "m", **body}).encode(), OllamaGenerateBody), N_CTX
+    )
+
+
+def test_ollama_options_map_to_our_fields() -> None:
+    options = {"num_predict": 7, "temperature": 0.2, "top_k": 5, "top_p": 0.5, "min_p": 0.1,
+               "repeat_penalty": 1.2, "repeat_last_n": 32, "seed": 11, "stop": ["\n"], "num_ctx": 512,
+               "num_thread": 8, "num_gpu": 99, "mirostat": 0, "typical_p": 1.0}  # fmt: skip
+    got = ollama_generate(prompt="hi", raw=True, options=options)
+    assert got == GenerateRequest(
+        prompt="hi", max_tokens=7, temperature=0.2, top_k=5, top_p=0.5, min_p=0.1,
+        repeat_penalty=1.2, repeat_last_n=32, seed=11, stop=("\n",),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("num_predict", [None, -1, -2])
+def test_ollama_unbounded_num_predict_means_until_the_context_is_full(num_predict: int | None) -> None:
+    got = ollama_generate(prompt="hi", raw=True, options={"num_predict": num_predict, "seed": -1})
+    assert got == GenerateRequest(prompt="hi")  # max_tokens None, a random seed
+
+
+def test_ollama_generate_uses_the_template_unless_raw() -> None:
+    templated = ollama_generate(prompt="hi", system="be brief")
+    assert templated == ChatRequest(
+        messages=(ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi"))
+    )
+    assert ollama_generate(prompt="") is None  # Ollama's "load the model"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"prompt": "x", "options": {"mirostat": 2}}, "options.mirostat is 2; slotserve supports only 0"),
+        ({"prompt": "x", "options": {"presence_penalty": 0.5}}, "options.presence_penalty is 0.5"),
+        ({"prompt": "x", "options": {"num_predict": 0}}, "options.num_predict is 0"),
+        ({"prompt": "x", "options": {"num_ctx": 513}}, "each slot holds 512 tokens"),
+        ({"prompt": "x", "images": ["aGk="]}, "images is ['aGk=']"),
+        ({"prompt": "x", "format": "json"}, "format is 'json'"),
+        ({"prompt": "x", "context": [1, 2]}, "context is [1, 2]"),
+        ({"prompt": "x", "options": {"temperature": -1}}, "temperature is -1.0"),
+    ],
+)
+def test_ollama_refusals_name_the_field(body: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ollama_generate(**body)
+
+
+def test_ollama_chat_messages_keep_their_roles() -> None:
+    roles = ["system", "user", "assistant", "tool"]
+    messages = [{"role": r, "content": r[0]} for r in roles]
+    body = decode_body(
+        json.dumps({"model": "m", "options": {"top_k": 3}, "messages": messages}).encode(), OllamaChatBody
+    )
+    got = chat_request(body, N_CTX)
+    assert [(m.role, m.content) for m in got.messages] == [("system", "s"), ("user", "u"), ("assistant", "a"),
+                                                           ("tool", "t")]  # fmt: skip
+    assert got.top_k == 3
+    with_images = body.messages[1]
+    with_images.images = ["aGk="]
+    with pytest.raises(InvalidRequestError, match=r"messages\[1\].images"):
+        chat_request(body, N_CTX)
+
+
+def test_openai_chat_maps_roles_content_parts_and_limits() -> None:
+    body = decode_body(
+        json.dumps({
+            "model": "m", "max_tokens": 50, "max_completion_tokens": 9, "stop": "END", "seed": 4,
+            "temperature": 0.5, "top_k": 7, "user": "ignored", "frequency_penalty": 0,
+            "messages": [
+                {"role": "developer", "content": "d"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": None},
+            ],
+        }).encode(),
+        OpenAIChatBody,
+    )  # fmt: skip
+    got = openai_chat_request(body)
+    assert got == ChatRequest(
+        messages=(ChatMessage(role="system", content="d"), ChatMessage(role="user", content="a\nb"),
+                  ChatMessage(role="assistant", content="")),
+        max_tokens=9, stop=("END",), seed=4, temperature=0.5, top_k=7,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"n": 3}, "n is 3"),
+        ({"presence_penalty": 0.1}, "presence_penalty is 0.1"),
+        ({"logprobs": True}, "logprobs is True"),
+        ({"tools": [{"type": "function"}]}, "tools is '<1 tools>'"),
+        ({"response_format": {"type": "json_object"}}, "response_format.type is 'json_object'"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            r"messages\[0\].content\[0\].type",
+        ),
+        ({"messages": []}, "messages is empty"),
+    ],
+)
+def test_openai_chat_refusals_name_the_field(body: dict[str, Any], message: str) -> None:
+    full = {"model": "m", "messages": [{"role": "user", "content": "x"}]} | body
+    with pytest.raises(InvalidRequestError, match=message):
+        openai_chat_request(decode_body(json.dumps(full).encode(), OpenAIChatBody))
+
+
+def test_openai_completions_default_to_16_tokens_and_one_prompt() -> None:
+    def complete(**body: Any) -> GenerateRequest:
+        return completion_request(
+            decode_body(json.dumps({"model": "m", **body}).encode(), OpenAICompletionBody)
+        )
+
+    assert complete(prompt="x") == GenerateRequest(prompt="x", max_tokens=16)
+    assert complete(prompt=["x"], max_tokens=None) == GenerateRequest(prompt="x")
+    with pytest.raises(InvalidRequestError, match="one prompt per request"):
+        complete(prompt=["x", "y"])
+    with pytest.raises(InvalidRequestError, match="echo is True"):
+        complete(prompt="x", echo=True)
+    with pytest.raises(InvalidRequestError, match="Expected `str`, got `int`"):
+        complete(prompt=[1, 2, 3])  # token ids are not supported
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+OPTION_KEYS = ["num_predict", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "num_ctx", "mirostat"]
+OLLAMA_BODY = st.fixed_dictionaries(
+    {"model": st.just("m")},
+    optional={
+        "prompt": st.text(max_size=5) | JSON,
+        "raw": JSON,
+        "system": JSON,
+        "stream": JSON,
+        "options": st.dictionaries(st.sampled_from(OPTION_KEYS), JSON, max_size=4) | JSON,
+        "messages": st.lists(
+            st.fixed_dictionaries({"role": st.sampled_from(["user", "x"]), "content": JSON}), max_size=2
+        )
+        | JSON,
+    },
+)
+OPENAI_BODY = st.fixed_dictionaries(
+    {"model": st.just("m"), "messages": st.just([{"role": "user", "content": "x"}]) | JSON},
+    optional=dict.fromkeys(
+        ["prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream_options"], JSON
+    ),
+)
+
+
+def _only_invalid_request(call: Any) -> None:
+    with contextlib.suppress(InvalidRequestError):  # any other exception fails the property
+        call()
+
+
+@settings(max_examples=300, deadline=None)
+@given(OLLAMA_BODY)
+def test_any_ollama_body_maps_or_is_refused_as_invalid(body: dict[str, Any]) -> None:
+    raw = json.dumps(body).encode()
+    _only_invalid_request(lambda: generate_request(decode_body(raw, OllamaGenerateBody), N_CTX))
+    _only_invalid_request(lambda: chat_request(decode_body(raw, OllamaChatBody), N_CTX))
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPENAI_BODY)
+def test_any_openai_body_maps_or_is_refused_as_invalid(body: dict[str, Any]) -> None:
+    raw = json.dumps(body).encode()
+    _only_invalid_request(lambda: openai_chat_request(decode_body(raw, OpenAIChatBody)))
+    _only_invalid_request(lambda: completion_request(decode_body(raw, OpenAICompletionBody)))
+
+
+@given(st.binary(max_size=64))
+def test_any_bytes_decode_or_are_refused_as_invalid(raw: bytes) -> None:
+    _only_invalid_request(lambda: decode_body(raw, OllamaGenerateBody))
