@@ -1,5 +1,5 @@
 """The ``slotserve`` command: ``run`` (the main job), ``generate`` (stream one answer),
-``serve`` (the HTTP server).
+``serve`` (the HTTP server), ``convert`` (a GGUF for ctransformers' older loader).
 
 Every option also reads its ``SLOTSERVE_*`` environment variable (see RuntimeConfig).
 """
@@ -26,7 +26,7 @@ __all__ = ["build_parser", "main"]
 
 def _config_options(p: argparse.ArgumentParser, slots_default: int | None = None) -> None:
     p.add_argument("--model", help="'default' (embedded SmolLM2-135M) or a GGUF path [SLOTSERVE_MODEL]")
-    p.add_argument("--backend", choices=["llama_cpp", "fake"], help="[SLOTSERVE_BACKEND]")
+    p.add_argument("--backend", choices=["llama_cpp", "ctransformers", "fake"], help="[SLOTSERVE_BACKEND]")
     p.add_argument("--slots", type=int, default=slots_default, help="concurrent sequences [SLOTSERVE_SLOTS]")
     p.add_argument("--max-queue", type=int, dest="max_queue", help="requests that may wait [SLOTSERVE_MAX_QUEUE]")
     p.add_argument("--n-ctx-per-slot", type=int, dest="n_ctx_per_slot", help="[SLOTSERVE_N_CTX_PER_SLOT]")
@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="TCP port (default 11434, Ollama's) [SLOTSERVE_PORT]")
     srv.add_argument("--max-body-bytes", type=int, dest="max_body_bytes", help="[SLOTSERVE_MAX_BODY_BYTES]")
     srv.add_argument("--model-name", dest="model_name", help="name to serve it as [SLOTSERVE_MODEL_NAME]")
+
+    conv = sub.add_parser("convert", help="write a GGUF model in a form an older loader accepts")
+    conv.add_argument("--for", dest="target_backend", choices=["ctransformers"], required=True)
+    conv.add_argument("source", help="'default' (the embedded SmolLM2-135M) or a GGUF path")
+    conv.add_argument("target", type=Path, help="the GGUF file to write")
     return parser
 
 
@@ -96,11 +101,19 @@ async def _serve(args: argparse.Namespace) -> None:
     await serve(_config(args), settings)
 
 
+async def _convert(args: argparse.Namespace) -> None:
+    from runtime.convert import convert_for_ctransformers
+    from runtime.models import resolve_model
+
+    written = await anyio.to_thread.run_sync(convert_for_ctransformers, resolve_model(args.source), args.target)
+    print(f"wrote {written} for {args.target_backend}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``slotserve``; returns the exit status (2 for a slotserve error)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"run": _run, "generate": _generate, "serve": _serve}
+    commands = {"run": _run, "generate": _generate, "serve": _serve, "convert": _convert}
     try:
         anyio.run(commands[args.command], args)
     except SlotserveError as exc:

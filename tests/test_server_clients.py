@@ -28,6 +28,7 @@ MODEL = "slotserve"
 @asynccontextmanager
 async def served(kind: str, **config: Any) -> AsyncIterator[tuple[Runtime, str]]:
     """A ready runtime on ``kind`` and the base URL of a server for it on a free loopback port."""
+    config.setdefault("threads", 1)  # on a shared, busy CPU one decode thread is the steadiest
     async with open_runtime(kind, **config) as rt, serving(create_app(rt)) as url:
         yield rt, url
 
@@ -39,10 +40,15 @@ async def ollama_client(url: str) -> ollama.AsyncClient:
 
 
 async def openai_client(url: str) -> openai.AsyncOpenAI:
-    """An OpenAI client for ``url``/v1 without retries, built in a worker thread (see above)."""
-    return await anyio.to_thread.run_sync(
-        lambda: openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    )
+    """An OpenAI client for ``url``/v1 without retries, built in a worker thread (see above),
+    with the API resources it imports on first use already imported."""
+
+    def build() -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        _ = (client.chat.completions, client.completions, client.models)
+        return client
+
+    return await anyio.to_thread.run_sync(build)
 
 
 async def http_client(url: str) -> httpx.AsyncClient:

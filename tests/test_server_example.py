@@ -3,6 +3,7 @@ official ``ollama`` and ``openai`` clients, then stops it with SIGINT."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("kind", ["fake", "llama_cpp"])
 def test_http_clients_example_runs(kind: str) -> None:
     require_backend(kind)
+    env = os.environ | {"SLOTSERVE_THREADS": "1"}  # on a shared, busy CPU one decode thread is the steadiest
     proc = subprocess.run(
         [sys.executable, "examples/http_clients.py", "--backend", kind],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

@@ -45,6 +45,7 @@ class StepClock(Observers):
 
 @asynccontextmanager
 async def served(kind: str, **config: Any) -> AsyncIterator[tuple[Runtime, str, StepClock]]:
+    config.setdefault("threads", 1)  # on a shared, busy CPU one decode thread is the steadiest
     async with open_runtime(kind, **config) as rt, serving(create_app(rt)) as url:
         clock = StepClock()
         rt.observers.add(clock)
@@ -242,6 +243,8 @@ BAD: list[tuple[str, str, bytes | dict[str, Any], int, str]] = [
      b'{"model": "slotserve", "prompt": "x", "options": {"temperature": NaN}}', 400, "temperature is nan"),
     ("null byte in the prompt", "/api/generate", GEN | {"prompt": "x\u0000y", "raw": True},
      400, "NUL character at index 1"),
+    ("lone surrogate in the prompt", "/api/generate",
+     b'{"model": "slotserve", "prompt": "x\\udc00", "raw": true}', 400, "lone UTF-16 surrogate"),
     ("unknown option", "/api/generate", GEN | {"options": {"warp": 9}}, 400, "unknown field `warp`"),
     ("num_ctx over the slot", "/api/generate", GEN | {"options": {"num_ctx": 100_000}},
      400, "num_ctx is 100000"),

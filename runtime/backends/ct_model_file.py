@@ -39,7 +39,7 @@ _LEGACY_HEADERS: dict[str, tuple[tuple[str, ...], int]] = {
     "replit": (("n_embd", "n_ctx", "n_head", "n_layer", "n_vocab", "ftype"), 2),
 }
 
-_CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6
+_UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 2, 3, 4, 6
 _EOG_TEXTS = frozenset({"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"})
 """Control tokens that end a generation, as llama.cpp's vocabulary loader also treats them."""
 
@@ -67,8 +67,8 @@ class ModelFile:
     chat_template: str | None = None
     special_tokens: dict[str, int] = field(default_factory=dict)
     """Text of a special token -> its id: where the text appears in a prompt, the id is used."""
-    control_tokens: frozenset[int] = frozenset()
-    """Ids whose piece is empty (control tokens show no text, as in llama.cpp)."""
+    textless_tokens: frozenset[int] = frozenset()
+    """Ids whose piece is empty: control and unknown tokens show no text, as in llama.cpp."""
     byte_tokens: dict[int, int] = field(default_factory=dict)
     """Id of a SentencePiece byte-fallback token (``<0x41>``) -> the byte it stands for."""
     end_tokens: frozenset[int] = frozenset()
@@ -143,6 +143,7 @@ def _read_gguf(path: Path) -> ModelFile:
         texts[i]: i for i, kind in enumerate(types) if kind in (_CONTROL, _USER_DEFINED) and tokens[i]
     }
     control = frozenset(i for i, kind in enumerate(types) if kind == _CONTROL)
+    textless = control | {i for i, kind in enumerate(types) if kind == _UNKNOWN}
     byte_tokens = {
         i: int(texts[i][3:5], 16)
         for i, kind in enumerate(types)
@@ -167,7 +168,7 @@ def _read_gguf(path: Path) -> ModelFile:
         eos_token=int(value("tokenizer.ggml.eos_token_id", -1)),  # type: ignore[call-overload]
         chat_template=None if template is None else str(template),
         special_tokens=special,
-        control_tokens=control,
+        textless_tokens=textless,
         byte_tokens=byte_tokens,
         end_tokens=frozenset(ends),
     )

@@ -25,6 +25,8 @@ __all__ = ["measure_memory"]
 
 N_CTX = 1024
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+LONG_PROMPT = " ".join(["The lighthouse keeper climbed the stairs and looked at the sea."] * 45)
+"""About 600 tokens: one full 512-token ubatch, so the compute buffer is really used."""
 
 
 def _memory(pid: int | None = None) -> dict[str, int]:
@@ -32,19 +34,25 @@ def _memory(pid: int | None = None) -> dict[str, int]:
     return {"rss_bytes": int(info.rss), "pss_bytes": int(getattr(info, "pss", info.rss))}
 
 
-async def _worker(slots: int) -> dict[str, Any]:
+async def _worker(slots: int) -> None:
+    """Load, run a full-batch prompt on every slot, report, and stay loaded until stdin closes."""
     import llama_cpp  # noqa: F401  (the library's own memory belongs to the baseline)
 
     base = _memory()
     cfg = RuntimeConfig(slots=slots, n_ctx_per_slot=N_CTX, memory_source="none")
     async with Runtime(cfg) as rt:
-        request = GenerateRequest(prompt=PROMPT, max_tokens=16, temperature=0)
+        request = GenerateRequest(prompt=LONG_PROMPT, max_tokens=8, temperature=0)
         async with anyio.create_task_group() as tg:
             for _ in range(slots):
                 tg.start_soon(rt.complete, request)
         info = rt.backend.info
         after = _memory()
-    estimate = info.weights_bytes + slots * info.kv_bytes_per_slot + info.compute_bytes
+        estimate = info.weights_bytes + slots * info.kv_bytes_per_slot + info.compute_bytes
+        print(json.dumps(_row(slots, info, estimate, base, after)), flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read)  # measured from outside meanwhile
+
+
+def _row(slots: int, info: Any, estimate: int, base: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
     return {
         "slots": slots,
         "weights_bytes": info.weights_bytes,
@@ -156,8 +164,7 @@ def _print(r: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(anyio.run(_worker, int(sys.argv[2]))), flush=True)
-        sys.stdin.read()  # stay alive (memory intact) until the parent has measured us
+        anyio.run(_worker, int(sys.argv[2]))
     else:
         out = measure_memory()
         path = sys.argv[1] if len(sys.argv) > 1 else "bench-memory.json"

@@ -5,6 +5,7 @@ wire struct, so a wrong type is refused with the field's JSON path (``$.options.
 from __future__ import annotations
 
 import json
+import re
 from typing import TypeVar
 
 import msgspec
@@ -55,11 +56,17 @@ def decode_body(body: bytes, kind: type[T]) -> T:
     if not body.strip():
         raise InvalidRequestError("request body is empty; send a JSON object")
     try:
-        return msgspec.json.decode(body, type=kind)
+        decoded = msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         raise InvalidRequestError(str(exc)) from None
     except msgspec.DecodeError as exc:
-        malformed = InvalidRequestError(f"request body is not valid JSON: {exc}")
+        decoded = _decode_leniently(body, kind, InvalidRequestError(f"request body is not valid JSON: {exc}"))
+    if _SURROGATE_ESCAPE.search(body):
+        _check_unicode(decoded)
+    return decoded
+
+
+def _decode_leniently(body: bytes, kind: type[T], malformed: InvalidRequestError) -> T:
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
@@ -68,3 +75,18 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         return msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
         raise InvalidRequestError(str(exc)) from None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+"""A JSON escape of a UTF-16 surrogate: valid only as half of a pair."""
+
+
+def _check_unicode(decoded: object) -> None:
+    """Refuse text holding a lone surrogate: it has no UTF-8 form, so no tokenizer can take it."""
+    try:
+        msgspec.json.encode(decoded)
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start : exc.end]
+        raise InvalidRequestError(
+            f"request body holds a lone UTF-16 surrogate ({bad!r}); text must be valid Unicode"
+        ) from None

@@ -11,6 +11,7 @@ QueueFullError                                     503 with Retry-After
 RuntimeClosedError (loading, closing)              503 with Retry-After
 RuntimeFailedError                                 503
 GenerationError (a slot crashed mid-request)       500
+ClientDisconnect (gone while sending the body)     499 (nginx's; nobody reads it)
 anything else (a bug; logged)                      500
 =================================================  =====================
 
@@ -23,6 +24,7 @@ import logging
 
 import msgspec
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from runtime.errors import (
     GenerationError,
@@ -70,6 +72,8 @@ def http_error(exc: BaseException, retry_after_s: int) -> HttpError:
         return HttpError(status=503, message=str(exc), code="runtime_failed")
     if isinstance(exc, RuntimeClosedError):
         return HttpError(status=503, message=str(exc), code="unavailable", headers=retry)
+    if isinstance(exc, ClientDisconnect):  # gone while sending its body; nobody reads the answer
+        return HttpError(status=499, message="the client closed the request", code="client_closed")
     if isinstance(exc, GenerationError):
         return HttpError(status=500, message=str(exc), code="generation_failed")
     log.error("unexpected error while serving a request", exc_info=exc)
