@@ -79,6 +79,8 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """Number of sequences in a step -> how many steps carried that many."""
     pending_trims: int
     """KV removals waiting for the next step."""
+    kv_cells_active: int
+    """KV cells written so far by the sequences being served (prompt and generated tokens)."""
     stepping: bool
     """Whether a step (or a resize) is running in the worker thread now."""
 
@@ -286,5 +288,6 @@ class ModelActor:
             failed_steps=self._failed_steps,
             steps_by_sequences=dict(self._steps_by_sequences),
             pending_trims=len(self._trims),
+            kv_cells_active=sum(job.pos for job in self._jobs.values()),
             stepping=self._in_step or self._limiter.borrowed_tokens > 0,
         )

@@ -72,6 +72,7 @@ class Supervisor:
 
     :param slots: the slot count to start with.
     :param probe: memory readings for live resizing (None: no live resizing).
+    :param reading: the reading the start was sized from, shown until the first new one.
     :param on_done: called once for every ticket a slot finishes, fails or cancels.
     :param on_failed: called once when the restart intensity is exceeded, with the reason.
     """
@@ -87,6 +88,7 @@ class Supervisor:
         *,
         slots: int,
         probe: MemoryProbe | None = None,
+        reading: MemoryReading | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -106,7 +108,7 @@ class Supervisor:
         self._resizes: list[ResizeRecord] = []
         self._last_resize_s: float | None = None
         self._resize_lock = anyio.Lock()
-        self._reading: MemoryReading | None = None
+        self._reading = reading
         self._rng = random.Random()
         self._tg: anyio.abc.TaskGroup | None = None
         self.failure: str | None = None

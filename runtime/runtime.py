@@ -130,7 +130,7 @@ class Runtime:
         self._model = ModelActor(backend, n_batch=cfg.n_batch, on_step=self.observers.step)
         self._supervisor = Supervisor(
             cfg, self._model, self._mailbox, self._request_done, self._failed, self.observers,
-            slots=slots, probe=probe,
+            slots=slots, probe=probe, reading=reading,
         )  # fmt: skip
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()

@@ -67,10 +67,10 @@ class ModelFile:
     chat_template: str | None = None
     special_tokens: dict[str, int] = field(default_factory=dict)
     """Text of a special token -> its id: where the text appears in a prompt, the id is used."""
-    textless_tokens: frozenset[int] = frozenset()
-    """Ids whose piece is empty: control and unknown tokens show no text, as in llama.cpp."""
-    byte_tokens: dict[int, int] = field(default_factory=dict)
-    """Id of a SentencePiece byte-fallback token (``<0x41>``) -> the byte it stands for."""
+    piece_overrides: dict[int, bytes] = field(default_factory=dict)
+    """Token id -> its bytes, where the library's C-string detokenizer is wrong: control and
+    unknown tokens show no text (as in llama.cpp), byte-fallback tokens (``<0x41>``) are their
+    byte, and tokens holding a NUL byte are whole."""
     end_tokens: frozenset[int] = frozenset()
     """End-of-generation ids beyond the library's own EOS (EOT, ``<|im_end|>`` and the like)."""
 
@@ -143,12 +143,14 @@ def _read_gguf(path: Path) -> ModelFile:
         texts[i]: i for i, kind in enumerate(types) if kind in (_CONTROL, _USER_DEFINED) and tokens[i]
     }
     control = frozenset(i for i, kind in enumerate(types) if kind == _CONTROL)
-    textless = control | {i for i, kind in enumerate(types) if kind == _UNKNOWN}
-    byte_tokens = {
-        i: int(texts[i][3:5], 16)
-        for i, kind in enumerate(types)
-        if kind == _BYTE and len(texts[i]) == 6 and texts[i].startswith("<0x")
-    }
+    overrides: dict[int, bytes] = {}
+    for i, kind in enumerate(types):
+        if kind in (_CONTROL, _UNKNOWN):
+            overrides[i] = b""
+        elif kind == _BYTE and len(texts[i]) == 6 and texts[i].startswith("<0x"):
+            overrides[i] = bytes([int(texts[i][3:5], 16)])
+        elif b"\0" in tokens[i]:
+            overrides[i] = tokens[i].replace("▁".encode(), b" ") if tokenizer == "llama" else tokens[i]
     ends = {i for i in control if texts[i] in _EOG_TEXTS}
     eot = value("tokenizer.ggml.eot_token_id")
     if eot is not None:
@@ -168,8 +170,7 @@ def _read_gguf(path: Path) -> ModelFile:
         eos_token=int(value("tokenizer.ggml.eos_token_id", -1)),  # type: ignore[call-overload]
         chat_template=None if template is None else str(template),
         special_tokens=special,
-        textless_tokens=textless,
-        byte_tokens=byte_tokens,
+        piece_overrides=overrides,
         end_tokens=frozenset(ends),
     )
 
@@ -203,6 +204,7 @@ def _read_legacy(path: Path) -> ModelFile:
         values = struct.unpack(f"<{len(layout)}i", f.read(4 * len(layout))) if layout else ()
     header = dict(zip(layout, values, strict=True))
     n_layer = header.get("n_layer", 0)
+    overrides = {i: word for i, word in enumerate(_gpt2_vocabulary(path)) if b"\0" in word}
     return ModelFile(
         path=path,
         model_type=model_type,
@@ -213,5 +215,19 @@ def _read_legacy(path: Path) -> ModelFile:
         weights_shared=False,
         kv_bytes_per_token=2 * n_layer * header.get("n_embd", 0) * kv_element_bytes,
         kv_sized_by_file=model_type == "replit",
-        special_tokens={},
+        piece_overrides=overrides,
     )
+
+
+def _gpt2_vocabulary(path: Path) -> list[bytes]:
+    """The raw vocabulary of a legacy gpt2 file (empty for other families: their layouts differ)."""
+    if legacy_model_type(path) != "gpt2":
+        return []
+    words: list[bytes] = []
+    with path.open("rb") as f:
+        f.seek(4 + 4 * 6)  # magic, 6 int32 hparams
+        (n_vocab,) = struct.unpack("<i", f.read(4))
+        for _ in range(n_vocab):
+            (length,) = struct.unpack("<I", f.read(4))
+            words.append(f.read(length))
+    return words

@@ -193,12 +193,9 @@ class CTransformersBackend:
 
     def _pieces(self, facts: WorkerFacts) -> list[bytes]:
         pieces = list(facts.pieces)
-        for token in self._file.textless_tokens:
+        for token, piece in self._file.piece_overrides.items():
             if token < len(pieces):
-                pieces[token] = b""  # control and unknown tokens show no text, as in llama.cpp
-        for token, byte in self._file.byte_tokens.items():
-            if token < len(pieces):
-                pieces[token] = bytes([byte])  # the library's C string loses <0x00>
+                pieces[token] = piece
         return pieces
 
     def _special_tokens(self, facts: WorkerFacts) -> dict[str, int]:

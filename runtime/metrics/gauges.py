@@ -47,6 +47,7 @@ _PER_MODEL = {
     "slotserve_model_weights_bytes": "Bytes of the loaded weights.",
     "slotserve_kv_cache_allocated_bytes": "KV cache bytes allocated: effective slots x KV bytes per slot.",
     "slotserve_prefix_cache_tokens": "Prompt tokens idle slots keep in their sequences for prefix reuse.",
+    "slotserve_kv_cache_used_bytes": "KV cache bytes holding tokens: cells of running sequences and kept prefixes.",
     "slotserve_model_load_duration_seconds": "Seconds the weights took to load.",
 }
 
@@ -63,9 +64,12 @@ class _Reading:
     def add(self, rt: Runtime, status: RuntimeStatus) -> None:
         if status.state in self.states:
             self.states[status.state] += 1
-        cached = 0
+        cached = active = 0
         if status.state != "loading":
-            cached = sum(s.cached_tokens for s in rt.statistics().supervisor.slots)
+            stats = rt.statistics()
+            cached = sum(s.cached_tokens for s in stats.supervisor.slots)
+            active = stats.model.kv_cells_active
+        bytes_per_cell = status.kv_bytes_per_slot / max(1, status.n_ctx_per_slot)
         values = {
             "slotserve_queue_depth": status.queue_depth,
             "slotserve_queue_capacity": status.queue_capacity,
@@ -76,6 +80,7 @@ class _Reading:
             "slotserve_model_weights_bytes": status.weights_bytes,
             "slotserve_kv_cache_allocated_bytes": status.slots_effective * status.kv_bytes_per_slot,
             "slotserve_prefix_cache_tokens": cached,
+            "slotserve_kv_cache_used_bytes": (cached + active) * bytes_per_cell,
         }
         for name, value in values.items():
             self.values[name] += value
