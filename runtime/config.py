@@ -30,6 +30,8 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     model: str = "default"
     """``default`` (the embedded SmolLM2-135M-Instruct) or a path to a local GGUF file."""
     backend: BackendName = "llama_cpp"
+    """``llama_cpp`` (GGUF, batched), ``ctransformers`` (legacy GGML families, one instance per
+    slot) or ``fake`` (a deterministic test double)."""
     slots: int | Literal["auto"] = 4
     """Concurrent sequences, each a SlotActor with its own part of the KV cache (1 to 1,024),
     or ``auto``: as many as fit in free memory, between min_slots and max_slots."""
@@ -73,9 +75,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     restart_intensity: int = 3
     """Restarts allowed within ``restart_period_s`` before the runtime fails (Erlang/OTP)."""
     restart_period_s: float = 5.0
+    """The window, in seconds, in which ``restart_intensity`` restarts are allowed."""
     restart_backoff_s: float = 0.02
     """First wait before restarting a failed actor; doubles with each recent restart (jittered)."""
     restart_backoff_max_s: float = 2.0
+    """Longest wait before a restart, in seconds."""
     stream_buffer: int = 8
     """Chunks a slot may run ahead of a caller who is not reading, before it pauses itself."""
 

@@ -103,8 +103,10 @@ def test_special_tokens_in_text_become_their_ids(llama_backend: CTransformersBac
     im_start, im_end = llama_backend.tokenize("<|im_start|><|im_end|>", add_special=False)
     assert (ids[0], ids[1], ids[-1]) == (1, im_start, im_end)  # BOS, then the control tokens as ids
     assert llama_backend.pieces[im_start] == b"" and im_end in llama_backend.eog_tokens
+    assert llama_backend.pieces[3] == b"\x00"  # <0x00>: the library's C string would lose it
     legacy = backend(tiny_gpt2)
     try:
+        assert legacy.pieces[0] == b"\x00"
         eot = legacy.tokenize("<|endoftext|>", add_special=True)
         assert len(eot) == 1 and eot[0] in legacy.eog_tokens
         assert legacy.tokenize("x<|endoftext|>x", add_special=True) == [ord("x"), eot[0], ord("x")]
@@ -234,3 +236,41 @@ async def test_a_native_crash_fails_only_the_requests_it_held(tiny_llama: Path) 
     assert served.stats.completion_tokens == 10 and after.stats.completion_tokens == 5
     assert status.state == "ready" and status.requests_failed == 2 and status.restarts == 1
     assert (stats.worker_deaths, stats.worker_starts) == (1, 2) and stats.worker_pid != first_pid
+
+
+def test_convert_command_writes_a_loadable_file(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.cli import main
+
+    target = tmp_path / "out.gguf"
+    assert main(["convert", "--for", "ctransformers", str(tiny_llama), str(target)]) == 0
+    assert f"wrote {target}" in capsys.readouterr().out
+    converted = backend(target)
+    try:
+        assert converted.tokenize("the water", add_special=True) == [1, 261, 412, 423, 419]
+    finally:
+        converted.close()
+    assert main(["convert", "--for", "ctransformers", str(tmp_path / "missing.gguf"), str(target)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_converter_refuses_what_the_old_loader_cannot_load(tmp_path: Path) -> None:
+    import gguf
+
+    from runtime import ModelLoadError
+    from runtime.convert import convert_for_ctransformers
+
+    other = gguf.GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
+    other.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    odd = gguf.GGUFWriter(tmp_path / "odd.gguf", "llama")
+    odd.add_tensor("token_embd.weight", np.zeros((4, 18), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
+    for writer in (other, odd):
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    with pytest.raises(ModelLoadError, match="architecture 'gpt2'; this converter writes llama"):
+        convert_for_ctransformers(tmp_path / "gpt2.gguf", tmp_path / "a.gguf")
+    with pytest.raises(ModelLoadError, match="tensor 'token_embd.weight' is IQ4_NL"):
+        convert_for_ctransformers(tmp_path / "odd.gguf", tmp_path / "b.gguf")
+    with pytest.raises(ModelLoadError, match="'token_embd.weight' is IQ4_NL, which ctransformers 0.2.27 cannot load"):
+        backend(tmp_path / "odd.gguf")
