@@ -236,12 +236,7 @@ class SlotActor:
         final: Chunk | BaseException | None = None,
     ) -> None:
         """Send the last reply (a final chunk or an error), close the stream, report."""
-        if final is not None:
-            try:
-                ticket.reply.send_nowait(final)
-            except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass
-        ticket.reply.close()
+        ticket.finish(final)
         self._on_done(ticket, reason, stats, final if isinstance(final, BaseException) else None)
 
     def fail(self, ticket: Ticket, error: BaseException) -> None:
@@ -270,6 +265,8 @@ class SlotActor:
     def statistics(self) -> SlotStatistics:
         """A snapshot of this slot."""
         return SlotStatistics(
-            slot=self.slot, busy=self.current is not None, served=self._served, cached_tokens=len(self._cached)
+            slot=self.slot,
+            busy=self.current is not None,
+            served=self._served,
+            cached_tokens=len(self._cached),
         )
-

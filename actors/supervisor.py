@@ -135,13 +135,14 @@ class Supervisor:
                 else:
                     started = True
                     await self.model.run(task_status=task_status)
-                return
             except Exception as exc:
-                log.error("model step failed: %r; restarting the step loop", exc)
+                log.exception("model step failed; restarting the step loop")
                 self._model_restarts += 1
                 self._observers.restart("model")
                 if not await self._restart(f"model step failed: {exc!r}"):
                     return
+            else:
+                return
 
     async def _supervise_slot(self, slot: int, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         receiver = self._receivers[slot] = self.mailbox.receiver()
@@ -155,20 +156,21 @@ class Supervisor:
                     self._slots[slot] = actor
                     try:
                         await actor.run(first=retry)
-                        return  # the mailbox closed, or the slot was retired
                     except Exception as exc:
                         retry = self._crashed(actor, exc)
                         if not await self._restart(f"slot {slot} crashed: {exc!r}"):
                             if retry is not None:
                                 actor.fail(retry, SlotFailedError(f"slot {slot} failed: {exc!r}"))
                             return
+                    else:
+                        return  # the mailbox closed, or the slot was retired
         finally:
             self._slots.pop(slot, None)
             stopped.set()
 
     def _crashed(self, actor: SlotActor, exc: Exception) -> Ticket | None:
         """Handle a slot crash; return its request if it should be retried on the new slot."""
-        log.error("slot %d crashed: %r; restarting it", actor.slot, exc)
+        log.error("slot %d crashed: %r; restarting it", actor.slot, exc, exc_info=exc)
         self._slot_restarts += 1
         self._observers.restart("slot")
         self.model.end(actor.slot)
@@ -195,9 +197,7 @@ class Supervisor:
         recent = sum(1 for t in self._restarts if now - t < cfg.restart_period_s)
         self._restarts.append(now)
         if not allowed and self.failure is None:
-            self.failure = (
-                f"more than {cfg.restart_intensity} restarts within {cfg.restart_period_s:g} s; the last: {reason}"
-            )
+            self.failure = f"more than {cfg.restart_intensity} restarts within {cfg.restart_period_s:g} s; the last: {reason}"
             log.critical("runtime failed: %s", self.failure)
             self._on_failed(self.failure)
         if not allowed or self.failure is not None:
@@ -230,7 +230,12 @@ class Supervisor:
             drain_s = time.perf_counter() - drain_start if slots < old else 0.0
             pause_s, carried = await self.model.resize(slots)
             record = ResizeRecord(
-                from_slots=old, to_slots=slots, reason=reason, pause_s=pause_s, drain_s=drain_s, carried_bytes=carried
+                from_slots=old,
+                to_slots=slots,
+                reason=reason,
+                pause_s=pause_s,
+                drain_s=drain_s,
+                carried_bytes=carried,
             )
             self._n = slots
             self._resizes.append(record)

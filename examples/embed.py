@@ -21,7 +21,9 @@ QUESTIONS = [
 
 async def ask(rt: Runtime, question: str, answers: dict[str, str]) -> None:
     """Stream one answer; leaving the ``async with`` early would cancel the request."""
-    request = ChatRequest(messages=(ChatMessage(role="user", content=question),), max_tokens=48, temperature=0)
+    request = ChatRequest(
+        messages=(ChatMessage(role="user", content=question),), max_tokens=48, temperature=0
+    )
     parts: list[str] = []
     async with rt.chat(request) as stream:
         async for chunk in stream:
@@ -38,7 +40,9 @@ async def main(backend: str) -> dict[str, str]:
         status = rt.status()
     for q in QUESTIONS:
         print(f"Q: {q}\nA: {answers[q]}\n")
-    print(f"{status.requests_completed} answered by {status.slots_configured} slots sharing one copy of the weights")
+    print(
+        f"{status.requests_completed} answered by {status.slots_configured} slots sharing one copy of the weights"
+    )
     return answers
 
 

@@ -106,7 +106,13 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         if self.min_slots > self.max_slots:
             raise ConfigError(f"min_slots is {self.min_slots}; it must be <= max_slots ({self.max_slots})")
         positive = ("restart_period_s",)
-        non_negative = ("restart_backoff_s", "restart_backoff_max_s", "resize_interval_s", "resize_cooldown_s", "resize_hysteresis")
+        non_negative = (
+            "restart_backoff_s",
+            "restart_backoff_max_s",
+            "resize_interval_s",
+            "resize_cooldown_s",
+            "resize_hysteresis",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} is {getattr(self, name)}; it must be > 0")
@@ -114,7 +120,9 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} is {getattr(self, name)}; it must be >= 0")
         if not 0 <= self.memory_headroom_fraction < 1:
-            raise ConfigError(f"memory_headroom_fraction is {self.memory_headroom_fraction}; it must be in [0, 1)")
+            raise ConfigError(
+                f"memory_headroom_fraction is {self.memory_headroom_fraction}; it must be in [0, 1)"
+            )
 
     @property
     def initial_slots(self) -> int:

@@ -50,7 +50,11 @@ def gpt2_byte_decoder() -> dict[str, int]:
     The 188 printable Latin-1 bytes stand for themselves; the other 68 are shifted to U+0100 on
     (openai/gpt-2 ``encoder.py``; the same table is in every byte-level BPE tokenizer).
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     codes = list(printable)
     shifted = 0
     for byte in range(256):
@@ -145,7 +149,9 @@ def _write_vocabulary(reader: object, writer: object) -> None:
     model = str(reader.fields["tokenizer.ggml.model"].contents())
     scores_field = reader.fields.get("tokenizer.ggml.scores")
     if model == "gpt2":
-        raw = [_raw_bytes(t) if kind == _NORMAL else t.encode() for t, kind in zip(tokens, types, strict=True)]
+        raw = [
+            _raw_bytes(t) if kind == _NORMAL else t.encode() for t, kind in zip(tokens, types, strict=True)
+        ]
         writer.add_token_list(raw)
         merges: list[str] = reader.fields["tokenizer.ggml.merges"].contents()
         writer.add_token_merges([b" ".join(_merge_side(side) for side in m.split(" ", 1)) for m in merges])

@@ -26,7 +26,9 @@ class Observer(Protocol):
     def request_rejected(self, reason: RejectReason) -> None:
         """A request was refused before admission."""
 
-    def request_finished(self, reason: DoneReason, stats: RequestStats | None, error: BaseException | None) -> None:
+    def request_finished(
+        self, reason: DoneReason, stats: RequestStats | None, error: BaseException | None
+    ) -> None:
         """An admitted request ended; ``stats`` is None if it failed before it started."""
 
     def inter_token(self, seconds: float) -> None:
@@ -60,7 +62,9 @@ class Observers:
         for o in self._observers:
             o.request_rejected(reason)
 
-    def request_finished(self, reason: DoneReason, stats: RequestStats | None, error: BaseException | None) -> None:
+    def request_finished(
+        self, reason: DoneReason, stats: RequestStats | None, error: BaseException | None
+    ) -> None:
         for o in self._observers:
             o.request_finished(reason, stats, error)
 

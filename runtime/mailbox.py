@@ -116,5 +116,3 @@ class Mailbox(Generic[T]):
             rejected=self._rejected,
             closed=self._closed_error is not None,
         )
-
-

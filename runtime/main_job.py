@@ -83,11 +83,15 @@ def _report(prompt: str, c: Completion) -> RequestReport:
 
 def _pass(reports: list[RequestReport], wall_s: float) -> PassReport:
     tokens = sum(r.completion_tokens for r in reports)
-    return PassReport(requests=reports, wall_s=wall_s, completion_tokens=tokens, aggregate_tokens_per_s=tokens / wall_s)
+    return PassReport(
+        requests=reports, wall_s=wall_s, completion_tokens=tokens, aggregate_tokens_per_s=tokens / wall_s
+    )
 
 
 def _request(prompt: str, max_tokens: int) -> ChatRequest:
-    return ChatRequest(messages=(ChatMessage(role="user", content=prompt),), max_tokens=max_tokens, temperature=0)
+    return ChatRequest(
+        messages=(ChatMessage(role="user", content=prompt),), max_tokens=max_tokens, temperature=0
+    )
 
 
 async def _concurrent(rt: Runtime, prompts: list[str], max_tokens: int, out: TextIO) -> PassReport:
@@ -141,25 +145,32 @@ async def _sequential(rt: Runtime, prompts: list[str], max_tokens: int) -> PassR
 
 def _table(title: str, p: PassReport, out: TextIO) -> None:
     out.write(f"\n{title}\n")
-    out.write(f"{'#':>2} {'slot':>4} {'prompt':>6} {'gen':>5} {'TTFT s':>7} {'tok/s':>7}  {'end':<6} prompt\n")
+    out.write(
+        f"{'#':>2} {'slot':>4} {'prompt':>6} {'gen':>5} {'TTFT s':>7} {'tok/s':>7}  {'end':<6} prompt\n"
+    )
     for i, r in enumerate(p.requests):
         text = r.prompt if len(r.prompt) <= 44 else r.prompt[:41] + "..."
         out.write(
             f"{i:>2} {r.slot:>4} {r.prompt_tokens:>6} {r.completion_tokens:>5} {r.ttft_s:>7.3f} "
             f"{r.tokens_per_s:>7.1f}  {r.done_reason:<6} {text}\n"
         )
-    out.write(f"   {p.completion_tokens} tokens in {p.wall_s:.2f} s: {p.aggregate_tokens_per_s:.1f} tok/s aggregate\n")
+    out.write(
+        f"   {p.completion_tokens} tokens in {p.wall_s:.2f} s: {p.aggregate_tokens_per_s:.1f} tok/s aggregate\n"
+    )
 
 
 async def run_job(
-    config: RuntimeConfig, prompts_path: Path = DEFAULT_PROMPTS, max_tokens: int = 64, out: TextIO = sys.stdout
+    config: RuntimeConfig,
+    prompts_path: Path = DEFAULT_PROMPTS,
+    max_tokens: int = 64,
+    out: TextIO = sys.stdout,
 ) -> JobReport:
     """Run the prompts in ``prompts_path`` (a JSON list of strings) concurrently, then one at
     a time, print both tables and return the report.
 
     :raises ModelLoadError: if the model cannot be loaded.
     """
-    prompts = msgspec.json.decode(prompts_path.read_bytes(), type=list[str])
+    prompts = msgspec.json.decode(await anyio.Path(prompts_path).read_bytes(), type=list[str])
     async with Runtime(config) as rt:
         status = rt.status()
         out.write(

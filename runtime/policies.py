@@ -64,7 +64,9 @@ def target_slots(
     return min(max_slots, max(min_slots, target))
 
 
-def resize_due(target: int, slots_now: int, last_resize_s: float | None, now_s: float, cooldown_s: float) -> bool:
+def resize_due(
+    target: int, slots_now: int, last_resize_s: float | None, now_s: float, cooldown_s: float
+) -> bool:
     """Whether to resize now: the target differs and the cooldown since the last resize passed."""
     if target == slots_now:
         return False

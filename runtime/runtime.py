@@ -20,7 +20,6 @@ from typing import Literal
 
 import anyio
 import anyio.abc
-
 import msgspec
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -28,12 +27,15 @@ from actors.model import ModelActor, ModelStatistics
 from actors.supervisor import ResizeRecord, Supervisor, SupervisorStatistics
 from runtime.backends import Backend, load_backend
 from runtime.config import RuntimeConfig
-from runtime.errors import ConfigError, InvalidRequestError, QueueFullError, RuntimeClosedError, RuntimeFailedError
+from runtime.errors import (
+    ConfigError,
+    InvalidRequestError,
+    QueueFullError,
+    RuntimeClosedError,
+    RuntimeFailedError,
+)
 from runtime.events import Observer, Observers
 from runtime.mailbox import Mailbox, MailboxStatistics
-from runtime.metrics import RuntimeMetrics
-from runtime.sizing import initial_slots, probe_for
-from runtime.telemetry import MemoryProbe
 from runtime.messages import (
     ChatRequest,
     Completion,
@@ -43,6 +45,9 @@ from runtime.messages import (
     RuntimeState,
     RuntimeStatus,
 )
+from runtime.metrics import RuntimeMetrics
+from runtime.sizing import initial_slots, probe_for
+from runtime.telemetry import MemoryProbe
 from runtime.ticket import Reply, ResponseStream, Ticket
 
 __all__ = ["Runtime", "RuntimeStatistics"]
@@ -79,7 +84,7 @@ class Runtime:
         backend: Backend | None = None,
         registry: CollectorRegistry | None = None,
         observers: Sequence[Observer] = (),
-        probe: MemoryProbe | None | Literal["config"] = "config",
+        probe: MemoryProbe | Literal["config"] | None = "config",
     ) -> None:
         self.config = config or RuntimeConfig()
         self.registry = REGISTRY if registry is None else registry
@@ -95,6 +100,7 @@ class Runtime:
         self._probe = probe
         self._slots_configured = 0
         self._in_flight: set[Ticket] = set()
+        self._drained: anyio.Event | None = None  # set when the last request in flight ends
         self._outcomes: dict[DoneReason, int] = {"stop": 0, "length": 0, "cancel": 0, "error": 0}
         self.load_seconds = 0.0
 
@@ -161,9 +167,10 @@ class Runtime:
         for ticket in list(self._in_flight):
             ticket.cancel()
         assert self._tg is not None and self._backend is not None
-        with anyio.move_on_after(5):
+        with anyio.move_on_after(5):  # the cancels take effect at the next step
             while self._in_flight:
-                await anyio.sleep(0.005)
+                self._drained: anyio.Event | None = None  # set when the last request in flight ends
+                await self._drained.wait()
         self._tg.cancel_scope.cancel()
         await self._tg.__aexit__(None, None, None)  # the body's own exception propagates as is
         await anyio.to_thread.run_sync(self._backend.close)
@@ -257,17 +264,15 @@ class Runtime:
             self.observers.request_rejected("closed")
 
     def _refuse(self, ticket: Ticket, error: BaseException) -> None:
-        try:
-            ticket.reply.send_nowait(error)
-        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
-        ticket.reply.close()
+        ticket.finish(error)
         self._request_done(ticket, "error", None, error)
 
     def _request_done(
         self, ticket: Ticket, reason: DoneReason, stats: RequestStats | None, error: BaseException | None
     ) -> None:
         self._in_flight.discard(ticket)
+        if not self._in_flight and self._drained is not None:
+            self._drained.set()
         self._outcomes[reason] += 1
         self.observers.request_finished(reason, stats, error)
 

@@ -25,7 +25,9 @@ def probe_for(config: RuntimeConfig, gpu_layers: int) -> MemoryProbe | None:
     return CgroupHostProbe()
 
 
-def initial_slots(config: RuntimeConfig, reading: MemoryReading | None, slots_now: int, kv_bytes_per_slot: int) -> int:
+def initial_slots(
+    config: RuntimeConfig, reading: MemoryReading | None, slots_now: int, kv_bytes_per_slot: int
+) -> int:
     """How many slots to start with.
 
     ``auto`` takes what fits in ``reading`` (clamped to min_slots..max_slots); a number that
@@ -39,7 +41,9 @@ def initial_slots(config: RuntimeConfig, reading: MemoryReading | None, slots_no
     wanted = config.initial_slots
     if reading is None:
         return wanted
-    headroom = headroom_bytes(reading.total_bytes, config.memory_headroom_fraction, config.memory_headroom_bytes)
+    headroom = headroom_bytes(
+        reading.total_bytes, config.memory_headroom_fraction, config.memory_headroom_bytes
+    )
     fit = slots_that_fit(reading.free_bytes, slots_now, kv_bytes_per_slot, headroom)
     if config.slots == "auto":
         return min(config.max_slots, max(config.min_slots, fit))

@@ -7,6 +7,7 @@ closing it (or cancelling the task that reads it) cancels the request at the nex
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,13 @@ class Ticket:
     """Slot crashes this request was part of."""
     on_cancel: Callable[[], None] | None = None
     """Set by the slot that serves the ticket; called once on cancel."""
+
+    def finish(self, last: Reply | None) -> None:
+        """Send the last reply (final chunk or error) if the caller still listens, then close."""
+        if last is not None:
+            with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.reply.send_nowait(last)
+        self.reply.close()
 
     def cancel(self) -> None:
         """Cancel the request (idempotent; event-loop thread only)."""

@@ -19,9 +19,22 @@ def run(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
 def test_slotserve_run_completes_with_a_summary(tmp_path: Path) -> None:
     require_backend("llama_cpp")
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps(["Say hello.", "Name a colour.", "Count to three.", "Name a fruit.", "Say bye."]))
+    prompts.write_text(
+        json.dumps(["Say hello.", "Name a colour.", "Count to three.", "Name a fruit.", "Say bye."])
+    )
     report = tmp_path / "report.json"
-    proc = run(sys.executable, "-m", "runtime.cli", "run", "--prompts", str(prompts), "--max-tokens", "16", "--json", str(report))
+    proc = run(
+        sys.executable,
+        "-m",
+        "runtime.cli",
+        "run",
+        "--prompts",
+        str(prompts),
+        "--max-tokens",
+        "16",
+        "--json",
+        str(report),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Concurrent (4 slots)" in proc.stdout and "One at a time" in proc.stdout
     assert "tok/s aggregate" in proc.stdout
@@ -33,7 +46,17 @@ def test_slotserve_run_completes_with_a_summary(tmp_path: Path) -> None:
 
 def test_slotserve_generate_streams_an_answer() -> None:
     require_backend("llama_cpp")
-    proc = run(sys.executable, "-m", "runtime.cli", "generate", "--temperature", "0", "--max-tokens", "12", "What is 2+2?")
+    proc = run(
+        sys.executable,
+        "-m",
+        "runtime.cli",
+        "generate",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "What is 2+2?",
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip()) > 0
 

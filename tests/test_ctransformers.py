@@ -15,7 +15,14 @@ import anyio
 import numpy as np
 import pytest
 
-from runtime import ConfigError, ContextOverflowError, GenerateRequest, GenerationError, Runtime, RuntimeConfig
+from runtime import (
+    ConfigError,
+    ContextOverflowError,
+    GenerateRequest,
+    GenerationError,
+    Runtime,
+    RuntimeConfig,
+)
 from runtime.backends import load_backend
 from runtime.backends.base import StepPlan
 from runtime.backends.ctransformers import CTransformersBackend, WorkerDiedError
@@ -83,7 +90,9 @@ def test_capabilities_and_memory_accounting(tiny_llama: Path, tiny_gpt2: Path) -
 
 
 @pytest.mark.parametrize("text", NON_ASCII)
-def test_non_ascii_text_tokenizes_whole(llama_backend: CTransformersBackend, tiny_gpt2: Path, text: str) -> None:
+def test_non_ascii_text_tokenizes_whole(
+    llama_backend: CTransformersBackend, tiny_gpt2: Path, text: str
+) -> None:
     """Byte-fallback and byte tokens make more tokens than characters, past the buffer the
     library's own Python ``tokenize`` allocates (len(text) + 1); nothing is lost."""
     legacy = backend(tiny_gpt2)
@@ -98,7 +107,9 @@ def test_non_ascii_text_tokenizes_whole(llama_backend: CTransformersBackend, tin
         legacy.close()
 
 
-def test_special_tokens_in_text_become_their_ids(llama_backend: CTransformersBackend, tiny_gpt2: Path) -> None:
+def test_special_tokens_in_text_become_their_ids(
+    llama_backend: CTransformersBackend, tiny_gpt2: Path
+) -> None:
     ids = llama_backend.tokenize("<|im_start|>user\nhi<|im_end|>", add_special=True)
     im_start, im_end = llama_backend.tokenize("<|im_start|><|im_end|>", add_special=False)
     assert (ids[0], ids[1], ids[-1]) == (1, im_start, im_end)  # BOS, then the control tokens as ids
@@ -120,7 +131,13 @@ def test_matches_llama_cpp_on_the_same_gguf(tiny_llama: Path, llama_backend: CTr
     reference = LlamaCppReference(tiny_llama, n_ctx=64)
     try:
         assert [reference.piece(t) for t in range(reference.n_vocab)] == llama_backend.pieces
-        for text in ["the water", "one day he said", "<|im_start|>user\nhi<|im_end|>\n", "café über", "x!y? z."]:
+        for text in [
+            "the water",
+            "one day he said",
+            "<|im_start|>user\nhi<|im_end|>\n",
+            "café über",
+            "x!y? z.",
+        ]:
             tokens = reference.tokenize(text)
             assert llama_backend.tokenize(text, add_special=True) == tokens, text
             expected, ours = reference.logits(tokens), llama_backend.next_token_logits(tokens)
@@ -155,7 +172,7 @@ def test_unknown_files_and_gpu_layers_are_refused_clearly(tmp_path: Path, tiny_l
         backend(junk)
     legacy = tmp_path / "legacy.bin"
     legacy.write_bytes((0x67676D6C).to_bytes(4, "little") + bytes(64))
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
         backend(legacy)
     cfg = RuntimeConfig(backend="ctransformers", model=str(tiny_llama), slots=1, n_gpu_layers=10)
     with pytest.raises(ConfigError, match="runs on the CPU"):
@@ -238,7 +255,9 @@ async def test_a_native_crash_fails_only_the_requests_it_held(tiny_llama: Path) 
     assert (stats.worker_deaths, stats.worker_starts) == (1, 2) and stats.worker_pid != first_pid
 
 
-def test_convert_command_writes_a_loadable_file(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_command_writes_a_loadable_file(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from runtime.cli import main
 
     target = tmp_path / "out.gguf"
@@ -262,7 +281,9 @@ def test_the_converter_refuses_what_the_old_loader_cannot_load(tmp_path: Path) -
     other = gguf.GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
     other.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     odd = gguf.GGUFWriter(tmp_path / "odd.gguf", "llama")
-    odd.add_tensor("token_embd.weight", np.zeros((4, 18), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
+    odd.add_tensor(
+        "token_embd.weight", np.zeros((4, 18), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL
+    )
     for writer in (other, odd):
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -270,7 +291,9 @@ def test_the_converter_refuses_what_the_old_loader_cannot_load(tmp_path: Path) -
         writer.close()
     with pytest.raises(ModelLoadError, match="architecture 'gpt2'; this converter writes llama"):
         convert_for_ctransformers(tmp_path / "gpt2.gguf", tmp_path / "a.gguf")
-    with pytest.raises(ModelLoadError, match="tensor 'token_embd.weight' is IQ4_NL"):
+    with pytest.raises(ModelLoadError, match=r"tensor 'token_embd\.weight' is IQ4_NL"):
         convert_for_ctransformers(tmp_path / "odd.gguf", tmp_path / "b.gguf")
-    with pytest.raises(ModelLoadError, match="'token_embd.weight' is IQ4_NL, which ctransformers 0.2.27 cannot load"):
+    with pytest.raises(
+        ModelLoadError, match=r"'token_embd\.weight' is IQ4_NL, which ctransformers 0\.2\.27 cannot load"
+    ):
         backend(tmp_path / "odd.gguf")

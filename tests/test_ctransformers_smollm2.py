@@ -49,7 +49,9 @@ def test_the_unconverted_model_is_refused_with_the_way_out() -> None:
         load_backend(RuntimeConfig(backend="ctransformers", model="default", slots=1), 1)
 
 
-def test_next_token_logits_agree_with_llama_cpp(smollm2: CTransformersBackend, reference: LlamaCppReference) -> None:
+def test_next_token_logits_agree_with_llama_cpp(
+    smollm2: CTransformersBackend, reference: LlamaCppReference
+) -> None:
     """The same token ids fed to both: correlation > 0.99 and the same top token for every
     prompt of the suite; for the non-ASCII ones, where llama.cpp's own top two may be a near
     tie (0.16 apart for the Japanese one), our top token is one of its top two."""
@@ -65,7 +67,9 @@ def test_next_token_logits_agree_with_llama_cpp(smollm2: CTransformersBackend, r
             assert int(ours.argmax()) in top_two, prompt
 
 
-def test_vocabulary_agrees_with_llama_cpp(smollm2: CTransformersBackend, reference: LlamaCppReference) -> None:
+def test_vocabulary_agrees_with_llama_cpp(
+    smollm2: CTransformersBackend, reference: LlamaCppReference
+) -> None:
     """Every token's bytes are the same; ASCII text (special tokens included) tokenizes the same."""
     assert [reference.piece(t) for t in range(reference.n_vocab)] == smollm2.pieces
     for text in [*PROMPTS, "<|im_start|>user\nHi there<|im_end|>\n", "a    b\t\tc\n\n\nd", "it's we're"]:

@@ -13,7 +13,12 @@ MiB = 1 << 20
 KV = 47 * MiB
 
 
-@given(free=st.integers(0, 64 << 30), now=st.integers(1, 64), kv=st.integers(1, 1 << 30), head=st.integers(0, 1 << 30))
+@given(
+    free=st.integers(0, 64 << 30),
+    now=st.integers(1, 64),
+    kv=st.integers(1, 1 << 30),
+    head=st.integers(0, 1 << 30),
+)
 def test_what_fits_really_fits(free: int, now: int, kv: int, head: int) -> None:
     n = slots_that_fit(free, now, kv, head)
     assert n >= 0
@@ -26,7 +31,9 @@ def test_what_fits_really_fits(free: int, now: int, kv: int, head: int) -> None:
     readings=st.lists(st.integers(-KV // 3, KV // 3), min_size=2, max_size=50),
     hysteresis=st.floats(0.5, 2.0),
 )
-def test_wobble_around_a_threshold_resizes_at_most_once(now: int, readings: list[int], hysteresis: float) -> None:
+def test_wobble_around_a_threshold_resizes_at_most_once(
+    now: int, readings: list[int], hysteresis: float
+) -> None:
     """Free memory that wobbles by less than the hysteresis margin around the point where the
     current count just fits moves the count at most once."""
     slots, moves = now, 0

@@ -63,7 +63,9 @@ async def test_a_set_count_that_does_not_fit_is_reduced_or_refused() -> None:
     async with fake_runtime(probe, slots=6, resize_interval_s=0) as rt:
         status = rt.status()
     assert (status.slots_configured, status.slots_effective) == (6, 3)
-    with pytest.raises(ConfigError, match=r"6 slots need 6,291,456 bytes of KV cache .* 3,145,728 bytes are available"):
+    with pytest.raises(
+        ConfigError, match=r"6 slots need 6,291,456 bytes of KV cache .* 3,145,728 bytes are available"
+    ):
         async with fake_runtime(ScriptedProbe(free_bytes=2 * KV), slots=6, unfit_slots="refuse"):
             pass
 
@@ -80,7 +82,9 @@ async def test_auto_on_this_machine_reads_host_memory_and_the_cgroup_limit(tmp_p
     """The real host probe picks a count from free memory; a lower cgroup limit (written by the
     test into a cgroup v2 folder of its own) lowers it."""
     require_backend("llama_cpp")
-    cfg = RuntimeConfig(slots="auto", max_slots=6, n_ctx_per_slot=1024, resize_interval_s=0.05, resize_cooldown_s=0)
+    cfg = RuntimeConfig(
+        slots="auto", max_slots=6, n_ctx_per_slot=1024, resize_interval_s=0.05, resize_cooldown_s=0
+    )
     (tmp_path / "memory.max").write_text("max\n")
     (tmp_path / "memory.current").write_text("0\n")
     probe = CgroupHostProbe(tmp_path)

@@ -31,7 +31,9 @@ class Ends:
     def __getattr__(self, name: str) -> Any:
         return lambda *args: None
 
-    def request_finished(self, reason: DoneReason, stats: RequestStats | None, error: BaseException | None) -> None:
+    def request_finished(
+        self, reason: DoneReason, stats: RequestStats | None, error: BaseException | None
+    ) -> None:
         self.finished += 1
 
 

@@ -3,6 +3,8 @@ and never splits a UTF-8 character (the pure TextStream, then the whole runtime 
 
 from __future__ import annotations
 
+import itertools
+
 import anyio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,6 +29,7 @@ TEXT = (
 @st.composite
 def stops_for(draw: st.DrawFn, text: str) -> list[str]:
     """Up to 3 stop strings: pieces of ``text`` (so they match, often overlapping) or random."""
+
     def piece() -> str:
         if text and draw(st.booleans()):
             i = draw(st.integers(0, len(text) - 1))
@@ -51,7 +54,7 @@ def split_bytes(draw: st.DrawFn, text: str) -> list[bytes]:
     data = text.encode()
     cuts = sorted(draw(st.sets(st.integers(1, max(1, len(data) - 1)), max_size=len(data))))
     bounds = [0, *[c for c in cuts if c < len(data)], len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 @settings(max_examples=300, deadline=None)
@@ -103,7 +106,7 @@ def test_runtime_stream_equals_whole_text_for_any_split(data: st.DataObject, tex
 
 
 def test_the_stop_completed_first_wins_whatever_the_split() -> None:
-    """"b" is complete before "abc" is: the answer is "a" whether "abc" comes whole or not."""
+    """ "b" is complete before "abc" is: the answer is "a" whether "abc" comes whole or not."""
     for pieces in ([b"abc"], [b"a", b"bc"], [b"a", b"b", b"c"]):
         stream = TextStream(("abc", "b"))
         out = "".join(stream.push(p) for p in pieces) + stream.finish()

@@ -16,6 +16,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from runtime.convert import CTRANSFORMERS_TENSOR_TYPES
 from runtime.errors import ModelLoadError
@@ -106,7 +107,7 @@ def _read_gguf(path: Path) -> ModelFile:
         raise ModelLoadError(f"{str(path)!r} is not a readable GGUF file: {exc}") from None
     fields = reader.fields
 
-    def value(key: str, default: object = None) -> object:
+    def value(key: str, default: Any = None) -> Any:
         f = fields.get(key)
         return default if f is None else f.contents()
 
@@ -123,25 +124,27 @@ def _read_gguf(path: Path) -> ModelFile:
     if tokens_field is None:
         raise ModelLoadError(f"{str(path)!r} has no vocabulary (tokenizer.ggml.tokens)")
     tokens = [bytes(tokens_field.parts[i]) for i in tokens_field.data]
-    types = [int(t) for t in value("tokenizer.ggml.token_type", [1] * len(tokens))]  # type: ignore[union-attr]
+    types = [int(t) for t in value("tokenizer.ggml.token_type", [1] * len(tokens))]
     tokenizer = str(value("tokenizer.ggml.model", "llama"))
     names = {t.name for t in reader.tensors}
     if arch == "llama" and "output.weight" not in names:
-        raise ModelLoadError(f"{str(path)!r} ties its output to token_embd.weight; the old loader needs output.weight{convert}")
+        raise ModelLoadError(
+            f"{str(path)!r} ties its output to token_embd.weight; the old loader needs output.weight{convert}"
+        )
     if "tokenizer.ggml.scores" not in fields:
-        raise ModelLoadError(f"{str(path)!r} has no tokenizer.ggml.scores, which the old loader requires{convert}")
+        raise ModelLoadError(
+            f"{str(path)!r} has no tokenizer.ggml.scores, which the old loader requires{convert}"
+        )
     if tokenizer == "gpt2" and b"\n" not in tokens:
         raise ModelLoadError(
             f"{str(path)!r} stores its GPT-2 vocabulary in byte-level form, on which the old loader crashes{convert}"
         )
-    n_embd = int(value(f"{arch}.embedding_length", 0))  # type: ignore[call-overload]
-    n_head = int(value(f"{arch}.attention.head_count", 1))  # type: ignore[call-overload]
-    n_head_kv = int(value(f"{arch}.attention.head_count_kv", n_head))  # type: ignore[call-overload]
-    n_layer = int(value(f"{arch}.block_count", 0))  # type: ignore[call-overload]
+    n_embd = int(value(f"{arch}.embedding_length", 0))
+    n_head = int(value(f"{arch}.attention.head_count", 1))
+    n_head_kv = int(value(f"{arch}.attention.head_count_kv", n_head))
+    n_layer = int(value(f"{arch}.block_count", 0))
     texts = [t.decode(errors="replace") for t in tokens]
-    special = {
-        texts[i]: i for i, kind in enumerate(types) if kind in (_CONTROL, _USER_DEFINED) and tokens[i]
-    }
+    special = {texts[i]: i for i, kind in enumerate(types) if kind in (_CONTROL, _USER_DEFINED) and tokens[i]}
     control = frozenset(i for i, kind in enumerate(types) if kind == _CONTROL)
     overrides: dict[int, bytes] = {}
     for i, kind in enumerate(types):
@@ -154,20 +157,20 @@ def _read_gguf(path: Path) -> ModelFile:
     ends = {i for i in control if texts[i] in _EOG_TEXTS}
     eot = value("tokenizer.ggml.eot_token_id")
     if eot is not None:
-        ends.add(int(eot))  # type: ignore[call-overload]
+        ends.add(int(eot))
     template = value("tokenizer.chat_template")
     return ModelFile(
         path=path,
         model_type="gguf",
         name=str(value("general.name", path.stem)),
         n_layer=n_layer,
-        n_ctx_train=int(value(f"{arch}.context_length", 0)),  # type: ignore[call-overload]
+        n_ctx_train=int(value(f"{arch}.context_length", 0)),
         weights_bytes=sum(int(t.n_bytes) for t in reader.tensors),
         weights_shared=True,
         kv_bytes_per_token=2 * n_layer * (n_embd // max(n_head, 1)) * n_head_kv * 2,  # K and V, f16
         add_bos=bool(value("tokenizer.ggml.add_bos_token", tokenizer == "llama")),
-        bos_token=int(value("tokenizer.ggml.bos_token_id", -1)),  # type: ignore[call-overload]
-        eos_token=int(value("tokenizer.ggml.eos_token_id", -1)),  # type: ignore[call-overload]
+        bos_token=int(value("tokenizer.ggml.bos_token_id", -1)),
+        eos_token=int(value("tokenizer.ggml.eos_token_id", -1)),
         chat_template=None if template is None else str(template),
         special_tokens=special,
         piece_overrides=overrides,

@@ -9,6 +9,7 @@ line at DEBUG and keeps the last few, so that the error for a dead worker can qu
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -44,7 +45,12 @@ class WorkerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PROJECT_ROOT, os.environ.get("PYTHONPATH")]))},
+                env={
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join(
+                        filter(None, [_PROJECT_ROOT, os.environ.get("PYTHONPATH")])
+                    ),
+                },
             )
         except BaseException:
             parent.close()
@@ -55,7 +61,10 @@ class WorkerProcess:
         self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         assert self._proc.stdout is not None
         self._reader = threading.Thread(
-            target=self._read_output, args=(self._proc.stdout,), name=f"ct-worker-{self.pid}-output", daemon=True
+            target=self._read_output,
+            args=(self._proc.stdout,),
+            name=f"ct-worker-{self.pid}-output",
+            daemon=True,
         )
         self._reader.start()
         self.died: str | None = None
@@ -90,15 +99,15 @@ class WorkerProcess:
             raise WorkerDiedError(self.died or self._death_message(f"before {request[0]!r}"))
         try:
             self._conn.send(request)
-            if not self._conn.poll(timeout_s):
-                self._proc.kill()
-                raise WorkerDiedError(self._death_message(f"after {timeout_s:g} s without an answer to {request[0]!r}"))
-            status, value = self._conn.recv()
+            reply = self._conn.recv() if self._conn.poll(timeout_s) else None
         except (EOFError, OSError):
             raise WorkerDiedError(self._death_message(f"during {request[0]!r}")) from None
-        except WorkerDiedError as exc:
-            self.died = str(exc)
-            raise
+        if reply is None:
+            self._proc.kill()
+            raise WorkerDiedError(
+                self._death_message(f"after {timeout_s:g} s without an answer to {request[0]!r}")
+            )
+        status, value = reply
         if status == "error":
             raise RuntimeError(f"the ctransformers worker failed {request[0]!r}: {value}")
         return value
@@ -112,16 +121,16 @@ class WorkerProcess:
         self._reader.join(timeout=2)
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         said = " | ".join(self._tail) or "nothing"
-        self.died = f"the ctransformers worker process (pid {self.pid}) ended with {how} {when}; it printed: {said}"
+        self.died = (
+            f"the ctransformers worker process (pid {self.pid}) ended with {how} {when}; it printed: {said}"
+        )
         return self.died
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to free its instances and exit; kill it if it does not in time."""
         if self._proc.poll() is None and self.died is None:
-            try:
+            with contextlib.suppress(OSError):
                 self._conn.send(("close",))
-            except OSError:
-                pass
         deadline = time.monotonic() + timeout_s
         try:
             self._proc.wait(timeout=max(0.0, deadline - time.monotonic()))

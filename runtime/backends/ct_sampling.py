@@ -67,4 +67,5 @@ class TokenSampler:
 
 def _softmax(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     e = np.exp(z - z.max())
-    return e / e.sum()
+    probs: npt.NDArray[np.float64] = e / e.sum()
+    return probs

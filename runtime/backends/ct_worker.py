@@ -84,7 +84,9 @@ def _library_variant() -> str | None:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
     if "avx2" in flags:
         return "avx2"
     if "avx" in flags and "f16c" in flags:
@@ -120,7 +122,9 @@ class Instances:
             self.lib.ctransformers_llm_delete(self.handles.pop())
             self.samplers.pop(len(self.handles), None)
         while len(self.handles) < n:
-            handle = self.lib.ctransformers_llm_create(spec.path.encode(), spec.model_type.encode(), self._config)
+            handle = self.lib.ctransformers_llm_create(
+                spec.path.encode(), spec.model_type.encode(), self._config
+            )
             if not handle:
                 raise RuntimeError(
                     f"ctransformers could not create instance {len(self.handles)} of {spec.path!r} "
@@ -231,24 +235,33 @@ def serve(conn: Connection) -> None:
             if command == "load":
                 instances = Instances(args[0])
                 reply: object = instances.facts()
-            elif instances is None:
-                raise RuntimeError(f"{command!r} before 'load'")
-            elif command == "tokenize":
-                reply = instances.tokenize(args[0])
-            elif command == "step":
-                reply = instances.step(*args)
-            elif command == "resize":
-                reply = instances.resize(args[0])
-            elif command == "logits":
-                reply = np.array(instances.eval(*args), dtype=np.float32)
             else:
-                raise RuntimeError(f"unknown request {command!r}")
+                reply = _answer(instances, command, args)
         except Exception as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
             continue
         conn.send(("ok", reply))
     if instances is not None:
         instances.close()
+
+
+def _answer(instances: Instances | None, command: str, args: tuple[Any, ...]) -> object:
+    """The reply to one request after ``load``.
+
+    :raises RuntimeError: if nothing is loaded yet or the request is unknown.
+    """
+    if instances is None:
+        raise RuntimeError(f"{command!r} before 'load'")
+    if command == "tokenize":
+        return instances.tokenize(args[0])
+    if command == "step":
+        return instances.step(*args)
+    if command == "resize":
+        instances.resize(args[0])
+        return None
+    if command == "logits":
+        return np.array(instances.eval(*args), dtype=np.float32)
+    raise RuntimeError(f"unknown request {command!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,7 @@ import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import gguf  # noqa: F401  (read_model_file needs it; fail at import, as a missing library should)
 import msgspec
@@ -172,7 +173,9 @@ class CTransformersBackend:
         self._starts += 1
         self._worker_cells = {}
         self._unsent_samplers = dict(self._samplers)  # a new worker knows none of them
-        log.info("ctransformers worker %d: %d instances of %s", facts.pid, self._spec.instances, self._spec.path)
+        log.info(
+            "ctransformers worker %d: %d instances of %s", facts.pid, self._spec.instances, self._spec.path
+        )
         return facts
 
     def _live_worker(self) -> WorkerProcess:
@@ -297,20 +300,18 @@ class CTransformersBackend:
                 history += tokens
                 self._worker_cells[seq_id] = len(history)
             self._evaluated += plan.n_tokens
-        sampled, errors = reply  # type: ignore[misc]
+        sampled, errors = cast(tuple[list[int], dict[int, str]], reply)
         index = {seq_id: i for i, seq_id in enumerate(s for s, _, _, sample in evals if sample)}
         out_seqs = plan.seq_ids[plan.output_rows].tolist()
-        tokens = np.array([sampled[index[s]] for s in out_seqs], dtype=np.int32)
+        out = np.array([sampled[index[s]] for s in out_seqs], dtype=np.int32)
         row_errors: dict[int, BaseException] = {
             row: RuntimeError(f"sampling sequence {s} failed: {errors[index[s]]}")
             for row, s in enumerate(out_seqs)
             if index[s] in errors
         }
-        return StepResult(tokens=tokens, row_errors=row_errors)
+        return StepResult(tokens=out, row_errors=row_errors)
 
-    def _evals(
-        self, plan: StepPlan
-    ) -> tuple[list[tuple[int, int, list[int], bool]], dict[int, list[int]]]:
+    def _evals(self, plan: StepPlan) -> tuple[list[tuple[int, int, list[int], bool]], dict[int, list[int]]]:
         """Per sequence: (seq_id, n_past, tokens incl. any replay, sample?), and its new tokens."""
         seq_ids = plan.seq_ids
         firsts = np.unique(seq_ids, return_index=True)[1]
@@ -420,4 +421,3 @@ class CTransformersBackend:
             if self._worker is not None:
                 self._worker.stop()
                 self._worker = None
-

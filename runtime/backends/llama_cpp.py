@@ -109,7 +109,9 @@ class LlamaCppBackend:
         self._vocab = llama.llama_model_get_vocab(self._model)
         self._n_vocab = llama.llama_vocab_n_tokens(self._vocab)
         self.pieces = [self._piece(t) for t in range(self._n_vocab)]
-        self.eog_tokens = frozenset(t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(self._vocab, t))
+        self.eog_tokens = frozenset(
+            t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(self._vocab, t)
+        )
         template = llama.llama_model_chat_template(self._model, None)
         self._chat = (
             Jinja2ChatFormatter(
@@ -192,7 +194,9 @@ class LlamaCppBackend:
         for seq, state in states:
             src = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
             if llama.llama_state_seq_set_data(self._ctx, src, len(state), seq) != len(state):
-                raise RuntimeError(f"could not restore sequence {seq} ({len(state)} bytes) into the new context")
+                raise RuntimeError(
+                    f"could not restore sequence {seq} ({len(state)} bytes) into the new context"
+                )
         return sum(len(s) for _, s in states)
 
     # -- model facts ---------------------------------------------------------------------------

@@ -121,7 +121,9 @@ def measure_memory(slot_counts: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any
         from runtime.backends.llama_cpp import LlamaCppBackend
         from runtime.models import resolve_model
 
-        backend = LlamaCppBackend(resolve_model("default"), RuntimeConfig(n_ctx_per_slot=N_CTX, kv_cache_type=kv), 1)
+        backend = LlamaCppBackend(
+            resolve_model("default"), RuntimeConfig(n_ctx_per_slot=N_CTX, kv_cache_type=kv), 1
+        )
         kv_types[kv] = {"kv_bytes_per_slot": backend.info.kv_bytes_per_slot,
                         "slots_in_1_gib": (1 << 30) // backend.info.kv_bytes_per_slot}  # fmt: skip
         backend.close()
@@ -142,8 +144,12 @@ def measure_memory(slot_counts: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any
 
 def _print(r: dict[str, Any]) -> None:
     mib = 2**20
-    print(f"memory, n_ctx_per_slot={r['n_ctx_per_slot']}: estimate (weights + slots x KV + compute) vs RSS growth")
-    print(f"{'slots':>5} {'weights':>9} {'KV/slot':>8} {'compute':>8} {'estimate':>9} {'measured':>9} {'ratio':>6}")
+    print(
+        f"memory, n_ctx_per_slot={r['n_ctx_per_slot']}: estimate (weights + slots x KV + compute) vs RSS growth"
+    )
+    print(
+        f"{'slots':>5} {'weights':>9} {'KV/slot':>8} {'compute':>8} {'estimate':>9} {'measured':>9} {'ratio':>6}"
+    )
     for row in r["rows"]:
         print(
             f"{row['slots']:>5} {row['weights_bytes'] / mib:>8.1f}M {row['kv_bytes_per_slot'] / mib:>7.1f}M "
@@ -159,7 +165,9 @@ def _print(r: dict[str, Any]) -> None:
         print(f"resize {p['from']} -> {p['to']} with 4 requests running: pause {p['pause_s'] * 1000:.1f} ms, "
               f"drain {p['drain_s'] * 1000:.1f} ms, {p['carried_bytes'] / mib:.2f} MiB carried")  # fmt: skip
     for kv, v in r["kv_cache_types"].items():
-        print(f"KV {kv:>5}: {v['kv_bytes_per_slot'] / mib:6.2f} MiB per slot, {v['slots_in_1_gib']} slots in 1 GiB")
+        print(
+            f"KV {kv:>5}: {v['kv_bytes_per_slot'] / mib:6.2f} MiB per slot, {v['slots_in_1_gib']} slots in 1 GiB"
+        )
 
 
 if __name__ == "__main__":
