@@ -256,7 +256,7 @@ class Supervisor:
         return target_slots(
             reading.free_bytes,
             self._n,
-            self.model.backend.info.kv_bytes_per_slot,
+            self.model.backend.info.kv_bytes_per_slot + self.model.backend.info.instance_bytes,
             headroom_bytes(reading.total_bytes, cfg.memory_headroom_fraction, cfg.memory_headroom_bytes),
             cfg.min_slots,
             cfg.max_slots if cfg.slots == "auto" else cfg.slots,  # a set count is a ceiling

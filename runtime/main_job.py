@@ -182,10 +182,10 @@ async def run_job(
         concurrent = await _concurrent(rt, prompts, max_tokens, out)
         out.write("the same prompts one at a time...\n")
         sequential = await _sequential(rt, prompts, max_tokens)
-    _table(f"Concurrent ({config.slots} slots)", concurrent, out)
+    _table(f"Concurrent ({status.slots_effective} slots)", concurrent, out)
     _table("One at a time", sequential, out)
     speedup = concurrent.aggregate_tokens_per_s / sequential.aggregate_tokens_per_s
     out.write(f"\nconcurrent / one at a time: {speedup:.2f}x aggregate tok/s\n")
     return JobReport(
-        model=status.model, slots=config.slots, concurrent=concurrent, sequential=sequential, speedup=speedup
+        model=status.model, slots=status.slots_effective, concurrent=concurrent, sequential=sequential, speedup=speedup
     )

@@ -237,3 +237,9 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True):
     """The last ResizeRecord: from_slots, to_slots, reason, pause_s, drain_s, carried_bytes."""
     memory: Any | None
     """The last MemoryReading the Supervisor used: source, device, total/used/free bytes."""
+    batched: bool = True
+    """Whether a step decodes every busy slot together (False: one after another; ctransformers)."""
+    model_instances: int = 1
+    """Library instances of the model: 1 shared context, or one per slot (ctransformers)."""
+    weights_resident_bytes: int = 0
+    """weights_bytes times the copies held: once where instances share them, else per instance."""

@@ -129,7 +129,8 @@ class Runtime:
             self._probe = probe_for(cfg, backend.info.gpu_layers)
         probe = self._probe
         reading = None if probe is None else await anyio.to_thread.run_sync(probe.read)
-        slots = initial_slots(cfg, reading, backend.info.n_seq_max, backend.info.kv_bytes_per_slot)
+        per_slot = backend.info.kv_bytes_per_slot + backend.info.instance_bytes  # a slot's whole cost
+        slots = initial_slots(cfg, reading, backend.info.n_seq_max, per_slot)
         if slots != backend.info.n_seq_max:
             await anyio.to_thread.run_sync(backend.resize, slots)
         self._slots_configured = slots if cfg.slots == "auto" else cfg.slots
@@ -169,8 +170,8 @@ class Runtime:
         assert self._tg is not None and self._backend is not None
         with anyio.move_on_after(5):  # the cancels take effect at the next step
             while self._in_flight:
-                self._drained: anyio.Event | None = None  # set when the last request in flight ends
-                await self._drained.wait()
+                drained = self._drained = anyio.Event()
+                await drained.wait()
         self._tg.cancel_scope.cancel()
         await self._tg.__aexit__(None, None, None)  # the body's own exception propagates as is
         await anyio.to_thread.run_sync(self._backend.close)
@@ -341,6 +342,9 @@ class Runtime:
             resizes=len(sup.resizes) if sup else 0,
             last_resize=sup.resizes[-1] if sup and sup.resizes else None,
             memory=sup.memory if sup else None,
+            batched=info.batched if info else True,
+            model_instances=info.instances if info else 0,
+            weights_resident_bytes=info.weights_bytes * info.weights_copies if info else 0,
         )
 
     async def resize(self, slots: int) -> ResizeRecord | None:

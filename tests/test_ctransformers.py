@@ -297,3 +297,31 @@ def test_the_converter_refuses_what_the_old_loader_cannot_load(tmp_path: Path) -
         ModelLoadError, match=r"'token_embd\.weight' is IQ4_NL, which ctransformers 0\.2\.27 cannot load"
     ):
         backend(tmp_path / "odd.gguf")
+
+
+async def test_status_shows_instances_and_weights_per_instance(tiny_gpt2: Path) -> None:
+    """A legacy model through the runtime: three slots are three instances, each with its own
+    weights, and steps are not batched; generation runs on every slot."""
+    cfg = RuntimeConfig(backend="ctransformers", model=str(tiny_gpt2), slots=3, n_ctx_per_slot=GPT2_N_CTX)
+    async with Runtime(cfg) as rt:
+        async with anyio.create_task_group() as tg:
+            for text in ("the water", "one day", "he said"):
+                tg.start_soon(rt.complete, greedy(text, max_tokens=20))
+        status = rt.status()
+    assert (status.backend, status.batched, status.model_instances) == ("ctransformers", False, 3)
+    assert status.weights_resident_bytes == 3 * tiny_gpt2.stat().st_size
+    assert status.requests_completed == 3 and status.requests_failed == 0
+
+
+def test_a_legacy_worker_crash_is_isolated_too(tiny_gpt2: Path) -> None:
+    legacy = backend(tiny_gpt2, slots=2)
+    try:
+        legacy.step(prefill([116, 104, 101]))
+        legacy.inject_native_crash()
+        with pytest.raises(WorkerDiedError, match="SIGABRT"):
+            legacy.step(prefill([116], seq_id=1))
+        after = legacy.step(prefill([337], start=3))  # sequence 0 rebuilt in a new worker
+        stats = legacy.statistics()
+    finally:
+        legacy.close()
+    assert after.tokens.shape == (1,) and (stats.worker_deaths, stats.tokens_replayed) == (1, 3)

@@ -48,7 +48,7 @@ async def running(
 
 async def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
     with anyio.fail_after(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - polls status snapshots; there is no event to wait on
+        while not predicate():  # polls status snapshots: there is no event to wait on
             await anyio.sleep(0.002)
 
 

@@ -54,7 +54,7 @@ async def served(kind: str, **config: Any) -> AsyncIterator[tuple[Runtime, str, 
 
 async def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
     with anyio.fail_after(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - polls status snapshots; there is no event to wait on
+        while not predicate():  # polls status snapshots: there is no event to wait on
             await anyio.sleep(0.001)
 
 

@@ -100,11 +100,17 @@ class StepResult:
 class Backend(Protocol):
     """A loaded model with one context of ``info.n_seq_max`` sequences."""
 
-    info: ModelInfo
-    pieces: Sequence[bytes]
-    """Token id -> the bytes it stands for (a table read on the event loop; no native call)."""
-    eog_tokens: frozenset[int]
-    """End-of-generation token ids (EOS, EOT, ...)."""
+    @property
+    def info(self) -> ModelInfo:
+        """What the model is and what it costs; replaced when the context is resized."""
+
+    @property
+    def pieces(self) -> Sequence[bytes]:
+        """Token id -> the bytes it stands for (a table read on the event loop; no native call)."""
+
+    @property
+    def eog_tokens(self) -> frozenset[int]:
+        """End-of-generation token ids (EOS, EOT, ...)."""
 
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         """Token ids of ``text``; special tokens written in the text are recognised."""

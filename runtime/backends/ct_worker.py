@@ -15,7 +15,8 @@ Requests and their replies (``("ok", value)`` or ``("error", message)``):
   ``(seq_id, n_past, tokens, sample)`` evaluate the tokens on that sequence's instance from
   position ``n_past`` and, if ``sample``, draw its next token. ``crash`` makes the first eval
   go to the library with n_past = -1, which fails its ``GGML_ASSERT(n_past >= 0)``: a real
-  native abort, for crash drills.
+  native abort, for crash drills. The legacy families have no such check (they would read
+  out of bounds), so for them the process aborts itself the way a failed assertion does.
 - ``("logits", seq_id, n_past, tokens)`` -> float32 array (n_vocab,): the next-token logits.
 - ``("resize", n)`` -> None: create or free instances so that there are ``n``.
 - ``("close",)``: free the instances and exit.
@@ -27,6 +28,7 @@ this process serves one request at a time on one thread.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -134,8 +136,6 @@ class Instances:
 
     def facts(self) -> WorkerFacts:
         """The model's facts; with the vocabulary when the spec asks for it."""
-        import os
-
         lib, first = self.lib, self.handles[0]
         pieces: list[bytes] = []
         eos: list[int] = []
@@ -196,6 +196,8 @@ class Instances:
         for seq_id, spec in samplers.items():
             self.samplers[seq_id] = None if spec is None else TokenSampler(spec)
         if crash and evals:
+            if self.spec.model_type != "gguf":
+                os.abort()
             seq_id, _, tokens, _ = evals[0]
             self.eval(seq_id, -1, tokens)  # GGML_ASSERT(n_past >= 0) aborts the process
         tokens_out: list[int] = []

@@ -92,6 +92,10 @@ class CTransformersBackend:
         ``config.n_ctx_per_slot``.
     """
 
+    info: ModelInfo
+    pieces: Sequence[bytes]
+    eog_tokens: frozenset[int]
+
     def __init__(self, path: Path, config: RuntimeConfig, n_seq: int | None = None) -> None:
         if config.n_gpu_layers > 0:
             raise ConfigError(
@@ -399,8 +403,9 @@ class CTransformersBackend:
         return logits
 
     def inject_native_crash(self) -> None:
-        """Make the next step crash the worker in native code: its first eval goes to the library
-        with position -1 and fails ``GGML_ASSERT(n_past >= 0)`` (GGUF models). For drills/tests."""
+        """Make the next step crash the worker: for GGUF models its first eval goes to the library
+        with position -1 and fails ``GGML_ASSERT(n_past >= 0)``; legacy families have no such
+        check, so there the worker aborts itself as a failed assertion does. For drills and tests."""
         self._crash_next_step = True
 
     def statistics(self) -> CTransformersStatistics:

@@ -238,7 +238,8 @@ class LlamaCppBackend:
         """
         if self._chat is None:
             raise InvalidRequestError(f"model {self.info.name!r} has no chat template; use generate")
-        rendered = self._chat(messages=[{"role": m.role, "content": m.content} for m in messages])
+        chat: Any = [{"role": m.role, "content": m.content} for m in messages]
+        rendered = self._chat(messages=chat)
         return str(rendered.prompt)
 
     # -- the step ------------------------------------------------------------------------------
@@ -350,7 +351,7 @@ class _NumpyBatch:
         self.logits = np.zeros(capacity, dtype=np.int8)
         self.seq_ptrs = self.seq.ctypes.data + 4 * np.arange(capacity, dtype=np.uint64)
         self.struct = llama.llama_batch()
-        s = self.struct
+        s: Any = self.struct  # ctypes pointers into the numpy arrays above
         s.token = self.tokens.ctypes.data_as(ctypes.POINTER(llama.llama_token))
         s.embd = None
         s.pos = self.pos.ctypes.data_as(ctypes.POINTER(llama.llama_pos))

@@ -1,0 +1,143 @@
+"""Section 1, the limit: N sequences batched in one llama.cpp context, no runtime around it.
+
+A plain loop on llama-cpp-python's low-level API, the fastest a Python program can drive
+llama.cpp: one ``llama_batch`` filled from numpy arrays, one ``llama_decode`` a step, one
+argmax over every row's logits. All prompts are evaluated in the first batch; each sequence
+then decodes greedily until an end-of-generation token or ``max_tokens``, as slotserve does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.bench.workload import PassFigures, Workload
+
+__all__ = ["PlainLoop"]
+
+
+class PlainLoop:
+    """One model and one context of ``n_seq`` sequences, driven by a plain loop.
+
+    :param path: the GGUF file.
+    :raises RuntimeError: if llama.cpp cannot load the model or create the context.
+    """
+
+    def __init__(self, path: Path, n_seq: int, workload: Workload) -> None:
+        import llama_cpp as llama
+
+        self._llama = llama
+        llama.llama_backend_init()
+        mparams = llama.llama_model_default_params()
+        mparams.n_gpu_layers = 999 if workload.gpu_layers < 0 else workload.gpu_layers
+        self._model = llama.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load {str(path)!r}")
+        self._vocab = llama.llama_model_get_vocab(self._model)
+        self._n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        self._eog = np.array(
+            [llama.llama_vocab_is_eog(self._vocab, t) for t in range(self._n_vocab)], dtype=bool
+        )
+        n_batch = max(workload.n_batch, n_seq)
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = workload.n_ctx_per_slot * n_seq
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = min(n_batch, 512)
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = cparams.n_threads_batch = workload.n_threads
+        cparams.kv_unified = False
+        cparams.no_perf = True
+        self._ctx = llama.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama.llama_model_free(self._model)
+            raise RuntimeError(f"llama.cpp could not create a context of {n_seq} sequences")
+        self._mem = llama.llama_get_memory(self._ctx)
+        self.n_seq = n_seq
+        self._capacity = n_batch
+        self._tokens = np.zeros(n_batch, dtype=np.int32)
+        self._pos = np.zeros(n_batch, dtype=np.int32)
+        self._n_seq_id = np.ones(n_batch, dtype=np.int32)
+        self._seq = np.zeros(n_batch, dtype=np.int32)
+        self._logits = np.zeros(n_batch, dtype=np.int8)
+        self._seq_ptrs = self._seq.ctypes.data + 4 * np.arange(n_batch, dtype=np.uint64)
+        b = self._batch = llama.llama_batch()
+        b.token = self._tokens.ctypes.data_as(ctypes.POINTER(llama.llama_token))
+        b.embd = None
+        b.pos = self._pos.ctypes.data_as(ctypes.POINTER(llama.llama_pos))
+        b.n_seq_id = self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.seq_id = self._seq_ptrs.ctypes.data_as(ctypes.POINTER(ctypes.POINTER(llama.llama_seq_id)))
+        b.logits = self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``, BOS added if the model wants one (as slotserve tokenizes)."""
+        data = text.encode()
+        buf = (self._llama.llama_token * (len(data) + 8))()
+        n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, len(buf), True, True)
+        return list(buf[:n])
+
+    def _decode(self, n: int, n_out: int) -> np.ndarray:
+        """Decode the first ``n`` rows of the batch; return the argmax of the ``n_out`` outputs."""
+        self._batch.n_tokens = n
+        rc = self._llama.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} for {n} tokens")
+        logits = np.ctypeslib.as_array(self._llama.llama_get_logits(self._ctx), shape=(n_out, self._n_vocab))
+        return np.argmax(logits, axis=1).astype(np.int32)
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> tuple[PassFigures, list[list[int]]]:
+        """Generate for every prompt at once (one sequence each, greedy).
+
+        :returns: the figures (TTFT from the start of the pass) and each sequence's tokens.
+        :raises ValueError: if there are more prompts than sequences or they exceed the batch.
+        """
+        n = len(prompts)
+        total = sum(len(p) for p in prompts)
+        if n > self.n_seq or total > self._capacity:
+            raise ValueError(f"{n} prompts of {total} tokens; the loop holds {self.n_seq} and {self._capacity}")
+        self._llama.llama_memory_clear(self._mem, True)
+        start = time.perf_counter()
+        self._tokens[:total] = np.concatenate([np.asarray(p, dtype=np.int32) for p in prompts])
+        self._pos[:total] = np.concatenate([np.arange(len(p), dtype=np.int32) for p in prompts])
+        self._seq[:total] = np.repeat(np.arange(n, dtype=np.int32), [len(p) for p in prompts])
+        self._logits[:total] = 0
+        self._logits[np.cumsum([len(p) for p in prompts]) - 1] = 1
+        sampled = self._decode(total, n)
+        now = time.perf_counter()
+        ttft = [now - start] * n
+        itl: list[float] = []
+        out: list[list[int]] = [[int(t)] for t in sampled]
+        seqs = np.arange(n, dtype=np.int32)
+        pos = np.array([len(p) for p in prompts], dtype=np.int32)
+        alive = ~self._eog[sampled] & (max_tokens > 1)
+        last = now
+        self._logits[:n] = 1
+        while alive.any():
+            seqs, pos, sampled = seqs[alive], pos[alive], sampled[alive]
+            k = len(seqs)
+            self._tokens[:k] = sampled
+            self._pos[:k] = pos
+            self._seq[:k] = seqs
+            sampled = self._decode(k, k)
+            now = time.perf_counter()
+            itl.extend([now - last] * k)
+            last = now
+            pos = pos + 1
+            for s, t in zip(seqs.tolist(), sampled.tolist(), strict=True):
+                out[s].append(t)
+            lengths = np.array([len(out[s]) for s in seqs.tolist()])
+            alive = ~self._eog[sampled] & (lengths < max_tokens)
+        wall = time.perf_counter() - start
+        tokens = sum(len(o) for o in out)
+        return PassFigures.of(n, tokens, wall, ttft, itl), out
+
+    def close(self) -> None:
+        """Free the context and the weights."""
+        if self._ctx:
+            self._llama.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            self._llama.llama_model_free(self._model)
+            self._model = None
