@@ -303,13 +303,14 @@ async def test_status_shows_instances_and_weights_per_instance(tiny_gpt2: Path) 
     """A legacy model through the runtime: three slots are three instances, each with its own
     weights, and steps are not batched; generation runs on every slot."""
     cfg = RuntimeConfig(backend="ctransformers", model=str(tiny_gpt2), slots=3, n_ctx_per_slot=GPT2_N_CTX)
+    file_bytes = await anyio.Path(tiny_gpt2).stat()
     async with Runtime(cfg) as rt:
         async with anyio.create_task_group() as tg:
             for text in ("the water", "one day", "he said"):
                 tg.start_soon(rt.complete, greedy(text, max_tokens=20))
         status = rt.status()
     assert (status.backend, status.batched, status.model_instances) == ("ctransformers", False, 3)
-    assert status.weights_resident_bytes == 3 * tiny_gpt2.stat().st_size
+    assert status.weights_resident_bytes == 3 * file_bytes.st_size
     assert status.requests_completed == 3 and status.requests_failed == 0
 
 

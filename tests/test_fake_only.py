@@ -116,3 +116,20 @@ async def test_closing_the_runtime_cancels_and_refuses() -> None:
         await queued.collect()
     with pytest.raises(RuntimeClosedError):
         rt.generate(greedy("x"))
+
+
+async def test_a_request_that_crashes_its_slot_twice_is_failed_not_retried_again() -> None:
+    """Nothing streamed yet: the request is retried once on the restarted slot; a second crash
+    fails it back to the caller. The backoff between restarts is jittered but bounded."""
+    fake = {"fault_prompts": ["boom"], "fault_after": 1}
+    cfg = {"restart_intensity": 10, "restart_backoff_s": 0.05, "restart_backoff_max_s": 0.2}
+    async with open_runtime("fake", slots=1, fake=fake, **cfg) as rt:
+        start = anyio.current_time()
+        with pytest.raises(SlotFailedError, match=r"\(2 crash\(es\)\)"):
+            await rt.complete(greedy("boom", max_tokens=5))
+        waited = anyio.current_time() - start
+        after = await rt.complete(greedy(PROMPTS[0], max_tokens=3))
+        status = rt.status()
+    assert status.restarts == 2 and status.requests_failed == 1
+    assert waited >= 0.025  # at least the first backoff (50% of 0.05 s)
+    assert after.stats.completion_tokens == 3

@@ -77,7 +77,9 @@ class SequenceCells:
                     f"sequence {seq_id}: positions {positions.tolist()[:3]}... do not continue its {len(held)} cells"
                 )
             if p0 + n > self.n_ctx:
-                raise RuntimeError(f"sequence {seq_id}: {p0 + n:,} tokens would pass n_ctx_per_slot ({self.n_ctx:,})")
+                raise RuntimeError(
+                    f"sequence {seq_id}: {p0 + n:,} tokens would pass n_ctx_per_slot ({self.n_ctx:,})"
+                )
             sampled = [r for r in rows.tolist() if r in outputs]
             if sampled and sampled != [int(rows[-1])]:
                 raise RuntimeError(f"sequence {seq_id}: an instance yields logits for its last token only")

@@ -41,6 +41,7 @@ import numpy as np
 
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
 from runtime.backends.chat_template import ChatTemplate
+from runtime.backends.ct_cells import SequenceCells
 from runtime.backends.ct_model_file import ModelFile, read_model_file
 from runtime.backends.ct_process import WorkerDiedError, WorkerProcess
 from runtime.backends.ct_worker import LoadSpec, WorkerFacts
@@ -114,14 +115,11 @@ class CTransformersBackend:
         )
         self._lock = threading.Lock()
         self._worker: WorkerProcess | None = None
-        self._history: dict[int, list[int]] = {}
-        """seq_id -> the tokens of its cells, by position (kept to rebuild them in a new worker)."""
-        self._worker_cells: dict[int, int] = {}
-        """seq_id -> how many of those cells the current worker's instance holds."""
+        self._cells = SequenceCells(self._n_ctx, n)
         self._samplers: dict[int, SamplerSpec | None] = {}
         self._unsent_samplers: dict[int, SamplerSpec | None] = {}
         self._crash_next_step = False
-        self._starts = self._deaths = self._evaluated = self._replayed = 0
+        self._starts = self._deaths = self._evaluated = 0
         facts = self._start_worker(describe=True)
         self._instance_context = facts.context_length
         if facts.context_length < self._n_ctx:
@@ -175,7 +173,7 @@ class CTransformersBackend:
         assert isinstance(facts, WorkerFacts)
         self._worker = worker
         self._starts += 1
-        self._worker_cells = {}
+        self._cells.worker_lost()
         self._unsent_samplers = dict(self._samplers)  # a new worker knows none of them
         log.info(
             "ctransformers worker %d: %d instances of %s", facts.pid, self._spec.instances, self._spec.path
@@ -194,7 +192,7 @@ class CTransformersBackend:
     def _died(self) -> None:
         """Account for a dead worker: its instances' cells are gone (lock held)."""
         self._deaths += 1
-        self._worker_cells = {}
+        self._cells.worker_lost()
 
     # -- vocabulary ----------------------------------------------------------------------------
 
@@ -280,14 +278,12 @@ class CTransformersBackend:
         """
         with self._lock:
             for seq_id, p0 in plan.trims:
-                del self._history.setdefault(seq_id, [])[p0:]
-                if seq_id in self._worker_cells:
-                    self._worker_cells[seq_id] = min(self._worker_cells[seq_id], p0)
+                self._cells.trim(seq_id, p0)
             self._samplers.update(plan.samplers)
             self._unsent_samplers.update(plan.samplers)
             if plan.n_tokens == 0:
                 return StepResult(tokens=np.empty(len(plan.output_rows), dtype=np.int32))
-            evals, new_tokens = self._evals(plan)
+            evals, new_tokens = self._cells.evals(plan)
             worker = self._live_worker()
             crash, self._crash_next_step = self._crash_next_step, False
             try:
@@ -296,13 +292,10 @@ class CTransformersBackend:
                 self._died()
                 raise
             except RuntimeError:
-                self._worker_cells = {}  # some instances may hold part of this step: rebuild them
+                self._cells.worker_lost()  # some instances may hold part of this step: rebuild them
                 raise
             self._unsent_samplers = {}
-            for seq_id, tokens in new_tokens.items():
-                history = self._history[seq_id]
-                history += tokens
-                self._worker_cells[seq_id] = len(history)
+            self._cells.commit(new_tokens)
             self._evaluated += plan.n_tokens
         sampled, errors = cast(tuple[list[int], dict[int, str]], reply)
         index = {seq_id: i for i, seq_id in enumerate(s for s, _, _, sample in evals if sample)}
@@ -315,43 +308,9 @@ class CTransformersBackend:
         }
         return StepResult(tokens=out, row_errors=row_errors)
 
-    def _evals(self, plan: StepPlan) -> tuple[list[tuple[int, int, list[int], bool]], dict[int, list[int]]]:
-        """Per sequence: (seq_id, n_past, tokens incl. any replay, sample?), and its new tokens."""
-        seq_ids = plan.seq_ids
-        firsts = np.unique(seq_ids, return_index=True)[1]
-        outputs = set(plan.output_rows.tolist())
-        evals: list[tuple[int, int, list[int], bool]] = []
-        new_tokens: dict[int, list[int]] = {}
-        for seq_id in seq_ids[np.sort(firsts)].tolist():
-            if not 0 <= seq_id < self._spec.instances:
-                raise RuntimeError(f"sequence {seq_id} has no instance; there are {self._spec.instances}")
-            rows = np.flatnonzero(seq_ids == seq_id)
-            positions = plan.positions[rows]
-            p0, n = int(positions[0]), int(rows.shape[0])
-            history = self._history.setdefault(seq_id, [])
-            if p0 != len(history) or np.any(positions != np.arange(p0, p0 + n)):
-                raise RuntimeError(
-                    f"sequence {seq_id}: positions {positions.tolist()[:3]}... do not continue its "
-                    f"{len(history)} cells"
-                )
-            if p0 + n > self._n_ctx:
-                raise RuntimeError(
-                    f"sequence {seq_id}: {p0 + n:,} tokens would pass n_ctx_per_slot ({self._n_ctx:,})"
-                )
-            sampled_rows = [r for r in rows.tolist() if r in outputs]
-            if sampled_rows and sampled_rows != [int(rows[-1])]:
-                raise RuntimeError(f"sequence {seq_id}: an instance yields logits for its last token only")
-            start = self._worker_cells.get(seq_id, 0)
-            replay = history[start:p0]
-            self._replayed += len(replay)
-            tokens = plan.tokens[rows].tolist()
-            new_tokens[seq_id] = tokens
-            evals.append((seq_id, start, replay + tokens, bool(sampled_rows)))
-        return evals, new_tokens
-
     def seq_cells(self, seq_id: int) -> int:
         """Cells the sequence holds (tracked here; reading it takes no lock and no native call)."""
-        return len(self._history.get(seq_id, ()))
+        return self._cells.held(seq_id)
 
     def resize(self, n_seq: int) -> int:
         """Hold ``n_seq`` instances: new ones are created, those from ``n_seq`` on are freed;
@@ -361,11 +320,9 @@ class CTransformersBackend:
         :raises ModelLoadError: if a new instance cannot be created.
         """
         with self._lock:
-            kept = sum(len(h) for s, h in self._history.items() if s < n_seq)
-            for seq_id in [s for s in self._history if s >= n_seq]:
-                del self._history[seq_id]
-                self._worker_cells.pop(seq_id, None)
-                self._samplers.pop(seq_id, None)
+            kept = self._cells.keep_below(n_seq)
+            for seq_id in [s for s in self._samplers if s >= n_seq]:
+                del self._samplers[seq_id]
             self._spec = dataclasses.replace(self._spec, instances=n_seq)
             if self._worker is not None and self._worker.alive:
                 try:
@@ -391,8 +348,7 @@ class CTransformersBackend:
         if not 0 < len(tokens) <= self._n_ctx:
             raise ValueError(f"{len(tokens)} tokens; 1 to {self._n_ctx:,} (n_ctx_per_slot) are allowed")
         with self._lock:
-            self._history[0] = []
-            self._worker_cells[0] = 0
+            self._cells.trim(0, 0)
             worker = self._live_worker()
             try:
                 logits = worker.call(("logits", 0, 0, list(tokens)), STEP_TIMEOUT_S)
@@ -417,7 +373,7 @@ class CTransformersBackend:
             worker_starts=self._starts,
             worker_deaths=self._deaths,
             tokens_evaluated=self._evaluated,
-            tokens_replayed=self._replayed,
+            tokens_replayed=self._cells.replayed,
         )
 
     def close(self) -> None:
