@@ -200,10 +200,12 @@ class ModelActor:
         seqs: list[int] = [j.seq_id for j in decoding]
         out_rows: list[int] = list(range(len(decoding)))
         rows: list[SequenceJob] = list(decoding)
+        chunks: list[tuple[SequenceJob, int]] = []
         for job in prefilling:
             if budget <= 0:
                 break
             n = min(budget, len(job.prompt) - job.fed)
+            chunks.append((job, n))
             tokens += job.prompt[job.fed : job.fed + n]
             positions += range(job.pos, job.pos + n)
             seqs += [job.seq_id] * n
@@ -221,12 +223,11 @@ class ModelActor:
             trims=self._trims,
             samplers=self._samplers,
             n_prompt_tokens=len(tokens) - len(decoding),
+            n_sequences=len(decoding) + len(chunks),
         )
         self._trims, self._samplers = [], {}
         # Advance prompt bookkeeping now; the jobs in ``rows`` advance when tokens arrive.
-        counts = dict(zip(*np.unique(plan.seq_ids, return_counts=True), strict=True))
-        for job in prefilling:
-            n = int(counts.get(job.seq_id, 0))
+        for job, n in chunks:
             job.fed += n
             job.pos += n
         for job in decoding:
@@ -270,7 +271,7 @@ class ModelActor:
         self._steps += 1
         self._tokens_decoded += plan.n_tokens
         self._tokens_sampled += len(plan.output_rows)
-        n = len(np.unique(plan.seq_ids)) if plan.n_tokens else 0
+        n = plan.n_sequences
         self._last_sequences = n
         self._steps_by_sequences[n] = self._steps_by_sequences.get(n, 0) + 1
         self._step_seconds += seconds

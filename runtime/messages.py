@@ -42,10 +42,16 @@ def _check(ok: bool, message: str) -> None:
         raise InvalidRequestError(message)
 
 
-def _check_text(field: str, text: str) -> None:
-    _check(bool(text), f"{field} is empty; it needs at least one character")
+def _check_text(field: str, text: str, *, allow_empty: bool = False) -> None:
+    _check(allow_empty or bool(text), f"{field} is empty; it needs at least one character")
     nul = text.find("\x00")
     _check(nul < 0, f"{field} contains a NUL character at index {nul}; NUL is not allowed")
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{field} contains a lone surrogate at index {exc.start}; text must be valid Unicode (UTF-8)"
+        ) from None
 
 
 class _Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -126,8 +132,7 @@ class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     content: str
 
     def __post_init__(self) -> None:
-        nul = self.content.find("\x00")
-        _check(nul < 0, f"message content contains a NUL character at index {nul}")
+        _check_text("content", self.content, allow_empty=True)
 
 
 class ChatRequest(_Sampling, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -108,3 +108,15 @@ def test_context_overflow_message_has_both_numbers() -> None:
         "prompt is 2,310 tokens and max_tokens is 100 (2,410 in all); slot context is 2,048 tokens (n_ctx_per_slot)"
     )
     assert isinstance(exc, InvalidRequestError)
+
+
+def test_text_must_be_valid_unicode() -> None:
+    from runtime import ChatMessage
+
+    with pytest.raises(InvalidRequestError, match="prompt contains a lone surrogate at index 1"):
+        GenerateRequest(prompt="a\udc00b")
+    with pytest.raises(InvalidRequestError, match=r"stop\[0\] contains a lone surrogate"):
+        GenerateRequest(prompt="x", stop=("\ud800",))
+    with pytest.raises(InvalidRequestError, match="content contains a lone surrogate"):
+        ChatMessage(role="user", content="\udfff")
+    assert ChatMessage(role="assistant", content="").content == ""

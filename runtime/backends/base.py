@@ -81,6 +81,8 @@ class StepPlan:
     """seq_id -> new sampler for that sequence (None: greedy argmax), set before decoding."""
     n_prompt_tokens: int = 0
     """Of ``tokens``, how many are prompt (prefill) tokens; the rest are one per decoding sequence."""
+    n_sequences: int = 0
+    """Sequences with tokens in this step."""
 
     @property
     def n_tokens(self) -> int:
