@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
 from runtime.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "RuntimeConfig"]
+__all__ = ["ENV_PREFIX", "RuntimeConfig", "load_settings"]
 
 ENV_PREFIX = "SLOTSERVE_"
 BackendName = Literal["llama_cpp", "fake", "ctransformers"]
@@ -144,12 +144,25 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         if toml_path is not None:
             with open(toml_path, "rb") as f:
                 values.update(tomllib.load(f))
-        fields = set(cls.__struct_fields__)
-        for key, raw in os.environ.items():
-            if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in fields:
-                values[key[len(ENV_PREFIX) :].lower()] = raw
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return msgspec.convert(values, cls, strict=False)
-        except msgspec.ValidationError as exc:
-            raise ConfigError(str(exc)) from None
+        return load_settings(cls, values, overrides)
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def load_settings(cls: type[S], base: dict[str, Any], overrides: dict[str, Any]) -> S:
+    """Build ``cls`` from ``base`` < ``SLOTSERVE_<FIELD>`` environment < ``overrides`` (None
+    values skipped); strings from the environment are converted to the field types.
+
+    :raises ConfigError: if a value is malformed, out of range or an unknown setting.
+    """
+    values = dict(base)
+    for name in cls.__struct_fields__:
+        raw = os.environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = raw
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(values, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc)) from None

@@ -6,12 +6,11 @@ Sources, later ones winning: the defaults below, environment variables named
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import msgspec
 
-from runtime.config import ENV_PREFIX
+from runtime.config import load_settings
 from runtime.errors import ConfigError
 
 __all__ = ["ServerSettings"]
@@ -51,13 +50,4 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
         :raises ConfigError: if a value is malformed or out of range.
         """
-        values: dict[str, Any] = {}
-        for name in cls.__struct_fields__:
-            raw = os.environ.get(ENV_PREFIX + name.upper())
-            if raw is not None:
-                values[name] = raw
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return msgspec.convert(values, cls, strict=False)
-        except msgspec.ValidationError as exc:
-            raise ConfigError(str(exc)) from None
+        return load_settings(cls, {}, overrides)
