@@ -187,7 +187,10 @@ class ModelActor:
                 self._on_step(plan.n_tokens, n_sequences, plan.n_prompt_tokens, seconds)
 
     def _plan(self) -> tuple[StepPlan | None, list[SequenceJob]]:
-        """Choose this step's tokens: decoding sequences first, then prompt chunks (FIFO)."""
+        """Choose this step's tokens: one for each decoding sequence, then prompt chunks (FIFO)
+        within the budget. The batch holds them in sequence order: llama.cpp decodes a batch
+        whose sequences are out of order in costlier micro-batches (15-50% more CPU time for
+        8 sequences of the embedded model)."""
         decoding: list[SequenceJob] = []
         prefilling: list[SequenceJob] = []
         for job in self._jobs.values():
@@ -195,26 +198,34 @@ class ModelActor:
                 continue  # its slot has not read what it has: pause it, not the batch
             (prefilling if job.prefilling else decoding).append(job)
         budget = self.n_batch - len(decoding)
-        tokens: list[int] = [j.next_token for j in decoding]
-        positions: list[int] = [j.pos for j in decoding]
-        seqs: list[int] = [j.seq_id for j in decoding]
-        out_rows: list[int] = list(range(len(decoding)))
-        rows: list[SequenceJob] = list(decoding)
-        chunks: list[tuple[SequenceJob, int]] = []
+        parts: list[tuple[SequenceJob, int]] = [(job, 0) for job in decoding]  # 0: its next token
         for job in prefilling:
             if budget <= 0:
                 break
             n = min(budget, len(job.prompt) - job.fed)
-            chunks.append((job, n))
-            tokens += job.prompt[job.fed : job.fed + n]
-            positions += range(job.pos, job.pos + n)
-            seqs += [job.seq_id] * n
-            if job.fed + n == len(job.prompt):
-                out_rows.append(len(tokens) - 1)
-                rows.append(job)
+            parts.append((job, n))
             budget -= n
-        if not tokens and not self._trims and not self._samplers:
+        if not parts and not self._trims and not self._samplers:
             return None, []
+        parts.sort(key=lambda part: part[0].seq_id)
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[int] = []
+        out_rows: list[int] = []
+        rows: list[SequenceJob] = []
+        for job, n in parts:
+            if n == 0:
+                tokens.append(job.next_token)
+                positions.append(job.pos)
+                seqs.append(job.seq_id)
+            else:
+                tokens += job.prompt[job.fed : job.fed + n]
+                positions += range(job.pos, job.pos + n)
+                seqs += [job.seq_id] * n
+                if job.fed + n < len(job.prompt):
+                    continue  # more of the prompt to come: nothing to sample yet
+            out_rows.append(len(tokens) - 1)
+            rows.append(job)
         plan = StepPlan(
             tokens=np.array(tokens, dtype=np.int32),
             positions=np.array(positions, dtype=np.int32),
@@ -223,15 +234,13 @@ class ModelActor:
             trims=self._trims,
             samplers=self._samplers,
             n_prompt_tokens=len(tokens) - len(decoding),
-            n_sequences=len(decoding) + len(chunks),
+            n_sequences=len(parts),
         )
         self._trims, self._samplers = [], {}
         # Advance prompt bookkeeping now; the jobs in ``rows`` advance when tokens arrive.
-        for job, n in chunks:
+        for job, n in parts:
             job.fed += n
-            job.pos += n
-        for job in decoding:
-            job.pos += 1
+            job.pos += n or 1
         return plan, rows
 
     def _deliver(self, plan: StepPlan, rows: list[SequenceJob], result: StepResult) -> None:

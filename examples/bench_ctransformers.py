@@ -6,7 +6,7 @@ converted for ctransformers, greedy chat answers to examples/prompts.json, ``slo
 ``--rounds`` requests at once. Memory is the PSS of the process that holds the instances
 (ctransformers: its worker process; llama.cpp: the runtime's own process) after the run.
 
-Run: python examples/bench_ctransformers.py [--max-tokens 32] [--threads 1] [--json out.json]
+Run: python examples/bench_ctransformers.py [--max-tokens 48] [--rounds 4] [--threads 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ async def measure(
 def main() -> int:
     """Run every (backend, slots) pair in its own process and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--max-tokens", type=int, default=32, dest="max_tokens")
-    parser.add_argument("--rounds", type=int, default=2, help="requests per slot")
+    parser.add_argument("--max-tokens", type=int, default=48, dest="max_tokens")
+    parser.add_argument("--rounds", type=int, default=4, help="requests per slot")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per eval, both backends")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", nargs=3, metavar=("BACKEND", "MODEL", "SLOTS"), help=argparse.SUPPRESS)

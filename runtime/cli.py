@@ -105,7 +105,8 @@ async def _convert(args: argparse.Namespace) -> None:
     from runtime.convert import convert_for_ctransformers
     from runtime.models import resolve_model
 
-    written = await anyio.to_thread.run_sync(convert_for_ctransformers, resolve_model(args.source), args.target)
+    source = resolve_model(args.source)
+    written = await anyio.to_thread.run_sync(convert_for_ctransformers, source, args.target)
     print(f"wrote {written} for {args.target_backend}")
 
 

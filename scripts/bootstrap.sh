@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 extras="llama"
 if [ "${1:-}" = "test" ]; then
-  extras="llama,test"
+  extras="llama,ctransformers,test"  # the suite runs on every backend
 fi
 
 if [ ! -x .venv/bin/python ]; then

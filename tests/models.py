@@ -259,14 +259,15 @@ class LlamaCppReference:
     """
 
     def __init__(self, path: Path, n_ctx: int = 512) -> None:
-        import ctypes
-
         import llama_cpp as llama
 
+        from runtime.backends.llama_cpp import _init_llama
+
+        # Initialise llama.cpp as the runtime does: its log callback (kept alive for the process)
+        # routes to logging. A callback set here would be freed with this object while
+        # llama.cpp still calls it: the next model load would crash.
+        _init_llama()
         self._llama = llama
-        self._quiet = llama.llama_log_callback(lambda level, text, user: None)
-        llama.llama_log_set(self._quiet, ctypes.c_void_p(0))
-        llama.llama_backend_init()
         self._model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {path}")

@@ -29,8 +29,10 @@ class PlainLoop:
     def __init__(self, path: Path, n_seq: int, workload: Workload) -> None:
         import llama_cpp as llama
 
+        from runtime.backends.llama_cpp import _init_llama
+
         self._llama = llama
-        llama.llama_backend_init()
+        _init_llama()  # llama.cpp's log into Python logging, as for slotserve: nothing else
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = 999 if workload.gpu_layers < 0 else workload.gpu_layers
         self._model = llama.llama_model_load_from_file(str(path).encode(), mparams)
