@@ -28,7 +28,9 @@ def _config_options(p: argparse.ArgumentParser, slots_default: int | None = None
     p.add_argument("--model", help="'default' (embedded SmolLM2-135M) or a GGUF path [SLOTSERVE_MODEL]")
     p.add_argument("--backend", choices=["llama_cpp", "ctransformers", "fake"], help="[SLOTSERVE_BACKEND]")
     p.add_argument("--slots", type=int, default=slots_default, help="concurrent sequences [SLOTSERVE_SLOTS]")
-    p.add_argument("--max-queue", type=int, dest="max_queue", help="requests that may wait [SLOTSERVE_MAX_QUEUE]")
+    p.add_argument(
+        "--max-queue", type=int, dest="max_queue", help="requests that may wait [SLOTSERVE_MAX_QUEUE]"
+    )
     p.add_argument("--n-ctx-per-slot", type=int, dest="n_ctx_per_slot", help="[SLOTSERVE_N_CTX_PER_SLOT]")
     p.add_argument("--threads", type=int, help="CPU threads, 0 = all [SLOTSERVE_THREADS]")
     p.add_argument("--config", type=Path, help="a TOML file of RuntimeConfig settings")
@@ -113,7 +115,9 @@ async def _convert(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``slotserve``; returns the exit status (2 for a slotserve error)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     commands = {"run": _run, "generate": _generate, "serve": _serve, "convert": _convert}
     try:
         anyio.run(commands[args.command], args)

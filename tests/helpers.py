@@ -73,7 +73,9 @@ def ctransformers_smollm2() -> str:
 
 
 @asynccontextmanager
-async def open_runtime(kind: str, *, fake: dict[str, Any] | None = None, **config: Any) -> AsyncIterator[Runtime]:
+async def open_runtime(
+    kind: str, *, fake: dict[str, Any] | None = None, **config: Any
+) -> AsyncIterator[Runtime]:
     """A ready Runtime on ``kind``; ``fake`` holds FakeBackend options."""
     require_backend(kind)
     config.setdefault("n_ctx_per_slot", 512)
@@ -94,7 +96,9 @@ def greedy(prompt: str, max_tokens: int = 16, **kw: Any) -> GenerateRequest:
 
 def chat(text: str, max_tokens: int = 16, **kw: Any) -> ChatRequest:
     """A one-message greedy chat."""
-    return ChatRequest(messages=(ChatMessage(role="user", content=text),), max_tokens=max_tokens, temperature=0, **kw)
+    return ChatRequest(
+        messages=(ChatMessage(role="user", content=text),), max_tokens=max_tokens, temperature=0, **kw
+    )
 
 
 PROMPTS = [

@@ -68,7 +68,7 @@ def value(registry: CollectorRegistry, name: str, model: str = "fake", **labels:
 async def wait_until(predicate: Any, timeout_s: float = 10.0) -> None:
     """Poll ``predicate()`` (a snapshot: there is no event to wait on) until it is true."""
     with anyio.fail_after(timeout_s):
-        while not predicate():  # noqa: ASYNC110 (a snapshot to poll: no event to wait on)
+        while not predicate():
             await anyio.sleep(0.002)
 
 

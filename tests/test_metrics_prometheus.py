@@ -166,7 +166,7 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
             selector = f'{{job="slotserve", model="{model}"}}'
             # Wait until Prometheus has scraped the request series at 0 (polling its API: no event).
             with anyio.fail_after(60):
-                while not await query(api, f"slotserve_requests_total{selector}"):  # noqa: ASYNC110
+                while not await query(api, f"slotserve_requests_total{selector}"):
                     await anyio.sleep(0.5)
             tokens: list[int] = []
 
