@@ -45,4 +45,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every async test gets ``loop_watch``."""
     for item in items:
         if isinstance(item, pytest.Function) and asyncio.iscoroutinefunction(item.function):
-            item.fixturenames.append("loop_watch")  # type: ignore[attr-defined]
+            item.fixturenames.append("loop_watch")

@@ -84,7 +84,7 @@ async def open_runtime(
     cfg = RuntimeConfig(backend=kind, **config)  # type: ignore[arg-type]
     backend = None
     if kind == "fake":
-        backend = FakeBackend(n_seq_max=cfg.slots, n_ctx_per_slot=cfg.n_ctx_per_slot, **(fake or {}))
+        backend = FakeBackend(n_seq_max=cfg.initial_slots, n_ctx_per_slot=cfg.n_ctx_per_slot, **(fake or {}))
     async with Runtime(cfg, backend=backend) as rt:
         yield rt
 

@@ -69,7 +69,7 @@ def test_config_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 )
 def test_config_out_of_range_names_field_and_limit(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        RuntimeConfig.load(**fields)
+        RuntimeConfig.load(None, **fields)
 
 
 def test_unknown_setting_is_refused() -> None:

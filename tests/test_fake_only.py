@@ -7,7 +7,7 @@ import threading
 import anyio
 import pytest
 
-from runtime import RuntimeClosedError, RuntimeFailedError, SlotFailedError
+from runtime import Completion, RuntimeClosedError, RuntimeFailedError, SlotFailedError
 from tests.helpers import PROMPTS, greedy, open_runtime
 
 
@@ -31,7 +31,8 @@ async def test_a_slot_fault_fails_only_its_request_and_the_slot_restarts() -> No
     assert isinstance(results["boom"], SlotFailedError)
     assert "injected fault" in str(results["boom"])
     for p in PROMPTS[:3]:
-        assert results[p].done_reason == "length"  # type: ignore[union-attr]
+        done = results[p]
+        assert isinstance(done, Completion) and done.done_reason == "length"
     assert status.restarts == 1 and status.requests_failed == 1 and status.state == "ready"
     assert again.stats.completion_tokens == 5
     assert slots.slot_restarts == 1 and slots.slots_effective == 4

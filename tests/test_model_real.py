@@ -30,16 +30,16 @@ def test_missing_model_says_what_to_do(tmp_path: Path) -> None:
 @pytest.mark.parametrize("slots", [1, 4])
 async def test_weights_load_once_whatever_the_slot_count(slots: int, monkeypatch: pytest.MonkeyPatch) -> None:
     require_backend("llama_cpp")
-    import runtime.backends.llama_cpp as backend_module
+    import llama_cpp
 
     loads: list[bytes] = []
-    real = backend_module.llama.llama_model_load_from_file
+    real = llama_cpp.llama_model_load_from_file
 
     def counting(path: bytes, params: object) -> object:
         loads.append(path)
         return real(path, params)
 
-    monkeypatch.setattr(backend_module.llama, "llama_model_load_from_file", counting)
+    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file", counting)
     async with Runtime(RuntimeConfig(slots=slots, n_ctx_per_slot=1024)) as rt:
         import anyio
 
@@ -47,7 +47,7 @@ async def test_weights_load_once_whatever_the_slot_count(slots: int, monkeypatch
             for p in PROMPTS[:slots]:
                 tg.start_soon(rt.complete, greedy(p, max_tokens=4))
         status = rt.status()
-        size = backend_module.llama.llama_model_size(rt.backend._model)  # type: ignore[attr-defined]
+        size = llama_cpp.llama_model_size(rt.backend._model)  # type: ignore[attr-defined]
     assert len(loads) == 1
     assert status.weights_bytes == size > 90_000_000
     assert status.kv_bytes_per_slot == 1024 * SMOLLM2_KV_BYTES_PER_TOKEN

@@ -16,7 +16,7 @@ from runtime.streaming import TextStream
 # Printable text with emoji and CJK; no NUL (refused in requests) and no U+FFFD (our marker of a
 # split character).
 CHARS = st.characters(
-    blacklist_categories=("Cs",), blacklist_characters="\x00\ufffd", min_codepoint=1, max_codepoint=0x1F9FF
+    exclude_categories=["Cs"], exclude_characters="\x00\ufffd", min_codepoint=1, max_codepoint=0x1F9FF
 )
 # A small alphabet makes repeats and overlapping stop strings common.
 TEXT = (
