@@ -3,10 +3,11 @@
 Every step packs the pending tokens of all busy sequences into one batch (continuous
 batching): one token for each generating sequence first, then prompt chunks in arrival order
 within the ``n_batch`` token budget. The batch is decoded and sampled in a worker thread
-(one at a time, so one thread touches the context), and each sampled token is delivered to
-its slot's inbox. Sequences continue by themselves: the sampled token is the next input, until
-EOS or ``max_tokens``; a slot ends a sequence early with :meth:`ModelActor.end` (stop string,
-cancel), which takes effect at the next step boundary.
+(one at a time, so one thread touches the context). Sequences continue by themselves: the
+sampled token is the next input, until EOS or ``max_tokens``. While the worker decodes a step,
+the step loop hands the previous step's tokens to the slots' sinks (actors.sink), which turn
+them into text and stream it; a sink ends its sequence early (stop string, cancel) at the next
+step boundary.
 """
 
 from __future__ import annotations
@@ -14,29 +15,36 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 import msgspec
 import numpy as np
-from anyio.streams.memory import MemoryObjectSendStream
 
+from actors.worker import WorkerThread
 from runtime.backends.base import Backend, SamplerSpec, StepPlan, StepResult
 from runtime.errors import GenerationError
 
-__all__ = ["Delivery", "ModelActor", "ModelStatistics", "SequenceJob"]
+__all__ = ["ModelActor", "ModelStatistics", "SequenceJob", "TokenSink"]
 
-INBOX_LEAD = 2
-"""Tokens a sequence may be ahead of its slot before it is paused (a slow consumer)."""
+Handed = list[tuple["SequenceJob", int, str | None, int]]
+"""A step's tokens for the sinks: (job, token, finish, when the step ended in ns)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """What a slot receives from a step: a token, or the end of its sequence."""
+class TokenSink(Protocol):
+    """Where a sequence's tokens go: the slot's side of it (actors.sink.RequestSink)."""
 
-    token: int
-    finish: str | None = None
-    """``stop`` (EOS), ``length`` (max_tokens), ``cancel`` or ``error``; None to continue."""
-    error: BaseException | None = None
+    blocked: bool
+    """Its caller has not read what it was sent: the step loop skips the sequence meanwhile."""
+
+    def take(self, token: int, finish: str | None, at_ns: int) -> bool:
+        """One token; ``finish``: ``stop`` (end of generation), ``length`` or None; ``at_ns``:
+        when its step ended. Returns whether the sequence goes on."""
+        ...
+
+    def fail(self, error: BaseException) -> None:
+        """The sequence failed (its row, or the whole step)."""
+        ...
 
 
 @dataclass(eq=False, slots=True)
@@ -49,7 +57,7 @@ class SequenceJob:
     """Position of the first prompt token to evaluate (earlier ones are cached cells)."""
     max_new: int
     sampler: SamplerSpec | None
-    inbox: MemoryObjectSendStream[Delivery]
+    sink: TokenSink
     fed: int = field(init=False)
     pos: int = field(init=False)
     generated: int = 0
@@ -107,7 +115,7 @@ class ModelActor:
         self._trims: list[tuple[int, int]] = []
         self._samplers: dict[int, SamplerSpec | None] = {}
         self._wakeup = anyio.Event()
-        self._limiter = anyio.CapacityLimiter(1)
+        self._worker = WorkerThread("slotserve-model")
         self._steps = 0
         self._tokens_decoded = 0
         self._tokens_sampled = 0
@@ -135,12 +143,12 @@ class ModelActor:
         self.notify()
 
     def notify(self) -> None:
-        """Wake the step loop (new work, or a paused slot read its inbox)."""
+        """Wake the step loop (new work, or a paused sequence's caller read its stream)."""
         self._wakeup.set()
 
     async def run_sync(self, fn: Callable[..., object], *args: object) -> object:
         """Run ``fn(*args)`` on the context's worker thread, between steps."""
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return await self._worker.run_sync(fn, *args)
 
     async def resize(self, n_seq: int) -> tuple[float, int]:
         """Replace the context by one of ``n_seq`` sequences between two steps (weights kept,
@@ -155,25 +163,34 @@ class ModelActor:
             return time.perf_counter() - start, carried
 
         self._trims = [(s, p) for s, p in self._trims if s < n_seq]
-        return await anyio.to_thread.run_sync(work, limiter=self._limiter)
+        return await self._worker.run_sync(work)
 
     # -- the step loop -----------------------------------------------------------------------
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Step until cancelled. A failing step fails every job in it, then raises."""
+        """Step until cancelled. A failing step fails every job in it, then raises.
+
+        A step's tokens reach the slots' sinks while the next step decodes: only the
+        bookkeeping that the next step needs (its input tokens, the sequences that ended) is
+        done between two decodes.
+        """
         task_status.started()
+        handed: Handed = []
         while True:
             plan, rows = self._plan()
             if plan is None:
+                self._hand_out(handed)  # nothing to overlap with
+                handed = []
                 await self._wakeup.wait()
                 self._wakeup = anyio.Event()
                 continue
             start = time.perf_counter()
             self._in_step = True
             try:
-                result: StepResult = await anyio.to_thread.run_sync(
-                    self.backend.step, plan, limiter=self._limiter
-                )
+                call = self._worker.submit(self.backend.step, plan)
+                self._hand_out(handed)  # the previous step's tokens, while this one decodes
+                handed = []
+                result: StepResult = await self._worker.result(call)
             except Exception as exc:
                 self._failed_steps += 1
                 self._fail_all(exc)
@@ -182,7 +199,7 @@ class ModelActor:
                 self._in_step = False
             seconds = time.perf_counter() - start
             n_sequences = self._account(plan, seconds)
-            self._deliver(plan, rows, result)
+            handed = self._advance(rows, result)
             if self._on_step is not None and plan.n_tokens:
                 self._on_step(plan.n_tokens, n_sequences, plan.n_prompt_tokens, seconds)
 
@@ -194,8 +211,8 @@ class ModelActor:
         decoding: list[SequenceJob] = []
         prefilling: list[SequenceJob] = []
         for job in self._jobs.values():
-            if job.inbox.statistics().current_buffer_used >= INBOX_LEAD:
-                continue  # its slot has not read what it has: pause it, not the batch
+            if job.sink.blocked:
+                continue  # its caller has not read what it has: pause it, not the batch
             (prefilling if job.prefilling else decoding).append(job)
         budget = self.n_batch - len(decoding)
         parts: list[tuple[SequenceJob, int]] = [(job, 0) for job in decoding]  # 0: its next token
@@ -243,35 +260,56 @@ class ModelActor:
             job.pos += n or 1
         return plan, rows
 
-    def _deliver(self, plan: StepPlan, rows: list[SequenceJob], result: StepResult) -> None:
-        tokens = result.tokens.tolist()
+    def _advance(self, rows: list[SequenceJob], result: StepResult) -> Handed:
+        """The bookkeeping of a step's tokens that the next step needs: each sequence's next
+        input token, and the ends (end of generation, ``max_tokens``, a failed row). Returns
+        the tokens for the sinks, with the time the step ended."""
+        at_ns = time.perf_counter_ns()
         eog = self.backend.eog_tokens
-        for i, job in enumerate(rows):
+        errors = result.row_errors
+        handed: Handed = []
+        for i, (job, token) in enumerate(zip(rows, result.tokens.tolist(), strict=True)):
             if job.ended:
                 continue  # ended while the step ran; its cells are trimmed next step
-            error = result.row_errors.get(i)
-            if error is not None:
-                self._finish(job, Delivery(-1, "error", error))
+            if errors and i in errors:
+                self._stop(job)
+                job.sink.fail(errors[i])
                 continue
-            token = tokens[i]
             job.generated += 1
+            finish: str | None = None
             if token in eog:
-                self._finish(job, Delivery(token, "stop"))
+                finish = "stop"
             elif job.generated >= job.max_new:
-                self._finish(job, Delivery(token, "length"))
+                finish = "length"
             else:
                 job.next_token = token
-                job.inbox.send_nowait(Delivery(token))
+            if finish is not None:
+                self._stop(job)
+            handed.append((job, token, finish, at_ns))
+        return handed
 
-    def _finish(self, job: SequenceJob, delivery: Delivery) -> None:
+    def _hand_out(self, handed: Handed) -> None:
+        """Give each sink its token. A sink that ends its sequence (a stop string) takes it out
+        of the next step; a sink that raises fails only its own request (its slot crashes)."""
+        for job, token, finish, at_ns in handed:
+            try:
+                going = job.sink.take(token, finish, at_ns)
+            except Exception as exc:
+                going = False
+                job.sink.fail(exc)
+            if not going and not job.ended:
+                self._stop(job)
+
+    def _stop(self, job: SequenceJob) -> None:
         job.ended = True
-        self._jobs.pop(job.seq_id, None)
-        job.inbox.send_nowait(delivery)
+        if self._jobs.get(job.seq_id) is job:
+            del self._jobs[job.seq_id]
 
     def _fail_all(self, exc: BaseException) -> None:
         error = GenerationError(f"the model step failed ({exc!r}); every request in it failed")
         for job in list(self._jobs.values()):
-            self._finish(job, Delivery(-1, "error", error))
+            self._stop(job)
+            job.sink.fail(error)
 
     def _account(self, plan: StepPlan, seconds: float) -> int:
         """Count the step; return how many sequences it carried."""
@@ -299,5 +337,5 @@ class ModelActor:
             steps_by_sequences=dict(self._steps_by_sequences),
             pending_trims=len(self._trims),
             kv_cells_active=sum(job.pos for job in self._jobs.values()),
-            stepping=self._in_step or self._limiter.borrowed_tokens > 0,
+            stepping=self._in_step or self._worker.busy > 0,
         )

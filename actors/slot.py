@@ -9,7 +9,6 @@ the caller. A caller who does not read makes the slot wait, which pauses only th
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
 from collections.abc import Callable
@@ -19,13 +18,13 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from actors.model import INBOX_LEAD, Delivery, ModelActor, SequenceJob
+from actors.model import ModelActor, SequenceJob
+from actors.sink import RequestSink
 from runtime.backends.base import SamplerSpec
 from runtime.config import RuntimeConfig
 from runtime.errors import ContextOverflowError, GenerationError, InvalidRequestError
 from runtime.events import Observers
 from runtime.messages import ChatRequest, Chunk, DoneReason, GenerateRequest, RequestStats
-from runtime.streaming import TextStream
 from runtime.ticket import Ticket
 
 __all__ = ["SlotActor", "SlotStatistics"]
@@ -139,74 +138,44 @@ class SlotActor:
         keep = common_prefix(self._cached, tokens) if self.config.prefix_cache else 0
         keep = min(keep, len(tokens) - 1)
         self._cached = []
-        send, inbox = anyio.create_memory_object_stream[Delivery](INBOX_LEAD + 2)
-        job = SequenceJob(seq, tokens, keep, max_new, sampler_spec(request), send)
+        sink = RequestSink(ticket, request.stop, self.model.backend.pieces, self._observers)
+        job = SequenceJob(seq, tokens, keep, max_new, sampler_spec(request), sink)
 
         def cancel() -> None:
-            with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
-                send.send_nowait(Delivery(-1, "cancel"))
+            sink.end("cancel")
+            self.model.end(seq)  # out of the next step at once
 
         ticket.on_cancel = cancel
         self.model.begin(job)
         if ticket.cancelled:  # cancelled while the prompt was being tokenized
             cancel()
-        text = TextStream(request.stop)
-        pieces = self.model.backend.pieces
-        pending: list[int] = []
-        out = ""
-        first_ns: int | None = None
-        last_ns = 0
-        reason: DoneReason
-        with inbox, send:
+        try:
             while True:
-                delivery = await inbox.receive()
-                if inbox.statistics().current_buffer_used == INBOX_LEAD - 1:
-                    self.model.notify()  # the step loop may have paused this sequence
-                if delivery.error is not None:
-                    self.model.end(seq)
-                    if not isinstance(delivery.error, GenerationError):
-                        raise delivery.error  # this sequence's own fault: the slot crashes
-                    self._end(ticket, "error", None, delivery.error)
-                    return
-                if delivery.finish == "cancel":
-                    reason = "cancel"
+                await sink.wait()
+                if sink.reason is not None:
                     break
-                now_ns = time.perf_counter_ns()
-                if first_ns is None:
-                    first_ns = now_ns
-                else:
-                    self._observers.inter_token((now_ns - last_ns) / 1e9)
-                last_ns = now_ns
-                pending.append(delivery.token)
-                if delivery.finish != "stop":  # an end-of-generation token has no text
-                    out += text.push(pieces[delivery.token])
-                if text.stopped:
-                    reason = "stop"
-                    break
-                if delivery.finish is not None:
-                    reason = "stop" if delivery.finish == "stop" else "length"
-                    break
-                if out:
-                    try:
-                        await ticket.reply.send(Chunk(text=out, token_ids=tuple(pending)))
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        reason = "cancel"
-                        break
-                    ticket.sent += 1
-                    out, pending = "", []
+                await sink.unblock()  # the caller fell behind: wait for room (this sequence paused)
+                self.model.notify()
+        except BaseException:  # this task was cancelled: the sequence must not go on
+            sink.end("cancel")
+            self.model.end(seq)
+            raise
+        reason = sink.reason
+        assert reason is not None  # the loop ends only with one
+        if reason == "error":
+            self.model.end(seq)
+            assert sink.error is not None
+            if not isinstance(sink.error, GenerationError):
+                raise sink.error  # this sequence's own fault: the slot crashes
+            self._end(ticket, "error", None, sink.error)
+            return
+        first_ns = sink.first_ns
         finished = reason != "cancel" and first_ns is not None
-        if finished:
-            out += text.finish()
+        out = sink.out + sink.finish_text() if finished else ""
         if finished and self.config.prefix_cache:
             self._cached = tokens  # the prompt's cells stay for the next request; the rest go
         self.model.end(seq, keep=len(self._cached))
         end_ns = time.perf_counter_ns()
-        prefilled = first_ns is not None
-        if reason in ("stop", "length") and prefilled and self.config.prefix_cache:
-            self._cached = tokens  # the prompt's cells stay; the rest is trimmed
-            self.model.end(seq, keep=len(tokens))
-        else:
-            self.model.end(seq)
         stats = RequestStats(
             slot=self.slot,
             prompt_tokens=len(tokens),
@@ -220,8 +189,8 @@ class SlotActor:
             time_to_first_token_ns=None if first_ns is None else first_ns - ticket.admitted_ns,
         )
         final = Chunk(
-            text=out if finished else "",
-            token_ids=tuple(pending),
+            text=out,
+            token_ids=tuple(sink.pending),
             done=True,
             done_reason=reason,
             stats=stats,

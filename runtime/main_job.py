@@ -187,5 +187,9 @@ async def run_job(
     speedup = concurrent.aggregate_tokens_per_s / sequential.aggregate_tokens_per_s
     out.write(f"\nconcurrent / one at a time: {speedup:.2f}x aggregate tok/s\n")
     return JobReport(
-        model=status.model, slots=status.slots_effective, concurrent=concurrent, sequential=sequential, speedup=speedup
+        model=status.model,
+        slots=status.slots_effective,
+        concurrent=concurrent,
+        sequential=sequential,
+        speedup=speedup,
     )

@@ -26,6 +26,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from actors.model import ModelActor, ModelStatistics
 from actors.supervisor import ResizeRecord, Supervisor, SupervisorStatistics
 from runtime.backends import Backend, load_backend
+from runtime.channel import ChannelReceiver, ChannelSender, channel
 from runtime.config import RuntimeConfig
 from runtime.errors import (
     ConfigError,
@@ -205,7 +206,9 @@ class Runtime:
             raise InvalidRequestError(
                 f"max_tokens is {request.max_tokens:,}; the limit is {cap:,} (max_tokens_cap)"
             )
-        send, receive = anyio.create_memory_object_stream[Reply](self.config.stream_buffer)
+        send: ChannelSender[Reply]
+        receive: ChannelReceiver[Reply]
+        send, receive = channel(self.config.stream_buffer)
         ticket = Ticket(request=request, reply=send)
         if admission_timeout_s is None:
             try:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from runtime.channel import ChannelReceiver, ChannelSender
 from runtime.errors import GenerationError
 from runtime.messages import ChatRequest, Chunk, Completion, GenerateRequest
 
@@ -30,7 +30,7 @@ class Ticket:
     """One admitted request: what was asked, where to answer, and whether it was cancelled."""
 
     request: GenerateRequest | ChatRequest
-    reply: MemoryObjectSendStream[Reply]
+    reply: ChannelSender[Reply]
     admitted_ns: int = field(default_factory=time.perf_counter_ns)
     cancelled: bool = False
     sent: int = 0
@@ -42,10 +42,11 @@ class Ticket:
 
     def finish(self, last: Reply | None) -> None:
         """Send the last reply (final chunk or error) if the caller still listens, then close."""
-        if last is not None:
-            with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self.reply.send_nowait(last)
-        self.reply.close()
+        if last is None:
+            self.reply.close()
+            return
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.reply.send_last(last)  # past the stream's capacity: the last word is never lost
 
     def cancel(self) -> None:
         """Cancel the request (idempotent; event-loop thread only)."""
@@ -66,7 +67,7 @@ class ResponseStream:
     def __init__(
         self,
         ticket: Ticket,
-        receive: MemoryObjectReceiveStream[Reply],
+        receive: ChannelReceiver[Reply],
         admit: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._ticket = ticket

@@ -91,6 +91,21 @@ async def test_slow_reader_pauses_only_its_own_sequence() -> None:
     assert model.tokens_sampled < 300  # the stalled sequence did not run to its end
 
 
+async def test_a_slow_reader_gets_every_token_and_the_final_chunk() -> None:
+    """A one-chunk stream and a reader that dawdles: the sequence pauses and resumes, the answer
+    is the one read at full speed, and the final chunk arrives although the stream was full."""
+    async with open_runtime("fake", slots=2, stream_buffer=1) as rt:
+        fast = await rt.complete(greedy(PROMPTS[2], max_tokens=40))
+        chunks = []
+        async with rt.generate(greedy(PROMPTS[2], max_tokens=40)) as stream:
+            async for chunk in stream:
+                chunks.append(chunk)
+                await anyio.sleep(0.003)
+    assert tuple(t for c in chunks for t in c.token_ids) == fast.token_ids
+    assert "".join(c.text for c in chunks) == fast.text
+    assert chunks[-1].done and chunks[-1].done_reason == "length"
+
+
 async def test_admission_timeout_waits_then_refuses() -> None:
     from runtime import QueueFullError
 

@@ -42,7 +42,11 @@ async def test_auto_takes_what_fits_and_follows_memory_down_and_up() -> None:
         high = rt.status()
     assert low.last_resize is not None and low.last_resize.reason == "memory_low"
     assert low.slots_target == 5 and low.memory is not None and low.memory.free_bytes == -2 * KV
-    assert high.last_resize is not None and high.last_resize.reason == "memory_available" and high.last_resize.to_slots == 8
+    assert (
+        high.last_resize is not None
+        and high.last_resize.reason == "memory_available"
+        and high.last_resize.to_slots == 8
+    )
     assert high.resizes == 2
 
 

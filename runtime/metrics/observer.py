@@ -1,13 +1,16 @@
 """RuntimeMetrics: the runtime's events (runtime.events) turned into counters and histograms.
 
-Each event costs a few microseconds: the labelled children are bound once per runtime, so the
-per-token path (``inter_token``) is one histogram observe.
+Each event costs a few microseconds: the labelled children are bound once per runtime. The
+per-token event (``inter_token``) only appends to a queue; the queue goes into the histogram
+at the next step, request end or scrape, equal values at once (a step's tokens mostly share one ITL).
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
+from bisect import bisect_left
+from collections import deque
+from typing import TYPE_CHECKING, Any
 
 from runtime.events import RejectReason, ResizeDirection, RestartedActor
 from runtime.messages import DoneReason, RequestStats, RuntimeStatus
@@ -26,6 +29,22 @@ if TYPE_CHECKING:
     from runtime.runtime import Runtime
 
 __all__ = ["RuntimeMetrics"]
+
+
+def observe_many(histogram: Any, value: float, count: int) -> None:
+    """``histogram.observe(value)`` done ``count`` times, in one pass.
+
+    prometheus-client has no weighted observe; this adds to the bucket ``observe`` would pick
+    (the first upper bound >= ``value``) and to the sum, or falls back to ``count`` observes
+    if its internals ever change.
+    """
+    buckets, bounds, total = (getattr(histogram, a, None) for a in ("_buckets", "_upper_bounds", "_sum"))
+    if buckets is None or bounds is None or total is None:
+        for _ in range(count):
+            histogram.observe(value)
+        return
+    total.inc(value * count)
+    buckets[bisect_left(bounds, value)].inc(count)
 
 
 class _Series:
@@ -81,6 +100,7 @@ class RuntimeMetrics:
         self._f = families_for(rt.registry)
         self._rt = weakref.ref(rt)
         self._s: _Series | None = None
+        self._itl: deque[float] = deque()
         self._f.gauges.add(self)
 
     def runtime(self) -> Runtime | None:
@@ -92,6 +112,7 @@ class RuntimeMetrics:
         are scraped at 0 before its first request (``rate`` then sees every increase)."""
         if self._s is None and status.state != "loading":
             self._s = _Series(self._f, status.model)
+        self._observe_itl()
 
     def _series(self) -> _Series | None:
         """The bound series; None while the weights load (the model's name is not known yet)."""
@@ -117,6 +138,7 @@ class RuntimeMetrics:
         s = self._s or self._series()
         if s is None:
             return
+        self._observe_itl()  # this request's last latencies are in the queue by now
         completed = reason == "stop" or reason == "length"
         if completed:
             s.requests["completed", reason].inc()
@@ -141,10 +163,24 @@ class RuntimeMetrics:
         s.request_generation.observe(stats.completion_tokens)
 
     def inter_token(self, seconds: float) -> None:
-        """Observe one inter-token latency (seconds)."""
-        s = self._s or self._series()
-        if s is not None:
-            s.itl.observe(seconds)
+        """Queue one inter-token latency (seconds) for the histogram."""
+        self._itl.append(seconds)
+
+    def _observe_itl(self) -> None:
+        """Put the queued latencies into the histogram, each distinct value once (deque pops
+        are atomic, so a scrape in another thread and the event loop can both do this)."""
+        s = self._s
+        if s is None:
+            return  # not bound yet: they wait for the series
+        counts: dict[float, int] = {}
+        try:
+            while True:
+                value = self._itl.popleft()
+                counts[value] = counts.get(value, 0) + 1
+        except IndexError:
+            pass
+        for value, count in counts.items():
+            observe_many(s.itl, value, count)
 
     def step(self, n_tokens: int, n_sequences: int, n_prompt_tokens: int, seconds: float) -> None:
         """Count a decode step and its prefill and decode tokens; observe its sequences and seconds."""
@@ -156,6 +192,7 @@ class RuntimeMetrics:
         s.decode_tokens.inc(n_tokens - n_prompt_tokens)
         s.step_sequences.observe(n_sequences)
         s.step_seconds.observe(seconds)
+        self._observe_itl()
 
     def restart(self, actor: RestartedActor) -> None:
         """Count an actor restart."""

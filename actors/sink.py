@@ -1,0 +1,130 @@
+"""RequestSink: a slot's per-token work, which the step loop runs for every busy slot in turn.
+
+Each generated token becomes text (whole UTF-8 characters, stop strings held back) and goes to
+the caller's reply stream as a chunk. The step loop hands a step's tokens to the sinks while
+the next step decodes, so this work overlaps the decode and costs no task switch: the slot's
+own task wakes only when the request ends or when its caller falls behind (the reply stream is
+full). Then the sink is *blocked*: the step loop skips its sequence, text gathers in the sink,
+and the slot's task waits for room and sends it. A slow caller pauses only its own request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+
+from runtime.events import Observers
+from runtime.messages import Chunk, DoneReason
+from runtime.streaming import TextStream
+from runtime.ticket import Ticket
+
+__all__ = ["RequestSink"]
+
+
+class RequestSink:
+    """One request's generated tokens, turned into chunks on ``ticket.reply``.
+
+    :param pieces: each token id's bytes (the backend's ``pieces``).
+    """
+
+    def __init__(
+        self, ticket: Ticket, stops: tuple[str, ...], pieces: Sequence[bytes], observers: Observers
+    ) -> None:
+        self._ticket = ticket
+        self._text = TextStream(stops)
+        self._pieces = pieces
+        self._observers = observers
+        self._wake = anyio.Event()
+        self.out = ""
+        """Text not sent yet."""
+        self.pending: list[int] = []
+        """Token ids not sent yet."""
+        self.first_ns: int | None = None
+        """When the step that made the first token ended (``time.perf_counter_ns``)."""
+        self.last_ns = 0
+        self.reason: DoneReason | None = None
+        """Set once: why the request ended."""
+        self.error: BaseException | None = None
+        """With reason ``error``: what failed it."""
+        self.blocked = False
+        """The reply stream is full: the step loop skips this sequence until the slot sent."""
+
+    # -- called by the step loop -------------------------------------------------------------
+
+    def take(self, token: int, finish: str | None, at_ns: int) -> bool:
+        """One generated token; ``finish`` is ``stop`` (end of generation), ``length`` or None.
+
+        :returns: whether the sequence goes on (False: a stop string, the end, or the request
+            was ended meanwhile).
+        """
+        if self.reason is not None:
+            return False
+        if self.first_ns is None:
+            self.first_ns = at_ns
+        else:
+            self._observers.inter_token((at_ns - self.last_ns) / 1e9)
+        self.last_ns = at_ns
+        self.pending.append(token)
+        if finish != "stop":  # an end-of-generation token has no text
+            self.out += self._text.push(self._pieces[token])
+        if self._text.stopped:
+            self.end("stop")
+        elif finish is not None:
+            self.end("stop" if finish == "stop" else "length")
+        else:
+            self.flush()
+        return self.reason is None
+
+    def fail(self, error: BaseException) -> None:
+        """End the request with ``error`` (the step failed, or this sequence's row did)."""
+        if self.reason is None:
+            self.error = error
+            self.end("error")
+
+    # -- called by the slot ------------------------------------------------------------------
+
+    def end(self, reason: DoneReason) -> None:
+        """End the request (once; later calls change nothing) and wake the slot's task."""
+        if self.reason is None:
+            self.reason = reason
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Send the gathered text as one chunk if the reply stream has room; else block."""
+        if self.blocked or not self.out:
+            return
+        try:
+            self._ticket.reply.send_nowait(Chunk(text=self.out, token_ids=tuple(self.pending)))
+        except anyio.WouldBlock:
+            self.blocked = True
+            self._wake.set()
+            return
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.end("cancel")  # the caller closed its stream
+            return
+        self._ticket.sent += 1
+        self.out, self.pending = "", []
+
+    async def wait(self) -> None:
+        """Until the request ended or the sink blocked."""
+        await self._wake.wait()
+        self._wake = anyio.Event()
+
+    async def unblock(self) -> None:
+        """Wait for room in the reply stream and send what gathered (the slot's task does this
+        when the sink blocked); the sequence then goes on. A closed stream ends the request."""
+        chunk = Chunk(text=self.out, token_ids=tuple(self.pending))
+        self.out, self.pending = "", []
+        try:
+            await self._ticket.reply.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.end("cancel")
+            return
+        self._ticket.sent += 1
+        self.blocked = False
+        self.flush()  # what came while the send waited
+
+    def finish_text(self) -> str:
+        """End of generation: the text still held back (a partial character, a stop prefix)."""
+        return self._text.finish()
