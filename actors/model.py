@@ -13,8 +13,9 @@ step boundary.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Protocol
 
 import anyio
@@ -29,6 +30,9 @@ __all__ = ["ModelActor", "ModelStatistics", "SequenceJob", "TokenSink"]
 
 Handed = list[tuple["SequenceJob", int, str | None, int]]
 """A step's tokens for the sinks: (job, token, finish, when the step ended in ns)."""
+Stepped = tuple[int, int, int, float]
+"""A step's report: (tokens, sequences, prompt tokens, seconds); see Observer.step."""
+_seq_id = attrgetter("seq_id")
 
 
 class TokenSink(Protocol):
@@ -176,11 +180,12 @@ class ModelActor:
         """
         task_status.started()
         handed: Handed = []
+        stepped: Stepped | None = None
         while True:
             plan, rows = self._plan()
             if plan is None:
-                self._hand_out(handed)  # nothing to overlap with
-                handed = []
+                self._overlap(handed, stepped)  # nothing to overlap with
+                handed, stepped = [], None
                 await self._wakeup.wait()
                 self._wakeup = anyio.Event()
                 continue
@@ -188,8 +193,8 @@ class ModelActor:
             self._in_step = True
             try:
                 call = self._worker.submit(self.backend.step, plan)
-                self._hand_out(handed)  # the previous step's tokens, while this one decodes
-                handed = []
+                self._overlap(handed, stepped)  # the previous step's, while this one decodes
+                handed, stepped = [], None
                 result: StepResult = await self._worker.result(call)
             except Exception as exc:
                 self._failed_steps += 1
@@ -197,11 +202,15 @@ class ModelActor:
                 raise
             finally:
                 self._in_step = False
-            seconds = time.perf_counter() - start
-            n_sequences = self._account(plan, seconds)
+            stepped = self._account(plan, time.perf_counter() - start)
             handed = self._advance(rows, result)
-            if self._on_step is not None and plan.n_tokens:
-                self._on_step(plan.n_tokens, n_sequences, plan.n_prompt_tokens, seconds)
+
+    def _overlap(self, handed: Handed, stepped: Stepped | None) -> None:
+        """The work of a step that the next one does not wait for: its report, and its tokens
+        to the sinks."""
+        if stepped is not None and self._on_step is not None:
+            self._on_step(*stepped)
+        self._hand_out(handed)
 
     def _plan(self) -> tuple[StepPlan | None, list[SequenceJob]]:
         """Choose this step's tokens: one for each decoding sequence, then prompt chunks (FIFO)
@@ -214,6 +223,20 @@ class ModelActor:
             if job.sink.blocked:
                 continue  # its caller has not read what it has: pause it, not the batch
             (prefilling if job.prefilling else decoding).append(job)
+        if not decoding and not prefilling and not self._trims and not self._samplers:
+            return None, []
+        if not prefilling:  # the usual step: one token per sequence, filled in bulk
+            decoding.sort(key=_seq_id)
+            plan = self._issue(
+                [job.next_token for job in decoding],
+                [job.pos for job in decoding],
+                [job.seq_id for job in decoding],
+                range(len(decoding)),
+                n_prompt_tokens=0,
+            )
+            for job in decoding:
+                job.pos += 1
+            return plan, decoding
         budget = self.n_batch - len(decoding)
         parts: list[tuple[SequenceJob, int]] = [(job, 0) for job in decoding]  # 0: its next token
         for job in prefilling:
@@ -222,8 +245,6 @@ class ModelActor:
             n = min(budget, len(job.prompt) - job.fed)
             parts.append((job, n))
             budget -= n
-        if not parts and not self._trims and not self._samplers:
-            return None, []
         parts.sort(key=lambda part: part[0].seq_id)
         tokens: list[int] = []
         positions: list[int] = []
@@ -243,6 +264,24 @@ class ModelActor:
                     continue  # more of the prompt to come: nothing to sample yet
             out_rows.append(len(tokens) - 1)
             rows.append(job)
+        plan = self._issue(tokens, positions, seqs, out_rows, n_prompt_tokens=len(tokens) - len(decoding))
+        # Advance prompt bookkeeping now; the jobs in ``rows`` advance when tokens arrive.
+        for job, n in parts:
+            job.fed += n
+            job.pos += n or 1
+        return plan, rows
+
+    def _issue(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        seqs: Sequence[int],
+        out_rows: Sequence[int],
+        *,
+        n_prompt_tokens: int,
+    ) -> StepPlan:
+        """The StepPlan of these batch rows, with the trims and samplers gathered since the
+        last step (which it takes over)."""
         plan = StepPlan(
             tokens=np.array(tokens, dtype=np.int32),
             positions=np.array(positions, dtype=np.int32),
@@ -250,15 +289,11 @@ class ModelActor:
             output_rows=np.array(out_rows, dtype=np.int32),
             trims=self._trims,
             samplers=self._samplers,
-            n_prompt_tokens=len(tokens) - len(decoding),
-            n_sequences=len(parts),
+            n_prompt_tokens=n_prompt_tokens,
+            n_sequences=len(set(seqs)),
         )
         self._trims, self._samplers = [], {}
-        # Advance prompt bookkeeping now; the jobs in ``rows`` advance when tokens arrive.
-        for job, n in parts:
-            job.fed += n
-            job.pos += n or 1
-        return plan, rows
+        return plan
 
     def _advance(self, rows: list[SequenceJob], result: StepResult) -> Handed:
         """The bookkeeping of a step's tokens that the next step needs: each sequence's next
@@ -311,10 +346,10 @@ class ModelActor:
             self._stop(job)
             job.sink.fail(error)
 
-    def _account(self, plan: StepPlan, seconds: float) -> int:
-        """Count the step; return how many sequences it carried."""
+    def _account(self, plan: StepPlan, seconds: float) -> Stepped | None:
+        """Count the step; return its report for the observers (None if it decoded nothing)."""
         if plan.n_tokens == 0:
-            return 0  # only housekeeping (trims, samplers): no decode happened
+            return None  # only housekeeping (trims, samplers): no decode happened
         self._steps += 1
         self._tokens_decoded += plan.n_tokens
         self._tokens_sampled += len(plan.output_rows)
@@ -322,7 +357,7 @@ class ModelActor:
         self._last_sequences = n
         self._steps_by_sequences[n] = self._steps_by_sequences.get(n, 0) + 1
         self._step_seconds += seconds
-        return n
+        return plan.n_tokens, n, plan.n_prompt_tokens, seconds
 
     def statistics(self) -> ModelStatistics:
         """A snapshot of the step counters."""

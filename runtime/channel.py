@@ -12,7 +12,7 @@ capacity.
 
 The exceptions and their meanings are anyio's (``WouldBlock``, ``EndOfStream``,
 ``ClosedResourceError``, ``BrokenResourceError``, ``BusyResourceError``), so the code on
-either side reads as with memory object streams. Outside asyncio the waits use anyio Events.
+either side reads as with memory object streams. The runtime runs on asyncio (uvloop too).
 """
 
 from __future__ import annotations
@@ -29,34 +29,22 @@ __all__ = ["ChannelReceiver", "ChannelSender", "channel"]
 T = TypeVar("T")
 
 
-def _waiter() -> Any:
-    """Something to wait on once: a future on asyncio, else an anyio Event."""
-    try:
-        return asyncio.get_running_loop().create_future()
-    except RuntimeError:
-        return anyio.Event()
-
-
-def _wake(waiter: Any) -> None:
-    if isinstance(waiter, asyncio.Future):
-        if not waiter.done():
-            waiter.set_result(None)
-    else:
-        waiter.set()
-
-
-async def _wait(waiter: Any) -> None:
-    await (waiter if isinstance(waiter, asyncio.Future) else waiter.wait())
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 class _State(Generic[T]):
-    __slots__ = ("buffer", "capacity", "receive_waiter", "receiver_closed", "send_waiter", "sender_closed")
+    __slots__ = (
+        "buffer", "capacity", "loop", "receive_waiter", "receiver_closed", "send_waiter", "sender_closed",
+    )  # fmt: skip
 
     def __init__(self, capacity: int) -> None:
         self.buffer: deque[T] = deque()
         self.capacity = capacity
-        self.receive_waiter: Any = None
-        self.send_waiter: Any = None
+        self.loop = asyncio.get_running_loop()
+        self.receive_waiter: asyncio.Future[None] | None = None
+        self.send_waiter: asyncio.Future[None] | None = None
         self.sender_closed = False
         self.receiver_closed = False
 
@@ -135,9 +123,9 @@ class ChannelSender(Generic[T]):
                 return
             if s.send_waiter is not None:
                 raise anyio.BusyResourceError("sending")
-            waiter = s.send_waiter = _waiter()
+            waiter = s.send_waiter = s.loop.create_future()
             try:
-                await _wait(waiter)
+                await waiter
             finally:
                 if s.send_waiter is waiter:
                     s.send_waiter = None
@@ -203,9 +191,9 @@ class ChannelReceiver(Generic[T]):
                 pass
             if s.receive_waiter is not None:
                 raise anyio.BusyResourceError("receiving")
-            waiter = s.receive_waiter = _waiter()
+            waiter = s.receive_waiter = s.loop.create_future()
             try:
-                await _wait(waiter)
+                await waiter
             finally:
                 if s.receive_waiter is waiter:
                     s.receive_waiter = None
@@ -227,9 +215,11 @@ class ChannelReceiver(Generic[T]):
 
 
 def channel(capacity: int) -> tuple[ChannelSender[Any], ChannelReceiver[Any]]:
-    """A new channel holding up to ``capacity`` items (at least 1): its (sender, receiver).
+    """A new channel holding up to ``capacity`` items (at least 1): its (sender, receiver),
+    for tasks of the running asyncio event loop.
 
     :raises ValueError: if ``capacity`` is below 1.
+    :raises RuntimeError: if no asyncio event loop runs in this thread.
     """
     if capacity < 1:
         raise ValueError(f"capacity is {capacity}; a channel holds at least 1 item")
