@@ -1,5 +1,6 @@
 """The ``slotserve`` command: ``run`` (the main job), ``generate`` (stream one answer),
-``serve`` (the HTTP server), ``convert`` (a GGUF for ctransformers' older loader).
+``serve`` (the HTTP server), ``convert`` (a GGUF for ctransformers' older loader),
+``bench`` (throughput, latency and memory against llama.cpp's own loop and server).
 
 Every option also reads its ``SLOTSERVE_*`` environment variable (see RuntimeConfig).
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
+from runtime.bench.options import add_arguments as add_bench_arguments
 from runtime.config import RuntimeConfig
 from runtime.errors import SlotserveError
 from runtime.main_job import DEFAULT_PROMPTS, run_job
@@ -68,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", type=int, dest="max_body_bytes", help="[SLOTSERVE_MAX_BODY_BYTES]")
     srv.add_argument("--model-name", dest="model_name", help="name to serve it as [SLOTSERVE_MODEL_NAME]")
 
+    bench = sub.add_parser("bench", help="benchmarks: table, JSON and PNG (see runtime/bench/suite.py)")
+    add_bench_arguments(bench)
+
     conv = sub.add_parser("convert", help="write a GGUF model in a form an older loader accepts")
     conv.add_argument("--for", dest="target_backend", choices=["ctransformers"], required=True)
     conv.add_argument("source", help="'default' (the embedded SmolLM2-135M) or a GGUF path")
@@ -103,6 +108,13 @@ async def _serve(args: argparse.Namespace) -> None:
     await serve(_config(args), settings)
 
 
+async def _bench(args: argparse.Namespace) -> None:
+    from runtime.bench.options import options_from
+    from runtime.bench.suite import run_bench  # llama_cpp, httpx and matplotlib load only here
+
+    await run_bench(options_from(args))
+
+
 async def _convert(args: argparse.Namespace) -> None:
     from runtime.convert import convert_for_ctransformers
     from runtime.models import resolve_model
@@ -118,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    commands = {"run": _run, "generate": _generate, "serve": _serve, "convert": _convert}
+    commands = {"run": _run, "generate": _generate, "serve": _serve, "convert": _convert, "bench": _bench}
     try:
         anyio.run(commands[args.command], args)
     except SlotserveError as exc:

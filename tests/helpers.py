@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import pytest
@@ -49,16 +49,26 @@ def ctransformers_available() -> bool:
     return True
 
 
+def missing(what: str) -> NoReturn:
+    """Skip a test because ``what`` is not installed, except under CI=true: there it fails."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} missing under CI=true")
+    pytest.skip(f"{what} not installed")
+
+
 def require_backend(kind: str) -> None:
     """Skip a test whose backend is missing, except under CI=true, where that is a failure."""
     if kind == "llama_cpp" and not llama_available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("llama-cpp-python or the embedded model is missing under CI=true")
-        pytest.skip("llama-cpp-python or the embedded model is not installed")
+        missing("llama-cpp-python or the embedded model is")
     if kind == "ctransformers" and not ctransformers_available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("ctransformers, gguf or the embedded model is missing under CI=true")
-        pytest.skip("ctransformers, gguf or the embedded model is not installed")
+        missing("ctransformers, gguf or the embedded model is")
+
+
+def require_modules(*modules: str) -> None:
+    """Skip a test that needs ``modules`` (an extra's packages) if one is missing, except under
+    CI=true, where that is a failure."""
+    if absent := [m for m in modules if importlib.util.find_spec(m) is None]:
+        missing(f"{', '.join(absent)} (the bench extra) is")
 
 
 @functools.cache

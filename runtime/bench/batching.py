@@ -3,20 +3,22 @@
 For each N both are loaded at once (the same model file, the same context shape) and run in
 turns, ``repeats`` rounds, the order swapped every round, so that a change in the machine's
 load between two measurements touches both. The figures of each are those of its median
-round; the ratio is slotserve's over the plain loop's.
+round; the ratio is the median of the rounds' ratios (slotserve's tok/s over the plain
+loop's, measured a few seconds apart), which a slow drift of the load does not bias.
 """
 
 from __future__ import annotations
 
 import logging
+from statistics import median
 from typing import Any
 
 import anyio
 import msgspec
 
+from runtime.backends.llama_cpp import gpu_offload_supported
 from runtime.bench.embedded import embedded_config, run_embedded
 from runtime.bench.plain import PlainLoop
-from runtime.backends.llama_cpp import gpu_offload_supported
 from runtime.bench.workload import PassFigures, Workload, median_pass, prompts
 from runtime.models import resolve_model
 from runtime.runtime import Runtime
@@ -34,7 +36,7 @@ class BatchingRow(msgspec.Struct, frozen=True, kw_only=True):
     plain: PassFigures | None
     slotserve: PassFigures | None
     ratio: float | None
-    """slotserve tok/s over the plain loop's (median rounds); None unless both ran."""
+    """slotserve tok/s over the plain loop's, the median of the rounds; None unless both ran."""
     round_ratios: list[float]
     """The same ratio in each round (the spread shows the noise)."""
     same_tokens: float | None
@@ -101,7 +103,7 @@ async def _row(workload: Workload, n: int, plain_on: bool, slotserve_on: bool) -
         n=n,
         plain=plain,
         slotserve=slot,
-        ratio=slot.tokens_per_s / plain.tokens_per_s if plain and slot else None,
+        ratio=median(ratios) if ratios else None,
         round_ratios=ratios,
         same_tokens=same,
         kv_bytes_per_slot=kv,

@@ -97,9 +97,10 @@ def _report(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 def _finish(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdin is not None
+    assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.close()
     proc.wait(timeout=60)
+    proc.stdout.close()  # else a ResourceWarning when the Popen is collected
 
 
 def measure_memory(slot_counts: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:

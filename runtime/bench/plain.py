@@ -11,8 +11,10 @@ from __future__ import annotations
 import ctypes
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from runtime.bench.workload import PassFigures, Workload
 
@@ -65,7 +67,8 @@ class PlainLoop:
         self._seq = np.zeros(n_batch, dtype=np.int32)
         self._logits = np.zeros(n_batch, dtype=np.int8)
         self._seq_ptrs = self._seq.ctypes.data + 4 * np.arange(n_batch, dtype=np.uint64)
-        b = self._batch = llama.llama_batch()
+        self._batch = llama.llama_batch()
+        b: Any = self._batch  # ctypes pointers into the numpy arrays above
         b.token = self._tokens.ctypes.data_as(ctypes.POINTER(llama.llama_token))
         b.embd = None
         b.pos = self._pos.ctypes.data_as(ctypes.POINTER(llama.llama_pos))
@@ -80,41 +83,65 @@ class PlainLoop:
         n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, len(buf), True, True)
         return list(buf[:n])
 
-    def _decode(self, n: int, n_out: int) -> np.ndarray:
+    def _decode(self, n: int, n_out: int) -> npt.NDArray[np.int32]:
         """Decode the first ``n`` rows of the batch; return the argmax of the ``n_out`` outputs."""
         self._batch.n_tokens = n
         rc = self._llama.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} for {n} tokens")
+        if n_out == 0:
+            return np.empty(0, dtype=np.int32)
         logits = np.ctypeslib.as_array(self._llama.llama_get_logits(self._ctx), shape=(n_out, self._n_vocab))
-        return np.argmax(logits, axis=1).astype(np.int32)
+        sampled: npt.NDArray[np.int32] = np.argmax(logits, axis=1).astype(np.int32)
+        return sampled
+
+    def _prefill(self, prompts: list[list[int]], start: float) -> tuple[npt.NDArray[np.int32], list[float]]:
+        """Evaluate every prompt, in batches of at most the batch capacity; return each
+        sequence's first token and its TTFT (seconds from ``start``)."""
+        n = len(prompts)
+        lengths = [len(p) for p in prompts]
+        tokens = np.concatenate([np.asarray(p, dtype=np.int32) for p in prompts])
+        pos = np.concatenate([np.arange(k, dtype=np.int32) for k in lengths])
+        seq = np.repeat(np.arange(n, dtype=np.int32), lengths)
+        last = np.zeros(len(tokens), dtype=bool)
+        last[np.cumsum(lengths) - 1] = True
+        first = np.empty(n, dtype=np.int32)
+        ttft = [0.0] * n
+        for lo in range(0, len(tokens), self._capacity):
+            hi = min(len(tokens), lo + self._capacity)
+            k = hi - lo
+            self._tokens[:k] = tokens[lo:hi]
+            self._pos[:k] = pos[lo:hi]
+            self._seq[:k] = seq[lo:hi]
+            self._logits[:k] = last[lo:hi]
+            done = seq[lo:hi][last[lo:hi]]
+            first[done] = self._decode(k, len(done))
+            now = time.perf_counter()
+            for s in done.tolist():
+                ttft[s] = now - start
+        return first, ttft
 
     def run(self, prompts: list[list[int]], max_tokens: int) -> tuple[PassFigures, list[list[int]]]:
-        """Generate for every prompt at once (one sequence each, greedy).
+        """Generate for every prompt at once (one sequence each, greedy): the prompts first, in
+        batches of up to ``n_batch`` tokens, then one token per sequence a step.
 
         :returns: the figures (TTFT from the start of the pass) and each sequence's tokens.
-        :raises ValueError: if there are more prompts than sequences or they exceed the batch.
+        :raises ValueError: if there are more prompts than sequences.
         """
         n = len(prompts)
-        total = sum(len(p) for p in prompts)
-        if n > self.n_seq or total > self._capacity:
-            raise ValueError(f"{n} prompts of {total} tokens; the loop holds {self.n_seq} and {self._capacity}")
+        if n > self.n_seq:
+            raise ValueError(f"{n} prompts; the context holds {self.n_seq} sequences")
         self._llama.llama_memory_clear(self._mem, True)
         start = time.perf_counter()
-        self._tokens[:total] = np.concatenate([np.asarray(p, dtype=np.int32) for p in prompts])
-        self._pos[:total] = np.concatenate([np.arange(len(p), dtype=np.int32) for p in prompts])
-        self._seq[:total] = np.repeat(np.arange(n, dtype=np.int32), [len(p) for p in prompts])
-        self._logits[:total] = 0
-        self._logits[np.cumsum([len(p) for p in prompts]) - 1] = 1
-        sampled = self._decode(total, n)
-        now = time.perf_counter()
-        ttft = [now - start] * n
+        sampled, ttft = self._prefill(prompts, start)
+        last = time.perf_counter()
         itl: list[float] = []
-        out: list[list[int]] = [[int(t)] for t in sampled]
+        out = np.zeros((n, max_tokens), dtype=np.int32)
+        out[:, 0] = sampled
+        lengths = np.ones(n, dtype=np.int64)
         seqs = np.arange(n, dtype=np.int32)
         pos = np.array([len(p) for p in prompts], dtype=np.int32)
-        alive = ~self._eog[sampled] & (max_tokens > 1)
-        last = now
+        alive = ~self._eog[sampled] & (lengths < max_tokens)
         self._logits[:n] = 1
         while alive.any():
             seqs, pos, sampled = seqs[alive], pos[alive], sampled[alive]
@@ -127,13 +154,12 @@ class PlainLoop:
             itl.extend([now - last] * k)
             last = now
             pos = pos + 1
-            for s, t in zip(seqs.tolist(), sampled.tolist(), strict=True):
-                out[s].append(t)
-            lengths = np.array([len(out[s]) for s in seqs.tolist()])
-            alive = ~self._eog[sampled] & (lengths < max_tokens)
+            out[seqs, lengths[seqs]] = sampled
+            lengths[seqs] += 1
+            alive = ~self._eog[sampled] & (lengths[seqs] < max_tokens)
         wall = time.perf_counter() - start
-        tokens = sum(len(o) for o in out)
-        return PassFigures.of(n, tokens, wall, ttft, itl), out
+        figures = PassFigures.of(n, int(lengths.sum()), wall, ttft, itl)
+        return figures, [out[i, : lengths[i]].tolist() for i in range(n)]
 
     def close(self) -> None:
         """Free the context and the weights."""

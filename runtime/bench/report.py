@@ -1,0 +1,197 @@
+"""The benchmark's outputs: tables on stdout, ``bench.json``, and ``bench.png``.
+
+The PNG has two panels: aggregate tok/s against sequences (the plain loop, slotserve, and both
+HTTP servers at their client count), and the TTFT distribution of each measurement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgspec
+
+__all__ = [
+    "TARGETS",
+    "batching_limit",
+    "plot",
+    "print_batching",
+    "print_dispatch",
+    "print_servers",
+    "print_targets",
+    "write_json",
+]
+
+TARGETS = {
+    "embedded_vs_plain": 0.95,
+    "server_vs_llama_cpp_server": 2.5,
+    "dispatch_tokens_per_s": 50_000.0,
+}
+"""slotserve / plain loop at every N; slotserve's server / llama-cpp-python's; fake tok/s."""
+
+
+SERVER_STYLES = (
+    ("llama_cpp_server", "llama-cpp-python server", "x"),
+    ("llama_cpp_server_defaults", "llama-cpp-python server, its default threads", "+"),
+    ("slotserve_server", "slotserve server", "^"),
+)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.1f}"
+
+
+def print_batching(rows: list[dict[str, Any]], out: TextIO) -> None:
+    """Sections 1 and 2: one line per N and measurement (TTFT and ITL in milliseconds)."""
+    out.write("\nsections 1-2: plain batched loop (the limit) vs slotserve's embedded API\n")
+    out.write(f"{'N':>4} {'what':<10} {'tokens':>6} {'tok/s':>8} {'TTFT p50':>8} {'TTFT p99':>8} "
+              f"{'ITL p50':>8} {'ITL p99':>8} {'ratio':>6}  rounds\n")  # fmt: skip
+    for row in rows:
+        for key in ("plain", "slotserve"):
+            f = row[key]
+            if f is None:
+                continue
+            ratio = f"{row['ratio']:6.3f}" if key == "slotserve" and row["ratio"] is not None else " " * 6
+            rounds = " ".join(f"{r:.3f}" for r in row["round_ratios"]) if key == "slotserve" else ""
+            out.write(
+                f"{row['n']:>4} {key:<10} {f['completion_tokens']:>6} {f['tokens_per_s']:>8.1f} "
+                f"{_ms(f['ttft_p50_s'])} {_ms(f['ttft_p99_s'])} {_ms(f['itl_p50_s'])} {_ms(f['itl_p99_s'])} "
+                f"{ratio}  {rounds}\n"
+            )
+    out.flush()
+
+
+def batching_limit(result: dict[str, Any]) -> float | None:
+    """The most a server that batches can gain over one that serves a request at a time, on
+    this machine: the plain loop's tok/s at N = clients over the llama-cpp-python server's
+    (same threads). None unless both were measured."""
+    servers = result.get("servers")
+    rows = [r for r in result.get("batching") or () if servers and r["n"] == servers["clients"]]
+    if not servers or not rows or rows[0]["plain"] is None:
+        return None
+    return float(rows[0]["plain"]["tokens_per_s"] / servers["llama_cpp_server"]["tokens_per_s"])
+
+
+def print_servers(s: dict[str, Any], out: TextIO, limit: float | None = None) -> None:
+    """Section 3: the servers under the same clients (TTFT in milliseconds)."""
+    out.write(f"\nsection 3: HTTP servers, {s['clients']} concurrent streaming clients, "
+              f"{s['requests_per_client']} requests each; slotserve at {s['threads']} threads\n")  # fmt: skip
+    out.write(f"{'server':<26} {'tokens':>6} {'tok/s':>8} {'TTFT p50':>8} {'TTFT p99':>8}\n")
+    for key, _, _ in SERVER_STYLES:
+        f = s[key]
+        out.write(f"{key:<26} {f['completion_tokens']:>6} {f['tokens_per_s']:>8.1f} "
+                  f"{_ms(f['ttft_p50_s'])} {_ms(f['ttft_p99_s'])}\n")  # fmt: skip
+    out.write(
+        f"ratio, same threads: {s['ratio']:.2f} (rounds: {' '.join(f'{r:.2f}' for r in s['round_ratios'])})\n"
+    )
+    out.write(f"ratio, its default threads: {s['ratio_defaults']:.2f} "
+              f"(rounds: {' '.join(f'{r:.2f}' for r in s['round_ratios_defaults'])})\n")  # fmt: skip
+    if limit is not None:
+        out.write(
+            f"batching's limit here (plain loop at N={s['clients']} / that server, same threads): {limit:.2f}\n"
+        )
+    out.flush()
+
+
+def print_dispatch(d: dict[str, Any], out: TextIO) -> None:
+    """Section 4: tokens per second through the runtime on the free fake model."""
+    out.write(f"\nsection 4: dispatch overhead, fake backend (zero compute), {d['slots']} slots\n")
+    out.write(
+        f"{d['tokens_per_s']:,.0f} tok/s ({d['us_per_token']:.1f} us per token); the fake's own step "
+        f"{d['fake_step_share']:.0%} of the time, {d['tokens_per_s_without_fake']:,.0f} tok/s without it; "
+        f"{d['steps_per_s']:,.0f} steps/s; {d['tokens_per_cpu_s']:,.0f} tok per CPU second; "
+        f"passes: {', '.join(f'{x:,.0f}' for x in d['all_tokens_per_s'])}\n"
+        f"the floor (a bare asyncio hand-off of a token per reader per step): "
+        f"{d['floor_tokens_per_s']:,.0f} tok/s; slotserve carries {d['share_of_floor']:.0%} of it\n"
+    )
+    out.flush()
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
+    """(what, measured, target, met) for each target the run measured."""
+    found = []
+    for row in result.get("batching") or ():
+        if row["ratio"] is not None:
+            t = TARGETS["embedded_vs_plain"]
+            found.append((f"slotserve / plain loop, N={row['n']}", row["ratio"], t, row["ratio"] >= t))
+    if servers := result.get("servers"):
+        t = TARGETS["server_vs_llama_cpp_server"]
+        for what, key in (("same threads", "ratio"), ("its default threads", "ratio_defaults")):
+            found.append(
+                (f"slotserve server / llama-cpp-python's, {what}", servers[key], t, servers[key] >= t)
+            )
+    if dispatch := result.get("dispatch"):
+        t = TARGETS["dispatch_tokens_per_s"]
+        found.append(("fake backend tok/s", dispatch["tokens_per_s"], t, dispatch["tokens_per_s"] >= t))
+    return found
+
+
+def print_targets(result: dict[str, Any], out: TextIO) -> None:
+    """The targets against what was measured."""
+    rows = targets(result)
+    if not rows:
+        return
+    out.write("\ntargets\n")
+    for what, measured, target, met in rows:
+        out.write(f"{what:<46} {measured:>10,.3f} >= {target:<10,g} {'met' if met else 'MISSED'}\n")
+    out.flush()
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    """Write ``result`` as indented JSON."""
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(result), indent=2))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Draw tok/s against sequences and the TTFT distributions into a PNG at ``path``."""
+    from matplotlib.figure import Figure  # the object API: no pyplot, no display needed
+
+    fig = Figure(figsize=(13, 5), layout="constrained")
+    speed, ttft = fig.subplots(1, 2)
+    labels: list[str] = []
+    samples: list[list[float]] = []
+    rows = result.get("batching") or []
+    for key, style in (("plain", "o-"), ("slotserve", "s-")):
+        points = [(r["n"], r[key]) for r in rows if r[key] is not None]
+        if points:
+            name = "plain llama.cpp loop" if key == "plain" else "slotserve (embedded)"
+            speed.plot([n for n, _ in points], [f["tokens_per_s"] for _, f in points], style, label=name)
+            for n, f in points:
+                labels.append(f"{key} N={n}")
+                samples.append([s * 1000 for s in f["ttft_s"]])
+    xs = {r["n"] for r in rows}
+    if servers := result.get("servers"):
+        xs.add(servers["clients"])
+        for key, name, marker in SERVER_STYLES:
+            f = servers[key]
+            label = f"{name} ({servers['clients']} clients)"
+            speed.plot([servers["clients"]], [f["tokens_per_s"]], marker, markersize=10, label=label)
+            labels.append(name.replace(" server", "\nserver"))
+            samples.append([s * 1000 for s in f["ttft_s"]])
+    speed.set_ylim(bottom=0)
+    speed.set_xscale("log", base=2)
+    if xs:
+        speed.set_xticks(sorted(xs), [str(x) for x in sorted(xs)])
+    speed.set_xlabel("concurrent sequences (slots / clients)")
+    speed.set_ylabel("aggregate tokens/s")
+    speed.set_title("throughput")
+    speed.grid(True, alpha=0.3)
+    if speed.lines:
+        speed.legend()
+    if samples:
+        ttft.boxplot(samples, tick_labels=labels, showfliers=True)
+        ttft.tick_params(axis="x", labelrotation=60, labelsize=8)
+    ttft.set_ylabel("time to first token (ms)")
+    ttft.set_title("TTFT distribution")
+    ttft.grid(True, axis="y", alpha=0.3)
+    model = result.get("workload", {}).get("model", "")
+    fig.suptitle(f"slotserve bench: {model}, {result.get('machine', {}).get('cpu', '')}")
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":  # draw the PNG of a bench.json measured where matplotlib was missing
+    import json
+    import sys
+
+    source = Path(sys.argv[1])
+    plot(json.loads(source.read_text()), source.with_suffix(".png"))
