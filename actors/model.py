@@ -12,6 +12,7 @@ step boundary.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from runtime.backends.base import Backend, SamplerSpec, StepPlan, StepResult
 from runtime.errors import GenerationError
 
 __all__ = ["ModelActor", "ModelStatistics", "SequenceJob", "TokenSink"]
+
+log = logging.getLogger("slotserve.model")
 
 Handed = list[tuple["SequenceJob", int, str | None, int]]
 """A step's tokens for the sinks: (job, token, finish, when the step ended in ns)."""
@@ -209,7 +212,10 @@ class ModelActor:
         """The work of a step that the next one does not wait for: its report, and its tokens
         to the sinks."""
         if stepped is not None and self._on_step is not None:
-            self._on_step(*stepped)
+            try:
+                self._on_step(*stepped)
+            except Exception:  # an observer's bug must not fail the requests of the step
+                log.exception("a step observer failed; the step loop goes on")
         self._hand_out(handed)
 
     def _plan(self) -> tuple[StepPlan | None, list[SequenceJob]]:
@@ -219,7 +225,7 @@ class ModelActor:
         8 sequences of the embedded model)."""
         decoding: list[SequenceJob] = []
         prefilling: list[SequenceJob] = []
-        for job in self._jobs.values():
+        for job in list(self._jobs.values()):  # a copy: a cancel from a finalizer may change it
             if job.sink.blocked:
                 continue  # its caller has not read what it has: pause it, not the batch
             (prefilling if job.prefilling else decoding).append(job)
@@ -307,7 +313,7 @@ class ModelActor:
             if job.ended:
                 continue  # ended while the step ran; its cells are trimmed next step
             if errors and i in errors:
-                self._stop(job)
+                self.stop(job)
                 job.sink.fail(errors[i])
                 continue
             job.generated += 1
@@ -319,7 +325,7 @@ class ModelActor:
             else:
                 job.next_token = token
             if finish is not None:
-                self._stop(job)
+                self.stop(job)
             handed.append((job, token, finish, at_ns))
         return handed
 
@@ -333,9 +339,11 @@ class ModelActor:
                 going = False
                 job.sink.fail(exc)
             if not going and not job.ended:
-                self._stop(job)
+                self.stop(job)
 
-    def _stop(self, job: SequenceJob) -> None:
+    def stop(self, job: SequenceJob) -> None:
+        """Take ``job`` out of the coming steps, if it is still in them (its cells stay until
+        its slot calls :meth:`end`)."""
         job.ended = True
         if self._jobs.get(job.seq_id) is job:
             del self._jobs[job.seq_id]
@@ -343,7 +351,7 @@ class ModelActor:
     def _fail_all(self, exc: BaseException) -> None:
         error = GenerationError(f"the model step failed ({exc!r}); every request in it failed")
         for job in list(self._jobs.values()):
-            self._stop(job)
+            self.stop(job)
             job.sink.fail(error)
 
     def _account(self, plan: StepPlan, seconds: float) -> Stepped | None:
@@ -371,6 +379,6 @@ class ModelActor:
             failed_steps=self._failed_steps,
             steps_by_sequences=dict(self._steps_by_sequences),
             pending_trims=len(self._trims),
-            kv_cells_active=sum(job.pos for job in self._jobs.values()),
+            kv_cells_active=sum(job.pos for job in list(self._jobs.values())),
             stepping=self._in_step or self._worker.busy > 0,
         )

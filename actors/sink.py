@@ -49,6 +49,7 @@ class RequestSink:
         """With reason ``error``: what failed it."""
         self.blocked = False
         """The reply stream is full: the step loop skips this sequence until the slot sent."""
+        self._unblocking: anyio.CancelScope | None = None
 
     # -- called by the step loop -------------------------------------------------------------
 
@@ -89,6 +90,8 @@ class RequestSink:
         if self.reason is None:
             self.reason = reason
             self._wake.set()
+            if self._unblocking is not None and reason in ("cancel", "error"):
+                self._unblocking.cancel()  # nobody needs the text: stop waiting for room
 
     def flush(self) -> None:
         """Send the gathered text as one chunk if the reply stream has room; else block."""
@@ -113,15 +116,21 @@ class RequestSink:
 
     async def unblock(self) -> None:
         """Wait for room in the reply stream and send what gathered (the slot's task does this
-        when the sink blocked); the sequence then goes on. A closed stream ends the request."""
+        when the sink blocked); the sequence then goes on. A closed stream ends the request, and
+        an end meanwhile (a cancel) stops the wait."""
         chunk = Chunk(text=self.out, token_ids=tuple(self.pending))
         self.out, self.pending = "", []
-        try:
-            await self._ticket.reply.send(chunk)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self.end("cancel")
-            return
-        self._ticket.sent += 1
+        with anyio.CancelScope() as self._unblocking:
+            try:
+                await self._ticket.reply.send(chunk)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.end("cancel")
+            else:
+                self._ticket.sent += 1
+            finally:
+                self._unblocking = None
+        if self.reason is not None:
+            return  # ended while it waited: the slot sends the rest in the final chunk
         self.blocked = False
         self.flush()  # what came while the send waited
 

@@ -105,8 +105,10 @@ class SlotActor:
                 except (anyio.EndOfStream, anyio.ClosedResourceError):
                     return
             self.current = ticket
-            await self._serve(ticket)  # on a fault, ``current`` stays set for the Supervisor
-            ticket.on_cancel = None
+            try:
+                await self._serve(ticket)  # on a fault, ``current`` stays set for the Supervisor
+            finally:
+                ticket.on_cancel = None  # a late cancel must not reach this slot's next request
             self.current = None
             self._served += 1
             ticket = None
@@ -143,7 +145,7 @@ class SlotActor:
 
         def cancel() -> None:
             sink.end("cancel")
-            self.model.end(seq)  # out of the next step at once
+            self.model.stop(job)  # out of the next step at once
 
         ticket.on_cancel = cancel
         self.model.begin(job)

@@ -76,6 +76,12 @@ def test_bench_command_writes_json_and_png(tmp_path: Path) -> None:
     assert data["dispatch"]["tokens_per_s"] > 0
     assert "batching" not in data and "servers" not in data
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = subprocess.run(
+        [sys.executable, "-m", "runtime.bench.report", str(tmp_path / "bench.json"), "--markdown"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert table.startswith("| N | plain loop tok/s |")
+    assert f"Dispatch: {data['dispatch']['tokens_per_s']:,.0f} tok/s" in table
 
 
 def test_sections_are_chosen_by_name_or_number() -> None:

@@ -8,6 +8,7 @@ import anyio
 import pytest
 
 from runtime import Completion, RuntimeClosedError, RuntimeFailedError, SlotFailedError
+from runtime.events import Observers
 from tests.helpers import PROMPTS, greedy, open_runtime
 
 
@@ -149,3 +150,52 @@ async def test_a_request_that_crashes_its_slot_twice_is_failed_not_retried_again
     assert status.restarts == 2 and status.requests_failed == 1
     assert waited >= 0.025  # at least the first backoff (50% of 0.05 s)
     assert after.stats.completion_tokens == 3
+
+
+async def test_closing_the_runtime_frees_a_slot_whose_caller_is_not_reading() -> None:
+    """The slot waits for room in a full stream; the close cancels the request, and that ends
+    the wait at once (not after the close's drain timeout)."""
+    async with open_runtime("fake", slots=1, stream_buffer=1) as rt:
+        stalled = rt.generate(greedy(PROMPTS[0], max_tokens=100))
+        await stalled.__anext__()
+        await anyio.sleep(0.1)  # the slot has filled the stream again and waits for room
+        start = anyio.current_time()
+    assert anyio.current_time() - start < 1.0
+    assert [c.done_reason for c in [c async for c in stalled] if c.done] == ["cancel"]
+
+
+async def test_a_late_cancel_of_a_crashed_request_leaves_the_next_one_alone() -> None:
+    """Request A crashes its slot after streaming (so it is not retried); B then runs on the
+    restarted slot; A's caller closing its stream afterwards must not touch B."""
+    fake = {"fault_prompts": ["boom"], "fault_after": 4, "step_delay_s": 0.002}
+    cfg = {"restart_intensity": 5, "restart_backoff_s": 0.001, "restart_backoff_max_s": 0.001}
+    async with open_runtime("fake", slots=1, stream_buffer=64, fake=fake, **cfg) as rt:
+        crashed = rt.generate(greedy("boom", max_tokens=20))
+        await crashed.__anext__()
+        with anyio.fail_after(3):
+            while rt.status().restarts < 1:
+                await anyio.sleep(0.005)
+        after = rt.generate(greedy(PROMPTS[0], max_tokens=200))
+        await after.__anext__()
+        await crashed.aclose()
+        with anyio.fail_after(3):
+            rest = [c async for c in after]
+    assert rest[-1].done_reason == "length" and rest[-1].stats is not None
+    assert rest[-1].stats.completion_tokens == 200
+
+
+async def test_an_observer_that_raises_fails_no_request() -> None:
+    class Flaky(Observers):
+        steps = 0
+
+        def step(self, n_tokens: int, n_sequences: int, n_prompt_tokens: int, seconds: float) -> None:
+            self.steps += 1
+            if self.steps == 5:
+                raise RuntimeError("observer bug")
+
+    flaky = Flaky()
+    async with open_runtime("fake", slots=2, fake={"step_delay_s": 0.002}) as rt:
+        rt.observers.add(flaky)
+        results = [await rt.complete(greedy(p, max_tokens=20)) for p in PROMPTS[:2]]
+    assert [r.stats.completion_tokens for r in results] == [20, 20]
+    assert flaky.steps > 5 and rt.statistics().model.failed_steps == 0

@@ -14,6 +14,7 @@ import msgspec
 __all__ = [
     "TARGETS",
     "batching_limit",
+    "markdown",
     "plot",
     "print_batching",
     "print_dispatch",
@@ -189,9 +190,50 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-if __name__ == "__main__":  # draw the PNG of a bench.json measured where matplotlib was missing
+def markdown(result: dict[str, Any]) -> str:
+    """The README's tables of a result (sections 1 to 4), in Markdown."""
+    lines = ["| N | plain loop tok/s | slotserve tok/s | ratio (rounds) | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in result.get("batching") or ():
+        p, f = row["plain"], row["slotserve"]
+        if p is None or f is None:
+            continue
+        rounds = ", ".join(f"{r:.2f}" for r in row["round_ratios"])
+        lines.append(
+            f"| {row['n']} | {p['tokens_per_s']:.1f} | {f['tokens_per_s']:.1f} | {row['ratio']:.3f} ({rounds}) | "
+            f"{f['ttft_p50_s'] * 1e3:.0f} / {f['ttft_p99_s'] * 1e3:.0f} | {f['itl_p50_s'] * 1e3:.1f} / {f['itl_p99_s'] * 1e3:.1f} |"
+        )
+    if servers := result.get("servers"):
+        lines += [
+            "",
+            "| server | tok/s | TTFT p50 / p99 ms | slotserve's ratio (rounds) |",
+            "| --- | --- | --- | --- |",
+        ]
+        for key, name, _ in SERVER_STYLES:
+            f = servers[key]
+            ratio = {"llama_cpp_server": ("ratio", "round_ratios"),
+                     "llama_cpp_server_defaults": ("ratio_defaults", "round_ratios_defaults")}.get(key)  # fmt: skip
+            cell = (
+                f"{servers[ratio[0]]:.2f} ({', '.join(f'{r:.2f}' for r in servers[ratio[1]])})"
+                if ratio
+                else ""
+            )
+            lines.append(
+                f"| {name} | {f['tokens_per_s']:.1f} | {f['ttft_p50_s'] * 1e3:.0f} / {f['ttft_p99_s'] * 1e3:.0f} | {cell} |"
+            )
+    if d := result.get("dispatch"):
+        lines += ["", f"Dispatch: {d['tokens_per_s']:,.0f} tok/s ({d['us_per_token']:.1f} us per token), "
+                  f"floor {d['floor_tokens_per_s']:,.0f} tok/s, share {d['share_of_floor']:.0%}."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m runtime.bench.report bench.json [--markdown]
     import json
     import sys
 
     source = Path(sys.argv[1])
-    plot(json.loads(source.read_text()), source.with_suffix(".png"))
+    data = json.loads(source.read_text())
+    if "--markdown" in sys.argv:
+        sys.stdout.write(markdown(data))
+    else:  # draw the PNG of a bench.json measured where matplotlib was missing
+        plot(data, source.with_suffix(".png"))
