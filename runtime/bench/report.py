@@ -178,7 +178,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     speed.set_title("throughput")
     speed.grid(True, alpha=0.3)
     if speed.lines:
-        speed.legend()
+        speed.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8)
     if samples:
         ttft.boxplot(samples, tick_labels=labels, showfliers=True)
         ttft.tick_params(axis="x", labelrotation=60, labelsize=8)
