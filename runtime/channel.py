@@ -185,10 +185,12 @@ class ChannelReceiver(Generic[T]):
         """
         s = self._state
         while True:
-            try:
-                return self.receive_nowait()
-            except anyio.WouldBlock:
-                pass
+            if s.buffer and not s.receiver_closed:  # the usual case, without an exception
+                item = s.buffer.popleft()
+                s.wake_sender()
+                return item
+            if s.receiver_closed or s.sender_closed:
+                return self.receive_nowait()  # raises the error that says which end closed
             if s.receive_waiter is not None:
                 raise anyio.BusyResourceError("receiving")
             waiter = s.receive_waiter = s.loop.create_future()
