@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 from runtime.bench.dispatch import measure_dispatch
@@ -166,3 +167,26 @@ def test_targets_and_the_batching_limit_are_read_from_the_result() -> None:
         (40_000.0, False),
     ]
     assert batching_limit({"servers": result["servers"]}) is None
+
+
+@pytest.mark.slow
+async def test_a_random_weight_model_loads_and_generates(tmp_path: Path) -> None:
+    """The model the GPU run writes (here at the embedded model's shape): llama.cpp loads it,
+    and the story prompts tokenize to about as many tokens as with a trained vocabulary."""
+    require_backend("llama_cpp")
+    require_modules("gguf")
+    from runtime.bench.random_model import SHAPES, write_random_llama
+    from runtime.config import RuntimeConfig
+    from runtime.messages import GenerateRequest
+    from runtime.runtime import Runtime
+
+    path = tmp_path / "random-135m.gguf"
+    size = await anyio.to_thread.run_sync(write_random_llama, path, "135m")  # seconds: off the loop
+    assert size == path.stat().st_size > 200 << 20
+    config = RuntimeConfig(model=str(path), slots=2, n_ctx_per_slot=128, threads=1, memory_source="none")
+    async with Runtime(config, probe=None) as rt:
+        result = await rt.complete(GenerateRequest(prompt=prompts(1)[0], max_tokens=4, temperature=0))
+        info = rt.backend.info
+    assert (info.n_layer, info.n_vocab) == (SHAPES["135m"]["n_layer"], SHAPES["135m"]["n_vocab"])
+    assert result.stats.completion_tokens >= 1
+    assert 10 <= result.stats.prompt_tokens <= 40  # 17 words, 84 characters
