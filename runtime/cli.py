@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", type=int, dest="max_body_bytes", help="[SLOTSERVE_MAX_BODY_BYTES]")
     srv.add_argument("--model-name", dest="model_name", help="name to serve it as [SLOTSERVE_MODEL_NAME]")
 
-    bench = sub.add_parser("bench", help="benchmarks: table, JSON and PNG (see runtime/bench/suite.py)")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: table, JSON and PNG (see runtime/bench/suite.py)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_bench_arguments(bench)
 
     conv = sub.add_parser("convert", help="write a GGUF model in a form an older loader accepts")

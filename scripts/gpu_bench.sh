@@ -7,15 +7,18 @@
 #   scripts/gpu_bench.sh run gpu-carry   on the GPU machine (no network; Python 3.12, CUDA 13):
 #                                     writes the results to $OUT (default /tmp/gpu-bench)
 #
-# The CUDA build of llama-cpp-python and how to load it come from ../shared/gpu/README.md.
+# The CUDA build of llama-cpp-python and how to load it come from ../shared/gpu/README.md
+# (SHARED=/path/to/shared when the checkout is elsewhere).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 case "${1:-}" in
   fetch)
+    gpu="${SHARED:-../shared}/gpu"  # the CUDA build, beside this checkout unless SHARED says
+    [ -f "$gpu/llama_cpp_cuda_sm90.tar.xz" ] || { echo "no $gpu/llama_cpp_cuda_sm90.tar.xz; set SHARED" >&2; exit 1; }
     mkdir -p gpu-carry/wheels
-    cp ../shared/gpu/llama_cpp_cuda_sm90.tar.xz gpu-carry/
-    cp ../shared/gpu/diskcache-*.whl gpu-carry/wheels/
+    cp "$gpu"/llama_cpp_cuda_sm90.tar.xz gpu-carry/
+    cp "$gpu"/diskcache-*.whl gpu-carry/wheels/
     # What slotserve and the model writer need that the GPU machine does not have.
     .venv/bin/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \

@@ -32,10 +32,16 @@ TARGETS = {
 
 
 SERVER_STYLES = (
-    ("llama_cpp_server", "llama-cpp-python server", "x"),
-    ("llama_cpp_server_defaults", "llama-cpp-python server, its default threads", "+"),
-    ("slotserve_server", "slotserve server", "^"),
+    ("llama_cpp_server", "llama-cpp-python server", "x", "llama-cpp-python\nserver"),
+    (
+        "llama_cpp_server_defaults",
+        "llama-cpp-python server, its default threads",
+        "+",
+        "llama-cpp-python\nserver,\ndefaults",
+    ),
+    ("slotserve_server", "slotserve server", "^", "slotserve\nserver"),
 )
+"""(key in the result, name, marker, box label) of each server."""
 
 
 def _ms(seconds: float) -> str:
@@ -78,7 +84,7 @@ def print_servers(s: dict[str, Any], out: TextIO, limit: float | None = None) ->
     out.write(f"\nsection 3: HTTP servers, {s['clients']} concurrent streaming clients, "
               f"{s['requests_per_client']} requests each; slotserve at {s['threads']} threads\n")  # fmt: skip
     out.write(f"{'server':<26} {'tokens':>6} {'tok/s':>8} {'TTFT p50':>8} {'TTFT p99':>8}\n")
-    for key, _, _ in SERVER_STYLES:
+    for key, _, _, _ in SERVER_STYLES:
         f = s[key]
         out.write(f"{key:<26} {f['completion_tokens']:>6} {f['tokens_per_s']:>8.1f} "
                   f"{_ms(f['ttft_p50_s'])} {_ms(f['ttft_p99_s'])}\n")  # fmt: skip
@@ -163,11 +169,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     xs = {r["n"] for r in rows}
     if servers := result.get("servers"):
         xs.add(servers["clients"])
-        for key, name, marker in SERVER_STYLES:
+        for key, name, marker, box in SERVER_STYLES:
             f = servers[key]
             label = f"{name} ({servers['clients']} clients)"
             speed.plot([servers["clients"]], [f["tokens_per_s"]], marker, markersize=10, label=label)
-            labels.append(name.replace(" server", "\nserver"))
+            labels.append(box)
             samples.append([s * 1000 for s in f["ttft_s"]])
     speed.set_ylim(bottom=0)
     speed.set_xscale("log", base=2)
@@ -192,7 +198,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def markdown(result: dict[str, Any]) -> str:
     """The README's tables of a result (sections 1 to 4), in Markdown."""
-    lines = ["| N | plain loop tok/s | slotserve tok/s | ratio (rounds) | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+    lines = ["| N | plain loop tok/s | slotserve tok/s | ratio: median of rounds (rounds) | slotserve TTFT p50 / p99 ms | slotserve ITL p50 / p99 ms |",
              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for row in result.get("batching") or ():
         p, f = row["plain"], row["slotserve"]
@@ -209,7 +215,7 @@ def markdown(result: dict[str, Any]) -> str:
             "| server | tok/s | TTFT p50 / p99 ms | slotserve's ratio (rounds) |",
             "| --- | --- | --- | --- |",
         ]
-        for key, name, _ in SERVER_STYLES:
+        for key, name, _, _ in SERVER_STYLES:
             f = servers[key]
             ratio = {"llama_cpp_server": ("ratio", "round_ratios"),
                      "llama_cpp_server_defaults": ("ratio_defaults", "round_ratios_defaults")}.get(key)  # fmt: skip

@@ -55,7 +55,7 @@ async def run_bench(options: BenchOptions, out: TextIO = sys.stdout) -> dict[str
         "sections": list(options.sections),
     }
     out.write(f"slotserve bench: {', '.join(options.sections)}; N = {', '.join(map(str, options.n_list))}; "
-              f"{options.workload.max_tokens} tokens a request, {options.workload.repeats} rounds; "
+              f"{options.workload.max_tokens} tokens a request, {options.workload.repeats} round(s); "
               f"{result['machine']['cores']} cores, load {result['machine']['load_average_1m']:.2f}\n")  # fmt: skip
     if chosen & {"plain", "embedded"}:
         from runtime.bench.batching import measure_batching
