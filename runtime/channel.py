@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import anyio
 
@@ -59,8 +59,9 @@ class _State(Generic[T]):
             _wake(w)
 
 
-class ChannelSender(Generic[T]):
-    """The sending end; ``with`` closes it."""
+class _End(Generic[T]):
+    """What both ends have: the shared state, the count of items in it, and ``with`` (which
+    closes the end)."""
 
     __slots__ = ("_state",)
 
@@ -71,6 +72,23 @@ class ChannelSender(Generic[T]):
     def buffered(self) -> int:
         """Items sent and not yet received."""
         return len(self._state.buffer)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class ChannelSender(_End[T]):
+    """The sending end; ``with`` closes it."""
+
+    __slots__ = ()
 
     def send_nowait(self, item: T) -> None:
         """Send ``item`` now.
@@ -136,27 +154,11 @@ class ChannelSender(Generic[T]):
         self._state.wake_receiver()
         self._state.wake_sender()
 
-    def __enter__(self) -> ChannelSender[T]:
-        return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class ChannelReceiver(Generic[T]):
+class ChannelReceiver(_End[T]):
     """The receiving end; ``with`` closes it."""
 
-    __slots__ = ("_state",)
-
-    def __init__(self, state: _State[T]) -> None:
-        self._state = state
-
-    @property
-    def buffered(self) -> int:
-        """Items waiting to be received."""
-        return len(self._state.buffer)
+    __slots__ = ()
 
     def receive_nowait(self) -> T:
         """Take the next item now.
@@ -206,14 +208,6 @@ class ChannelReceiver(Generic[T]):
         self._state.buffer.clear()
         self._state.wake_receiver()
         self._state.wake_sender()
-
-    def __enter__(self) -> ChannelReceiver[T]:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def channel(capacity: int) -> tuple[ChannelSender[Any], ChannelReceiver[Any]]:
