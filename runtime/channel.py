@@ -60,18 +60,12 @@ class _State(Generic[T]):
 
 
 class _End(Generic[T]):
-    """What both ends have: the shared state, the count of items in it, and ``with`` (which
-    closes the end)."""
+    """What both ends have: the shared state, and ``with`` (which closes the end)."""
 
     __slots__ = ("_state",)
 
     def __init__(self, state: _State[T]) -> None:
         self._state = state
-
-    @property
-    def buffered(self) -> int:
-        """Items sent and not yet received."""
-        return len(self._state.buffer)
 
     def close(self) -> None:
         raise NotImplementedError

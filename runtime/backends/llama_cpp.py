@@ -167,7 +167,7 @@ class LlamaCppBackend:
             )
         self._ctx = ctx
         self._mem = llama.llama_get_memory(ctx)
-        self._batch = _NumpyBatch(n_batch)
+        self._batch = NumpyBatch(n_batch)
         self.info = msgspec.structs.replace(self.info, n_seq_max=n_seq, compute_bytes=compute_bytes)
 
     def resize(self, n_seq: int) -> int:
@@ -340,8 +340,10 @@ def restream(state: bytes, seq: int, n_old: int, n_new: int) -> bytes:
     return new_header + bytes(4 * seq) + own + bytes(4 * (n_new - seq - 1))
 
 
-class _NumpyBatch:
-    """A ``llama_batch`` whose arrays are numpy arrays, filled in bulk (one sequence a token)."""
+class NumpyBatch:
+    """A ``llama_batch`` of up to ``capacity`` tokens whose arrays are numpy arrays (int32
+    ``tokens``, ``pos`` and ``seq``, int8 ``logits``; one sequence a token), filled in bulk;
+    ``struct`` is what ``llama_decode`` takes (set its ``n_tokens``)."""
 
     def __init__(self, capacity: int) -> None:
         self.tokens = np.zeros(capacity, dtype=np.int32)
