@@ -14,24 +14,33 @@ from collections.abc import Sequence
 
 import anyio
 
-from runtime.events import Observers
-from runtime.messages import Chunk, DoneReason
-from runtime.streaming import TextStream
-from runtime.ticket import Ticket
+from actors.scheduler import Finish
+from runtime.core.channel import ChannelSender
+from runtime.core.events import Observers
+from runtime.core.messages import Chunk, DoneReason
+from runtime.core.streaming import TextStream
+from runtime.core.ticket import Reply
 
 __all__ = ["RequestSink"]
 
 
 class RequestSink:
-    """One request's generated tokens, turned into chunks on ``ticket.reply``.
+    """One request's generated tokens, turned into chunks on its ``reply`` channel.
+
+    Its ``reason`` says why the *sequence* ended; the slot then finishes the request
+    (:meth:`runtime.core.ticket.Ticket.finish`) with it.
 
     :param pieces: each token id's bytes (the backend's ``pieces``).
     """
 
     def __init__(
-        self, ticket: Ticket, stops: tuple[str, ...], pieces: Sequence[bytes], observers: Observers
+        self,
+        reply: ChannelSender[Reply],
+        stops: tuple[str, ...],
+        pieces: Sequence[bytes],
+        observers: Observers,
     ) -> None:
-        self._ticket = ticket
+        self._reply = reply
         self._text = TextStream(stops)
         self._pieces = pieces
         self._observers = observers
@@ -53,7 +62,7 @@ class RequestSink:
 
     # -- called by the step loop -------------------------------------------------------------
 
-    def take(self, token: int, finish: str | None, at_ns: int) -> bool:
+    def take(self, token: int, finish: Finish, at_ns: int) -> bool:
         """One generated token; ``finish`` is ``stop`` (end of generation), ``length`` or None.
 
         :returns: whether the sequence goes on (False: a stop string, the end, or the request
@@ -72,7 +81,7 @@ class RequestSink:
         if self._text.stopped:
             self.end("stop")
         elif finish is not None:
-            self.end("stop" if finish == "stop" else "length")
+            self.end(finish)
         else:
             self.flush()
         return self.reason is None
@@ -98,7 +107,7 @@ class RequestSink:
         if self.blocked or not self.out:
             return
         try:
-            self._ticket.reply.send_nowait(Chunk(text=self.out, token_ids=tuple(self.pending)))
+            self._reply.send_nowait(Chunk(text=self.out, token_ids=tuple(self.pending)))
         except anyio.WouldBlock:
             self.blocked = True
             self._wake.set()
@@ -106,7 +115,6 @@ class RequestSink:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self.end("cancel")  # the caller closed its stream
             return
-        self._ticket.sent += 1
         self.out, self.pending = "", []
 
     async def wait(self) -> None:
@@ -122,11 +130,9 @@ class RequestSink:
         self.out, self.pending = "", []
         with anyio.CancelScope() as self._unblocking:
             try:
-                await self._ticket.reply.send(chunk)
+                await self._reply.send(chunk)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self.end("cancel")
-            else:
-                self._ticket.sent += 1
             finally:
                 self._unblocking = None
         if self.reason is not None:

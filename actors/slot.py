@@ -11,35 +11,23 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
 from functools import partial
 
 import anyio
-import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from actors.model import ModelActor, SequenceJob
+from actors.model import ModelActor
+from actors.scheduler import SequenceJob
 from actors.sink import RequestSink
 from runtime.backends.base import SamplerSpec
-from runtime.config import RuntimeConfig
-from runtime.errors import ContextOverflowError, GenerationError, InvalidRequestError
-from runtime.events import Observers
-from runtime.messages import ChatRequest, Chunk, DoneReason, GenerateRequest, RequestStats
-from runtime.ticket import Ticket
+from runtime.core.config import RuntimeConfig
+from runtime.core.errors import ContextOverflowError, GenerationError, InvalidRequestError
+from runtime.core.events import Observers
+from runtime.core.messages import ChatRequest, Chunk, GenerateRequest, RequestStats
+from runtime.core.records import SlotStatistics
+from runtime.core.ticket import Ticket
 
-__all__ = ["SlotActor", "SlotStatistics"]
-
-OnDone = Callable[[Ticket, DoneReason, RequestStats | None, BaseException | None], None]
-"""(ticket, done_reason, stats or None if it never started, the error if it failed)."""
-
-
-class SlotStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """One slot: whether it is busy, and the prompt tokens its sequence keeps cached."""
-
-    slot: int
-    busy: bool
-    served: int
-    cached_tokens: int
+__all__ = ["SlotActor"]
 
 
 def sampler_spec(request: GenerateRequest | ChatRequest) -> SamplerSpec | None:
@@ -67,11 +55,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class SlotActor:
-    """Serves tickets from ``receiver`` on sequence ``slot`` of ``model``'s context.
-
-    :param on_done: called once per ticket with its done_reason and stats (None if it failed
-        before it started).
-    """
+    """Serves tickets from ``receiver`` on sequence ``slot`` of ``model``'s context; finishes
+    each ticket it serves (:meth:`Ticket.finish`), except on a fault of its own: then it raises
+    with ``current`` set, for the Supervisor."""
 
     def __init__(
         self,
@@ -79,7 +65,6 @@ class SlotActor:
         model: ModelActor,
         receiver: MemoryObjectReceiveStream[Ticket],
         config: RuntimeConfig,
-        on_done: OnDone,
         observers: Observers,
     ) -> None:
         self.slot = slot
@@ -87,7 +72,6 @@ class SlotActor:
         self.model = model
         self.config = config
         self._receiver = receiver
-        self._on_done = on_done
         self._cached: list[int] = []
         self._served = 0
         self.retiring = False
@@ -108,7 +92,7 @@ class SlotActor:
             try:
                 await self._serve(ticket)  # on a fault, ``current`` stays set for the Supervisor
             finally:
-                ticket.on_cancel = None  # a late cancel must not reach this slot's next request
+                ticket.listen(None)  # a late cancel must not reach this slot's next request
             self.current = None
             self._served += 1
             ticket = None
@@ -127,27 +111,27 @@ class SlotActor:
     async def _serve(self, ticket: Ticket) -> None:
         picked_ns = time.perf_counter_ns()
         if ticket.cancelled:
-            self._end(ticket, "cancel", None)
+            ticket.finish("cancel")
             return
         request = ticket.request
         try:
             tokens = await self._tokenize(request)
             max_new = self._max_new(len(tokens), request.max_tokens)
         except InvalidRequestError as exc:
-            self._end(ticket, "error", None, exc)
+            ticket.finish("error", error=exc)
             return
         seq = self.slot
         keep = common_prefix(self._cached, tokens) if self.config.prefix_cache else 0
         keep = min(keep, len(tokens) - 1)
         self._cached = []
-        sink = RequestSink(ticket, request.stop, self.model.backend.pieces, self._observers)
+        sink = RequestSink(ticket.reply, request.stop, self.model.backend.pieces, self._observers)
         job = SequenceJob(seq, tokens, keep, max_new, sampler_spec(request), sink)
 
         def cancel() -> None:
             sink.end("cancel")
-            self.model.stop(job)  # out of the next step at once
+            self.model.scheduler.drop(job)  # out of the next step at once
 
-        ticket.on_cancel = cancel
+        ticket.listen(cancel)
         self.model.begin(job)
         if ticket.cancelled:  # cancelled while the prompt was being tokenized
             cancel()
@@ -169,7 +153,7 @@ class SlotActor:
             assert sink.error is not None
             if not isinstance(sink.error, GenerationError):
                 raise sink.error  # this sequence's own fault: the slot crashes
-            self._end(ticket, "error", None, sink.error)
+            ticket.finish("error", error=sink.error)
             return
         first_ns = sink.first_ns
         finished = reason != "cancel" and first_ns is not None
@@ -197,22 +181,7 @@ class SlotActor:
             done_reason=reason,
             stats=stats,
         )
-        self._end(ticket, reason, stats, final)
-
-    def _end(
-        self,
-        ticket: Ticket,
-        reason: DoneReason,
-        stats: RequestStats | None,
-        final: Chunk | BaseException | None = None,
-    ) -> None:
-        """Send the last reply (a final chunk or an error), close the stream, report."""
-        ticket.finish(final)
-        self._on_done(ticket, reason, stats, final if isinstance(final, BaseException) else None)
-
-    def fail(self, ticket: Ticket, error: BaseException) -> None:
-        """Fail ``ticket`` with ``error`` (used by the Supervisor when this slot crashed)."""
-        self._end(ticket, "error", None, error)
+        ticket.finish(reason, final=final, stats=stats)
 
     async def _tokenize(self, request: GenerateRequest | ChatRequest) -> list[int]:
         backend = self.model.backend

@@ -23,48 +23,22 @@ from collections.abc import Callable
 
 import anyio
 import anyio.abc
-import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from actors.model import ModelActor
-from actors.slot import OnDone, SlotActor, SlotStatistics
-from runtime.config import RuntimeConfig
-from runtime.errors import SlotFailedError
-from runtime.events import Observers
-from runtime.mailbox import Mailbox
-from runtime.policies import backoff_s, headroom_bytes, resize_due, restart_allowed, target_slots
-from runtime.telemetry import MemoryProbe, MemoryReading
-from runtime.ticket import Ticket
+from actors.slot import SlotActor
+from runtime.core.config import RuntimeConfig
+from runtime.core.errors import SlotFailedError
+from runtime.core.events import Observers
+from runtime.core.mailbox import Mailbox
+from runtime.core.policies import backoff_s, headroom_bytes, resize_due, restart_allowed, target_slots
+from runtime.core.records import MemoryReading, ResizeReason, ResizeRecord, SupervisorStatistics
+from runtime.core.telemetry import MemoryProbe
+from runtime.core.ticket import Ticket
 
-__all__ = ["ResizeRecord", "Supervisor", "SupervisorStatistics"]
+__all__ = ["Supervisor"]
 
 log = logging.getLogger("slotserve.supervisor")
-
-
-class ResizeRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One resize: slot counts before and after, why, and how long no step ran (seconds)."""
-
-    from_slots: int
-    to_slots: int
-    reason: str
-    pause_s: float
-    drain_s: float
-    """Seconds the retiring slots took to finish their requests (shrinking only)."""
-    carried_bytes: int
-
-
-class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """Slot counts, restarts by actor, resizes, the last memory reading, and any failure."""
-
-    slots_effective: int
-    slots_target: int
-    slots_busy: int
-    slot_restarts: int
-    model_restarts: int
-    resizes: tuple[ResizeRecord, ...]
-    memory: MemoryReading | None
-    failure: str | None
-    slots: tuple[SlotStatistics, ...]
 
 
 class Supervisor:
@@ -73,7 +47,7 @@ class Supervisor:
     :param slots: the slot count to start with.
     :param probe: memory readings for live resizing (None: no live resizing).
     :param reading: the reading the start was sized from, shown until the first new one.
-    :param on_done: called once for every ticket a slot finishes, fails or cancels.
+    :param resizes: resizes made before it started (the ``startup`` reduction).
     :param on_failed: called once when the restart intensity is exceeded, with the reason.
     """
 
@@ -82,19 +56,18 @@ class Supervisor:
         config: RuntimeConfig,
         model: ModelActor,
         mailbox: Mailbox[Ticket],
-        on_done: OnDone,
         on_failed: Callable[[str], None],
         observers: Observers,
         *,
         slots: int,
         probe: MemoryProbe | None = None,
         reading: MemoryReading | None = None,
+        resizes: tuple[ResizeRecord, ...] = (),
     ) -> None:
         self.config = config
         self.model = model
         self.mailbox = mailbox
         self._observers = observers
-        self._on_done = on_done
         self._on_failed = on_failed
         self._probe = probe
         self._n = slots
@@ -105,7 +78,7 @@ class Supervisor:
         self._restarts: list[float] = []
         self._slot_restarts = 0
         self._model_restarts = 0
-        self._resizes: list[ResizeRecord] = []
+        self._resizes: list[ResizeRecord] = list(resizes)
         self._last_resize_s: float | None = None
         self._resize_lock = anyio.Lock()
         self._reading = reading
@@ -152,7 +125,7 @@ class Supervisor:
         try:
             with receiver:
                 while True:
-                    actor = SlotActor(slot, self.model, receiver, self.config, self._on_done, self._observers)
+                    actor = SlotActor(slot, self.model, receiver, self.config, self._observers)
                     self._slots[slot] = actor
                     try:
                         await actor.run(first=retry)
@@ -160,7 +133,7 @@ class Supervisor:
                         retry = self._crashed(actor, exc)
                         if not await self._restart(f"slot {slot} crashed: {exc!r}"):
                             if retry is not None:
-                                actor.fail(retry, SlotFailedError(f"slot {slot} failed: {exc!r}"))
+                                retry.finish("error", error=SlotFailedError(f"slot {slot} failed: {exc!r}"))
                             return
                     else:
                         return  # the mailbox closed, or the slot was retired
@@ -175,14 +148,14 @@ class Supervisor:
         self._observers.restart("slot")
         self.model.end(actor.slot)
         ticket = actor.current
-        if ticket is None:
+        if ticket is None or ticket.finished:
             return None
         ticket.crashes += 1
         if ticket.sent == 0 and ticket.crashes < 2 and not ticket.cancelled:
             return ticket  # nothing reached the caller yet: one more try
-        actor.fail(
-            ticket,
-            SlotFailedError(
+        ticket.finish(
+            "error",
+            error=SlotFailedError(
                 f"slot {actor.slot} failed while serving this request ({ticket.crashes} crash(es)): {exc!r}"
             ),
         )
@@ -207,7 +180,7 @@ class Supervisor:
 
     # -- resizing ------------------------------------------------------------------------------
 
-    async def resize(self, slots: int, reason: str) -> ResizeRecord | None:
+    async def resize(self, slots: int, reason: ResizeReason) -> ResizeRecord | None:
         """Change the slot count to ``slots``; returns what was done (None if nothing to do).
 
         Waits for retiring slots to finish their requests when shrinking.
@@ -250,7 +223,7 @@ class Supervisor:
             return record
 
     def fit(self, reading: MemoryReading) -> int:
-        """The slot count that ``reading`` calls for (see runtime.policies.target_slots):
+        """The slot count that ``reading`` calls for (see runtime.core.policies.target_slots):
         between min_slots and max_slots for ``auto``, at most the configured count otherwise."""
         cfg = self.config
         return target_slots(
@@ -275,8 +248,7 @@ class Supervisor:
             self._target = target if not self._resize_lock.locked() else self._target
             now = time.monotonic()
             if resize_due(target, self._n, self._last_resize_s, now, self.config.resize_cooldown_s):
-                reason = "memory_low" if target < self._n else "memory_available"
-                await self.resize(target, reason)
+                await self.resize(target, "memory_low" if target < self._n else "memory_available")
 
     def statistics(self) -> SupervisorStatistics:
         """A snapshot of the slots, restarts, resizes and the last memory reading."""

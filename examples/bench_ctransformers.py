@@ -24,9 +24,9 @@ import anyio
 import psutil
 
 from runtime import ChatMessage, ChatRequest, Runtime, RuntimeConfig
-from runtime.convert import convert_for_ctransformers
+from runtime.backends.ctransformers.convert import convert_for_ctransformers
+from runtime.backends.model_files import resolve_model
 from runtime.main_job import DEFAULT_PROMPTS
-from runtime.models import resolve_model
 
 RUNS = [("llama_cpp", 1), ("llama_cpp", 4), ("ctransformers", 1), ("ctransformers", 4)]
 MiB = 1 << 20

@@ -1,37 +1,72 @@
 """slotserve: one language model, loaded once, serving many concurrent requests through slots.
 
-The public API; everything else is internal. See README.md for a tour.
+The public API; everything else is internal. See README.md for a tour. Names are handed on
+lazily (as anyio does): importing one kernel module, such as ``runtime.core.errors``, does not
+load the actors, the backends or prometheus-client.
 """
 
 from __future__ import annotations
 
-from runtime.config import RuntimeConfig
-from runtime.errors import (
-    ConfigError,
-    ContextOverflowError,
-    GenerationError,
-    InvalidRequestError,
-    ModelLoadError,
-    QueueFullError,
-    RuntimeClosedError,
-    RuntimeFailedError,
-    SlotFailedError,
-    SlotserveError,
-)
-from runtime.messages import (
-    ChatMessage,
-    ChatRequest,
-    Chunk,
-    Completion,
-    DoneReason,
-    GenerateRequest,
-    RequestStats,
-    RuntimeStatus,
-    decode_request,
-)
-from runtime.metrics import metrics_app
-from runtime.runtime import Runtime
-from runtime.ticket import ResponseStream
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runtime.core.config import RuntimeConfig
+    from runtime.core.errors import (
+        ConfigError,
+        ContextOverflowError,
+        GenerationError,
+        InvalidRequestError,
+        ModelLoadError,
+        QueueFullError,
+        RuntimeClosedError,
+        RuntimeFailedError,
+        SlotFailedError,
+        SlotserveError,
+    )
+    from runtime.core.messages import (
+        ChatMessage,
+        ChatRequest,
+        Chunk,
+        Completion,
+        DoneReason,
+        GenerateRequest,
+        RequestStats,
+        decode_request,
+    )
+    from runtime.core.records import RuntimeStatus
+    from runtime.core.ticket import ResponseStream
+    from runtime.metrics import metrics_app
+    from runtime.runtime import Runtime
+
+_ERRORS = "runtime.core.errors"
+_MESSAGES = "runtime.core.messages"
+_HOMES = {
+    "ChatMessage": _MESSAGES,
+    "ChatRequest": _MESSAGES,
+    "Chunk": _MESSAGES,
+    "Completion": _MESSAGES,
+    "ConfigError": _ERRORS,
+    "ContextOverflowError": _ERRORS,
+    "DoneReason": _MESSAGES,
+    "GenerateRequest": _MESSAGES,
+    "GenerationError": _ERRORS,
+    "InvalidRequestError": _ERRORS,
+    "ModelLoadError": _ERRORS,
+    "QueueFullError": _ERRORS,
+    "RequestStats": _MESSAGES,
+    "ResponseStream": "runtime.core.ticket",
+    "Runtime": "runtime.runtime",
+    "RuntimeClosedError": _ERRORS,
+    "RuntimeConfig": "runtime.core.config",
+    "RuntimeFailedError": _ERRORS,
+    "RuntimeStatus": "runtime.core.records",
+    "SlotFailedError": _ERRORS,
+    "SlotserveError": _ERRORS,
+    "decode_request": _MESSAGES,
+    "metrics_app": "runtime.metrics",
+}
+"""Each public name (``__all__``) -> the module that defines it."""
 
 __all__ = [
     "ChatMessage",
@@ -58,3 +93,16 @@ __all__ = [
     "decode_request",
     "metrics_app",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -17,10 +17,10 @@ import anyio
 import msgspec
 
 from runtime.bench.options import add_arguments as add_bench_arguments
-from runtime.config import RuntimeConfig
-from runtime.errors import SlotserveError
+from runtime.core.config import RuntimeConfig
+from runtime.core.errors import SlotserveError
+from runtime.core.messages import ChatMessage, ChatRequest, GenerateRequest
 from runtime.main_job import DEFAULT_PROMPTS, run_job
-from runtime.messages import ChatMessage, ChatRequest, GenerateRequest
 from runtime.runtime import Runtime
 
 __all__ = ["build_parser", "main"]
@@ -120,8 +120,8 @@ async def _bench(args: argparse.Namespace) -> None:
 
 
 async def _convert(args: argparse.Namespace) -> None:
-    from runtime.convert import convert_for_ctransformers
-    from runtime.models import resolve_model
+    from runtime.backends.ctransformers.convert import convert_for_ctransformers
+    from runtime.backends.model_files import resolve_model
 
     source = resolve_model(args.source)
     written = await anyio.to_thread.run_sync(convert_for_ctransformers, source, args.target)

@@ -12,8 +12,8 @@ from typing import TextIO
 import anyio
 import msgspec
 
-from runtime.config import RuntimeConfig
-from runtime.messages import ChatMessage, ChatRequest, Completion
+from runtime.core.config import RuntimeConfig
+from runtime.core.messages import ChatMessage, ChatRequest, Completion
 from runtime.runtime import Runtime
 
 __all__ = ["DEFAULT_PROMPTS", "JobReport", "run_job"]

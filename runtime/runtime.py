@@ -20,48 +20,32 @@ from typing import Literal
 
 import anyio
 import anyio.abc
-import msgspec
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from actors.model import ModelActor, ModelStatistics
-from actors.supervisor import ResizeRecord, Supervisor, SupervisorStatistics
+from actors.model import ModelActor
+from actors.supervisor import Supervisor
 from runtime.backends import Backend, load_backend
-from runtime.channel import ChannelReceiver, ChannelSender, channel
-from runtime.config import RuntimeConfig
-from runtime.errors import (
+from runtime.core.channel import ChannelReceiver, ChannelSender, channel
+from runtime.core.config import RuntimeConfig
+from runtime.core.errors import (
     ConfigError,
     InvalidRequestError,
     QueueFullError,
     RuntimeClosedError,
     RuntimeFailedError,
 )
-from runtime.events import Observer, Observers
-from runtime.mailbox import Mailbox, MailboxStatistics
-from runtime.messages import (
-    ChatRequest,
-    Completion,
-    DoneReason,
-    GenerateRequest,
-    RequestStats,
-    RuntimeState,
-    RuntimeStatus,
-)
+from runtime.core.events import Observer, Observers
+from runtime.core.mailbox import Mailbox
+from runtime.core.messages import ChatRequest, Completion, DoneReason, GenerateRequest, RequestStats
+from runtime.core.records import ResizeRecord, RuntimeState, RuntimeStatistics, RuntimeStatus
+from runtime.core.sizing import initial_slots, probe_for
+from runtime.core.telemetry import MemoryProbe
+from runtime.core.ticket import Reply, ResponseStream, Ticket
 from runtime.metrics import RuntimeMetrics
-from runtime.sizing import initial_slots, probe_for
-from runtime.telemetry import MemoryProbe
-from runtime.ticket import Reply, ResponseStream, Ticket
 
-__all__ = ["Runtime", "RuntimeStatistics"]
+__all__ = ["Runtime"]
 
 log = logging.getLogger("slotserve")
-
-
-class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """The statistics() records of the mailbox, the ModelActor and the Supervisor."""
-
-    mailbox: MailboxStatistics
-    model: ModelStatistics
-    supervisor: SupervisorStatistics
 
 
 class Runtime:
@@ -72,7 +56,7 @@ class Runtime:
         model of ``config`` is loaded with ``config.backend``.
     :param registry: the prometheus-client registry for this runtime's metrics (default: the
         global one); pass your own to run two runtimes in one process.
-    :param observers: receivers of runtime events (runtime.events.Observer).
+    :param observers: receivers of runtime events (runtime.core.events.Observer).
     :param probe: the memory probe for sizing (tests pass a ScriptedProbe); by default the one
         ``config.memory_source`` names; None turns memory-driven sizing off.
     :raises ModelLoadError: on entering, if the model cannot be loaded.
@@ -91,7 +75,7 @@ class Runtime:
         self.registry = REGISTRY if registry is None else registry
         """The prometheus-client registry this runtime's metrics live on."""
         self.observers = Observers(*observers)
-        """Receivers of runtime events (see runtime.events); ``observers.add`` adds one."""
+        """Receivers of runtime events (see runtime.core.events); ``observers.add`` adds one."""
         self._backend = backend
         self._state: RuntimeState = "loading"
         self._tg: anyio.abc.TaskGroup | None = None
@@ -132,13 +116,20 @@ class Runtime:
         reading = None if probe is None else await anyio.to_thread.run_sync(probe.read)
         per_slot = backend.info.kv_bytes_per_slot + backend.info.instance_bytes  # a slot's whole cost
         slots = initial_slots(cfg, reading, backend.info.n_seq_max, per_slot)
+        pause_s = 0.0
         if slots != backend.info.n_seq_max:
+            resized = time.perf_counter()
             await anyio.to_thread.run_sync(backend.resize, slots)
+            pause_s = time.perf_counter() - resized
         self._slots_configured = slots if cfg.slots == "auto" else cfg.slots
+        startup: tuple[ResizeRecord, ...] = ()
+        if slots < self._slots_configured:  # memory did not fit the count asked for: never silent
+            startup = (ResizeRecord(from_slots=self._slots_configured, to_slots=slots, reason="startup",
+                                    pause_s=pause_s, drain_s=0.0, carried_bytes=0),)  # fmt: skip
         self._model = ModelActor(backend, n_batch=cfg.n_batch, on_step=self.observers.step)
         self._supervisor = Supervisor(
-            cfg, self._model, self._mailbox, self._request_done, self._failed, self.observers,
-            slots=slots, probe=probe, reading=reading,
+            cfg, self._model, self._mailbox, self._failed, self.observers,
+            slots=slots, probe=probe, reading=reading, resizes=startup,
         )  # fmt: skip
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
@@ -149,6 +140,8 @@ class Runtime:
             await self._tg.__aexit__(None, None, None)
             raise
         self._state = "ready"
+        if startup:
+            self.observers.resize("shrink", "startup", pause_s)  # counted once the series are bound
         info = backend.info
         log.log(
             logging.WARNING if slots < self._slots_configured else logging.INFO,
@@ -165,7 +158,7 @@ class Runtime:
         if self._state != "failed":
             self._state = "closed"
         for ticket in self._mailbox.close(lambda: RuntimeClosedError("the runtime is closed")):
-            self._refuse(ticket, RuntimeClosedError("the runtime closed before this request started"))
+            ticket.finish("error", error=RuntimeClosedError("the runtime closed before this request started"))
         for ticket in list(self._in_flight):
             ticket.cancel()
         assert self._tg is not None and self._backend is not None
@@ -209,7 +202,7 @@ class Runtime:
         send: ChannelSender[Reply]
         receive: ChannelReceiver[Reply]
         send, receive = channel(self.config.stream_buffer)
-        ticket = Ticket(request=request, reply=send)
+        ticket = Ticket(request=request, reply=send, on_finish=self._request_done)
         if admission_timeout_s is None:
             try:
                 self._mailbox.put_nowait(ticket)
@@ -267,10 +260,6 @@ class Runtime:
         elif isinstance(exc, RuntimeClosedError):
             self.observers.request_rejected("closed")
 
-    def _refuse(self, ticket: Ticket, error: BaseException) -> None:
-        ticket.finish(error)
-        self._request_done(ticket, "error", None, error)
-
     def _request_done(
         self, ticket: Ticket, reason: DoneReason, stats: RequestStats | None, error: BaseException | None
     ) -> None:
@@ -284,7 +273,7 @@ class Runtime:
         self._state = "failed"
         error = RuntimeFailedError(f"the runtime failed: {reason}")
         for ticket in self._mailbox.close(lambda: RuntimeFailedError(f"the runtime failed: {reason}")):
-            self._refuse(ticket, error)
+            ticket.finish("error", error=error)
 
     # -- status --------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -27,7 +27,7 @@ def llama_available() -> bool:
     try:
         import llama_cpp  # noqa: F401
 
-        from runtime.models import resolve_model
+        from runtime.backends.model_files import resolve_model
 
         resolve_model("default")
     except Exception:
@@ -38,7 +38,7 @@ def llama_available() -> bool:
 def ctransformers_available() -> bool:
     """Whether ctransformers, gguf and the embedded model (to convert) are installed; nothing is
     imported (importing ctransformers takes a third of a second: not on the event loop)."""
-    from runtime.models import resolve_model
+    from runtime.backends.model_files import resolve_model
 
     if importlib.util.find_spec("ctransformers") is None or importlib.util.find_spec("gguf") is None:
         return False
@@ -74,8 +74,8 @@ def require_modules(*modules: str) -> None:
 @functools.cache
 def ctransformers_smollm2() -> str:
     """The embedded SmolLM2 converted for ctransformers (once per test session, in a temp dir)."""
-    from runtime.convert import convert_for_ctransformers
-    from runtime.models import resolve_model
+    from runtime.backends.ctransformers.convert import convert_for_ctransformers
+    from runtime.backends.model_files import resolve_model
 
     folder = tempfile.mkdtemp(prefix="slotserve-ct-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -121,3 +121,11 @@ PROMPTS = [
     "In 1492, Columbus sailed across the Atlantic Ocean and reached the islands that are now called",
     "Q: What is 7 times 8?\nA:",
 ]
+
+
+async def wait_until(predicate: Callable[[], object], timeout_s: float = 60.0) -> None:
+    """Poll ``predicate()`` until it is true (it reads status snapshots: there is no event to
+    wait on); fail after ``timeout_s`` seconds."""
+    with anyio.fail_after(timeout_s):
+        while not predicate():
+            await anyio.sleep(0.001)

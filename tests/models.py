@@ -261,12 +261,12 @@ class LlamaCppReference:
     def __init__(self, path: Path, n_ctx: int = 512) -> None:
         import llama_cpp as llama
 
-        from runtime.backends.llama_cpp import _init_llama
+        from runtime.backends.llama_cpp import init_llama
 
         # Initialise llama.cpp as the runtime does: its log callback (kept alive for the process)
         # routes to logging. A callback set here would be freed with this object while
         # llama.cpp still calls it: the next model load would crash.
-        _init_llama()
+        init_llama()
         self._llama = llama
         self._model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
         if not self._model:

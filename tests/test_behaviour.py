@@ -14,16 +14,9 @@ from runtime import (
     Runtime,
     decode_request,
 )
-from tests.helpers import BACKENDS, PROMPTS, chat, greedy, open_runtime
+from tests.helpers import BACKENDS, PROMPTS, chat, greedy, open_runtime, wait_until
 
 pytestmark = pytest.mark.parametrize("kind", BACKENDS)
-
-
-async def wait_until(predicate: object, timeout_s: float = 30.0) -> None:
-    """Poll ``predicate()`` until it is true."""
-    with anyio.fail_after(timeout_s):
-        while not predicate():  # type: ignore[operator]
-            await anyio.sleep(0.001)
 
 
 async def solo(rt: Runtime, request: GenerateRequest) -> Completion:
@@ -104,7 +97,7 @@ async def test_cancel_in_prefill_and_decode_frees_the_slot(kind: str) -> None:
             queued = rt.generate(follow)
             steps0 = rt.status().steps
             if phase == "prefill":
-                await wait_until(lambda s0=steps0: rt.status().steps >= s0 + 2)
+                await wait_until(lambda s0=steps0: rt.status().steps >= s0 + 2)  # type: ignore[misc]
             else:
                 first = await stream.__anext__()
                 assert first.token_ids

@@ -176,8 +176,8 @@ async def test_a_random_weight_model_loads_and_generates(tmp_path: Path) -> None
     require_backend("llama_cpp")
     require_modules("gguf")
     from runtime.bench.random_model import SHAPES, write_random_llama
-    from runtime.config import RuntimeConfig
-    from runtime.messages import GenerateRequest
+    from runtime.core.config import RuntimeConfig
+    from runtime.core.messages import GenerateRequest
     from runtime.runtime import Runtime
 
     path = tmp_path / "random-135m.gguf"

@@ -1,11 +1,11 @@
-"""runtime.channel: the bounded channel of the callers' reply streams."""
+"""runtime.core.channel: the bounded channel of the callers' reply streams."""
 
 from __future__ import annotations
 
 import anyio
 import pytest
 
-from runtime.channel import ChannelReceiver, ChannelSender, channel
+from runtime.core.channel import ChannelReceiver, ChannelSender, channel
 
 
 def _pair(capacity: int) -> tuple[ChannelSender[int], ChannelReceiver[int]]:

@@ -25,7 +25,7 @@ from runtime import (
 )
 from runtime.backends import load_backend
 from runtime.backends.base import StepPlan
-from runtime.backends.ctransformers import CTransformersBackend, WorkerDiedError
+from runtime.backends.ctransformers.backend import CTransformersBackend, WorkerDiedError
 from tests.helpers import greedy, require_backend
 from tests.models import GPT2_N_CTX, LlamaCppReference, write_tiny_gpt2, write_tiny_llama
 
@@ -276,7 +276,7 @@ def test_the_converter_refuses_what_the_old_loader_cannot_load(tmp_path: Path) -
     import gguf
 
     from runtime import ModelLoadError
-    from runtime.convert import convert_for_ctransformers
+    from runtime.backends.ctransformers.convert import convert_for_ctransformers
 
     other = gguf.GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
     other.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))

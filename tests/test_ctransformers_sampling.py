@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from runtime.backends.base import SamplerSpec
-from runtime.backends.ct_sampling import TokenSampler
+from runtime.backends.ctransformers.sampling import TokenSampler
 
 LOGITS = arrays(np.float32, st.integers(2, 200), elements=st.floats(-20, 20, width=32))
 

@@ -11,8 +11,8 @@ import pytest
 
 from runtime import ModelLoadError, Runtime, RuntimeConfig
 from runtime.backends import load_backend
-from runtime.backends.ctransformers import CTransformersBackend
-from runtime.models import resolve_model
+from runtime.backends.ctransformers.backend import CTransformersBackend
+from runtime.backends.model_files import resolve_model
 from tests.helpers import PROMPTS, chat, ctransformers_smollm2, greedy, require_backend
 from tests.models import LlamaCppReference
 

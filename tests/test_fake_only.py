@@ -8,7 +8,8 @@ import anyio
 import pytest
 
 from runtime import Completion, RuntimeClosedError, RuntimeFailedError, SlotFailedError
-from runtime.events import Observers
+from runtime.core.events import Observers
+from runtime.core.records import StepReport
 from tests.helpers import PROMPTS, greedy, open_runtime
 
 
@@ -188,7 +189,7 @@ async def test_an_observer_that_raises_fails_no_request() -> None:
     class Flaky(Observers):
         steps = 0
 
-        def step(self, n_tokens: int, n_sequences: int, n_prompt_tokens: int, seconds: float) -> None:
+        def step(self, report: StepReport) -> None:
             self.steps += 1
             if self.steps == 5:
                 raise RuntimeError("observer bug")

@@ -27,9 +27,9 @@ from runtime import (
 )
 from runtime.backends import Backend
 from runtime.backends.fake import FakeBackend
+from runtime.core.telemetry import ScriptedProbe
 from runtime.metrics import metrics_app
-from runtime.telemetry import ScriptedProbe
-from tests.helpers import greedy
+from tests.helpers import greedy, wait_until
 
 HISTOGRAMS = (
     "slotserve_time_to_first_token_seconds",
@@ -63,13 +63,6 @@ def value(registry: CollectorRegistry, name: str, model: str = "fake", **labels:
     found = registry.get_sample_value(name, {"model": model, **labels})
     assert found is not None, f"no sample {name} {labels} for model {model}"
     return found
-
-
-async def wait_until(predicate: Any, timeout_s: float = 10.0) -> None:
-    """Poll ``predicate()`` (a snapshot: there is no event to wait on) until it is true."""
-    with anyio.fail_after(timeout_s):
-        while not predicate():
-            await anyio.sleep(0.002)
 
 
 async def test_counters_and_histograms_equal_what_was_sent() -> None:

@@ -10,9 +10,9 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
-from runtime.telemetry import ScriptedProbe
-from tests.helpers import greedy
-from tests.test_metrics import fake_runtime, wait_until
+from runtime.core.telemetry import ScriptedProbe
+from tests.helpers import greedy, wait_until
+from tests.test_metrics import fake_runtime
 
 GRAFANA = Path(__file__).resolve().parent.parent / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "slotserve.json"

@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 
 from runtime import GenerateRequest, Runtime, RuntimeConfig
 from runtime.metrics import metrics_app
-from tests.helpers import PROMPTS, greedy, require_backend
-from tests.test_metrics import fake_runtime, wait_until
+from tests.helpers import PROMPTS, greedy, require_backend, wait_until
+from tests.test_metrics import fake_runtime
 from tests.test_metrics_dashboard import GRAFANA, dashboard_queries
 
 SCRAPE_INTERVAL_S = 1

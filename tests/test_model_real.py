@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from runtime import ModelLoadError, Runtime, RuntimeConfig
-from runtime.models import resolve_model
+from runtime.backends.model_files import resolve_model
 from tests.helpers import PROMPTS, greedy, require_backend
 
 # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, f16 cache (2 bytes).

@@ -7,7 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.policies import backoff_s, resize_due, restart_allowed, slots_that_fit, target_slots
+from runtime.core.policies import backoff_s, resize_due, restart_allowed, slots_that_fit, target_slots
 
 MiB = 1 << 20
 KV = 47 * MiB

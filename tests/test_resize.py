@@ -9,7 +9,7 @@ import pytest
 
 from runtime import Completion, ConfigError, Runtime, RuntimeConfig
 from runtime.backends.fake import FakeBackend
-from runtime.telemetry import CgroupHostProbe, ScriptedProbe
+from runtime.core.telemetry import CgroupHostProbe, ScriptedProbe
 from tests.helpers import BACKENDS, PROMPTS, greedy, open_runtime, require_backend
 
 MiB = 1 << 20

@@ -10,12 +10,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import ollama
 import openai
@@ -27,6 +26,7 @@ from runtime import GenerateRequest, ModelLoadError, Runtime, RuntimeConfig
 from runtime.backends.fake import FakeBackend
 from runtime.server import ServerSettings, create_app, serving
 from runtime.server.ollama_api import version
+from tests.helpers import wait_until
 from tests.test_server_clients import http_client, ollama_client, openai_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,12 +44,6 @@ async def running(
         serving(create_app(rt, settings)) as url,
     ):
         yield rt, url
-
-
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    with anyio.fail_after(timeout_s):
-        while not predicate():  # polls status snapshots: there is no event to wait on
-            await anyio.sleep(0.002)
 
 
 async def test_health_says_loading_until_the_model_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:

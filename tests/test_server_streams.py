@@ -4,7 +4,7 @@ model, driven with httpx directly (the official clients cannot send malformed re
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,9 +13,10 @@ import httpx
 import pytest
 
 from runtime import DoneReason, GenerateRequest, RequestStats, Runtime
-from runtime.events import Observers
+from runtime.core.events import Observers
+from runtime.core.records import StepReport
 from runtime.server import create_app, serving
-from tests.helpers import PROMPTS, open_runtime
+from tests.helpers import PROMPTS, open_runtime, wait_until
 from tests.test_server_clients import http_client, ollama_client
 
 pytestmark = pytest.mark.parametrize("kind", ["fake", "llama_cpp"])
@@ -33,7 +34,7 @@ class StepClock(Observers):
         self.steps = 0
         self.cancelled_at: list[int] = []
 
-    def step(self, n_tokens: int, n_sequences: int, n_prompt_tokens: int, seconds: float) -> None:
+    def step(self, report: StepReport) -> None:
         self.steps += 1
 
     def request_finished(
@@ -50,12 +51,6 @@ async def served(kind: str, **config: Any) -> AsyncIterator[tuple[Runtime, str, 
         clock = StepClock()
         rt.observers.add(clock)
         yield rt, url, clock
-
-
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    with anyio.fail_after(timeout_s):
-        while not predicate():  # polls status snapshots: there is no event to wait on
-            await anyio.sleep(0.001)
 
 
 async def post_lines(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[bytes]:

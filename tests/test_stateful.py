@@ -14,8 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from runtime import GenerationError, QueueFullError, ResponseStream, Runtime, RuntimeConfig
 from runtime.backends.fake import FakeBackend
-from runtime.messages import DoneReason, RequestStats
-from runtime.telemetry import ScriptedProbe
+from runtime.core.messages import DoneReason, RequestStats
+from runtime.core.telemetry import ScriptedProbe
 from tests.helpers import greedy
 
 KV = 1 << 20

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from runtime import GenerateRequest, Runtime, RuntimeConfig
 from runtime.backends.fake import FakeBackend
-from runtime.streaming import TextStream
+from runtime.core.streaming import TextStream
 
 # Printable text with emoji and CJK; no NUL (refused in requests) and no U+FFFD (our marker of a
 # split character).

@@ -1,13 +1,33 @@
-"""Backends: ``llama_cpp`` (default), ``ctransformers`` (legacy), ``fake`` (tests); see base.py."""
+"""Backends: ``llama_cpp`` (default), ``ctransformers`` (legacy), ``fake`` (tests); see base.py.
+
+Only the kernel (runtime.core) is below this layer. A backend's library is imported when that
+backend is loaded, never before.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 from runtime.backends.base import Backend, ModelInfo, SamplerSpec, StepPlan, StepResult
-from runtime.config import RuntimeConfig
-from runtime.errors import ConfigError, ModelLoadError
-from runtime.models import resolve_model
+from runtime.backends.model_files import resolve_model
+from runtime.core.config import RuntimeConfig
+from runtime.core.errors import ConfigError, ModelLoadError
 
 __all__ = ["Backend", "ModelInfo", "SamplerSpec", "StepPlan", "StepResult", "load_backend"]
+
+_FILE_BACKENDS = {
+    # name: (module, class, what to install when its import fails)
+    "llama_cpp": (
+        "runtime.backends.llama_cpp",
+        "LlamaCppBackend",
+        "llama-cpp-python; pip install 'slotserve[llama]'",
+    ),
+    "ctransformers": (
+        "runtime.backends.ctransformers.backend",
+        "CTransformersBackend",
+        "ctransformers and gguf; pip install 'slotserve[ctransformers]'",
+    ),
+}
 
 
 def load_backend(config: RuntimeConfig, n_seq: int | None = None) -> Backend:
@@ -15,30 +35,21 @@ def load_backend(config: RuntimeConfig, n_seq: int | None = None) -> Backend:
 
     :param n_seq: sequences of the first context (default: ``config.initial_slots``).
 
-    :raises ModelLoadError: if the model file is missing or cannot be loaded.
-    :raises ConfigError: if the backend is not available here.
+    :raises ModelLoadError: if the model file is missing or cannot be loaded, or the backend's
+        library is not installed (the message says what to install).
+    :raises ConfigError: if the backend is not available in this build.
     """
     if config.backend == "fake":
         from runtime.backends.fake import FakeBackend
 
         return FakeBackend(n_seq_max=n_seq or config.initial_slots, n_ctx_per_slot=config.n_ctx_per_slot)
-    if config.backend == "llama_cpp":
-        path = resolve_model(config.model)
-        try:
-            from runtime.backends.llama_cpp import LlamaCppBackend
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"the llama_cpp backend needs llama-cpp-python ({exc}); pip install 'slotserve[llama]'"
-            ) from None
-        return LlamaCppBackend(path, config, n_seq)
-    if config.backend == "ctransformers":
-        path = resolve_model(config.model)
-        try:
-            from runtime.backends.ctransformers import CTransformersBackend
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"the ctransformers backend needs ctransformers and gguf ({exc}); "
-                "pip install 'slotserve[ctransformers]'"
-            ) from None
-        return CTransformersBackend(path, config, n_seq)
-    raise ConfigError(f"backend {config.backend!r} is not available in this build")
+    if config.backend not in _FILE_BACKENDS:
+        raise ConfigError(f"backend {config.backend!r} is not available in this build")
+    module, name, needs = _FILE_BACKENDS[config.backend]
+    path = resolve_model(config.model)
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise ModelLoadError(f"the {config.backend} backend needs {needs} ({exc})") from None
+    backend: Backend = cls(path, config, n_seq)
+    return backend

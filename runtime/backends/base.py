@@ -15,7 +15,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from runtime.messages import ChatMessage
+from runtime.core.messages import ChatMessage
 
 __all__ = ["Backend", "ModelInfo", "SamplerSpec", "StepPlan", "StepResult"]
 

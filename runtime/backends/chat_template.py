@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NoReturn
 
-from runtime.errors import InvalidRequestError
-from runtime.messages import ChatMessage
+from runtime.core.errors import InvalidRequestError
+from runtime.core.messages import ChatMessage
 
 __all__ = ["ChatTemplate"]
 

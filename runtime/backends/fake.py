@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
-from runtime.messages import ChatMessage
+from runtime.core.messages import ChatMessage
 
 __all__ = ["EOS", "FakeBackend", "InjectedFault"]
 

@@ -23,9 +23,9 @@ import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
-from runtime.config import RuntimeConfig
-from runtime.errors import InvalidRequestError, ModelLoadError
-from runtime.messages import ChatMessage
+from runtime.core.config import RuntimeConfig
+from runtime.core.errors import InvalidRequestError, ModelLoadError
+from runtime.core.messages import ChatMessage
 
 __all__ = ["LlamaCppBackend"]
 
@@ -58,7 +58,8 @@ _init_lock = threading.Lock()
 _initialized = False
 
 
-def _init_llama() -> None:
+def init_llama() -> None:
+    """Start llama.cpp once per process, with its log going to Python logging."""
     global _initialized
     with _init_lock:
         if not _initialized:
@@ -81,6 +82,36 @@ def kv_bytes_per_slot(backend: LlamaCppBackend, n_ctx_per_slot: int, kv_type: st
     return int(n_ctx_per_slot * llama.llama_model_n_layer(model) * per_cell_layer)
 
 
+def load_weights(path: Path, gpu_layers: int) -> Any:
+    """``llama_model_load_from_file`` with ``gpu_layers`` layers on the GPU (-1: all of them
+    when this build has one); a null pointer when llama.cpp cannot load the file."""
+    init_llama()
+    mparams = llama.llama_model_default_params()
+    mparams.n_gpu_layers = gpu_layers if gpu_layers >= 0 else (999 if gpu_offload_supported() else 0)
+    return llama.llama_model_load_from_file(str(path).encode(), mparams)
+
+
+def context_params(
+    *, n_ctx_per_slot: int, n_seq: int, n_batch: int, n_threads: int, kv_cache_type: str = "f16"
+) -> Any:
+    """The ``llama_context_params`` of a context of ``n_seq`` sequences of ``n_ctx_per_slot``
+    cells each, its own part of the KV cache per sequence (``kv_unified`` off); ``n_batch`` is
+    raised to ``n_seq`` so that one token of every sequence fits one step."""
+    n_batch = max(n_batch, n_seq)
+    cparams = llama.llama_context_default_params()
+    cparams.n_ctx = n_ctx_per_slot * n_seq
+    cparams.n_batch = n_batch
+    cparams.n_ubatch = min(n_batch, 512)
+    cparams.n_seq_max = n_seq
+    cparams.n_threads = cparams.n_threads_batch = n_threads
+    cparams.kv_unified = False
+    cparams.no_perf = True
+    cparams.type_k = cparams.type_v = KV_TYPES[kv_cache_type][0]
+    if kv_cache_type != "f16":
+        cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED  # a quantized V needs it
+    return cparams
+
+
 def gpu_offload_supported() -> bool:
     """Whether this llama-cpp-python build can put layers on a GPU."""
     return bool(llama.llama_supports_gpu_offload())
@@ -94,16 +125,13 @@ class LlamaCppBackend:
     """
 
     def __init__(self, path: Path, config: RuntimeConfig, n_seq: int | None = None) -> None:
-        _init_llama()
         self._config = config
         self._samplers: dict[int, Any] = {}
         self._ctx: Any = None
         gpu_layers = config.n_gpu_layers
         if gpu_layers < 0:
             gpu_layers = 999 if gpu_offload_supported() else 0
-        mparams = llama.llama_model_default_params()
-        mparams.n_gpu_layers = gpu_layers
-        self._model = llama.llama_model_load_from_file(str(path).encode(), mparams)
+        self._model = load_weights(path, gpu_layers)
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {str(path)!r} (is it a GGUF file?)")
         self._vocab = llama.llama_model_get_vocab(self._model)
@@ -144,18 +172,10 @@ class LlamaCppBackend:
 
     def _create_context(self, n_seq: int) -> None:
         config = self._config
-        n_batch = max(config.n_batch, n_seq)
-        cparams = llama.llama_context_default_params()
-        cparams.n_ctx = config.n_ctx_per_slot * n_seq
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = min(n_batch, 512)
-        cparams.n_seq_max = n_seq
-        cparams.n_threads = cparams.n_threads_batch = config.n_threads
-        cparams.kv_unified = False
-        cparams.no_perf = True
-        cparams.type_k = cparams.type_v = KV_TYPES[config.kv_cache_type][0]
-        if config.kv_cache_type != "f16":
-            cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED  # a quantized V needs it
+        cparams = context_params(
+            n_ctx_per_slot=config.n_ctx_per_slot, n_seq=n_seq, n_batch=config.n_batch,
+            n_threads=config.n_threads, kv_cache_type=config.kv_cache_type,
+        )  # fmt: skip
         _buffers.bytes = 0
         ctx = llama.llama_init_from_model(self._model, cparams)
         compute_bytes = _buffers.bytes
@@ -167,7 +187,7 @@ class LlamaCppBackend:
             )
         self._ctx = ctx
         self._mem = llama.llama_get_memory(ctx)
-        self._batch = NumpyBatch(n_batch)
+        self._batch = NumpyBatch(cparams.n_batch)
         self.info = msgspec.structs.replace(self.info, n_seq_max=n_seq, compute_bytes=compute_bytes)
 
     def resize(self, n_seq: int) -> int:

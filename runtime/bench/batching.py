@@ -17,12 +17,12 @@ import anyio
 import msgspec
 
 from runtime.backends.llama_cpp import gpu_offload_supported
+from runtime.backends.model_files import resolve_model
 from runtime.bench.embedded import embedded_config, run_embedded
 from runtime.bench.plain import PlainLoop
 from runtime.bench.workload import PassFigures, Workload, median_pass, prompts
-from runtime.models import resolve_model
+from runtime.core.sizing import probe_for
 from runtime.runtime import Runtime
-from runtime.sizing import probe_for
 
 __all__ = ["BatchingRow", "measure_batching"]
 

@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from runtime.backends.base import StepPlan, StepResult
 from runtime.backends.fake import FakeBackend
-from runtime.config import RuntimeConfig
-from runtime.messages import GenerateRequest
+from runtime.core.config import RuntimeConfig
+from runtime.core.messages import GenerateRequest
 from runtime.runtime import Runtime
 
 __all__ = ["DispatchFigures", "measure_dispatch"]

@@ -11,8 +11,8 @@ import time
 import anyio
 
 from runtime.bench.workload import PassFigures, Workload
-from runtime.config import RuntimeConfig
-from runtime.messages import GenerateRequest
+from runtime.core.config import RuntimeConfig
+from runtime.core.messages import GenerateRequest
 from runtime.runtime import Runtime
 
 __all__ = ["embedded_config", "run_embedded"]

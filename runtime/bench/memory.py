@@ -17,8 +17,8 @@ from typing import Any
 import anyio
 import psutil
 
-from runtime.config import RuntimeConfig
-from runtime.messages import GenerateRequest
+from runtime.core.config import RuntimeConfig
+from runtime.core.messages import GenerateRequest
 from runtime.runtime import Runtime
 
 __all__ = ["measure_memory"]
@@ -120,7 +120,7 @@ def measure_memory(slot_counts: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any
     kv_types = {}
     for kv in ("f16", "q8_0", "q4_0"):
         from runtime.backends.llama_cpp import LlamaCppBackend
-        from runtime.models import resolve_model
+        from runtime.backends.model_files import resolve_model
 
         backend = LlamaCppBackend(
             resolve_model("default"), RuntimeConfig(n_ctx_per_slot=N_CTX, kv_cache_type=kv), 1

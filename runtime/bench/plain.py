@@ -29,13 +29,10 @@ class PlainLoop:
     def __init__(self, path: Path, n_seq: int, workload: Workload) -> None:
         import llama_cpp as llama
 
-        from runtime.backends.llama_cpp import NumpyBatch, _init_llama
+        from runtime.backends.llama_cpp import NumpyBatch, context_params, load_weights
 
         self._llama = llama
-        _init_llama()  # llama.cpp's log into Python logging, as for slotserve: nothing else
-        mparams = llama.llama_model_default_params()
-        mparams.n_gpu_layers = 999 if workload.gpu_layers < 0 else workload.gpu_layers
-        self._model = llama.llama_model_load_from_file(str(path).encode(), mparams)
+        self._model = load_weights(path, workload.gpu_layers)  # llama.cpp's log as for slotserve
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {str(path)!r}")
         self._vocab = llama.llama_model_get_vocab(self._model)
@@ -43,15 +40,11 @@ class PlainLoop:
         self._eog = np.array(
             [llama.llama_vocab_is_eog(self._vocab, t) for t in range(self._n_vocab)], dtype=bool
         )
-        n_batch = max(workload.n_batch, n_seq)
-        cparams = llama.llama_context_default_params()
-        cparams.n_ctx = workload.n_ctx_per_slot * n_seq
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = min(n_batch, 512)
-        cparams.n_seq_max = n_seq
-        cparams.n_threads = cparams.n_threads_batch = workload.n_threads
-        cparams.kv_unified = False
-        cparams.no_perf = True
+        cparams = context_params(
+            n_ctx_per_slot=workload.n_ctx_per_slot, n_seq=n_seq, n_batch=workload.n_batch,
+            n_threads=workload.n_threads,
+        )  # fmt: skip
+        n_batch = cparams.n_batch
         self._ctx = llama.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama.llama_model_free(self._model)

@@ -28,9 +28,9 @@ import anyio.abc
 import httpx
 import msgspec
 
+from runtime.backends.model_files import resolve_model
 from runtime.bench.http_load import run_clients
 from runtime.bench.workload import PassFigures, Workload, median_pass, prompts
-from runtime.models import resolve_model
 
 __all__ = ["ServersFigures", "measure_servers"]
 

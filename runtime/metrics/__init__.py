@@ -7,7 +7,8 @@ one process, or a host application's own metrics, do not clash. Two runtimes of 
 registry add up: their counters share series and their gauges are summed.
 
 - ``families``: the counters and histograms, one set per registry; ``buckets``: their edges.
-- ``observer``: RuntimeMetrics, which turns runtime.events into counts and observations.
+- ``observer``: RuntimeMetrics, which turns runtime.core.events into counts and observations.
+- ``source``: StatusSource, the protocol this layer reads (a Runtime is one): records, not internals.
 - ``gauges``: the collector that reads ``rt.status()`` and ``rt.statistics()`` at each scrape,
   so gauges never drift (after a mass cancel they are back at idle by themselves).
 
@@ -24,12 +25,12 @@ from prometheus_client import make_asgi_app
 from runtime.metrics.observer import RuntimeMetrics
 
 if TYPE_CHECKING:
-    from runtime.runtime import Runtime
+    from runtime.metrics.source import StatusSource
 
 __all__ = ["RuntimeMetrics", "metrics_app"]
 
 
-def metrics_app(rt: Runtime) -> Callable[..., Any]:
+def metrics_app(rt: StatusSource) -> Callable[..., Any]:
     """An ASGI app that serves ``rt.registry`` in the Prometheus exposition format.
 
     Mount it at ``/metrics`` (prometheus-client's ``make_asgi_app``). It collects on the event

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from runtime.errors import (
+from runtime.core.errors import (
     ContextOverflowError,
     GenerationError,
     InvalidRequestError,
@@ -22,7 +22,7 @@ from runtime.errors import (
     RuntimeFailedError,
     SlotFailedError,
 )
-from runtime.events import RejectReason, ResizeDirection, RestartedActor
+from runtime.core.events import RejectReason, ResizeDirection, RestartedActor
 from runtime.metrics import buckets
 from runtime.metrics.gauges import Gauges
 

@@ -18,8 +18,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from runtime.messages import RuntimeStatus
-    from runtime.runtime import Runtime
+    from runtime.core.records import RuntimeStatus
+    from runtime.metrics.source import StatusSource
 
 __all__ = ["STATES", "GaugeSource", "Gauges"]
 
@@ -27,7 +27,7 @@ __all__ = ["STATES", "GaugeSource", "Gauges"]
 class GaugeSource(Protocol):
     """What the collector reads: a runtime (None once it is garbage), told of each reading."""
 
-    def runtime(self) -> Runtime | None:
+    def runtime(self) -> StatusSource | None:
         """The runtime to read, or None."""
 
     def collecting(self, status: RuntimeStatus) -> None:
@@ -61,7 +61,7 @@ class _Reading:
     devices: dict[str, tuple[int, int]] = field(default_factory=dict)
     """device -> (free, total) bytes, as the Supervisor last read them."""
 
-    def add(self, rt: Runtime, status: RuntimeStatus) -> None:
+    def add(self, rt: StatusSource, status: RuntimeStatus) -> None:
         if status.state in self.states:
             self.states[status.state] += 1
         cached = active = 0

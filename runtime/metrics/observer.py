@@ -1,4 +1,4 @@
-"""RuntimeMetrics: the runtime's events (runtime.events) turned into counters and histograms.
+"""RuntimeMetrics: the runtime's events (runtime.core.events) turned into counters and histograms.
 
 Each event costs a few microseconds: the labelled children are bound once per runtime. The
 per-token event (``inter_token``) only appends to a queue; the queue goes into the histogram
@@ -12,8 +12,9 @@ from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from runtime.events import RejectReason, ResizeDirection, RestartedActor
-from runtime.messages import DoneReason, RequestStats, RuntimeStatus
+from runtime.core.events import RejectReason, ResizeDirection, RestartedActor
+from runtime.core.messages import DoneReason, RequestStats
+from runtime.core.records import ResizeReason, RuntimeStatus, StepReport
 from runtime.metrics.families import (
     ACTORS,
     FAILURE_REASONS,
@@ -26,7 +27,7 @@ from runtime.metrics.families import (
 )
 
 if TYPE_CHECKING:
-    from runtime.runtime import Runtime
+    from runtime.metrics.source import StatusSource
 
 __all__ = ["RuntimeMetrics"]
 
@@ -84,7 +85,7 @@ class _Series:
 
 
 class RuntimeMetrics:
-    """The metrics of one Runtime on ``rt.registry``: an Observer (runtime.events) for the
+    """The metrics of one Runtime (a StatusSource) on ``rt.registry``: an Observer (runtime.core.events) for the
     counters and histograms, and an entry in the registry's collector for the gauges.
 
     The Runtime makes one when it is entered; a host never needs to. The ``model`` label is
@@ -96,14 +97,14 @@ class RuntimeMetrics:
     :raises ValueError: if ``rt.registry`` already holds another metric of one of our names.
     """
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: StatusSource) -> None:
         self._f = families_for(rt.registry)
         self._rt = weakref.ref(rt)
         self._s: _Series | None = None
         self._itl: deque[float] = deque()
         self._f.gauges.add(self)
 
-    def runtime(self) -> Runtime | None:
+    def runtime(self) -> StatusSource | None:
         """The runtime these metrics are of (None once it is garbage)."""
         return self._rt()
 
@@ -182,16 +183,16 @@ class RuntimeMetrics:
         for value, count in counts.items():
             observe_many(s.itl, value, count)
 
-    def step(self, n_tokens: int, n_sequences: int, n_prompt_tokens: int, seconds: float) -> None:
+    def step(self, report: StepReport) -> None:
         """Count a decode step and its prefill and decode tokens; observe its sequences and seconds."""
         s = self._s or self._series()
         if s is None:
             return
         s.steps.inc()
-        s.prefill_tokens.inc(n_prompt_tokens)
-        s.decode_tokens.inc(n_tokens - n_prompt_tokens)
-        s.step_sequences.observe(n_sequences)
-        s.step_seconds.observe(seconds)
+        s.prefill_tokens.inc(report.n_prompt_tokens)
+        s.decode_tokens.inc(report.n_tokens - report.n_prompt_tokens)
+        s.step_sequences.observe(report.n_sequences)
+        s.step_seconds.observe(report.seconds)
         self._observe_itl()
 
     def restart(self, actor: RestartedActor) -> None:
@@ -200,7 +201,7 @@ class RuntimeMetrics:
         if s is not None:
             s.f.restarts.labels(s.model, actor).inc()
 
-    def resize(self, direction: ResizeDirection, reason: str, pause_s: float) -> None:
+    def resize(self, direction: ResizeDirection, reason: ResizeReason, pause_s: float) -> None:
         """Count a change of the slot count and observe its pause (seconds no step ran)."""
         s = self._s or self._series()
         if s is not None:

@@ -31,7 +31,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from runtime.config import RuntimeConfig
+from runtime.core.config import RuntimeConfig
 from runtime.metrics import metrics_app
 from runtime.runtime import Runtime
 from runtime.server.context import ServerContext

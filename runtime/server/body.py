@@ -12,7 +12,7 @@ import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from runtime.errors import InvalidRequestError
+from runtime.core.errors import InvalidRequestError
 
 __all__ = ["decode_body", "read_body"]
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from runtime.messages import ChatRequest, GenerateRequest
+from runtime.core.messages import ChatRequest, GenerateRequest
 from runtime.runtime import Runtime
 from runtime.server.body import decode_body, read_body
 from runtime.server.host import RuntimeHost
@@ -24,6 +24,19 @@ __all__ = ["ServerContext"]
 
 T = TypeVar("T")
 Endpoint = Callable[[Request], Awaitable[Response | ReplyResponse]]
+
+
+class GenerationBody(Protocol):
+    """What every generating endpoint's body has."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def stream(self) -> bool: ...
+
+
+B = TypeVar("B", bound=GenerationBody)
 
 
 @dataclass(eq=False)
@@ -68,6 +81,29 @@ class ServerContext:
         """
         stream = self.runtime.generate(request)
         return ReplyResponse(stream, framing, streaming=streaming, retry_after_s=self.settings.retry_after_s)
+
+    def generation(
+        self,
+        kind: type[B],
+        to_request: Callable[[B], GenerateRequest | ChatRequest | Response],
+        framing: Callable[[B], Framing],
+    ) -> Endpoint:
+        """An endpoint that generates: read a ``kind`` body, check readiness and its model, make
+        the request with ``to_request`` (which may answer by itself with a Response), admit it
+        and reply in the body's ``framing``, streamed as the body's ``stream`` says.
+
+        The endpoint raises what :meth:`read`, :meth:`check` and :meth:`reply` raise.
+        """
+
+        async def endpoint(request: Request) -> Response | ReplyResponse:
+            body = await self.read(request, kind)
+            self.check(body.model)
+            req = to_request(body)
+            if isinstance(req, Response):
+                return req
+            return self.reply(req, framing(body), streaming=body.stream)
+
+        return endpoint
 
     def guarded(self, framing: Framing, endpoint: Endpoint) -> Endpoint:
         """``endpoint`` with every error it raises answered in ``framing``'s error format."""

@@ -26,7 +26,7 @@ import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from runtime.errors import (
+from runtime.core.errors import (
     GenerationError,
     InvalidRequestError,
     QueueFullError,

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 import anyio
 import anyio.abc
 
-from runtime.errors import RuntimeClosedError, RuntimeFailedError
+from runtime.core.errors import RuntimeClosedError, RuntimeFailedError
 from runtime.runtime import Runtime
 
 __all__ = ["RuntimeHost"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from runtime.errors import ModelLoadError, RuntimeClosedError
-from runtime.models import resolve_model
+from runtime.backends.model_files import resolve_model
+from runtime.core.errors import ModelLoadError, RuntimeClosedError
 from runtime.runtime import Runtime
 from runtime.server.errors import model_not_found
 

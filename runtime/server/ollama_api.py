@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -21,12 +22,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runtime.errors import RuntimeClosedError
-from runtime.messages import Chunk, Completion, RequestStats
+from runtime.core.errors import RuntimeClosedError
+from runtime.core.messages import ChatRequest, Chunk, Completion, GenerateRequest, RequestStats
 from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
 from runtime.server.ollama_wire import OllamaChatBody, OllamaGenerateBody, chat_request, generate_request
-from runtime.server.reply import ReplyResponse
 
 __all__ = ["OllamaApi", "OllamaFraming"]
 
@@ -104,6 +104,12 @@ class OllamaFraming:
 
 
 _ERRORS = OllamaFraming("", chat=False)
+
+
+def _framing(*, chat: bool) -> Callable[[OllamaGenerateBody | OllamaChatBody], OllamaFraming]:
+    return lambda body: OllamaFraming(body.model, chat=chat)
+
+
 _PS_FIELDS = (
     "state", "backend", "n_ctx_per_slot", "kv_bytes_per_slot", "slots_configured", "slots_effective",
     "slots_busy", "queue_depth", "queue_capacity", "requests_admitted", "requests_completed",
@@ -121,32 +127,28 @@ class OllamaApi:
     def routes(self) -> list[Route]:
         """The routes, each answering errors in Ollama's format."""
         s = self._server
+        generate = s.generation(OllamaGenerateBody, self._generate_request, _framing(chat=False))
+        chat = s.generation(OllamaChatBody, self._chat_request, _framing(chat=True))
         return [
-            Route("/api/generate", s.guarded(_ERRORS, self.generate), methods=["POST"]),
-            Route("/api/chat", s.guarded(_ERRORS, self.chat), methods=["POST"]),
+            Route("/api/generate", s.guarded(_ERRORS, generate), methods=["POST"]),
+            Route("/api/chat", s.guarded(_ERRORS, chat), methods=["POST"]),
             Route("/api/tags", s.guarded(_ERRORS, self.tags), methods=["GET"]),
             Route("/api/ps", s.guarded(_ERRORS, self.ps), methods=["GET"]),
             Route("/api/version", s.guarded(_ERRORS, self.version), methods=["GET"]),
         ]
 
-    async def generate(self, request: Request) -> Response | ReplyResponse:
-        """POST /api/generate: complete a prompt (templated unless ``raw``)."""
-        s = self._server
-        body = await s.read(request, OllamaGenerateBody)
-        s.check(body.model)
-        framing = OllamaFraming(body.model, chat=False)
-        req = generate_request(body, s.runtime.config.n_ctx_per_slot)
+    def _generate_request(self, body: OllamaGenerateBody) -> GenerateRequest | ChatRequest | Response:
+        """POST /api/generate: complete a prompt (templated unless ``raw``); an empty prompt
+        only asks that the model be loaded."""
+        req = generate_request(body, self._server.runtime.config.n_ctx_per_slot)
         if req is None:
-            return Response(framing.loaded(), media_type="application/json")
-        return s.reply(req, framing, streaming=body.stream)
+            loaded = OllamaFraming(body.model, chat=False).loaded()
+            return Response(loaded, media_type="application/json")
+        return req
 
-    async def chat(self, request: Request) -> Response | ReplyResponse:
+    def _chat_request(self, body: OllamaChatBody) -> ChatRequest:
         """POST /api/chat: answer the messages through the model's chat template."""
-        s = self._server
-        body = await s.read(request, OllamaChatBody)
-        s.check(body.model)
-        req = chat_request(body, s.runtime.config.n_ctx_per_slot)
-        return s.reply(req, OllamaFraming(body.model, chat=True), streaming=body.stream)
+        return chat_request(body, self._server.runtime.config.n_ctx_per_slot)
 
     def _model(self) -> dict[str, Any]:
         rt = self._server.runtime

@@ -9,7 +9,7 @@ Ollama option      slotserve
 num_predict        max_tokens; -1 (infinite) and -2 (fill the context) mean None:
                    until the slot's context is full, at most ``max_tokens_cap``
 temperature,       the same fields; unset ones take slotserve's defaults
-top_k, top_p,      (runtime.messages), not Ollama's
+top_k, top_p,      (runtime.core.messages), not Ollama's
 min_p, seed,
 repeat_penalty,
 repeat_last_n,
@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from runtime.errors import InvalidRequestError
-from runtime.messages import ChatMessage, ChatRequest, GenerateRequest
+from runtime.core.errors import InvalidRequestError
+from runtime.core.messages import ChatMessage, ChatRequest, GenerateRequest
 
 __all__ = ["OllamaChatBody", "OllamaGenerateBody", "OllamaOptions", "chat_request", "generate_request"]
 

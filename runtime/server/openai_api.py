@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -18,11 +19,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runtime.messages import Chunk, Completion, RequestStats
+from runtime.core.messages import Chunk, Completion, RequestStats
 from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
 from runtime.server.openai_wire import OpenAIChatBody, OpenAICompletionBody, chat_request, completion_request
-from runtime.server.reply import ReplyResponse
 
 __all__ = ["OpenAIApi", "OpenAIFraming"]
 
@@ -124,6 +124,10 @@ class OpenAIFraming:
 _ERRORS = OpenAIFraming("", chat=True)
 
 
+def _framing(*, chat: bool) -> Callable[[OpenAIChatBody | OpenAICompletionBody], OpenAIFraming]:
+    return lambda body: OpenAIFraming(body.model, chat=chat, include_usage=body.include_usage)
+
+
 class OpenAIApi:
     """The OpenAI endpoints of one app."""
 
@@ -131,29 +135,17 @@ class OpenAIApi:
         self._server = server
 
     def routes(self) -> list[Route]:
-        """The routes, each answering errors with OpenAI's error object."""
+        """The routes, each answering errors with OpenAI's error object: POST
+        /v1/chat/completions answers the messages through the model's chat template, POST
+        /v1/completions completes the prompt as is."""
         s = self._server
+        chat = s.generation(OpenAIChatBody, chat_request, _framing(chat=True))
+        completions = s.generation(OpenAICompletionBody, completion_request, _framing(chat=False))
         return [
-            Route("/v1/chat/completions", s.guarded(_ERRORS, self.chat_completions), methods=["POST"]),
-            Route("/v1/completions", s.guarded(_ERRORS, self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", s.guarded(_ERRORS, chat), methods=["POST"]),
+            Route("/v1/completions", s.guarded(_ERRORS, completions), methods=["POST"]),
             Route("/v1/models", s.guarded(_ERRORS, self.models), methods=["GET"]),
         ]
-
-    async def chat_completions(self, request: Request) -> ReplyResponse:
-        """POST /v1/chat/completions: answer the messages through the model's chat template."""
-        s = self._server
-        body = await s.read(request, OpenAIChatBody)
-        s.check(body.model)
-        framing = OpenAIFraming(body.model, chat=True, include_usage=body.include_usage)
-        return s.reply(chat_request(body), framing, streaming=body.stream)
-
-    async def completions(self, request: Request) -> ReplyResponse:
-        """POST /v1/completions: complete the prompt as is."""
-        s = self._server
-        body = await s.read(request, OpenAICompletionBody)
-        s.check(body.model)
-        framing = OpenAIFraming(body.model, chat=False, include_usage=body.include_usage)
-        return s.reply(completion_request(body), framing, streaming=body.stream)
 
     async def models(self, request: Request) -> Response:
         """GET /v1/models: the one model this server serves."""

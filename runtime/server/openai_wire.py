@@ -2,7 +2,7 @@
 requests. Pure functions of their input, so they can be tested without a server.
 
 Field names follow OpenAI's API reference. Unset sampling fields take slotserve's defaults
-(runtime.messages), so the same values give the same request as the embedded API. Also
+(runtime.core.messages), so the same values give the same request as the embedded API. Also
 accepted, as llama.cpp's server and vLLM do: ``top_k``, ``min_p``, ``repeat_penalty``,
 ``repeat_last_n``. Fields that would change the answer in ways we do not implement (``n`` > 1,
 penalties, ``logit_bias``, ``logprobs``, tools, JSON output, ``echo``, ``suffix``) are refused
@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from runtime.errors import InvalidRequestError
-from runtime.messages import ChatMessage, ChatRequest, GenerateRequest
+from runtime.core.errors import InvalidRequestError
+from runtime.core.messages import ChatMessage, ChatRequest, GenerateRequest
 
 __all__ = ["OpenAIChatBody", "OpenAICompletionBody", "chat_request", "completion_request"]
 

@@ -19,10 +19,10 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from runtime.errors import GenerationError, RuntimeClosedError
-from runtime.messages import Chunk, Completion
+from runtime.core.errors import GenerationError, RuntimeClosedError
+from runtime.core.messages import Chunk, Completion, CompletionBuilder
+from runtime.core.ticket import ResponseStream
 from runtime.server.errors import HttpError, http_error
-from runtime.ticket import ResponseStream
 
 __all__ = ["Framing", "ReplyResponse", "error_response"]
 
@@ -116,16 +116,10 @@ async def _next(stream: ResponseStream) -> Chunk:
 
 async def _rest(stream: ResponseStream, first: Chunk) -> Completion:
     """Read the rest of the answer after ``first``."""
-    texts, tokens, chunk = [first.text], list(first.token_ids), first
-    while not chunk.done:
+    answer, chunk = CompletionBuilder(), first
+    while (completion := answer.add(chunk)) is None:
         chunk = await _next(stream)
-        texts.append(chunk.text)
-        tokens.extend(chunk.token_ids)
-    assert chunk.done_reason is not None
-    assert chunk.stats is not None
-    return Completion(
-        text="".join(texts), token_ids=tuple(tokens), done_reason=chunk.done_reason, stats=chunk.stats
-    )
+    return completion
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

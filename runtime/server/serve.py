@@ -23,7 +23,7 @@ import anyio
 import uvicorn
 from starlette.types import ASGIApp
 
-from runtime.config import RuntimeConfig
+from runtime.core.config import RuntimeConfig
 from runtime.server.app import create_app
 from runtime.server.settings import ServerSettings
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import msgspec
 
-from runtime.config import load_settings
-from runtime.errors import ConfigError
+from runtime.core.config import load_settings
+from runtime.core.errors import ConfigError
 
 __all__ = ["ServerSettings"]
 

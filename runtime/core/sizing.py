@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from runtime.config import RuntimeConfig
-from runtime.errors import ConfigError
-from runtime.policies import headroom_bytes, slots_that_fit
-from runtime.telemetry import CgroupHostProbe, MemoryProbe, MemoryReading, NvmlProbe
+from runtime.core.config import RuntimeConfig
+from runtime.core.errors import ConfigError
+from runtime.core.policies import headroom_bytes, slots_that_fit
+from runtime.core.records import MemoryReading
+from runtime.core.telemetry import CgroupHostProbe, MemoryProbe, NvmlProbe
 
 __all__ = ["initial_slots", "probe_for"]
 

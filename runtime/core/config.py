@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from runtime.errors import ConfigError
+from runtime.core.errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "RuntimeConfig", "load_settings"]
 

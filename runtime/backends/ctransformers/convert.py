@@ -27,17 +27,46 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from runtime.errors import ModelLoadError
+from runtime.core.errors import ModelLoadError
 
-__all__ = ["CTRANSFORMERS_TENSOR_TYPES", "convert_for_ctransformers", "gpt2_byte_decoder"]
+__all__ = [
+    "CTRANSFORMERS_TENSOR_TYPES",
+    "convert_for_ctransformers",
+    "gpt2_byte_decoder",
+    "open_gguf",
+    "unloadable_tensor",
+]
 
 CTRANSFORMERS_TENSOR_TYPES = frozenset(
     {"F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 )
 """GGML tensor types the llama.cpp inside ctransformers 0.2.27 can load."""
+
+
+def open_gguf(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` of ``path``.
+
+    :raises ModelLoadError: if the file cannot be read as GGUF (the reason is named).
+    """
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(f"{str(path)!r} is not a readable GGUF file: {exc}") from None
+
+
+def unloadable_tensor(reader: Any) -> tuple[str, str] | None:
+    """The first tensor (name, type) of ``reader`` whose type ctransformers 0.2.27 cannot load."""
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name not in CTRANSFORMERS_TENSOR_TYPES:
+            return tensor.name, tensor.tensor_type.name
+    return None
+
 
 _TOKEN_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
 _NORMAL, _CONTROL = 1, 3
@@ -94,21 +123,17 @@ def convert_for_ctransformers(source: str | Path, target: str | Path) -> Path:
         raise ModelLoadError(f"model file {str(source)!r} does not exist")
     if source.resolve() == target.resolve():
         raise ModelLoadError(f"the converted model must go to another file than {str(source)!r}")
-    try:
-        reader = gguf.GGUFReader(source)
-    except (ValueError, OSError) as exc:
-        raise ModelLoadError(f"{str(source)!r} is not a readable GGUF file: {exc}") from None
+    reader = open_gguf(source)
     arch = str(reader.fields["general.architecture"].contents())
     if arch != "llama":
         raise ModelLoadError(
             f"{str(source)!r} has architecture {arch!r}; this converter writes llama models only"
         )
-    for tensor in reader.tensors:
-        if tensor.tensor_type.name not in CTRANSFORMERS_TENSOR_TYPES:
-            raise ModelLoadError(
-                f"tensor {tensor.name!r} is {tensor.tensor_type.name}; ctransformers 0.2.27 loads "
-                f"only {', '.join(sorted(CTRANSFORMERS_TENSOR_TYPES))}"
-            )
+    if (bad := unloadable_tensor(reader)) is not None:
+        raise ModelLoadError(
+            f"tensor {bad[0]!r} is {bad[1]}; ctransformers 0.2.27 loads "
+            f"only {', '.join(sorted(CTRANSFORMERS_TENSOR_TYPES))}"
+        )
     writer = gguf.GGUFWriter(target, arch)
     _copy_metadata(reader, writer)
     _write_vocabulary(reader, writer)

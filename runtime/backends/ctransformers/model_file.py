@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.convert import CTRANSFORMERS_TENSOR_TYPES
-from runtime.errors import ModelLoadError
+from runtime.backends.ctransformers.convert import open_gguf, unloadable_tensor
+from runtime.core.errors import ModelLoadError
 
 __all__ = ["LEGACY_MODEL_TYPES", "ModelFile", "read_model_file"]
 
@@ -99,12 +99,7 @@ def _read_model_file(path: Path, _mtime_ns: int, _size: int) -> ModelFile:
 
 
 def _read_gguf(path: Path) -> ModelFile:
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise ModelLoadError(f"{str(path)!r} is not a readable GGUF file: {exc}") from None
+    reader = open_gguf(path)
     fields = reader.fields
 
     def value(key: str, default: Any = None) -> Any:
@@ -115,11 +110,8 @@ def _read_gguf(path: Path) -> ModelFile:
     convert = f"; write a loadable copy with `slotserve convert --for ctransformers {path} OUT.gguf`"
     if arch not in ("llama", "falcon"):
         raise ModelLoadError(f"{str(path)!r} is a {arch!r} GGUF; ctransformers 0.2.27 loads llama and falcon")
-    for tensor in reader.tensors:
-        if tensor.tensor_type.name not in CTRANSFORMERS_TENSOR_TYPES:
-            raise ModelLoadError(
-                f"tensor {tensor.name!r} is {tensor.tensor_type.name}, which ctransformers 0.2.27 cannot load"
-            )
+    if (bad := unloadable_tensor(reader)) is not None:
+        raise ModelLoadError(f"tensor {bad[0]!r} is {bad[1]}, which ctransformers 0.2.27 cannot load")
     tokens_field = fields.get("tokenizer.ggml.tokens")
     if tokens_field is None:
         raise ModelLoadError(f"{str(path)!r} has no vocabulary (tokenizer.ggml.tokens)")

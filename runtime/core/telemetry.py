@@ -10,27 +10,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
-import msgspec
 import psutil
 
-__all__ = ["CgroupHostProbe", "MemoryProbe", "MemoryReading", "NvmlProbe", "ScriptedProbe", "default_probe"]
+from runtime.core.records import MemoryReading
+
+__all__ = ["CgroupHostProbe", "MemoryProbe", "NvmlProbe", "ScriptedProbe"]
 
 log = logging.getLogger("slotserve.telemetry")
-Source = Literal["nvml", "host", "cgroup", "scripted"]
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-class MemoryReading(msgspec.Struct, frozen=True, kw_only=True):
-    """Memory of one device at one time; sizes in bytes, ``time_s`` on the monotonic clock."""
-
-    source: Source
-    device: str
-    total_bytes: int
-    used_bytes: int
-    free_bytes: int
-    time_s: float
 
 
 class MemoryProbe(Protocol):
@@ -137,8 +126,3 @@ class ScriptedProbe:
             free_bytes=self.free_bytes,
             time_s=time.monotonic(),
         )
-
-
-def default_probe(on_gpu: bool) -> MemoryProbe:
-    """NVML when the model's layers are on a GPU, else the host (psutil + cgroup v2)."""
-    return NvmlProbe(0) if on_gpu else CgroupHostProbe()

@@ -37,6 +37,7 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
 class _State(Generic[T]):
     __slots__ = (
         "buffer", "capacity", "loop", "receive_waiter", "receiver_closed", "send_waiter", "sender_closed",
+        "sent",
     )  # fmt: skip
 
     def __init__(self, capacity: int) -> None:
@@ -47,6 +48,7 @@ class _State(Generic[T]):
         self.send_waiter: asyncio.Future[None] | None = None
         self.sender_closed = False
         self.receiver_closed = False
+        self.sent = 0
 
     def wake_receiver(self) -> None:
         if (w := self.receive_waiter) is not None:
@@ -84,6 +86,11 @@ class ChannelSender(_End[T]):
 
     __slots__ = ()
 
+    @property
+    def sent(self) -> int:
+        """Items sent so far (taken by the receiver or not)."""
+        return self._state.sent
+
     def send_nowait(self, item: T) -> None:
         """Send ``item`` now.
 
@@ -99,6 +106,7 @@ class ChannelSender(_End[T]):
         if len(s.buffer) >= s.capacity:
             raise anyio.WouldBlock
         s.buffer.append(item)
+        s.sent += 1
         s.wake_receiver()
 
     def send_last(self, item: T) -> None:
@@ -115,6 +123,7 @@ class ChannelSender(_End[T]):
             if s.receiver_closed:
                 raise anyio.BrokenResourceError
             s.buffer.append(item)
+            s.sent += 1
         finally:
             self.close()
 

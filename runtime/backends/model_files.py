@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from runtime.errors import ModelLoadError
+from runtime.core.errors import ModelLoadError
 
 __all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "resolve_model"]
 

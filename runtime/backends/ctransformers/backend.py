@@ -2,7 +2,7 @@
 
 ctransformers has no model/context split: one library instance holds one sequence, nothing is
 batched across sequences and no per-sequence state can be exported. So here every slot is its
-own instance, the instances live in one worker process (runtime.backends.ct_worker), and a
+own instance, the instances live in one worker process (runtime.backends.ctransformers.worker), and a
 step evaluates the sequences in it one after another (the library is not thread-safe). The
 model's facts say so (``ModelInfo.batched`` False, ``instances`` = slots, ``state_export``
 False, CPU only), and its memory accounting counts the weights once where the instances map
@@ -16,7 +16,7 @@ What the library gets wrong is done here instead:
 - the context length is set explicitly to ``n_ctx_per_slot`` (it defaults to 512 for GGUF),
   and a step that would run past it is refused (the library would overwrite the cache's end);
 - sampling is done with numpy from the logits, with one Generator per request seeded from the
-  request's seed (runtime.backends.ct_sampling), not by its sampler, which reseeds every token.
+  request's seed (runtime.backends.ctransformers.sampling), not by its sampler, which reseeds every token.
 
 Crash isolation: a native crash kills only the worker. The step then raises WorkerDiedError,
 the ModelActor fails the requests of that step, and the next step (or tokenize) starts a new
@@ -41,13 +41,13 @@ import numpy as np
 
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
 from runtime.backends.chat_template import ChatTemplate
-from runtime.backends.ct_cells import SequenceCells
-from runtime.backends.ct_model_file import ModelFile, read_model_file
-from runtime.backends.ct_process import WorkerDiedError, WorkerProcess
-from runtime.backends.ct_worker import LoadSpec, WorkerFacts
-from runtime.config import RuntimeConfig
-from runtime.errors import ConfigError, InvalidRequestError, ModelLoadError
-from runtime.messages import ChatMessage
+from runtime.backends.ctransformers.cells import SequenceCells
+from runtime.backends.ctransformers.model_file import ModelFile, read_model_file
+from runtime.backends.ctransformers.process import WorkerDiedError, WorkerProcess
+from runtime.backends.ctransformers.worker import LoadSpec, WorkerFacts
+from runtime.core.config import RuntimeConfig
+from runtime.core.errors import ConfigError, InvalidRequestError, ModelLoadError
+from runtime.core.messages import ChatMessage
 
 __all__ = ["CTransformersBackend", "CTransformersStatistics", "WorkerDiedError"]
 

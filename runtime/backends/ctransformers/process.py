@@ -34,13 +34,13 @@ class WorkerDiedError(RuntimeError):
 
 
 class WorkerProcess:
-    """One running ``python -m runtime.backends.ct_worker``; not thread-safe (callers lock)."""
+    """One running ``python -m runtime.backends.ctransformers.worker``; not thread-safe (callers lock)."""
 
     def __init__(self) -> None:
         parent, child = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "runtime.backends.ct_worker", str(child.fileno())],
+                [sys.executable, "-m", "runtime.backends.ctransformers.worker", str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,

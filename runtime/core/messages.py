@@ -1,7 +1,7 @@
-"""Requests, chunks, results and status records: frozen, keyword-only msgspec Structs.
+"""Requests, chunks and results: frozen, keyword-only msgspec Structs.
 
 Requests validate themselves when constructed and when decoded (``__post_init__``), so bad input
-is refused at the edge with an :class:`~runtime.errors.InvalidRequestError` that names the field,
+is refused at the edge with an :class:`~runtime.core.errors.InvalidRequestError` that names the field,
 its value and the limit. Sampling defaults follow llama.cpp's server (``repeat_penalty`` 1.0,
 ``top_k`` 40, ``top_p`` 0.95, ``min_p`` 0.05) except ``temperature``, 0.8 as in Ollama.
 """
@@ -13,23 +13,21 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from runtime.errors import InvalidRequestError
+from runtime.core.errors import InvalidRequestError
 
 __all__ = [
     "ChatMessage",
     "ChatRequest",
     "Chunk",
     "Completion",
+    "CompletionBuilder",
     "DoneReason",
     "GenerateRequest",
     "RequestStats",
-    "RuntimeState",
-    "RuntimeStatus",
     "decode_request",
 ]
 
 DoneReason = Literal["stop", "length", "cancel", "error"]
-RuntimeState = Literal["loading", "ready", "failed", "closed"]
 
 MAX_TOKENS_LIMIT = 1 << 20  # no context we support is larger; a bigger ask is a client bug
 MAX_STOP_STRINGS = 16
@@ -207,44 +205,25 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     stats: RequestStats
 
 
-class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of the runtime (``rt.status()``); sizes in bytes, counts in requests."""
+class CompletionBuilder:
+    """Gathers a stream's chunks into the whole answer (``Completion``)."""
 
-    state: RuntimeState
-    failure: str | None
-    model: str
-    backend: str
-    weights_bytes: int
-    kv_bytes_per_slot: int
-    n_ctx_per_slot: int
-    slots_configured: int
-    """The slots asked for (with ``auto``: the count chosen at start)."""
-    slots_auto: bool
-    slots_effective: int
-    """The slots running now."""
-    slots_target: int
-    """The slots the Supervisor is moving to (differs from effective during a resize)."""
-    slots_busy: int
-    queue_depth: int
-    queue_capacity: int
-    requests_admitted: int
-    requests_in_flight: int
-    """Admitted and not yet ended: queued, being served, or waiting to be retried."""
-    requests_completed: int
-    requests_cancelled: int
-    requests_failed: int
-    requests_rejected: int
-    restarts: int
-    steps: int
-    kv_cache_type: str
-    resizes: int
-    last_resize: Any | None
-    """The last ResizeRecord: from_slots, to_slots, reason, pause_s, drain_s, carried_bytes."""
-    memory: Any | None
-    """The last MemoryReading the Supervisor used: source, device, total/used/free bytes."""
-    batched: bool = True
-    """Whether a step decodes every busy slot together (False: one after another; ctransformers)."""
-    model_instances: int = 1
-    """Library instances of the model: 1 shared context, or one per slot (ctransformers)."""
-    weights_resident_bytes: int = 0
-    """weights_bytes times the copies held: once where instances share them, else per instance."""
+    __slots__ = ("_texts", "_tokens")
+
+    def __init__(self) -> None:
+        self._texts: list[str] = []
+        self._tokens: list[int] = []
+
+    def add(self, chunk: Chunk) -> Completion | None:
+        """Take ``chunk``; return the Completion once ``chunk`` is the last one, else None."""
+        self._texts.append(chunk.text)
+        self._tokens.extend(chunk.token_ids)
+        if not chunk.done:
+            return None
+        assert chunk.done_reason is not None and chunk.stats is not None  # a last chunk has both
+        return Completion(
+            text="".join(self._texts),
+            token_ids=tuple(self._tokens),
+            done_reason=chunk.done_reason,
+            stats=chunk.stats,
+        )

@@ -13,27 +13,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import anyio
-import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from runtime.errors import QueueFullError
+from runtime.core.errors import QueueFullError
+from runtime.core.records import MailboxStatistics
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["Mailbox", "MailboxStatistics"]
+__all__ = ["Mailbox"]
 
 T = TypeVar("T")
-
-
-class MailboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """Queue depth and capacity (requests), and admission counts since start."""
-
-    depth: int
-    capacity: int
-    admitted: int
-    rejected: int
-    closed: bool
 
 
 @dataclass(eq=False)

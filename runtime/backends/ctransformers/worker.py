@@ -1,6 +1,6 @@
 """The ctransformers worker process: one library instance per slot, evaluated one at a time.
 
-Run as ``python -m runtime.backends.ct_worker FD``, where FD is the worker's end of a socket
+Run as ``python -m runtime.backends.ctransformers.worker FD``, where FD is the worker's end of a socket
 pair; the parent (runtime.backends.ctransformers) sends requests and reads replies over it as
 pickled tuples (multiprocessing.connection). A native crash here (a failed GGML_ASSERT aborts
 the process) ends only this process: the parent sees the connection close, fails the step,
@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.backends.base import SamplerSpec
-from runtime.backends.ct_sampling import TokenSampler, greedy_token
+from runtime.backends.ctransformers.sampling import TokenSampler, greedy_token
 
 __all__ = ["MAX_EVAL_BATCH", "LoadSpec", "WorkerFacts", "main"]
 
@@ -267,10 +267,10 @@ def _answer(instances: Instances | None, command: str, args: tuple[Any, ...]) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``python -m runtime.backends.ct_worker FD``."""
+    """Entry point: ``python -m runtime.backends.ctransformers.worker FD``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m runtime.backends.ct_worker FD", file=sys.stderr)
+        print("usage: python -m runtime.backends.ctransformers.worker FD", file=sys.stderr)
         return 2
     conn = Connection(int(args[0]))
     try:
@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, so that what it pickles names runtime.backends.ct_worker.
-    from runtime.backends.ct_worker import main as _main
+    # Run the imported module's main, so that what it pickles names runtime.backends.ctransformers.worker.
+    from runtime.backends.ctransformers.worker import main as _main
 
     sys.exit(_main())

@@ -1,0 +1,170 @@
+"""Every statistics() record and the runtime's status: frozen, typed msgspec Structs.
+
+The actors and the mailbox make these; ``status()``, the metrics and the HTTP server read them.
+Nothing that reads a record reaches into the object that made it. Sizes are in bytes, times in
+seconds (``_s``), counts in requests, tokens or steps as named.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+__all__ = [
+    "MailboxStatistics",
+    "MemoryReading",
+    "MemorySource",
+    "ModelStatistics",
+    "ResizeReason",
+    "ResizeRecord",
+    "RuntimeState",
+    "RuntimeStatistics",
+    "RuntimeStatus",
+    "SlotStatistics",
+    "StepReport",
+    "SupervisorStatistics",
+]
+
+RuntimeState = Literal["loading", "ready", "failed", "closed"]
+MemorySource = Literal["nvml", "host", "cgroup", "scripted"]
+ResizeReason = Literal["manual", "memory_low", "memory_available", "startup"]
+
+
+class MemoryReading(msgspec.Struct, frozen=True, kw_only=True):
+    """Memory of one device at one time; sizes in bytes, ``time_s`` on the monotonic clock."""
+
+    source: MemorySource
+    device: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    time_s: float
+
+
+class MailboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Queue depth and capacity (requests), and admission counts since start."""
+
+    depth: int
+    capacity: int
+    admitted: int
+    rejected: int
+    closed: bool
+
+
+class StepReport(msgspec.Struct, frozen=True, kw_only=True):
+    """One decode step as the observers see it (:meth:`runtime.core.events.Observer.step`)."""
+
+    n_tokens: int
+    """Tokens in the batch."""
+    n_sequences: int
+    """Sequences with tokens in the batch."""
+    n_prompt_tokens: int
+    """Of ``n_tokens``, prompt (prefill) tokens; the rest are one per decoding sequence."""
+    seconds: float
+    """From queueing the decode to its result."""
+
+
+class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Step counts and what they carried."""
+
+    steps: int
+    tokens_decoded: int
+    tokens_sampled: int
+    sequences_active: int
+    last_step_sequences: int
+    step_seconds_total: float
+    failed_steps: int
+    steps_by_sequences: dict[int, int]
+    """Number of sequences in a step -> how many steps carried that many."""
+    pending_trims: int
+    """KV removals waiting for the next step."""
+    kv_cells_active: int
+    """KV cells written so far by the sequences being served (prompt and generated tokens)."""
+    stepping: bool
+    """Whether a step (or a resize) is running in the worker thread now."""
+
+
+class SlotStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """One slot: whether it is busy, and the prompt tokens its sequence keeps cached."""
+
+    slot: int
+    busy: bool
+    served: int
+    cached_tokens: int
+
+
+class ResizeRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One resize: slot counts before and after, why, and how long no step ran (seconds)."""
+
+    from_slots: int
+    to_slots: int
+    reason: ResizeReason
+    pause_s: float
+    drain_s: float
+    """Seconds the retiring slots took to finish their requests (shrinking only)."""
+    carried_bytes: int
+
+
+class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Slot counts, restarts by actor, resizes, the last memory reading, and any failure."""
+
+    slots_effective: int
+    slots_target: int
+    slots_busy: int
+    slot_restarts: int
+    model_restarts: int
+    resizes: tuple[ResizeRecord, ...]
+    memory: MemoryReading | None
+    failure: str | None
+    slots: tuple[SlotStatistics, ...]
+
+
+class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """The statistics() records of the mailbox, the ModelActor and the Supervisor."""
+
+    mailbox: MailboxStatistics
+    model: ModelStatistics
+    supervisor: SupervisorStatistics
+
+
+class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the runtime (``rt.status()``); sizes in bytes, counts in requests."""
+
+    state: RuntimeState
+    failure: str | None
+    model: str
+    backend: str
+    weights_bytes: int
+    kv_bytes_per_slot: int
+    n_ctx_per_slot: int
+    slots_configured: int
+    """The slots asked for (with ``auto``: the count chosen at start)."""
+    slots_auto: bool
+    slots_effective: int
+    """The slots running now."""
+    slots_target: int
+    """The slots the Supervisor is moving to (differs from effective during a resize)."""
+    slots_busy: int
+    queue_depth: int
+    queue_capacity: int
+    requests_admitted: int
+    requests_in_flight: int
+    """Admitted and not yet ended: queued, being served, or waiting to be retried."""
+    requests_completed: int
+    requests_cancelled: int
+    requests_failed: int
+    requests_rejected: int
+    restarts: int
+    steps: int
+    kv_cache_type: str
+    resizes: int
+    last_resize: ResizeRecord | None
+    memory: MemoryReading | None
+    """The last reading the Supervisor used."""
+    batched: bool = True
+    """Whether a step decodes every busy slot together (False: one after another; ctransformers)."""
+    model_instances: int = 1
+    """Library instances of the model: 1 shared context, or one per slot (ctransformers)."""
+    weights_resident_bytes: int = 0
+    """weights_bytes times the copies held: once where instances share them, else per instance."""

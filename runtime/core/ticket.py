@@ -1,0 +1,192 @@
+"""A request's way from the caller to a slot and back: the Ticket and the ResponseStream.
+
+The Ticket travels through the mailbox; the slot that takes it streams Chunks back on the
+ticket's reply channel. The caller holds the ResponseStream: reading it yields the chunks,
+closing it (or cancelling the task that reads it) cancels the request at the next step.
+
+A request ends in exactly one place, :meth:`Ticket.finish`, with its DoneReason: the last reply
+goes to the caller and the runtime is told once, whoever ends it (the slot that served it, the
+Supervisor when that slot crashed, the Runtime when it closes or fails).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import anyio
+
+from runtime.core.channel import ChannelReceiver, ChannelSender
+from runtime.core.errors import GenerationError
+from runtime.core.messages import (
+    ChatRequest,
+    Chunk,
+    Completion,
+    CompletionBuilder,
+    DoneReason,
+    GenerateRequest,
+    RequestStats,
+)
+
+__all__ = ["OnFinish", "Reply", "ResponseStream", "Ticket"]
+
+Reply = Chunk | BaseException
+OnFinish = Callable[["Ticket", DoneReason, RequestStats | None, BaseException | None], None]
+"""(ticket, done_reason, stats or None if it never ran, the error if it failed)."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request: what was asked, where to answer, and who is told when it ends.
+
+    Its state changes only through its methods; ``crashes`` is the Supervisor's count.
+    """
+
+    request: GenerateRequest | ChatRequest
+    reply: ChannelSender[Reply]
+    on_finish: OnFinish
+    """Called once, by :meth:`finish` (the Runtime's bookkeeping and observers)."""
+    admitted_ns: int = field(default_factory=time.perf_counter_ns)
+    crashes: int = 0
+    """Slot crashes this request was part of (written by the Supervisor only)."""
+    _cancelled: bool = False
+    _finished: bool = False
+    _on_cancel: Callable[[], None] | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the caller cancelled the request (closed its stream, or the runtime closed)."""
+        return self._cancelled
+
+    @property
+    def finished(self) -> bool:
+        """Whether :meth:`finish` was called."""
+        return self._finished
+
+    @property
+    def sent(self) -> int:
+        """Chunks sent to the caller so far (a request that sent none can be retried)."""
+        return self.reply.sent
+
+    def listen(self, on_cancel: Callable[[], None] | None) -> None:
+        """Have ``on_cancel`` called on a cancel from now on (None: nobody listens). The slot
+        serving the ticket listens; a late cancel then never reaches its next request."""
+        self._on_cancel = None if self._finished else on_cancel
+
+    def cancel(self) -> None:
+        """Cancel the request (idempotent; event-loop thread only)."""
+        if not self._cancelled and not self._finished:
+            self._cancelled = True
+            if self._on_cancel is not None:
+                self._on_cancel()
+
+    def finish(
+        self,
+        reason: DoneReason,
+        *,
+        final: Chunk | None = None,
+        stats: RequestStats | None = None,
+        error: BaseException | None = None,
+    ) -> bool:
+        """End the request: send its last reply (``error`` if given, else ``final``) if the caller
+        still listens, close the stream, and tell ``on_finish``. The first call does this; later
+        calls change nothing.
+
+        :returns: whether this call ended the request.
+        """
+        if self._finished:
+            return False
+        self._finished = True
+        self._on_cancel = None
+        last = error if error is not None else final
+        if last is None:
+            self.reply.close()
+        else:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.reply.send_last(last)  # past the stream's capacity: the last word is never lost
+        self.on_finish(self, reason, stats, error)
+        return True
+
+
+class ResponseStream:
+    """The caller's end of one request: an async iterator of :class:`Chunk`.
+
+    Use it with ``async with`` (or call ``aclose``) so that leaving early cancels the request;
+    cancelling the reading task cancels it too. Iteration raises the request's error, if any
+    (:class:`~runtime.core.errors.SlotFailedError`, :class:`~runtime.core.errors.ContextOverflowError`).
+    """
+
+    def __init__(
+        self,
+        ticket: Ticket,
+        receive: ChannelReceiver[Reply],
+        admit: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._ticket = ticket
+        self._receive = receive
+        self._admit = admit
+        self._done = False
+        self._thread = threading.get_ident()
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            if self._admit is not None:
+                admit, self._admit = self._admit, None
+                await admit()
+            item = await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self._close()  # ended, or closed by another task while this one waited
+            raise StopAsyncIteration from None
+        except BaseException:
+            self._close()
+            raise
+        if isinstance(item, BaseException):
+            self._close()
+            raise item
+        if item.done:
+            self._close()
+        return item
+
+    async def collect(self) -> Completion:
+        """Read the whole answer.
+
+        :raises GenerationError: if the request failed after admission, or the stream was
+            closed (the request cancelled) before it finished.
+        :raises ContextOverflowError: if the prompt and max_tokens do not fit the slot.
+        """
+        answer = CompletionBuilder()
+        async with self:
+            async for chunk in self:
+                if (completion := answer.add(chunk)) is not None:
+                    return completion
+        raise GenerationError("the response stream was closed before the request finished (cancelled)")
+
+    def _close(self) -> None:
+        self._done = True
+        self._ticket.cancel()  # a no-op once the request has finished
+        self._receive.close()
+
+    async def aclose(self) -> None:
+        """Stop reading; an unfinished request is cancelled at the next step."""
+        self._close()
+
+    async def __aenter__(self) -> ResponseStream:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._close()
+
+    def __del__(self) -> None:
+        if not self._done and threading.get_ident() == self._thread:
+            self._close()
