@@ -22,6 +22,7 @@ from runtime.core.errors import SlotserveError
 from runtime.core.messages import ChatMessage, ChatRequest, GenerateRequest
 from runtime.main_job import DEFAULT_PROMPTS, run_job
 from runtime.runtime import Runtime
+from runtime.server.settings import ServerSettings
 
 __all__ = ["build_parser", "main"]
 
@@ -35,12 +36,13 @@ def _config_options(p: argparse.ArgumentParser, slots_default: int | None = None
     )
     p.add_argument("--n-ctx-per-slot", type=int, dest="n_ctx_per_slot", help="[SLOTSERVE_N_CTX_PER_SLOT]")
     p.add_argument("--threads", type=int, help="CPU threads, 0 = all [SLOTSERVE_THREADS]")
-    p.add_argument("--config", type=Path, help="a TOML file of RuntimeConfig settings")
+    p.add_argument("--config", type=Path, help="a TOML file of settings (the runtime's and the server's)")
 
 
 def _config(args: argparse.Namespace) -> RuntimeConfig:
     keys = ("model", "backend", "slots", "max_queue", "n_ctx_per_slot", "threads")
-    return RuntimeConfig.load(args.config, **{k: getattr(args, k) for k in keys})
+    overrides = {k: getattr(args, k) for k in keys}
+    return RuntimeConfig.load(args.config, others=ServerSettings.__struct_fields__, **overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,10 +107,10 @@ async def _run(args: argparse.Namespace) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    from runtime.server import ServerSettings, serve  # starlette and uvicorn load only here
+    from runtime.server.serve import serve  # starlette and uvicorn load only here
 
     keys = ("host", "port", "max_body_bytes", "model_name")
-    settings = ServerSettings.load(**{k: getattr(args, k) for k in keys})
+    settings = ServerSettings.load(args.config, **{k: getattr(args, k) for k in keys})
     await serve(_config(args), settings)
 
 

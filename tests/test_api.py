@@ -5,12 +5,14 @@ from __future__ import annotations
 import ast
 import importlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import runtime
 from runtime import ConfigError, ContextOverflowError, GenerateRequest, InvalidRequestError, RuntimeConfig
 from runtime.core import errors as errors_module
+from runtime.server.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,8 +21,8 @@ def test_all_is_complete_and_exact() -> None:
     """``__all__`` names exactly what runtime/__init__.py hands on (lazily), and each resolves
     to the object its home module defines."""
     tree = ast.parse((ROOT / "runtime" / "__init__.py").read_text())
-    typed = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-    typed -= {"annotations", "TYPE_CHECKING", "Any"}
+    guarded = next(n for n in tree.body if isinstance(n, ast.If))  # the ``if TYPE_CHECKING:`` block
+    typed = {a.asname or a.name for n in ast.walk(guarded) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert set(runtime.__all__) == typed == set(runtime._HOMES)
     for name in runtime.__all__:
         home = importlib.import_module(runtime._HOMES[name])
@@ -46,6 +48,28 @@ def test_config_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert (cfg.slots, cfg.max_queue, cfg.model, cfg.prefix_cache) == (3, 7, "y.gguf", False)
 
 
+def test_one_toml_file_holds_the_runtime_and_the_server_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each part reads its own keys (as ``slotserve serve --config`` does); the environment
+    still wins over the file, and a key no part knows is refused with its name."""
+    toml = tmp_path / "slotserve.toml"
+    toml.write_text('slots = 2\nhost = "127.0.0.2"\nport = 8081\nmax_body_bytes = 4096\n')
+    monkeypatch.setenv("SLOTSERVE_PORT", "8082")
+    cfg = RuntimeConfig.load(toml, others=ServerSettings.__struct_fields__)
+    settings = ServerSettings.load(toml)
+    assert cfg.slots == 2
+    assert (settings.host, settings.port, settings.max_body_bytes) == ("127.0.0.2", 8082, 4096)
+    with pytest.raises(ConfigError, match="host"):
+        RuntimeConfig.load(toml)  # the server's keys are not the runtime's
+    toml.write_text("slots = 2\nslotz = 3\n")
+    with pytest.raises(ConfigError, match="slotz"):
+        RuntimeConfig.load(toml, others=ServerSettings.__struct_fields__)
+    toml.write_text("slots = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        ServerSettings.load(toml)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -54,7 +78,7 @@ def test_config_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ({"restart_period_s": 0.0}, "restart_period_s is 0.0"),
     ],
 )
-def test_config_out_of_range_names_field_and_limit(fields: dict[str, object], message: str) -> None:
+def test_config_out_of_range_names_field_and_limit(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RuntimeConfig.load(None, **fields)
 

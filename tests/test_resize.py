@@ -3,42 +3,40 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+from prometheus_client import CollectorRegistry
 
 from runtime import Completion, ConfigError, Runtime, RuntimeConfig
 from runtime.backends.fake import FakeBackend
 from runtime.core.telemetry import CgroupHostProbe, ScriptedProbe
-from tests.helpers import BACKENDS, PROMPTS, greedy, open_runtime, require_backend
+from tests.helpers import BACKENDS, PROMPTS, greedy, open_runtime, require_backend, wait_until
 
 MiB = 1 << 20
 KV = MiB  # the fake backend's KV bytes per slot
 NO_HEADROOM = {"memory_headroom_fraction": 0.0, "memory_headroom_bytes": 0}
 
 
-def fake_runtime(probe: ScriptedProbe, **config: object) -> Runtime:
+def fake_runtime(
+    probe: ScriptedProbe, registry: CollectorRegistry | None = None, **config: object
+) -> Runtime:
     cfg = RuntimeConfig(backend="fake", **{**NO_HEADROOM, **config})  # type: ignore[arg-type]
-    return Runtime(cfg, backend=FakeBackend(n_seq_max=1), probe=probe)
-
-
-async def wait_for(predicate: object, timeout_s: float = 10.0) -> None:
-    with anyio.fail_after(timeout_s):
-        while not predicate():  # type: ignore[operator]
-            await anyio.sleep(0.005)
+    return Runtime(cfg, backend=FakeBackend(n_seq_max=1), probe=probe, registry=registry)
 
 
 async def test_auto_takes_what_fits_and_follows_memory_down_and_up() -> None:
     probe = ScriptedProbe(free_bytes=6 * KV)  # with the 1-slot start context: 7 fit
-    cfg = {"slots": "auto", "max_slots": 8, "resize_interval_s": 0.02, "resize_cooldown_s": 0.1}
+    cfg: dict[str, Any] = {"slots": "auto", "max_slots": 8, "resize_interval_s": 0.02, "resize_cooldown_s": 0.1}
     async with fake_runtime(probe, **cfg) as rt:
         first = rt.status()
         assert (first.slots_configured, first.slots_effective, first.slots_auto) == (7, 7, True)
         probe.free_bytes = -2 * KV  # someone else took memory: 2 slots' worth beyond what we hold
-        await wait_for(lambda: rt.status().slots_effective == 5)
+        await wait_until(lambda: rt.status().slots_effective == 5)
         low = rt.status()
         probe.free_bytes = 10 * KV
-        await wait_for(lambda: rt.status().slots_effective == 8)
+        await wait_until(lambda: rt.status().slots_effective == 8)
         high = rt.status()
     assert low.last_resize is not None and low.last_resize.reason == "memory_low"
     assert low.slots_target == 5 and low.memory is not None and low.memory.free_bytes == -2 * KV
@@ -52,7 +50,7 @@ async def test_auto_takes_what_fits_and_follows_memory_down_and_up() -> None:
 
 async def test_wobbling_readings_resize_at_most_once() -> None:
     probe = ScriptedProbe(free_bytes=3 * KV)  # 4 fit with the 1-slot start context
-    cfg = {"slots": 4, "resize_interval_s": 0.01, "resize_cooldown_s": 0.0, "resize_hysteresis": 0.5}
+    cfg: dict[str, Any] = {"slots": 4, "resize_interval_s": 0.01, "resize_cooldown_s": 0.0, "resize_hysteresis": 0.5}
     async with fake_runtime(probe, **cfg) as rt:
         assert rt.status().slots_effective == 4
         for i in range(60):  # around the point where exactly 4 fit, by a third of a slot
@@ -64,9 +62,18 @@ async def test_wobbling_readings_resize_at_most_once() -> None:
 
 async def test_a_set_count_that_does_not_fit_is_reduced_or_refused() -> None:
     probe = ScriptedProbe(free_bytes=2 * KV)  # 3 fit (with the 1-slot start context)
-    async with fake_runtime(probe, slots=6, resize_interval_s=0) as rt:
+    registry = CollectorRegistry()
+    async with fake_runtime(probe, registry=registry, slots=6, resize_interval_s=0) as rt:
         status = rt.status()
     assert (status.slots_configured, status.slots_effective) == (6, 3)
+    assert status.resizes == 1 and status.last_resize is not None  # a reduced count is never silent
+    assert (status.last_resize.reason, status.last_resize.from_slots, status.last_resize.to_slots) == (
+        "startup",
+        6,
+        3,
+    )
+    labels = {"model": "fake", "direction": "shrink", "reason": "startup"}
+    assert registry.get_sample_value("slotserve_slot_resizes_total", labels) == 1.0
     with pytest.raises(
         ConfigError, match=r"6 slots need 6,291,456 bytes of KV cache .* 3,145,728 bytes are available"
     ):
@@ -77,7 +84,7 @@ async def test_a_set_count_that_does_not_fit_is_reduced_or_refused() -> None:
 async def test_an_unknown_reading_never_shrinks() -> None:
     probe = ScriptedProbe(free_bytes=None)
     async with fake_runtime(probe, slots=4, resize_interval_s=0.01, resize_cooldown_s=0) as rt:
-        await wait_for(lambda: probe.reads >= 5)
+        await wait_until(lambda: probe.reads >= 5)
         status = rt.status()
     assert status.slots_effective == 4 and status.resizes == 0
 
@@ -100,7 +107,7 @@ async def test_auto_on_this_machine_reads_host_memory_and_the_cgroup_limit(tmp_p
         limit = 3 * kv + cfg.memory_headroom_bytes + 20 * MiB
         (tmp_path / "memory.max").write_text(f"{limit}\n")
         (tmp_path / "memory.current").write_text(f"{6 * kv}\n")  # our own six slots' KV
-        await wait_for(lambda: rt.status().slots_effective < 6, 20)
+        await wait_until(lambda: rt.status().slots_effective < 6, 20)
         low = rt.status()
     assert low.memory is not None and low.memory.source == "cgroup"
     assert low.slots_effective == max(1, (limit - 6 * kv + 6 * kv - cfg.memory_headroom_bytes) // kv) < 6
@@ -123,9 +130,9 @@ async def test_resize_under_load_keeps_every_request_exact(kind: str) -> None:
         async with anyio.create_task_group() as tg:
             for i in range(len(requests)):
                 tg.start_soon(run, i)
-            await wait_for(lambda: all(rt.backend.seq_cells(s) > 0 for s in (0, 1)))
+            await wait_until(lambda: all(rt.backend.seq_cells(s) > 0 for s in (0, 1)))
             grow = await rt.resize(4)
-            await wait_for(lambda: rt.status().slots_busy >= 3)
+            await wait_until(lambda: rt.status().slots_busy >= 3)
             shrink = await rt.resize(2)
         status = rt.status()
     assert grow is not None and (grow.from_slots, grow.to_slots, grow.reason) == (2, 4, "manual")

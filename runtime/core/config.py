@@ -1,13 +1,16 @@
 """RuntimeConfig: every setting, its default, and where it can come from.
 
 Sources, later ones winning: the defaults below, a TOML file, environment variables named
-``SLOTSERVE_<FIELD>`` (upper case), keyword arguments.
+``SLOTSERVE_<FIELD>`` (upper case), keyword arguments. One TOML file may hold the settings of
+every part (the runtime's here, the HTTP server's in runtime.server.settings): each part reads
+its own keys from it, and a key that no part knows is refused.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -15,7 +18,7 @@ import msgspec
 
 from runtime.core.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "RuntimeConfig", "load_settings"]
+__all__ = ["ENV_PREFIX", "RuntimeConfig", "load_settings", "read_toml"]
 
 ENV_PREFIX = "SLOTSERVE_"
 BackendName = Literal["llama_cpp", "fake", "ctransformers"]
@@ -135,16 +138,33 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         return self.threads or len(os.sched_getaffinity(0))
 
     @classmethod
-    def load(cls, toml_path: str | Path | None = None, **overrides: Any) -> RuntimeConfig:
+    def load(
+        cls, toml_path: str | Path | None = None, *, others: Collection[str] = (), **overrides: Any
+    ) -> RuntimeConfig:
         """Read defaults < ``toml_path`` < ``SLOTSERVE_*`` environment < ``overrides``.
 
-        :raises ConfigError: if a value is malformed, out of range or an unknown setting.
+        :param others: TOML keys that belong to another part's settings (left to it).
+        :raises ConfigError: if the file cannot be read, or a value is malformed, out of range
+            or an unknown setting.
         """
-        values: dict[str, Any] = {}
-        if toml_path is not None:
-            with open(toml_path, "rb") as f:
-                values.update(tomllib.load(f))
-        return load_settings(cls, values, overrides)
+        table = {k: v for k, v in read_toml(toml_path).items() if k not in others}
+        return load_settings(cls, table, overrides)
+
+
+def read_toml(path: str | Path | None) -> dict[str, Any]:
+    """The top-level table of the TOML file at ``path`` ({} for None).
+
+    :raises ConfigError: if the file is missing, unreadable or not valid TOML.
+    """
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the settings file {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the settings file {str(path)!r} is not valid TOML: {exc}") from None
 
 
 S = TypeVar("S", bound=msgspec.Struct)

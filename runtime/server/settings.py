@@ -1,16 +1,18 @@
 """ServerSettings: how the HTTP server listens and what it accepts (the model is RuntimeConfig's).
 
-Sources, later ones winning: the defaults below, environment variables named
-``SLOTSERVE_<FIELD>`` (upper case), keyword arguments, as for RuntimeConfig.
+Sources, later ones winning: the defaults below, a TOML file (these keys of it; the same file
+may hold RuntimeConfig's), environment variables named ``SLOTSERVE_<FIELD>`` (upper case),
+keyword arguments, as for RuntimeConfig.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from runtime.core.config import load_settings
+from runtime.core.config import load_settings, read_toml
 from runtime.core.errors import ConfigError
 
 __all__ = ["ServerSettings"]
@@ -45,9 +47,11 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ConfigError("model_name is empty; leave it unset or give a name")
 
     @classmethod
-    def load(cls, **overrides: Any) -> ServerSettings:
-        """Read defaults < ``SLOTSERVE_*`` environment < ``overrides`` (None values are skipped).
+    def load(cls, toml_path: str | Path | None = None, **overrides: Any) -> ServerSettings:
+        """Read defaults < ``toml_path`` (its keys that are ServerSettings fields) <
+        ``SLOTSERVE_*`` environment < ``overrides`` (None values are skipped).
 
-        :raises ConfigError: if a value is malformed or out of range.
+        :raises ConfigError: if the file cannot be read, or a value is malformed or out of range.
         """
-        return load_settings(cls, {}, overrides)
+        table = {k: v for k, v in read_toml(toml_path).items() if k in cls.__struct_fields__}
+        return load_settings(cls, table, overrides)

@@ -1,0 +1,110 @@
+"""Observers are isolated: one that raises, in any event, is logged once with its name and the
+event, and nothing else changes (the requests, their slots, the runtime, the other observers)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from runtime import QueueFullError, SlotFailedError
+from runtime.core.events import EVENTS, Observers
+from tests.helpers import greedy, open_runtime, wait_until
+
+
+class Recorder:
+    """Counts every event; raises in ``failing`` (if any)."""
+
+    def __init__(self, failing: str | None = None) -> None:
+        self.failing = failing
+        self.calls: dict[str, int] = dict.fromkeys(EVENTS, 0)
+
+    def _seen(self, event: str) -> None:
+        self.calls[event] += 1
+        if event == self.failing:
+            raise RuntimeError(f"a bug in the observer's {event}")
+
+    def request_admitted(self) -> None:
+        self._seen("request_admitted")
+
+    def request_rejected(self, reason: Any) -> None:
+        self._seen("request_rejected")
+
+    def request_finished(self, reason: Any, stats: Any, error: Any) -> None:
+        self._seen("request_finished")
+
+    def inter_token(self, seconds: float) -> None:
+        self._seen("inter_token")
+
+    def step(self, report: Any) -> None:
+        self._seen("step")
+
+    def restart(self, actor: Any) -> None:
+        self._seen("restart")
+
+    def resize(self, direction: Any, reason: Any, pause_s: float) -> None:
+        self._seen("resize")
+
+
+async def _every_event(event: str | None) -> tuple[list[int], Recorder, Recorder]:
+    """A runtime whose observers see every event: requests, a refusal, a crash (restart), a
+    resize. One observer raises in ``event``; the other is sound. Returns the requests' token
+    counts and both observers."""
+    failing, witness = Recorder(event), Recorder()
+    fake = {"fault_prompts": ["boom"], "fault_after": 1, "step_delay_s": 0.002}
+    async with open_runtime("fake", slots=1, max_queue=1, fake=fake, restart_backoff_s=0.0) as rt:
+        rt.observers.add(failing)
+        rt.observers.add(witness)
+        counts = [(await rt.complete(greedy(p, max_tokens=12))).stats.completion_tokens for p in ("ab", "cd")]
+        first = rt.generate(greedy("ef", max_tokens=40))
+        await wait_until(lambda: rt.status().slots_busy == 1)
+        queued = rt.generate(greedy("gh", max_tokens=5))
+        with pytest.raises(QueueFullError):
+            rt.generate(greedy("ij", max_tokens=5))
+        counts += [
+            (await first.collect()).stats.completion_tokens,
+            (await queued.collect()).stats.completion_tokens,
+        ]
+        with pytest.raises(SlotFailedError):  # crashes twice: retried once, then failed
+            await rt.complete(greedy("boom", max_tokens=5))
+        await rt.resize(2)
+        counts.append((await rt.complete(greedy("kl", max_tokens=7))).stats.completion_tokens)
+        status = rt.status()
+        assert status.state == "ready" and status.requests_in_flight == 0 and status.slots_busy == 0
+        assert status.slots_effective == 2
+    return counts, failing, witness
+
+
+@pytest.mark.parametrize("event", EVENTS)
+async def test_an_observer_that_raises_changes_nothing_else(
+    event: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="slotserve.events"):
+        counts, failing, witness = await _every_event(event)
+    assert counts == [12, 12, 40, 5, 7]
+    assert failing.calls == witness.calls  # called for every event, as often as the sound one
+    assert witness.calls[event] >= 1
+    logged = [r for r in caplog.records if r.name == "slotserve.events"]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert "Recorder" in logged[0].getMessage() and event in logged[0].getMessage()
+    assert logged[0].exc_info is not None
+
+
+async def test_a_sound_run_sees_every_event_once_or_more() -> None:
+    """The scenario above reaches every event (else the parametrised test proves less)."""
+    counts, _, witness = await _every_event(None)
+    assert counts == [12, 12, 40, 5, 7]
+    assert all(n >= 1 for n in witness.calls.values()), witness.calls
+    assert witness.calls["request_rejected"] == 1 and witness.calls["resize"] == 1
+    assert witness.calls["request_finished"] == witness.calls["request_admitted"] == 6
+
+
+def test_observers_calls_each_handler_and_skips_a_raising_one() -> None:
+    a, b = Recorder("step"), Recorder()
+    fan = Observers(a, b)
+    for _ in range(3):
+        fan.step(None)  # type: ignore[arg-type]
+        fan.inter_token(0.01)
+    assert a.calls["step"] == b.calls["step"] == 3
+    assert b.calls["inter_token"] == 3
