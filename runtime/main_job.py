@@ -13,7 +13,7 @@ import anyio
 import msgspec
 
 from runtime.core.config import RuntimeConfig
-from runtime.core.messages import ChatMessage, ChatRequest, Completion
+from runtime.core.messages import ChatMessage, ChatRequest, Completion, CompletionBuilder
 from runtime.runtime import Runtime
 
 __all__ = ["DEFAULT_PROMPTS", "JobReport", "run_job"]
@@ -54,7 +54,7 @@ class JobReport(msgspec.Struct, frozen=True, kw_only=True):
 
 @dataclass
 class _Progress:
-    """What each slot is doing now, for the live display."""
+    """Each request's progress (tokens so far, or done), for the live display."""
 
     tokens: dict[int, int] = field(default_factory=dict)
     done: set[int] = field(default_factory=set)
@@ -100,17 +100,12 @@ async def _concurrent(rt: Runtime, prompts: list[str], max_tokens: int, out: Tex
     live = out.isatty()
 
     async def one(i: int) -> None:
-        texts, n = [], 0
+        answer, n = CompletionBuilder(), 0
         async with rt.chat(_request(prompts[i], max_tokens), admission_timeout_s=600) as stream:
             async for chunk in stream:
                 n += len(chunk.token_ids)
                 progress.tokens[i] = n
-                texts.append(chunk.text)
-                if chunk.done:
-                    assert chunk.stats is not None and chunk.done_reason is not None
-                    results[i] = Completion(
-                        text="".join(texts), token_ids=(), done_reason=chunk.done_reason, stats=chunk.stats
-                    )
+                results[i] = answer.add(chunk)
         progress.done.add(i)
 
     async def show(stop: anyio.Event) -> None:
