@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from functools import partial
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from actors.model import ModelActor
+from actors.prompt import PromptCancelled, prompt_parts, tokenize_parts
 from actors.scheduler import SequenceJob
 from actors.sink import RequestSink
 from runtime.backends.base import SamplerSpec
@@ -115,10 +115,16 @@ class SlotActor:
             return
         request = ticket.request
         try:
-            tokens = await self._tokenize(request)
+            tokens = await self._tokenize(ticket)
             max_new = self._max_new(len(tokens), request.max_tokens)
-        except InvalidRequestError as exc:
+        except PromptCancelled:
+            ticket.finish("cancel")
+            return
+        except InvalidRequestError as exc:  # a template error, a prompt too long: a 400
             ticket.finish("error", error=exc)
+            return
+        except Exception as exc:  # the request's own: it fails, the slot goes on (no retry)
+            ticket.finish("error", error=GenerationError(f"the prompt could not be prepared: {exc!r}"))
             return
         seq = self.slot
         keep = common_prefix(self._cached, tokens) if self.config.prefix_cache else 0
@@ -183,16 +189,15 @@ class SlotActor:
         )
         ticket.finish(reason, final=final, stats=stats)
 
-    async def _tokenize(self, request: GenerateRequest | ChatRequest) -> list[int]:
-        backend = self.model.backend
-        if isinstance(request, ChatRequest):
-            prompt = await anyio.to_thread.run_sync(backend.chat_prompt, request.messages)
-        else:
-            prompt = request.prompt
-        tokens = await anyio.to_thread.run_sync(partial(backend.tokenize, prompt, add_special=True))
-        if not tokens:
-            raise InvalidRequestError("prompt has no tokens after tokenizing; it needs at least one")
-        return tokens
+    async def _tokenize(self, ticket: Ticket) -> list[int]:
+        """The prompt's tokens (actors.prompt), in one worker-thread call that stops between two
+        pieces on a cancel."""
+        backend, request, n_ctx = self.model.backend, ticket.request, self.config.n_ctx_per_slot
+
+        def work() -> list[int]:
+            return tokenize_parts(backend, prompt_parts(backend, request), n_ctx, lambda: ticket.cancelled)
+
+        return await anyio.to_thread.run_sync(work)
 
     def _max_new(self, n_prompt: int, max_tokens: int | None) -> int:
         n_ctx = self.config.n_ctx_per_slot

@@ -23,6 +23,7 @@ import anyio.abc
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from actors.model import ModelActor
+from actors.prompt import check_prompt_size
 from actors.supervisor import Supervisor
 from runtime.backends import Backend, load_backend
 from runtime.core.channel import ChannelReceiver, ChannelSender, channel
@@ -183,6 +184,8 @@ class Runtime:
 
         :raises QueueFullError: if the mailbox is full (at once, or after the timeout).
         :raises InvalidRequestError: if max_tokens exceeds ``max_tokens_cap``.
+        :raises ContextOverflowError: if the prompt's text is too long to fit the slot whatever
+            it tokenizes to (refused before any tokenizing).
         :raises RuntimeClosedError: if the runtime is not ready (RuntimeFailedError if failed).
         """
         try:
@@ -193,12 +196,11 @@ class Runtime:
         except RuntimeClosedError:
             self.observers.request_rejected("closed")
             raise
-        cap = self.config.max_tokens_cap
-        if request.max_tokens is not None and request.max_tokens > cap:
+        try:
+            self._check_request(request)
+        except InvalidRequestError:
             self.observers.request_rejected("invalid")
-            raise InvalidRequestError(
-                f"max_tokens is {request.max_tokens:,}; the limit is {cap:,} (max_tokens_cap)"
-            )
+            raise
         send: ChannelSender[Reply]
         receive: ChannelReceiver[Reply]
         send, receive = channel(self.config.stream_buffer)
@@ -240,6 +242,14 @@ class Runtime:
     ) -> Completion:
         """:meth:`complete` for a chat."""
         return await self.complete(request, admission_timeout_s=admission_timeout_s)
+
+    def _check_request(self, request: GenerateRequest | ChatRequest) -> None:
+        cap = self.config.max_tokens_cap
+        if request.max_tokens is not None and request.max_tokens > cap:
+            raise InvalidRequestError(
+                f"max_tokens is {request.max_tokens:,}; the limit is {cap:,} (max_tokens_cap)"
+            )
+        check_prompt_size(request, self.config.n_ctx_per_slot, self.backend.max_token_bytes)
 
     def _check_ready(self) -> None:
         if self._state == "failed":

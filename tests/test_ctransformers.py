@@ -97,8 +97,8 @@ def test_non_ascii_text_tokenizes_whole(
     library's own Python ``tokenize`` allocates (len(text) + 1); nothing is lost."""
     legacy = backend(tiny_gpt2)
     try:
-        spm = llama_backend.tokenize(text, add_special=False)
-        raw = legacy.tokenize(text, add_special=False)
+        spm = llama_backend.tokenize(text, add_special=False, parse_special=True)
+        raw = legacy.tokenize(text, add_special=False, parse_special=True)
         assert b"".join(llama_backend.pieces[t] for t in spm) == b" " + text.encode()  # SentencePiece's space
         assert b"".join(legacy.pieces[t] for t in raw) == text.encode()
         if text.startswith("🎉"):
@@ -110,17 +110,21 @@ def test_non_ascii_text_tokenizes_whole(
 def test_special_tokens_in_text_become_their_ids(
     llama_backend: CTransformersBackend, tiny_gpt2: Path
 ) -> None:
-    ids = llama_backend.tokenize("<|im_start|>user\nhi<|im_end|>", add_special=True)
-    im_start, im_end = llama_backend.tokenize("<|im_start|><|im_end|>", add_special=False)
+    ids = llama_backend.tokenize("<|im_start|>user\nhi<|im_end|>", add_special=True, parse_special=True)
+    im_start, im_end = llama_backend.tokenize("<|im_start|><|im_end|>", add_special=False, parse_special=True)
     assert (ids[0], ids[1], ids[-1]) == (1, im_start, im_end)  # BOS, then the control tokens as ids
     assert llama_backend.pieces[im_start] == b"" and im_end in llama_backend.eog_tokens
     assert llama_backend.pieces[3] == b"\x00"  # <0x00>: the library's C string would lose it
     legacy = backend(tiny_gpt2)
     try:
         assert legacy.pieces[0] == b"\x00"
-        eot = legacy.tokenize("<|endoftext|>", add_special=True)
+        eot = legacy.tokenize("<|endoftext|>", add_special=True, parse_special=True)
         assert len(eot) == 1 and eot[0] in legacy.eog_tokens
-        assert legacy.tokenize("x<|endoftext|>x", add_special=True) == [ord("x"), eot[0], ord("x")]
+        assert legacy.tokenize("x<|endoftext|>x", add_special=True, parse_special=True) == [
+            ord("x"),
+            eot[0],
+            ord("x"),
+        ]
     finally:
         legacy.close()
 
@@ -139,7 +143,7 @@ def test_matches_llama_cpp_on_the_same_gguf(tiny_llama: Path, llama_backend: CTr
             "x!y? z.",
         ]:
             tokens = reference.tokenize(text)
-            assert llama_backend.tokenize(text, add_special=True) == tokens, text
+            assert llama_backend.tokenize(text, add_special=True, parse_special=True) == tokens, text
             expected, ours = reference.logits(tokens), llama_backend.next_token_logits(tokens)
             assert np.corrcoef(expected, ours)[0, 1] > 0.999 and expected.argmax() == ours.argmax(), text
     finally:
@@ -265,7 +269,13 @@ def test_convert_command_writes_a_loadable_file(
     assert f"wrote {target}" in capsys.readouterr().out
     converted = backend(target)
     try:
-        assert converted.tokenize("the water", add_special=True) == [1, 261, 412, 423, 419]
+        assert converted.tokenize("the water", add_special=True, parse_special=True) == [
+            1,
+            261,
+            412,
+            423,
+            419,
+        ]
     finally:
         converted.close()
     assert main(["convert", "--for", "ctransformers", str(tmp_path / "missing.gguf"), str(target)]) == 2

@@ -73,13 +73,13 @@ def test_vocabulary_agrees_with_llama_cpp(
     """Every token's bytes are the same; ASCII text (special tokens included) tokenizes the same."""
     assert [reference.piece(t) for t in range(reference.n_vocab)] == smollm2.pieces
     for text in [*PROMPTS, "<|im_start|>user\nHi there<|im_end|>\n", "a    b\t\tc\n\n\nd", "it's we're"]:
-        assert smollm2.tokenize(text, add_special=True) == reference.tokenize(text), text
+        assert smollm2.tokenize(text, add_special=True, parse_special=True) == reference.tokenize(text), text
 
 
 def test_non_ascii_prompts_tokenize_whole(smollm2: CTransformersBackend) -> None:
     """The old pre-tokenizer may cut non-ASCII words differently, but never loses a byte."""
     for text in NON_ASCII:
-        tokens = smollm2.tokenize(text, add_special=True)
+        tokens = smollm2.tokenize(text, add_special=True, parse_special=True)
         assert b"".join(smollm2.pieces[t] for t in tokens) == text.encode()
 
 

@@ -28,7 +28,12 @@ def fake_runtime(
 
 async def test_auto_takes_what_fits_and_follows_memory_down_and_up() -> None:
     probe = ScriptedProbe(free_bytes=6 * KV)  # with the 1-slot start context: 7 fit
-    cfg: dict[str, Any] = {"slots": "auto", "max_slots": 8, "resize_interval_s": 0.02, "resize_cooldown_s": 0.1}
+    cfg: dict[str, Any] = {
+        "slots": "auto",
+        "max_slots": 8,
+        "resize_interval_s": 0.02,
+        "resize_cooldown_s": 0.1,
+    }
     async with fake_runtime(probe, **cfg) as rt:
         first = rt.status()
         assert (first.slots_configured, first.slots_effective, first.slots_auto) == (7, 7, True)
@@ -50,7 +55,12 @@ async def test_auto_takes_what_fits_and_follows_memory_down_and_up() -> None:
 
 async def test_wobbling_readings_resize_at_most_once() -> None:
     probe = ScriptedProbe(free_bytes=3 * KV)  # 4 fit with the 1-slot start context
-    cfg: dict[str, Any] = {"slots": 4, "resize_interval_s": 0.01, "resize_cooldown_s": 0.0, "resize_hysteresis": 0.5}
+    cfg: dict[str, Any] = {
+        "slots": 4,
+        "resize_interval_s": 0.01,
+        "resize_cooldown_s": 0.0,
+        "resize_hysteresis": 0.5,
+    }
     async with fake_runtime(probe, **cfg) as rt:
         assert rt.status().slots_effective == 4
         for i in range(60):  # around the point where exactly 4 fit, by a third of a slot

@@ -41,14 +41,14 @@ def test_ollama_options_map_to_our_fields() -> None:
     got = ollama_generate(prompt="hi", raw=True, options=options)
     assert got == GenerateRequest(
         prompt="hi", max_tokens=7, temperature=0.2, top_k=5, top_p=0.5, min_p=0.1,
-        repeat_penalty=1.2, repeat_last_n=32, seed=11, stop=("\n",),
+        repeat_penalty=1.2, repeat_last_n=32, seed=11, stop=("\n",), parse_special=True,
     )  # fmt: skip
 
 
 @pytest.mark.parametrize("num_predict", [None, -1, -2])
 def test_ollama_unbounded_num_predict_means_until_the_context_is_full(num_predict: int | None) -> None:
     got = ollama_generate(prompt="hi", raw=True, options={"num_predict": num_predict, "seed": -1})
-    assert got == GenerateRequest(prompt="hi")  # max_tokens None, a random seed
+    assert got == GenerateRequest(prompt="hi", parse_special=True)  # max_tokens None, a random seed; raw
 
 
 def test_ollama_generate_uses_the_template_unless_raw() -> None:

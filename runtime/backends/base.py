@@ -2,12 +2,13 @@
 
 All methods are blocking and are called from worker threads, never from the event loop.
 ``step`` and the sequence operations run on one thread at a time (the ModelActor's);
-``tokenize`` and ``chat_prompt`` only read the vocabulary and may run on any worker thread.
+``tokenize`` and the chat template only read the vocabulary and may run on any worker thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -15,9 +16,9 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from runtime.core.messages import ChatMessage
+from runtime.backends.chat_template import ChatTemplate
 
-__all__ = ["Backend", "ModelInfo", "SamplerSpec", "StepPlan", "StepResult"]
+__all__ = ["Backend", "ModelInfo", "SamplerSpec", "StepPlan", "StepResult", "special_token_pattern"]
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,11 +115,27 @@ class Backend(Protocol):
     def eog_tokens(self) -> frozenset[int]:
         """End-of-generation token ids (EOS, EOT, ...)."""
 
-    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        """Token ids of ``text``; special tokens written in the text are recognised."""
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        """The model's chat template (sandboxed; see chat_template.py), or None if it has none."""
 
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """Render ``messages`` with the model's chat template, ending at the assistant's turn."""
+    @property
+    def special_tokens(self) -> Mapping[str, int]:
+        """The text of each special (control) token -> its id."""
+
+    @property
+    def special_pattern(self) -> re.Pattern[str] | None:
+        """Matches any text of ``special_tokens``, longest first (None if there are none)."""
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token stands for (special tokens' texts included): a text
+        of B bytes is at least B / max_token_bytes tokens."""
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """Token ids of ``text``; BOS first if ``add_special`` and the model wants one. With
+        ``parse_special`` the texts of special tokens written in it become those tokens; without
+        it they are plain text (what a user sent)."""
 
     def step(self, plan: StepPlan) -> StepResult:
         """Apply trims and samplers, decode ``plan`` in one batch, sample every output row.
@@ -139,3 +156,11 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Free the context and the weights."""
+
+
+def special_token_pattern(texts: Iterable[str]) -> re.Pattern[str] | None:
+    """A pattern matching any of ``texts`` (special tokens' texts), longest first; None for none."""
+    texts = [t for t in texts if t]
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))

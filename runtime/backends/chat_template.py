@@ -1,23 +1,48 @@
-"""Rendering a model's chat template (GGUF ``tokenizer.chat_template``) as transformers does.
+"""Rendering a model's chat template (GGUF ``tokenizer.chat_template``) as transformers does,
+in one sandboxed renderer for every backend.
 
-The template is Jinja, run in jinja2's immutable sandbox with ``trim_blocks`` and
-``lstrip_blocks`` and the variables transformers' ``apply_chat_template`` passes: ``messages``,
-``add_generation_prompt``, ``bos_token``, ``eos_token``, and ``raise_exception``.
+The template is Jinja, run in jinja2's immutable sandbox with ``trim_blocks``, ``lstrip_blocks``
+and the loop controls, and the variables transformers' ``apply_chat_template`` passes:
+``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``, ``raise_exception`` and
+``strftime_now``. Whatever the template does wrong (``raise_exception``, an undefined name, a
+sandbox violation) is an InvalidRequestError naming the template's message: a 400, never a
+crashed slot.
+
+:meth:`ChatTemplate.render_parts` keeps apart what the template wrote (its markers, which are
+special tokens) and what the messages said (user content, whose text is never parsed for special
+tokens): a user cannot close their turn and open a system one by typing ``<|im_end|>``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+import secrets
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
+
+import msgspec
 
 from runtime.core.errors import InvalidRequestError
 from runtime.core.messages import ChatMessage
 
-__all__ = ["ChatTemplate"]
+__all__ = ["ChatTemplate", "PromptPart"]
+
+
+class PromptPart(msgspec.Struct, frozen=True):
+    """A piece of a prompt: ``text``, and whether special tokens written in it are parsed
+    (True for what the template or the server wrote, False for what a user sent)."""
+
+    text: str
+    special: bool
 
 
 def _raise(message: str) -> NoReturn:
     raise InvalidRequestError(f"the chat template refused the messages: {message}")
+
+
+def _strftime_now(fmt: str) -> str:
+    return dt.datetime.now().strftime(fmt)
 
 
 class ChatTemplate:
@@ -30,27 +55,62 @@ class ChatTemplate:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = _strftime_now
         try:
             self._template = env.from_string(source)
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"the model's chat template does not compile: {exc}") from None
         self._bos, self._eos = bos_token, eos_token
 
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        import jinja2
+
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=True, bos_token=self._bos, eos_token=self._eos
+            )
+        except InvalidRequestError:
+            raise
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError) as exc:  # sandbox errors included
+            raise InvalidRequestError(f"the chat template failed on these messages: {exc}") from None
+
     def render(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt text for ``messages``, ending where the assistant's answer begins.
 
         :raises InvalidRequestError: if the template raises or fails on these messages.
         """
-        import jinja2
+        return self._render([{"role": m.role, "content": m.content} for m in messages])
 
-        try:
-            return self._template.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
-                add_generation_prompt=True,
-                bos_token=self._bos,
-                eos_token=self._eos,
-            )
-        except jinja2.TemplateError as exc:
-            raise InvalidRequestError(f"the chat template failed on these messages: {exc}") from None
+    def render_parts(self, messages: Sequence[ChatMessage]) -> list[PromptPart]:
+        """The prompt as parts: the template's own text (``special=True``) between the messages'
+        contents (``special=False``), in order; their texts joined are :meth:`render`'s.
+
+        The template is rendered once with a placeholder for each content, wrapped in a space on
+        either side; a side whose space the template removed (``| trim``) is stripped from the
+        content, as the template would have done.
+
+        :raises InvalidRequestError: if the template raises or fails on these messages.
+        """
+        nonce = secrets.token_hex(8)
+        holders = [{"role": m.role, "content": f" \ue000{nonce}{i}\ue001 "} for i, m in enumerate(messages)]
+        rendered = self._render(holders)
+        parts: list[PromptPart] = []
+        last = 0
+        for match in re.finditer(f"( ?)\ue000{nonce}(\\d+)\ue001( ?)", rendered):
+            if match.start() > last:
+                parts.append(PromptPart(rendered[last : match.start()], True))
+            content = messages[int(match.group(2))].content
+            if not match.group(1):
+                content = content.lstrip()
+            if not match.group(3):
+                content = content.rstrip()
+            if content:
+                parts.append(PromptPart(content, False))
+            last = match.end()
+        if last < len(rendered):
+            parts.append(PromptPart(rendered[last:], True))
+        return parts

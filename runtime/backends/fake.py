@@ -20,11 +20,13 @@ import msgspec
 import numpy as np
 
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
-from runtime.core.messages import ChatMessage
+from runtime.backends.chat_template import ChatTemplate
 
 __all__ = ["EOS", "FakeBackend", "InjectedFault"]
 
 EOS = 0
+_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+"""A ChatML-like rendering, ending at the assistant's turn."""
 _BYTE0 = 1
 _LETTERS = np.array([_BYTE0 + c for c in b"abcdefghijklmnopqrstuvwxyz "], dtype=np.int32)
 
@@ -58,6 +60,10 @@ class FakeBackend:
     ) -> None:
         self.pieces: list[bytes] = [b""] + [bytes([b]) for b in range(256)] + list(extra_pieces)
         self.eog_tokens = frozenset({EOS})
+        self.special_tokens: dict[str, int] = {}
+        self.special_pattern = None
+        self.max_token_bytes = max(1, *(len(p) for p in self.pieces))
+        self.chat_template = ChatTemplate(_TEMPLATE, bos_token="", eos_token="")
         self.info = ModelInfo(
             name="fake",
             path="fake",
@@ -95,15 +101,10 @@ class FakeBackend:
     def _touch(self) -> None:
         self.call_threads.add(threading.get_ident())
 
-    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        """One token per UTF-8 byte; no BOS."""
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """One token per UTF-8 byte; no BOS, no special tokens."""
         self._touch()
         return self._encode(text)
-
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """A ChatML-like rendering, ending at the assistant's turn."""
-        self._touch()
-        return "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
 
     def step(self, plan: StepPlan) -> StepResult:
         """Trim, set samplers, append the batch to each sequence's cells, sample each output."""

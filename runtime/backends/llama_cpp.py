@@ -13,19 +13,17 @@ import ctypes
 import logging
 import re
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import llama_cpp as llama
 import msgspec
 import numpy as np
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
+from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult, special_token_pattern
+from runtime.backends.chat_template import ChatTemplate
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import InvalidRequestError, ModelLoadError
-from runtime.core.messages import ChatMessage
+from runtime.core.errors import ModelLoadError
 
 __all__ = ["LlamaCppBackend"]
 
@@ -112,6 +110,12 @@ def context_params(
     return cparams
 
 
+def _is_special(vocab: Any, token: int) -> bool:
+    """Whether ``token`` is a control or user-defined token (what llama.cpp's parse_special parses)."""
+    attr = llama.llama_vocab_get_attr(vocab, token)
+    return bool(attr & (llama.LLAMA_TOKEN_ATTR_CONTROL | llama.LLAMA_TOKEN_ATTR_USER_DEFINED))
+
+
 def gpu_offload_supported() -> bool:
     """Whether this llama-cpp-python build can put layers on a GPU."""
     return bool(llama.llama_supports_gpu_offload())
@@ -140,10 +144,16 @@ class LlamaCppBackend:
         self.eog_tokens = frozenset(
             t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(self._vocab, t)
         )
+        specials = {self._special_text(t): t for t in range(self._n_vocab) if _is_special(self._vocab, t)}
+        self.special_tokens = {text: token for text, token in specials.items() if text}
+        self.special_pattern = special_token_pattern(self.special_tokens)
+        self.max_token_bytes = max(
+            [len(p) for p in self.pieces] + [len(t.encode()) for t in self.special_tokens]
+        )
         template = llama.llama_model_chat_template(self._model, None)
-        self._chat = (
-            Jinja2ChatFormatter(
-                template=template.decode(),
+        self.chat_template = (
+            ChatTemplate(
+                template.decode(errors="replace"),
                 eos_token=self._special_text(llama.llama_vocab_eos(self._vocab)),
                 bos_token=self._special_text(llama.llama_vocab_bos(self._vocab)),
             )
@@ -239,28 +249,17 @@ class LlamaCppBackend:
 
     # -- text ----------------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        """Token ids of ``text`` (llama_tokenize; special tokens in the text are parsed)."""
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """Token ids of ``text`` (llama_tokenize; special tokens in it parsed if ``parse_special``)."""
         data = text.encode()
         n_max = len(data) + 8
         buf = (llama.llama_token * n_max)()
-        n = llama.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
+        n = llama.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
         if n < 0:
             n_max = -n
             buf = (llama.llama_token * n_max)()
-            n = llama.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
+            n = llama.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
         return list(buf[:n])
-
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """Render with the GGUF's ``tokenizer.chat_template`` (Jinja, as transformers does).
-
-        :raises InvalidRequestError: if the model has no chat template.
-        """
-        if self._chat is None:
-            raise InvalidRequestError(f"model {self.info.name!r} has no chat template; use generate")
-        chat: Any = [{"role": m.role, "content": m.content} for m in messages]
-        rendered = self._chat(messages=chat)
-        return str(rendered.prompt)
 
     # -- the step ------------------------------------------------------------------------------
 

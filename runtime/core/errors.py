@@ -50,15 +50,24 @@ class InvalidRequestError(SlotserveError, ValueError):
 class ContextOverflowError(InvalidRequestError):
     """The prompt plus max_tokens does not fit the slot's context (no silent truncation).
 
-    :ivar prompt_tokens: tokens in the prompt.
+    :ivar prompt_tokens: tokens in the prompt (with ``at_least``: a lower bound, the prompt was
+        refused before it was tokenized whole).
     :ivar max_tokens: tokens the request asked to generate.
     :ivar n_ctx_per_slot: the slot's context size in tokens.
     """
 
-    def __init__(self, prompt_tokens: int, max_tokens: int, n_ctx_per_slot: int) -> None:
+    def __init__(
+        self, prompt_tokens: int, max_tokens: int, n_ctx_per_slot: int, *, at_least: str = ""
+    ) -> None:
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.n_ctx_per_slot = n_ctx_per_slot
+        if at_least:
+            super().__init__(
+                f"prompt is at least {prompt_tokens:,} tokens ({at_least}); "
+                f"slot context is {n_ctx_per_slot:,} tokens (n_ctx_per_slot)"
+            )
+            return
         super().__init__(
             f"prompt is {prompt_tokens:,} tokens and max_tokens is {max_tokens:,} "
             f"({prompt_tokens + max_tokens:,} in all); "

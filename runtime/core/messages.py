@@ -117,6 +117,9 @@ class GenerateRequest(_Sampling, frozen=True, kw_only=True, forbid_unknown_field
     """
 
     prompt: str
+    parse_special: bool = False
+    """Read special tokens' texts in ``prompt`` as those tokens (``<|im_start|>``): for a caller
+    that writes the whole template itself (Ollama's ``raw``). Off, they are plain text."""
 
     def __post_init__(self) -> None:
         _check_text("prompt", self.prompt)

@@ -4,17 +4,17 @@ wire struct, so a wrong type is refused with the field's JSON path (``$.options.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import TypeVar
 
 import msgspec
+import numpy as np
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from runtime.core.errors import InvalidRequestError
 
-__all__ = ["decode_body", "read_body"]
+__all__ = ["MAX_JSON_DEPTH", "decode_body", "read_body"]
 
 T = TypeVar("T")
 
@@ -44,49 +44,82 @@ def _too_large(size: int, limit: int, *, at_least: bool = False) -> HTTPExceptio
     )
 
 
+MAX_JSON_DEPTH = 64
+"""How deep arrays and objects may nest in a body (ours need 4; a JSON schema a dozen or so)."""
+
+
 def decode_body(body: bytes, kind: type[T]) -> T:
-    """Decode ``body`` (a JSON object) into ``kind``.
+    """Decode ``body`` (a JSON object, UTF-8) into ``kind``.
 
-    JSON has no NaN or Infinity, but Python's ``json`` writes them; such a body is decoded
-    leniently so that the field holding the value is refused by name, not the whole body.
-
-    :raises InvalidRequestError: if the body is empty or not JSON, or a field is missing, of
-        the wrong type or out of range (the message names the field).
+    :raises InvalidRequestError: if the body is empty, not JSON (NaN and Infinity literals, a
+        UTF-16 body, a lone surrogate escape included), nested more than ``MAX_JSON_DEPTH``
+        levels anywhere (fields we ignore too), or a field is missing, of the wrong type or out
+        of range (the message names the field).
     """
     if not body.strip():
         raise InvalidRequestError("request body is empty; send a JSON object")
+    _check_surrogates(body)
+    _check_depth(body)
     try:
-        decoded = msgspec.json.decode(body, type=kind)
+        return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         raise InvalidRequestError(str(exc)) from None
     except msgspec.DecodeError as exc:
-        decoded = _decode_leniently(body, kind, InvalidRequestError(f"request body is not valid JSON: {exc}"))
-    if _SURROGATE_ESCAPE.search(body):
-        _check_unicode(decoded)
-    return decoded
+        hint = "; NaN and Infinity are not JSON numbers" if _NOT_NUMBERS.search(body) else ""
+        raise InvalidRequestError(f"request body is not valid JSON (UTF-8): {exc}{hint}") from None
+    except RecursionError:  # _check_depth bounds this; kept so that a deep body is never a 500
+        raise InvalidRequestError(f"request body nests more than {MAX_JSON_DEPTH} levels") from None
 
 
-def _decode_leniently(body: bytes, kind: type[T], malformed: InvalidRequestError) -> T:
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        raise malformed from None
-    try:
-        return msgspec.convert(data, kind)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequestError(str(exc)) from None
+_NOT_NUMBERS = re.compile(rb"[:\[,]\s*-?(?:NaN|Infinity)\b")
+_SURROGATE_ESCAPE = re.compile(rb"(\\+)u[dD]([89a-fA-F])[0-9a-fA-F]{2}")
+"""A JSON escape of a UTF-16 surrogate (with the backslashes before it): valid only as the high
+half followed by the low half of a pair."""
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-"""A JSON escape of a UTF-16 surrogate: valid only as half of a pair."""
+def _check_surrogates(body: bytes) -> None:
+    """Refuse a lone surrogate escape: it has no UTF-8 form, so no tokenizer can take it."""
+    if b"\\u" not in body and b"\\U" not in body:
+        return
+    expect_low_at = -1
+    for m in _SURROGATE_ESCAPE.finditer(body):
+        if len(m.group(1)) % 2 == 0:
+            continue  # an escaped backslash, then the text "uD..."
+        high = m.group(2) in b"89abAB"
+        start = m.end(1) - 1  # the escape's own backslash
+        if expect_low_at >= 0 and (high or start != expect_low_at):
+            break  # the high half before this one had no low half
+        if not high and expect_low_at != start:
+            expect_low_at = -2
+            break
+        expect_low_at = m.end() if high else -1
+    else:
+        if expect_low_at < 0:
+            return
+    raise InvalidRequestError("request body holds a lone UTF-16 surrogate escape; text must be valid Unicode")
 
 
-def _check_unicode(decoded: object) -> None:
-    """Refuse text holding a lone surrogate: it has no UTF-8 form, so no tokenizer can take it."""
-    try:
-        msgspec.json.encode(decoded)
-    except UnicodeEncodeError as exc:
-        bad = exc.object[exc.start : exc.end]
+def _check_depth(body: bytes) -> None:
+    """Refuse arrays and objects nested deeper than MAX_JSON_DEPTH, counted outside strings, in
+    bulk (numpy) and only when the body has that many brackets at all."""
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return
+    raw = np.frombuffer(body, dtype=np.uint8)
+    index = np.arange(raw.size)
+    backslash = raw == ord("\\")
+    last_other = np.maximum.accumulate(np.where(backslash, -1, index))  # last non-backslash at or before
+    quote = np.flatnonzero(raw == ord('"'))
+    run = quote - 1 - last_other[np.maximum(quote - 1, 0)]  # backslashes just before each quote
+    real = quote[(run % 2 == 0) | (quote == 0)]
+    toggles = np.zeros(raw.size, dtype=np.int8)
+    toggles[real] = 1
+    inside = (np.cumsum(toggles) % 2).astype(bool) | (toggles == 1)
+    step = np.zeros(raw.size, dtype=np.int32)
+    step[(raw == ord("[")) | (raw == ord("{"))] = 1
+    step[(raw == ord("]")) | (raw == ord("}"))] = -1
+    step[inside] = 0
+    depth = int(np.cumsum(step).max(initial=0))
+    if depth > MAX_JSON_DEPTH:
         raise InvalidRequestError(
-            f"request body holds a lone UTF-16 surrogate ({bad!r}); text must be valid Unicode"
-        ) from None
+            f"request body nests arrays or objects {depth:,} levels deep; the limit is {MAX_JSON_DEPTH}"
+        )

@@ -170,7 +170,8 @@ def generate_request(body: OllamaGenerateBody, n_ctx_per_slot: int) -> GenerateR
     """The request for an /api/generate body; None for an empty prompt (Ollama: load the model).
 
     Like Ollama, the prompt goes through the model's chat template (as one user message, after
-    ``system`` if given) unless ``raw`` is true.
+    ``system`` if given) unless ``raw`` is true; a raw prompt is the caller's whole template, so
+    the special tokens written in it are read as such (``parse_special``).
 
     :raises InvalidRequestError: if a field is out of range or asks for what we do not support.
     """
@@ -184,7 +185,7 @@ def generate_request(body: OllamaGenerateBody, n_ctx_per_slot: int) -> GenerateR
     if not body.prompt:
         return None
     if body.raw:
-        return GenerateRequest(prompt=body.prompt, **fields)
+        return GenerateRequest(prompt=body.prompt, parse_special=True, **fields)
     messages = [ChatMessage(role="user", content=body.prompt)]
     if body.system:
         messages.insert(0, ChatMessage(role="system", content=body.system))

@@ -39,15 +39,14 @@ import gguf  # noqa: F401  (read_model_file needs it; fail at import, as a missi
 import msgspec
 import numpy as np
 
-from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
+from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult, special_token_pattern
 from runtime.backends.chat_template import ChatTemplate
 from runtime.backends.ctransformers.cells import SequenceCells
 from runtime.backends.ctransformers.model_file import ModelFile, read_model_file
 from runtime.backends.ctransformers.process import WorkerDiedError, WorkerProcess
 from runtime.backends.ctransformers.worker import LoadSpec, WorkerFacts
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import ConfigError, InvalidRequestError, ModelLoadError
-from runtime.core.messages import ChatMessage
+from runtime.core.errors import ConfigError, ModelLoadError
 
 __all__ = ["CTransformersBackend", "CTransformersStatistics", "WorkerDiedError"]
 
@@ -96,6 +95,8 @@ class CTransformersBackend:
     info: ModelInfo
     pieces: Sequence[bytes]
     eog_tokens: frozenset[int]
+    chat_template: ChatTemplate | None
+    max_token_bytes: int
 
     def __init__(self, path: Path, config: RuntimeConfig, n_seq: int | None = None) -> None:
         if config.n_gpu_layers > 0:
@@ -131,13 +132,10 @@ class CTransformersBackend:
         self.pieces = self._pieces(facts)
         self.eog_tokens = frozenset({facts.eos_token, *facts.eos_tokens, *self._file.end_tokens})
         self._specials = self._special_tokens(facts)
-        self._special_re = (
-            re.compile("|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True)))
-            if self._specials
-            else None
-        )
+        self._special_re = special_token_pattern(list(self._specials))
+        self.max_token_bytes = max([len(p) for p in self.pieces] + [len(t.encode()) for t in self._specials])
         self._bos = self._file.bos_token if self._file.bos_token >= 0 else facts.bos_token
-        self._chat = self._chat_template(facts)
+        self.chat_template = self._chat_template(facts)
         kv_cells = self._file.n_ctx_train if self._file.kv_sized_by_file else facts.context_length
         shared = self._file.weights_shared
         self.info = ModelInfo(
@@ -225,15 +223,16 @@ class CTransformersBackend:
             eos_token=text(self._file.eos_token if self._file.eos_token >= 0 else facts.eos_token),
         )
 
-    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        """Token ids of ``text``: special tokens written in it become their ids, the text between
-        them goes through the library's tokenizer; BOS first if the model wants it.
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """Token ids of ``text``: with ``parse_special``, special tokens written in it become
+        their ids, the text between them goes through the library's tokenizer; BOS first if the
+        model wants it.
 
         :raises WorkerDiedError: if the worker dies meanwhile (the next call starts a new one).
         """
         parts: list[str | int] = []
         last = 0
-        if self._special_re is not None:
+        if parse_special and self._special_re is not None:
             for match in self._special_re.finditer(text):
                 parts += [text[last : match.start()], self._specials[match.group()]]
                 last = match.end()
@@ -256,14 +255,15 @@ class CTransformersBackend:
                 ids += next(pending)
         return ids
 
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """Render ``messages`` with the file's chat template (GGUF ``tokenizer.chat_template``).
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The texts of the vocabulary's special tokens -> their ids (see tokenize)."""
+        return self._specials
 
-        :raises InvalidRequestError: if the model has no chat template (legacy files have none).
-        """
-        if self._chat is None:
-            raise InvalidRequestError(f"model {self.info.name!r} has no chat template; use generate")
-        return self._chat.render(messages)
+    @property
+    def special_pattern(self) -> re.Pattern[str] | None:
+        """Matches any text of ``special_tokens`` (see tokenize)."""
+        return self._special_re
 
     # -- the step ------------------------------------------------------------------------------
 
