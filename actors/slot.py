@@ -126,6 +126,8 @@ class SlotActor:
         except Exception as exc:  # the request's own: it fails, the slot goes on (no retry)
             ticket.finish("error", error=GenerationError(f"the prompt could not be prepared: {exc!r}"))
             return
+        if ticket.finished:  # ended while it was being tokenized (the runtime failed)
+            return
         seq = self.slot
         keep = common_prefix(self._cached, tokens) if self.config.prefix_cache else 0
         keep = min(keep, len(tokens) - 1)
@@ -139,7 +141,7 @@ class SlotActor:
 
         ticket.listen(cancel)
         self.model.begin(job)
-        if ticket.cancelled:  # cancelled while the prompt was being tokenized
+        if ticket.cancelled or ticket.finished:  # cancelled, or ended, while it was being tokenized
             cancel()
         try:
             while True:
@@ -206,6 +208,10 @@ class SlotActor:
         if wanted < 1 or n_prompt + wanted > n_ctx:
             raise ContextOverflowError(n_prompt, max(wanted, 1), n_ctx)
         return wanted
+
+    def release(self) -> None:
+        """Forget the request of a crash (the Supervisor has failed it): the slot is not busy."""
+        self.current = None
 
     def statistics(self) -> SlotStatistics:
         """A snapshot of this slot."""

@@ -149,6 +149,7 @@ class Supervisor:
         self.model.end(actor.slot)
         ticket = actor.current
         if ticket is None or ticket.finished:
+            actor.release()
             return None
         ticket.crashes += 1
         if ticket.sent == 0 and ticket.crashes < 2 and not ticket.cancelled:
@@ -159,6 +160,7 @@ class Supervisor:
                 f"slot {actor.slot} failed while serving this request ({ticket.crashes} crash(es)): {exc!r}"
             ),
         )
+        actor.release()
         return None
 
     async def _restart(self, reason: str) -> bool:

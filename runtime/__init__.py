@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from runtime.core.lazy import lazy_getattr
+from runtime.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from runtime.core.config import RuntimeConfig
@@ -96,8 +96,4 @@ __all__ = [
 ]
 
 
-__getattr__ = lazy_getattr(__name__, _HOMES, globals())
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, globals())

@@ -57,7 +57,8 @@ class Runtime:
         model of ``config`` is loaded with ``config.backend``.
     :param registry: the prometheus-client registry for this runtime's metrics (default: the
         global one); pass your own to run two runtimes in one process.
-    :param observers: receivers of runtime events (runtime.core.events.Observer).
+    :param observers: receivers of runtime events: objects with any of the methods of
+        runtime.core.events.Observer.
     :param probe: the memory probe for sizing (tests pass a ScriptedProbe); by default the one
         ``config.memory_source`` names; None turns memory-driven sizing off.
     :raises ModelLoadError: on entering, if the model cannot be loaded.
@@ -69,7 +70,7 @@ class Runtime:
         *,
         backend: Backend | None = None,
         registry: CollectorRegistry | None = None,
-        observers: Sequence[Observer] = (),
+        observers: Sequence[Observer | object] = (),
         probe: MemoryProbe | Literal["config"] | None = "config",
     ) -> None:
         self.config = config or RuntimeConfig()
@@ -169,6 +170,10 @@ class Runtime:
                 await drained.wait()
         self._tg.cancel_scope.cancel()
         await self._tg.__aexit__(None, None, None)  # the body's own exception propagates as is
+        for ticket in list(self._in_flight):  # a slot cancelled mid-request, a retry never made
+            ticket.finish(
+                "error", error=RuntimeClosedError("the runtime closed while this request was served")
+            )
         await anyio.to_thread.run_sync(self._backend.close)
 
     # -- requests ------------------------------------------------------------------------------
@@ -223,7 +228,8 @@ class Runtime:
                 send.close()
                 self._rejected(exc)
                 raise
-            self._admitted(ticket)
+            if not ticket.finished:  # the mailbox may have closed (and refused it) meanwhile
+                self._admitted(ticket)
 
         return ResponseStream(ticket, receive, admit=admit)
 
@@ -283,6 +289,8 @@ class Runtime:
         self._state = "failed"
         error = RuntimeFailedError(f"the runtime failed: {reason}")
         for ticket in self._mailbox.close(lambda: RuntimeFailedError(f"the runtime failed: {reason}")):
+            ticket.finish("error", error=error)
+        for ticket in list(self._in_flight):  # in a slot: nothing steps for it any more
             ticket.finish("error", error=error)
 
     # -- status --------------------------------------------------------------------------------

@@ -294,4 +294,6 @@ async def test_malformed_requests_get_their_4xx_and_the_next_request_succeeds(ki
     assert good_openai.status_code == 200
     assert good_openai.json()["usage"]["completion_tokens"] == 3
     assert status.slots_busy == 0
-    assert status.requests_failed == 2
+    # The two huge prompts: 15,000 bytes are refused at admission on the fake (a token per byte),
+    # after tokenizing on llama.cpp (whose tokens stand for up to 81 bytes).
+    assert status.requests_failed == (0 if kind == "fake" else 2)

@@ -27,7 +27,8 @@ ResizeDirection = Literal["grow", "shrink"]
 
 
 class Observer(Protocol):
-    """Receives runtime events; implement only what you need by subclassing Observers."""
+    """Receives runtime events. An observer may define only the methods it needs: Observers
+    calls each one an observer has."""
 
     def request_admitted(self) -> None:
         """A request entered the mailbox."""
@@ -66,15 +67,15 @@ class Observers:
     time for that observer and event, with both names) and skipped for this call only.
     """
 
-    def __init__(self, *observers: Observer) -> None:
+    def __init__(self, *observers: object) -> None:
         self._handlers: dict[str, list[Callable[..., Any]]] = {event: [] for event in EVENTS}
         self._logged: set[tuple[int, str]] = set()
         self._inter_token = self._handlers["inter_token"]
         for o in observers:
             self.add(o)
 
-    def add(self, observer: Observer) -> None:
-        """Send events to ``observer`` too."""
+    def add(self, observer: object) -> None:
+        """Send events to ``observer`` too: each Observer method it has (any subset)."""
         for event, handlers in self._handlers.items():
             if callable(handler := getattr(observer, event, None)):
                 handlers.append(handler)

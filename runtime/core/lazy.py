@@ -7,14 +7,17 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["lazy_getattr"]
+__all__ = ["lazy_exports"]
 
 
-def lazy_getattr(package: str, homes: Mapping[str, str], namespace: dict[str, Any]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``package`` that hands on ``homes`` (name -> the module that
-    defines it), caching each name in ``namespace`` (the package's ``globals()``) once read.
+def lazy_exports(
+    package: str, homes: Mapping[str, str], namespace: dict[str, Any]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A module ``__getattr__`` and ``__dir__`` for ``package`` that hand on ``homes`` (name ->
+    the module that defines it), caching each name in ``namespace`` (the package's ``globals()``)
+    once read.
 
-    The returned function raises AttributeError, as a module does, for a name not in ``homes``.
+    The ``__getattr__`` raises AttributeError, as a module does, for a name not in ``homes``.
     """
 
     def __getattr__(name: str) -> Any:
@@ -25,4 +28,7 @@ def lazy_getattr(package: str, homes: Mapping[str, str], namespace: dict[str, An
         namespace[name] = value  # later lookups find it without coming here
         return value
 
-    return __getattr__
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(homes))
+
+    return __getattr__, __dir__

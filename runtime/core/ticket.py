@@ -92,16 +92,18 @@ class Ticket:
         stats: RequestStats | None = None,
         error: BaseException | None = None,
     ) -> bool:
-        """End the request: send its last reply (``error`` if given, else ``final``) if the caller
-        still listens, close the stream, and tell ``on_finish``. The first call does this; later
-        calls change nothing.
+        """End the request: stop its sequence if a slot listens, send its last reply (``error``
+        if given, else ``final``) if the caller still listens, close the stream, and tell
+        ``on_finish``. The first call does this; later calls change nothing.
 
         :returns: whether this call ended the request.
         """
         if self._finished:
             return False
         self._finished = True
-        self._on_cancel = None
+        listener, self._on_cancel = self._on_cancel, None
+        if listener is not None and not self._cancelled:
+            listener()  # ended by someone else than its slot (the runtime failed): stop the sequence
         last = error if error is not None else final
         if last is None:
             self.reply.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from runtime.core.lazy import lazy_getattr
+from runtime.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from runtime.server.app import create_app
@@ -26,4 +26,4 @@ _HOMES = {
 __all__ = ["ServerSettings", "create_app", "serve", "serving"]
 
 
-__getattr__ = lazy_getattr(__name__, _HOMES, globals())
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, globals())
