@@ -203,7 +203,7 @@ class SlotActor:
 
     def _max_new(self, n_prompt: int, max_tokens: int | None) -> int:
         n_ctx = self.config.n_ctx_per_slot
-        cap = self.config.max_tokens_cap
+        cap = self.config.max_tokens_limit
         wanted = min(cap, n_ctx - n_prompt) if max_tokens is None else max_tokens
         if wanted < 1 or n_prompt + wanted > n_ctx:
             raise ContextOverflowError(n_prompt, max(wanted, 1), n_ctx)

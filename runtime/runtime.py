@@ -165,9 +165,7 @@ class Runtime:
             ticket.cancel()
         assert self._tg is not None and self._backend is not None
         with anyio.move_on_after(5):  # the cancels take effect at the next step
-            while self._in_flight:
-                drained = self._drained = anyio.Event()
-                await drained.wait()
+            await self._wait_drained()
         self._tg.cancel_scope.cancel()
         await self._tg.__aexit__(None, None, None)  # the body's own exception propagates as is
         for ticket in list(self._in_flight):  # a slot cancelled mid-request, a retry never made
@@ -175,6 +173,39 @@ class Runtime:
                 "error", error=RuntimeClosedError("the runtime closed while this request was served")
             )
         await anyio.to_thread.run_sync(self._backend.close)
+
+    async def drain(self, timeout_s: float, *, cancel_wait_s: float = 5.0) -> int:
+        """Stop admitting and let the running requests finish (a graceful shutdown): new
+        requests and those still in the mailbox are refused with RuntimeClosedError (a 503 with
+        Retry-After over HTTP); the running ones get up to ``timeout_s`` seconds, then are
+        cancelled (their streams end with done_reason ``cancel``, an in-band error over HTTP),
+        and whatever has not ended ``cancel_wait_s`` seconds later is ended with
+        RuntimeClosedError. The runtime stays up (``draining``) until it is left.
+
+        :returns: how many requests were cut short (cancelled or ended).
+        """
+        if self._state != "ready":
+            return 0
+        self._state = "draining"
+        error = RuntimeClosedError("the server is shutting down; retry on another instance or later")
+        for ticket in self._mailbox.close(lambda: error):
+            ticket.finish("error", error=error)
+        log.warning("draining: %d request(s) running, up to %g s", len(self._in_flight), timeout_s)
+        with anyio.move_on_after(timeout_s):
+            await self._wait_drained()
+        cut = list(self._in_flight)
+        for ticket in cut:
+            ticket.cancel()
+        with anyio.move_on_after(cancel_wait_s):
+            await self._wait_drained()
+        for ticket in list(self._in_flight):
+            ticket.finish("error", error=RuntimeClosedError("the server shut down while this request ran"))
+        return len(cut)
+
+    async def _wait_drained(self) -> None:
+        while self._in_flight:
+            drained = self._drained = anyio.Event()
+            await drained.wait()
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -250,7 +281,7 @@ class Runtime:
         return await self.complete(request, admission_timeout_s=admission_timeout_s)
 
     def _check_request(self, request: GenerateRequest | ChatRequest) -> None:
-        cap = self.config.max_tokens_cap
+        cap = self.config.max_tokens_limit
         if request.max_tokens is not None and request.max_tokens > cap:
             raise InvalidRequestError(
                 f"max_tokens is {request.max_tokens:,}; the limit is {cap:,} (max_tokens_cap)"

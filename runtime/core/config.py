@@ -71,8 +71,9 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """CPU threads for decoding; 0 means every core this process may use."""
     n_gpu_layers: int = -1
     """Layers to put on the GPU; -1 means all of them when llama.cpp was built with a GPU."""
-    max_tokens_cap: int = 4096
-    """Upper bound on one request's max_tokens, and its value when a request leaves it unset."""
+    max_tokens_cap: int | None = None
+    """Upper bound on one request's max_tokens, and its value when a request leaves it unset;
+    None: the slot's context (n_ctx_per_slot), the most any request can generate."""
     prefix_cache: bool = True
     """Keep a finished prompt's KV cells and reuse the common prefix for the slot's next one."""
     restart_intensity: int = 3
@@ -96,7 +97,6 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "n_batch": (1, 1 << 16),
             "threads": (0, 1024),
             "n_gpu_layers": (-1, 100_000),
-            "max_tokens_cap": (1, 1 << 20),
             "restart_intensity": (0, 1_000_000),
             "stream_buffer": (1, 1 << 16),
         }
@@ -104,6 +104,10 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ConfigError(f"{name} is {value}; it must be between {low:,} and {high:,}")
+        if self.max_tokens_cap is not None and not 1 <= self.max_tokens_cap <= 1 << 20:
+            raise ConfigError(
+                f"max_tokens_cap is {self.max_tokens_cap}; it must be between 1 and 1,048,576, or unset"
+            )
         if self.slots != "auto" and not 1 <= self.slots <= 1024:
             raise ConfigError(f"slots is {self.slots}; it must be between 1 and 1,024, or 'auto'")
         if self.min_slots > self.max_slots:
@@ -131,6 +135,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     def initial_slots(self) -> int:
         """The slot count to start from before memory is read: ``slots``, or min_slots for auto."""
         return self.min_slots if self.slots == "auto" else self.slots
+
+    @property
+    def max_tokens_limit(self) -> int:
+        """The max_tokens bound in force: ``max_tokens_cap``, or ``n_ctx_per_slot`` when unset."""
+        return self.n_ctx_per_slot if self.max_tokens_cap is None else self.max_tokens_cap
 
     @property
     def n_threads(self) -> int:

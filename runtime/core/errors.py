@@ -103,3 +103,10 @@ class GenerationError(SlotserveError):
 
 class SlotFailedError(GenerationError):
     """The slot serving this request crashed; the request failed, the slot was restarted."""
+
+
+def preview(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for error messages: a message names the
+    offending value without echoing a megabyte of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

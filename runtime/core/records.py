@@ -26,7 +26,7 @@ __all__ = [
     "SupervisorStatistics",
 ]
 
-RuntimeState = Literal["loading", "ready", "failed", "closed"]
+RuntimeState = Literal["loading", "ready", "draining", "failed", "closed"]
 MemorySource = Literal["nvml", "host", "cgroup", "scripted"]
 ResizeReason = Literal["manual", "memory_low", "memory_available", "startup"]
 

@@ -34,7 +34,7 @@ class GaugeSource(Protocol):
         """Called with the runtime's status at each collection, before its families are read."""
 
 
-STATES = ("loading", "ready", "failed")
+STATES = ("loading", "ready", "draining", "failed")
 """The values of ``slotserve_runtime_state``'s ``state`` label."""
 
 _PER_MODEL = {

@@ -26,19 +26,24 @@ from contextlib import asynccontextmanager
 import msgspec
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runtime.core.config import RuntimeConfig
+from runtime.core.errors import preview
 from runtime.metrics import metrics_app
 from runtime.runtime import Runtime
 from runtime.server.context import ServerContext
+from runtime.server.errors import HttpError
 from runtime.server.host import RuntimeHost
 from runtime.server.names import ModelNames
-from runtime.server.ollama_api import OllamaApi
-from runtime.server.openai_api import OpenAIApi
+from runtime.server.ollama_api import OLLAMA_ERRORS, OllamaApi
+from runtime.server.openai_api import OPENAI_ERRORS, OpenAIApi
+from runtime.server.origins import OriginPolicy, binds_loopback
 from runtime.server.settings import ServerSettings
 
 __all__ = ["create_app"]
@@ -76,7 +81,7 @@ def create_app(
             }  # fmt: skip
             return Response(msgspec.json.encode(body), media_type="application/json")
         state, _, reason = problem.partition(": ")
-        headers = {"Retry-After": str(settings.retry_after_s)} if state == "loading" else {}
+        headers = {"Retry-After": str(settings.retry_after_s)} if state in ("loading", "draining") else {}
         problem_body: dict[str, object] = {"status": state}
         if reason:
             problem_body["reason"] = reason
@@ -90,7 +95,7 @@ def create_app(
     routes: list[BaseRoute] = [
         Route("/", root, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
-        Route("/metrics", _AsgiEndpoint(metrics_app(rt))),
+        Route("/metrics", _AsgiEndpoint(metrics_app(rt)), methods=["GET", "HEAD"]),
         *OllamaApi(server).routes(),
         *OpenAIApi(server).routes(),
     ]
@@ -100,9 +105,39 @@ def create_app(
         async with host.running():
             yield
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    policy = Middleware(
+        OriginPolicy,
+        extra_origins=settings.origins.split(","),
+        check_host=binds_loopback(settings.host),
+        refusal=lambda path, message: api_error_body(
+            path, HttpError(status=403, message=message, code="forbidden")
+        ),
+    )
+
+    async def not_routed(request: Request, exc: Exception) -> Response:
+        """Unknown paths (404) and methods (405) in the API's own error shape."""
+        assert isinstance(exc, HTTPException)
+        path = request.url.path
+        message = f"{request.method} {preview(path)}: {exc.detail.lower()}"
+        code = {404: "not_found", 405: "method_not_allowed"}[exc.status_code]
+        body = api_error_body(path, HttpError(status=exc.status_code, message=message, code=code))
+        return Response(body, exc.status_code, headers=dict(exc.headers or {}), media_type="application/json")
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[policy],
+        exception_handlers={404: not_routed, 405: not_routed},
+    )
+    app.router.redirect_slashes = False  # its Location would be built from the client's Host header
     app.state.server = server
     return app
+
+
+def api_error_body(path: str, error: HttpError) -> bytes:
+    """``error`` in the shape of the API that ``path`` belongs to (OpenAI's under /v1/)."""
+    framing = OPENAI_ERRORS if path.startswith("/v1/") else OLLAMA_ERRORS
+    return framing.error(error)
 
 
 class _AsgiEndpoint:

@@ -32,6 +32,7 @@ from runtime.core.errors import (
     QueueFullError,
     RuntimeClosedError,
     RuntimeFailedError,
+    preview,
 )
 
 __all__ = ["HttpError", "http_error", "model_not_found"]
@@ -53,7 +54,7 @@ class HttpError(msgspec.Struct, frozen=True, kw_only=True):
 
 def model_not_found(name: str, served: str) -> HTTPException:
     """The 404 for a request that names a model this server does not serve."""
-    return HTTPException(404, f"model {name!r} not found; this server serves {served!r}")
+    return HTTPException(404, f"model {preview(name)} not found; this server serves {served!r}")
 
 
 def http_error(exc: BaseException, retry_after_s: int) -> HttpError:

@@ -28,7 +28,7 @@ from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
 from runtime.server.ollama_wire import OllamaChatBody, OllamaGenerateBody, chat_request, generate_request
 
-__all__ = ["OllamaApi", "OllamaFraming"]
+__all__ = ["OLLAMA_ERRORS", "OllamaApi", "OllamaFraming"]
 
 _encode = msgspec.json.encode
 
@@ -103,7 +103,7 @@ class OllamaFraming:
         return self.error(error) + b"\n"
 
 
-_ERRORS = OllamaFraming("", chat=False)
+OLLAMA_ERRORS = OllamaFraming("", chat=False)
 
 
 def _framing(*, chat: bool) -> Callable[[OllamaGenerateBody | OllamaChatBody], OllamaFraming]:
@@ -111,7 +111,7 @@ def _framing(*, chat: bool) -> Callable[[OllamaGenerateBody | OllamaChatBody], O
 
 
 _PS_FIELDS = (
-    "state", "backend", "n_ctx_per_slot", "kv_bytes_per_slot", "slots_configured", "slots_effective",
+    "state", "failure", "backend", "n_ctx_per_slot", "kv_bytes_per_slot", "slots_configured", "slots_effective",
     "slots_busy", "queue_depth", "queue_capacity", "requests_admitted", "requests_completed",
     "requests_cancelled", "requests_failed", "requests_rejected", "restarts",
 )  # fmt: skip
@@ -130,11 +130,11 @@ class OllamaApi:
         generate = s.generation(OllamaGenerateBody, self._generate_request, _framing(chat=False))
         chat = s.generation(OllamaChatBody, self._chat_request, _framing(chat=True))
         return [
-            Route("/api/generate", s.guarded(_ERRORS, generate), methods=["POST"]),
-            Route("/api/chat", s.guarded(_ERRORS, chat), methods=["POST"]),
-            Route("/api/tags", s.guarded(_ERRORS, self.tags), methods=["GET"]),
-            Route("/api/ps", s.guarded(_ERRORS, self.ps), methods=["GET"]),
-            Route("/api/version", s.guarded(_ERRORS, self.version), methods=["GET"]),
+            Route("/api/generate", s.guarded(OLLAMA_ERRORS, generate), methods=["POST"]),
+            Route("/api/chat", s.guarded(OLLAMA_ERRORS, chat), methods=["POST"]),
+            Route("/api/tags", s.guarded(OLLAMA_ERRORS, self.tags), methods=["GET"]),
+            Route("/api/ps", s.guarded(OLLAMA_ERRORS, self.ps), methods=["GET"]),
+            Route("/api/version", s.guarded(OLLAMA_ERRORS, self.version), methods=["GET"]),
         ]
 
     def _generate_request(self, body: OllamaGenerateBody) -> GenerateRequest | ChatRequest | Response:
@@ -183,7 +183,7 @@ class OllamaApi:
 
     async def ps(self, request: Request) -> Response:
         """GET /api/ps: the model if it is loaded, with its memory (bytes), and our slots and queue."""
-        if self._server.host.problem() is not None:
+        if self._server.runtime.status().state in ("loading", "closed"):  # nothing loaded
             return Response(_encode({"models": []}), media_type="application/json")
         status = self._server.runtime.status()
         size = status.weights_bytes + status.slots_effective * status.kv_bytes_per_slot

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from runtime.core.errors import InvalidRequestError
+from runtime.core.errors import InvalidRequestError, preview
 from runtime.core.messages import ChatMessage, ChatRequest, GenerateRequest
 
 __all__ = ["OllamaChatBody", "OllamaGenerateBody", "OllamaOptions", "chat_request", "generate_request"]
@@ -128,7 +128,7 @@ _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat
 def _refuse_unsupported(field: str, value: object) -> None:
     if value:
         raise InvalidRequestError(
-            f"{field} is {value!r}; slotserve does not support {field} (leave it unset)"
+            f"{field} is {preview(value)}; slotserve does not support {field} (leave it unset)"
         )
 
 
@@ -143,7 +143,7 @@ def sampling_fields(options: OllamaOptions | None, n_ctx_per_slot: int) -> dict[
         value = getattr(options, name)
         if value != neutral:
             raise InvalidRequestError(
-                f"options.{name} is {value!r}; slotserve supports only {neutral!r} (not implemented)"
+                f"options.{name} is {preview(value)}; slotserve supports only {neutral!r} (not implemented)"
             )
     fields: dict[str, Any] = {k: getattr(options, k) for k in _SAMPLING if getattr(options, k) is not None}
     n = options.num_predict

@@ -24,7 +24,7 @@ from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
 from runtime.server.openai_wire import OpenAIChatBody, OpenAICompletionBody, chat_request, completion_request
 
-__all__ = ["OpenAIApi", "OpenAIFraming"]
+__all__ = ["OPENAI_ERRORS", "OpenAIApi", "OpenAIFraming"]
 
 _encode = msgspec.json.encode
 _DONE = b"data: [DONE]\n\n"
@@ -121,7 +121,7 @@ class OpenAIFraming:
         return b"data: " + self.error(error) + b"\n\n" + _DONE
 
 
-_ERRORS = OpenAIFraming("", chat=True)
+OPENAI_ERRORS = OpenAIFraming("", chat=True)
 
 
 def _framing(*, chat: bool) -> Callable[[OpenAIChatBody | OpenAICompletionBody], OpenAIFraming]:
@@ -142,9 +142,9 @@ class OpenAIApi:
         chat = s.generation(OpenAIChatBody, chat_request, _framing(chat=True))
         completions = s.generation(OpenAICompletionBody, completion_request, _framing(chat=False))
         return [
-            Route("/v1/chat/completions", s.guarded(_ERRORS, chat), methods=["POST"]),
-            Route("/v1/completions", s.guarded(_ERRORS, completions), methods=["POST"]),
-            Route("/v1/models", s.guarded(_ERRORS, self.models), methods=["GET"]),
+            Route("/v1/chat/completions", s.guarded(OPENAI_ERRORS, chat), methods=["POST"]),
+            Route("/v1/completions", s.guarded(OPENAI_ERRORS, completions), methods=["POST"]),
+            Route("/v1/models", s.guarded(OPENAI_ERRORS, self.models), methods=["GET"]),
         ]
 
     async def models(self, request: Request) -> Response:

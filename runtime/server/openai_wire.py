@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from runtime.core.errors import InvalidRequestError
+from runtime.core.errors import InvalidRequestError, preview
 from runtime.core.messages import ChatMessage, ChatRequest, GenerateRequest
 
 __all__ = ["OpenAIChatBody", "OpenAICompletionBody", "chat_request", "completion_request"]
@@ -100,7 +100,7 @@ _SAMPLING = ("temperature", "top_p", "seed", "top_k", "min_p", "repeat_penalty",
 
 
 def _refuse(field: str, value: object, allowed: str) -> None:
-    raise InvalidRequestError(f"{field} is {value!r}; slotserve supports only {allowed}")
+    raise InvalidRequestError(f"{field} is {preview(value)}; slotserve supports only {allowed}")
 
 
 def _sampling(body: _Body) -> dict[str, Any]:

@@ -34,9 +34,27 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """Seconds a refused client is told to wait (``Retry-After`` on 503)."""
     model_name: str | None = None
     """The name the model is served under; default: the GGUF file's name without ``.gguf``."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM or SIGINT: seconds the running requests get to finish before they are ended
+    with an in-band error (new and queued ones get 503 at once). 30 s is Kubernetes' default
+    grace period; Ollama and vLLM end running requests at once."""
+    header_timeout_s: float = 10.0
+    """Seconds a connection may take to send a request's headers before it is closed."""
+    idle_timeout_s: float = 5.0
+    """Seconds an idle keep-alive connection is kept open (uvicorn's keep-alive timeout)."""
+    max_connections: int = 1000
+    """Open connections at most; more are answered 503 and closed. Lowered to the process's
+    open-file limit less 64 when that is smaller."""
+    origins: str = ""
+    """Web origins allowed besides localhost's (comma-separated patterns, ``*`` a wildcard:
+    ``https://app.example.com,chrome-extension://*``); see runtime.server.origins."""
 
     def __post_init__(self) -> None:
-        limits = {"port": (0, 65_535), "max_body_bytes": (1, 1 << 30), "retry_after_s": (0, 3600)}
+        limits = {
+            "port": (0, 65_535), "max_body_bytes": (1, 1 << 30), "retry_after_s": (0, 3600),
+            "drain_timeout_s": (0, 86_400), "header_timeout_s": (0.1, 3600), "idle_timeout_s": (1, 3600),
+            "max_connections": (1, 1 << 20),
+        }  # fmt: skip
         for name, (low, high) in limits.items():
             value = getattr(self, name)
             if not low <= value <= high:
