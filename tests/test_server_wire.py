@@ -208,3 +208,65 @@ def test_any_openai_body_maps_or_is_refused_as_invalid(body: dict[str, Any]) -> 
 @given(st.binary(max_size=64))
 def test_any_bytes_decode_or_are_refused_as_invalid(raw: bytes) -> None:
     _only_invalid_request(lambda: decode_body(raw, OllamaGenerateBody))
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+@settings(max_examples=2_000, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["\ud800", "\udc00", "\ud83d\ude00", "\\", "\\ud800", "a", '"', "\\\\udc00"]),
+        max_size=8,
+    )
+)
+def test_a_lone_surrogate_escape_is_found_exactly(pieces: list[str]) -> None:
+    """Whatever mix of surrogates, real pairs, backslashes and look-alike text: the body is
+    refused exactly when its text holds a lone surrogate (json.dumps writes them as escapes)."""
+    body = json.dumps({"model": "m", "prompt": "".join(pieces)}).encode()
+    text = json.loads(body)["prompt"]  # what JSON says: a high escape then a low one is one pair
+    if _has_lone_surrogate(text):
+        with pytest.raises(InvalidRequestError, match="lone UTF-16 surrogate"):
+            decode_body(body, OllamaGenerateBody)
+    else:
+        assert decode_body(body, OllamaGenerateBody).prompt == text
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+NESTING = st.recursive(
+    st.text(st.sampled_from('[]{}"\\ab'), max_size=6) | st.integers(),
+    lambda inner: (
+        st.lists(inner, max_size=2)
+        | st.dictionaries(st.text(st.sampled_from('[{"\\x'), max_size=3), inner, max_size=2)
+    ),
+    max_leaves=80,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(NESTING, st.integers(0, 70))
+def test_the_depth_limit_counts_brackets_outside_strings_only(value: Any, wrap: int) -> None:
+    """Brackets and quotes inside strings (escaped ones too) do not count; the body is refused
+    exactly when its arrays and objects nest deeper than MAX_JSON_DEPTH."""
+    from runtime.server.body import MAX_JSON_DEPTH
+
+    for _ in range(wrap):
+        value = [value]
+    body = json.dumps({"model": "m", "prompt": "x", "junk": value}).encode()
+    if 1 + _depth(value) > MAX_JSON_DEPTH:
+        with pytest.raises(InvalidRequestError, match=f"the limit is {MAX_JSON_DEPTH}"):
+            decode_body(body, OllamaGenerateBody)
+    else:
+        assert decode_body(body, OllamaGenerateBody).prompt == "x"
