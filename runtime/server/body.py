@@ -72,25 +72,32 @@ def decode_body(body: bytes, kind: type[T]) -> T:
 
 
 _NOT_NUMBERS = re.compile(rb"[:\[,]\s*-?(?:NaN|Infinity)\b")
-_SURROGATE_ESCAPE = re.compile(rb"(\\+)u[dD]([89a-fA-F])[0-9a-fA-F]{2}")
-"""A JSON escape of a UTF-16 surrogate (with the backslashes before it): valid only as the high
-half followed by the low half of a pair."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD]([89a-fA-F])[0-9a-fA-F]{2}")
+"""A JSON escape of a UTF-16 surrogate: valid only as the high half followed by the low half."""
+
+
+def _escaped(body: bytes, at: int) -> bool:
+    """Whether the backslash at ``at`` begins an escape: an even number of backslashes before it
+    (each run of them is read once, by the match that follows it: linear in the body)."""
+    start = at
+    while start > 0 and body[start - 1] == 0x5C:  # a backslash
+        start -= 1
+    return (at - start) % 2 == 0
 
 
 def _check_surrogates(body: bytes) -> None:
     """Refuse a lone surrogate escape: it has no UTF-8 form, so no tokenizer can take it."""
-    if b"\\u" not in body and b"\\U" not in body:
+    if b"\\u" not in body:
         return
-    expect_low_at = -1
+    expect_low_at = -1  # where a high half's low half must begin
     for m in _SURROGATE_ESCAPE.finditer(body):
-        if len(m.group(1)) % 2 == 0:
+        if not _escaped(body, m.start()):
             continue  # an escaped backslash, then the text "uD..."
-        high = m.group(2) in b"89abAB"
-        start = m.end(1) - 1  # the escape's own backslash
-        if expect_low_at >= 0 and (high or start != expect_low_at):
+        high = m.group(1) in b"89abAB"
+        if expect_low_at >= 0 and (high or m.start() != expect_low_at):
             break  # the high half before this one had no low half
-        if not high and expect_low_at != start:
-            expect_low_at = -2
+        if not high and expect_low_at != m.start():
+            expect_low_at = -2  # a low half with no high half before it
             break
         expect_low_at = m.end() if high else -1
     else:
