@@ -62,6 +62,12 @@ async def test_web_pages_of_other_origins_are_refused_and_allowed_ones_get_cors(
         evil_preflight = await client.options(
             "/api/chat", headers={"origin": EVIL, "access-control-request-method": "POST"}
         )
+        upper = await client.options(
+            "/api/chat", headers={"origin": "http://LOCALHOST:3000", "access-control-request-method": "PUT"}
+        )
+        smuggled = await client.post(
+            "/api/generate", json=GEN, headers=[("origin", EVIL), ("origin", "http://localhost")]
+        )
         rebound = await client.post("/api/generate", json=GEN, headers={"host": "evil.example.com"})
         rebound_port = await client.get("/api/tags", headers={"host": "evil.example.com:11434"})
         loopback = await client.get("/api/tags", headers={"host": "localhost:11434"})
@@ -82,6 +88,10 @@ async def test_web_pages_of_other_origins_are_refused_and_allowed_ones_get_cors(
         and preflight.headers["access-control-allow-origin"] == "http://127.0.0.1:5173"
     )
     assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert (
+        upper.status_code == 200 and upper.headers["access-control-allow-origin"] == "http://LOCALHOST:3000"
+    )
+    assert smuggled.status_code == 403
     assert rebound.status_code == 403 and "evil.example.com" in rebound.json()["error"]
     assert rebound_port.status_code == 403 and loopback.status_code == 200
 
@@ -111,9 +121,16 @@ def error_of(response: httpx.Response) -> str:
 
 
 def _raw(sock: socket.socket, data: bytes) -> bytes:
-    sock.sendall(data)
-    sock.settimeout(5)
-    return sock.recv(4096)
+    """Send ``data``, then read until the server closes the connection (or 5 s pass)."""
+    answer = b""
+    try:
+        sock.sendall(data)
+        sock.settimeout(5)
+        while piece := sock.recv(4096):
+            answer += piece
+    except ConnectionResetError:  # closed with bytes of ours unread: closed all the same
+        pass
+    return answer
 
 
 async def test_stalled_and_piled_up_connections_are_bounded() -> None:
@@ -137,6 +154,28 @@ async def test_stalled_and_piled_up_connections_are_bounded() -> None:
     assert refused.startswith(b"HTTP/1.1 503") and b"too many connections" in refused
     assert closed == [b""] * 8
     assert health.status_code == 200
+
+
+async def test_a_slow_body_times_out_and_malformed_http_is_answered_in_json() -> None:
+    limits = ServerSettings(body_timeout_s=0.3)
+    async with open_runtime("fake", slots=1) as rt, serving(create_app(rt, limits), settings=limits) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as slow:
+            head = b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"
+            timed_out = await anyio.to_thread.run_sync(_raw, slow, head)
+        framing = []
+        for bad in (
+            b"Content-Length: abc\r\n",
+            b"Content-Length: 5\r\nContent-Length: 6\r\n",
+            b"Bad Header: x\r\n",
+        ):
+            with socket.create_connection((host, int(port))) as sock:
+                request = b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\n" + bad + b"\r\n"
+                framing.append(await anyio.to_thread.run_sync(_raw, sock, request))
+    assert timed_out.startswith(b"HTTP/1.1 408") and b"body_timeout_s" in timed_out
+    for answer in framing:
+        assert answer.startswith(b"HTTP/1.1 400") and b"application/json" in answer
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"].startswith("invalid HTTP request")
 
 
 def test_at_the_open_file_limit_the_log_stays_small_and_the_server_recovers(tmp_path: Path) -> None:
@@ -231,15 +270,24 @@ async def test_shutdown_drains_then_ends_what_is_left_with_an_in_band_error() ->
             await wait_until(lambda: rt.status().slots_busy == 2)
             tg.start_soon(stream, "queued", short)
             await wait_until(lambda: rt.status().queue_depth == 1)
+            host, port = url.removeprefix("http://").split(":")
+            mid_body = socket.create_connection((host, int(port)))
+            head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99\r\n\r\n{"
+            mid_body.sendall(head)
+            await anyio.sleep(0.05)
             stopped = time.monotonic()
             stop.set()
             await wait_until(lambda: rt.status().state == "draining")
             await stream("after", short)
+            cut_body = await anyio.to_thread.run_sync(_raw, mid_body, b"")
+            mid_body.close()
         gone_s = time.monotonic() - stopped
         await client.aclose()
     assert results["queued"][0] == 503 and results["queued"][1] == "1"
     assert "shutting down" in json.loads(results["queued"][2][0])["error"]
-    assert results["after"][0] == 503 and "draining" in json.loads(results["after"][2][0])["error"]
+    assert results["after"][0] == 503 and "shutting down" in json.loads(results["after"][2][0])["error"]
+    assert cut_body.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in cut_body.lower()
+    assert json.loads(cut_body.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "unavailable"  # OpenAI's shape
     short_end = json.loads(results["short"][2][-1])
     assert results["short"][0] == 200 and short_end["done"] and short_end["eval_count"] == 30
     long_lines = [json.loads(line) for line in results["long"][2]]

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import anyio
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from runtime.core.errors import RuntimeClosedError
 from runtime.core.messages import ChatRequest, GenerateRequest
 from runtime.runtime import Runtime
 from runtime.server.body import decode_body, read_body
@@ -52,6 +54,8 @@ class ServerContext:
     names: ModelNames
     created_s: int = field(default_factory=lambda: int(time.time()))
     """Unix time (seconds) the app was made; OpenAI's ``created`` of the model."""
+    _reading: set[anyio.CancelScope] = field(default_factory=set)
+    _stopping: bool = False
 
     @property
     def runtime(self) -> Runtime:
@@ -61,13 +65,39 @@ class ServerContext:
     async def read(self, request: Request, kind: type[T]) -> T:
         """The request body decoded into ``kind``.
 
-        :raises HTTPException: 413 if the body is over ``max_body_bytes``.
+        :raises HTTPException: 413 if the body is over ``max_body_bytes``; 408 if it did not
+            arrive within ``body_timeout_s``.
+        :raises RuntimeClosedError: if the server is stopping (before or while the body arrives).
         :raises InvalidRequestError: if it is empty, not JSON, or of the wrong shape.
         """
-        body = await read_body(request, self.settings.max_body_bytes)
+        body = await self._receive(request)
         if len(body) <= _DECODE_ON_LOOP_BYTES:
             return decode_body(body, kind)
         return await anyio.to_thread.run_sync(decode_body, body, kind)  # up to ~0.1 s a MiB: not on the loop
+
+    async def _receive(self, request: Request) -> bytes:
+        timeout_s = self.settings.body_timeout_s
+        if self._stopping:
+            raise RuntimeClosedError("the server is shutting down; retry on another instance or later")
+        with anyio.CancelScope() as scope:
+            self._reading.add(scope)
+            try:
+                with anyio.fail_after(timeout_s):
+                    return await read_body(request, self.settings.max_body_bytes)
+            except TimeoutError:
+                message = f"the request body did not arrive within {timeout_s:g} s (body_timeout_s)"
+                raise HTTPException(
+                    408, message, headers={"Connection": "close"}
+                ) from None  # the rest is unread
+            finally:
+                self._reading.discard(scope)
+        raise RuntimeClosedError("the server is shutting down; retry on another instance or later")
+
+    def stop_reading(self) -> None:
+        """The server is stopping: bodies still arriving are answered 503, new ones at once."""
+        self._stopping = True
+        for scope in list(self._reading):
+            scope.cancel()
 
     def check(self, model: str) -> None:
         """Check that the runtime takes requests and that ``model`` names the served model.

@@ -39,7 +39,10 @@ __all__ = ["HttpError", "http_error", "model_not_found"]
 
 log = logging.getLogger("slotserve.server")
 
-_CODES = {400: "invalid_request", 404: "model_not_found", 405: "method_not_allowed", 413: "body_too_large"}
+_CODES = {
+    400: "invalid_request", 404: "model_not_found", 405: "method_not_allowed", 408: "request_timeout",
+    413: "body_too_large",
+}  # fmt: skip
 
 
 class HttpError(msgspec.Struct, frozen=True, kw_only=True):

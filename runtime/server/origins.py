@@ -39,7 +39,9 @@ DEFAULT_ORIGINS = (
 def origin_pattern(patterns: Iterable[str]) -> re.Pattern[str]:
     """One case-insensitive regex matching any of ``patterns`` (``*`` matches anything)."""
     parts = [fnmatch.translate(p.strip().rstrip("/")) for p in patterns if p.strip()]
-    return re.compile("|".join(f"(?:{p})" for p in parts) or "(?!)", re.IGNORECASE)
+    return re.compile(
+        "(?i)" + ("|".join(f"(?:{p})" for p in parts) or "(?!)")
+    )  # the flag travels in the text
 
 
 def binds_loopback(bind_host: str) -> bool:
@@ -92,7 +94,7 @@ class OriginPolicy:
         self._cors = CORSMiddleware(
             app,
             allow_origin_regex=self._allowed.pattern,
-            allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
+            allow_methods=["*"],  # a method a route lacks is its 405, in the API's shape
             allow_headers=["*"],
             max_age=600,
         )
@@ -106,22 +108,25 @@ class OriginPolicy:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        host = headers.get(b"host", b"").decode("latin-1")
-        origin = headers.get(b"origin")
+        host, origins = "", []
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value.decode("latin-1")
+            elif name == b"origin":
+                origins.append(value.decode("latin-1"))
         if self._check_host and host and not is_loopback_name(_host_name(host)):
             await self._refuse(
                 scope, send, f"host {preview(host)} is not this machine's loopback name; refused"
             )
             return
-        if origin is None:
+        if not origins:
             await self._app(scope, receive, send)
             return
-        text = origin.decode("latin-1")
-        if not self.allowed(text):
-            why = f"origin {preview(text)} is not allowed; add it to the origins setting (SLOTSERVE_ORIGINS)"
-            await self._refuse(scope, send, why)
-            return
+        for origin in origins:  # each one: two Origin headers must not smuggle one past
+            if not self.allowed(origin):
+                why = f"origin {preview(origin)} is not allowed; add it to the origins setting (SLOTSERVE_ORIGINS)"
+                await self._refuse(scope, send, why)
+                return
         await self._cors(scope, receive, send)
 
     async def _refuse(self, scope: Scope, send: Send, message: str) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import anyio
 import h11
+import msgspec
 import uvicorn
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
@@ -101,6 +102,19 @@ def _protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol
             elif not waiting and self._headers_timer is not None:
                 self._headers_timer.cancel()
                 self._headers_timer = None
+
+        def send_400_response(self, msg: str) -> None:
+            """A malformed request (bad framing, two Content-Lengths, no Host): 400 in JSON."""
+            body = msgspec.json.encode({"error": f"invalid HTTP request: {msg.rstrip('.')}"}) + b"\n"
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (
+                h11.Response(status_code=400, headers=headers),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
+                with contextlib.suppress(h11.LocalProtocolError):
+                    self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def _headers_late(self) -> None:
             self._headers_timer = None
@@ -188,6 +202,7 @@ async def serve_app(
 
     async def stop_gracefully() -> None:
         await stop.wait()
+        app.state.server.stop_reading()  # bodies still arriving: 503 now, not a cut connection later
         cut = await app.state.server.runtime.drain(settings.drain_timeout_s)
         log.info("drained: %d request(s) cut short; closing the connections", cut)
         server.should_exit = True

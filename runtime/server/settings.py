@@ -40,6 +40,8 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     grace period; Ollama and vLLM end running requests at once."""
     header_timeout_s: float = 10.0
     """Seconds a connection may take to send a request's headers before it is closed."""
+    body_timeout_s: float = 30.0
+    """Seconds a request body may take to arrive once its headers are in; then 408."""
     idle_timeout_s: float = 5.0
     """Seconds an idle keep-alive connection is kept open (uvicorn's keep-alive timeout)."""
     max_connections: int = 1000
@@ -52,7 +54,7 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     def __post_init__(self) -> None:
         limits = {
             "port": (0, 65_535), "max_body_bytes": (1, 1 << 30), "retry_after_s": (0, 3600),
-            "drain_timeout_s": (0, 86_400), "header_timeout_s": (0.1, 3600), "idle_timeout_s": (1, 3600),
+            "drain_timeout_s": (0, 86_400), "header_timeout_s": (0.1, 3600), "body_timeout_s": (0.1, 3600), "idle_timeout_s": (1, 3600),
             "max_connections": (1, 1 << 20),
         }  # fmt: skip
         for name, (low, high) in limits.items():
