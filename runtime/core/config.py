@@ -47,7 +47,8 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ``refuse`` to start (ConfigError naming the bytes needed and available)."""
     memory_source: Literal["auto", "host", "nvml", "none"] = "auto"
     """Where free memory is read: ``auto`` is NVML when layers are on a GPU, else the host
-    (psutil, bounded by the cgroup v2 limit); ``none`` turns memory-driven sizing off."""
+    (psutil, bounded by the cgroup v2 limits of this process's own cgroup and those above it);
+    ``none`` turns memory-driven sizing off."""
     memory_headroom_fraction: float = 0.10
     """Fraction of the device's memory kept free."""
     memory_headroom_bytes: int = 256 << 20

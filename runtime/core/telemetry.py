@@ -20,6 +20,7 @@ __all__ = ["CgroupHostProbe", "MemoryProbe", "NvmlProbe", "ScriptedProbe"]
 
 log = logging.getLogger("slotserve.telemetry")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+SELF_CGROUP = Path("/proc/self/cgroup")
 
 
 class MemoryProbe(Protocol):
@@ -40,22 +41,42 @@ class _WarnOnce:
 
 
 class CgroupHostProbe:
-    """Host memory: psutil's available memory, bounded by the cgroup v2 limit when there is one
-    (``memory.max`` - ``memory.current``), so a container's limit is respected."""
+    """Host memory: psutil's available memory, bounded by the cgroup v2 limits of this process's
+    own cgroup (its path from ``/proc/self/cgroup``) and of every cgroup above it
+    (``memory.max`` - ``memory.current``, the tightest wins), so a container's limit and a limit
+    set on a sub-cgroup outside a container are both respected."""
 
-    def __init__(self, cgroup_root: Path = CGROUP_ROOT) -> None:
+    def __init__(self, cgroup_root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> None:
         self._root = cgroup_root
+        self._self = self_cgroup
         self._warn = _WarnOnce()
 
-    def _cgroup(self) -> tuple[int, int] | None:
-        """(limit, usage) in bytes from cgroup v2, or None where no limit is set."""
+    def _own_dirs(self) -> list[Path]:
+        """This process's cgroup folder, then each one above it up to the root."""
+        relative = ""
         try:
-            raw = (self._root / "memory.max").read_text().strip()
-            if raw == "max":
-                return None
-            return int(raw), int((self._root / "memory.current").read_text())
-        except (OSError, ValueError):
-            return None
+            for line in self._self.read_text().splitlines():
+                if line.startswith("0::"):  # the cgroup v2 line
+                    relative = line[3:].strip().strip("/")
+        except OSError:
+            pass
+        parts = [p for p in relative.split("/") if p not in ("", ".", "..")]
+        return [self._root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+    def _cgroup(self) -> tuple[int, int] | None:
+        """(limit, usage) in bytes of the tightest cgroup v2 limit, or None where none is set."""
+        tightest: tuple[int, int] | None = None
+        for folder in self._own_dirs():
+            try:
+                raw = (folder / "memory.max").read_text().strip()
+                if raw == "max":
+                    continue
+                limit, usage = int(raw), int((folder / "memory.current").read_text())
+            except (OSError, ValueError):
+                continue
+            if tightest is None or limit - usage < tightest[0] - tightest[1]:
+                tightest = (limit, usage)
+        return tightest
 
     def read(self) -> MemoryReading | None:
         try:
