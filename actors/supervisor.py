@@ -28,7 +28,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from actors.model import ModelActor
 from actors.slot import SlotActor
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import SlotFailedError
+from runtime.core.errors import ResizeFailedError, SlotFailedError
 from runtime.core.events import Observers
 from runtime.core.mailbox import Mailbox
 from runtime.core.policies import backoff_s, headroom_bytes, resize_due, restart_allowed, target_slots
@@ -203,7 +203,13 @@ class Supervisor:
                 await self._stopped[slot].wait()
                 self.model.end(slot)
             drain_s = time.perf_counter() - drain_start if slots < old else 0.0
-            pause_s, carried = await self.model.resize(slots)
+            try:
+                pause_s, carried = await self.model.resize(slots)
+            except ResizeFailedError as exc:
+                return await self._resize_failed(old, slots, reason, drain_s, exc)
+            except Exception as exc:  # not even the old count could be built again
+                self._give_up(f"resizing from {old} to {slots} slots lost the context: {exc!r}")
+                raise
             record = ResizeRecord(
                 from_slots=old,
                 to_slots=slots,
@@ -223,6 +229,32 @@ class Supervisor:
                 old, slots, reason, drain_s, pause_s, carried,
             )  # fmt: skip
             return record
+
+    async def _resize_failed(
+        self, old: int, slots: int, reason: ResizeReason, drain_s: float, exc: ResizeFailedError
+    ) -> ResizeRecord:
+        """The backend serves on at ``old``: record why, and bring back the slots retired for it."""
+        assert self._tg is not None
+        record = ResizeRecord(
+            from_slots=old, to_slots=old, reason=reason, pause_s=0.0, drain_s=drain_s, carried_bytes=0,
+            error=str(exc),
+        )  # fmt: skip
+        self._resizes.append(record)
+        self._last_resize_s = time.monotonic()  # the cooldown holds before the next try
+        self._target = old
+        for slot in range(slots, old):
+            await self._tg.start(self._supervise_slot, slot)
+        log.error(
+            "resizing from %d to %d slots (%s) failed: %s; serving on with %d", old, slots, reason, exc, old
+        )
+        return record
+
+    def _give_up(self, reason: str) -> None:
+        """The runtime cannot serve any more (the context is gone)."""
+        if self.failure is None:
+            self.failure = reason
+            log.critical("runtime failed: %s", reason)
+            self._on_failed(reason)
 
     def fit(self, reading: MemoryReading) -> int:
         """The slot count that ``reading`` calls for (see runtime.core.policies.target_slots):
@@ -250,7 +282,10 @@ class Supervisor:
             self._target = target if not self._resize_lock.locked() else self._target
             now = time.monotonic()
             if resize_due(target, self._n, self._last_resize_s, now, self.config.resize_cooldown_s):
-                await self.resize(target, "memory_low" if target < self._n else "memory_available")
+                try:
+                    await self.resize(target, "memory_low" if target < self._n else "memory_available")
+                except Exception:  # the runtime has failed (see resize); the watch ends, nothing escapes
+                    return
 
     def statistics(self) -> SupervisorStatistics:
         """A snapshot of the slots, restarts, resizes and the last memory reading."""

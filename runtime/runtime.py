@@ -32,6 +32,7 @@ from runtime.core.errors import (
     ConfigError,
     InvalidRequestError,
     QueueFullError,
+    ResizeFailedError,
     RuntimeClosedError,
     RuntimeFailedError,
 )
@@ -121,7 +122,12 @@ class Runtime:
         pause_s = 0.0
         if slots != backend.info.n_seq_max:
             resized = time.perf_counter()
-            await anyio.to_thread.run_sync(backend.resize, slots)
+            try:
+                await anyio.to_thread.run_sync(backend.resize, slots)
+            except ResizeFailedError as exc:  # memory said yes, the device said no: serve what was built
+                log.warning("a context of %d slots could not be built (%s); starting with %d", slots, exc,
+                            backend.info.n_seq_max)  # fmt: skip
+                slots = backend.info.n_seq_max
             pause_s = time.perf_counter() - resized
         self._slots_configured = slots if cfg.slots == "auto" else cfg.slots
         startup: tuple[ResizeRecord, ...] = ()
@@ -392,7 +398,9 @@ class Runtime:
         """Change the slot count by hand, live: weights kept, no request dropped or changed.
 
         Shrinking waits for the retired slots to finish the requests they hold.
-        :returns: what was done (pause and drain in seconds), or None if ``slots`` is current.
+        :returns: what was done (pause and drain in seconds), or None if ``slots`` is current;
+            if no context of ``slots`` could be built, a record whose ``error`` says why (the old
+            count serves on).
         :raises ConfigError: if ``slots`` is outside 1..1,024.
         :raises RuntimeClosedError: if the runtime is not ready.
         """

@@ -16,13 +16,13 @@ from tests.helpers import BACKENDS, PROMPTS, greedy, open_runtime, require_backe
 
 MiB = 1 << 20
 KV = MiB  # the fake backend's KV bytes per slot
-NO_HEADROOM = {"memory_headroom_fraction": 0.0, "memory_headroom_bytes": 0}
+NO_HEADROOM: dict[str, Any] = {"memory_headroom_fraction": 0.0, "memory_headroom_bytes": 0}
 
 
 def fake_runtime(
     probe: ScriptedProbe, registry: CollectorRegistry | None = None, **config: object
 ) -> Runtime:
-    cfg = RuntimeConfig(backend="fake", **{**NO_HEADROOM, **config})  # type: ignore[arg-type]
+    cfg = RuntimeConfig(backend="fake", **{**NO_HEADROOM, **config})
     return Runtime(cfg, backend=FakeBackend(n_seq_max=1), probe=probe, registry=registry)
 
 
@@ -153,3 +153,50 @@ async def test_resize_under_load_keeps_every_request_exact(kind: str) -> None:
         assert b is not None and b.done_reason == a.done_reason, i
         assert b.token_ids == a.token_ids, f"request {i} changed across the resize"
     assert status.slots_effective == 2 and status.requests_failed == 0 and status.requests_cancelled == 0
+
+
+async def test_a_resize_that_cannot_build_serves_on_at_the_old_count() -> None:
+    """Growing past what fits (the fake refuses more than 2 sequences, as a GPU out of memory):
+    the runtime serves on at 2, the requests running meanwhile are exact, the failure is in
+    status(), and a memory-driven grow that fails never escapes the runtime's block."""
+    cfg = RuntimeConfig(backend="fake", slots=2, n_ctx_per_slot=512, resize_interval_s=0)
+    backend = FakeBackend(n_seq_max=2, n_ctx_per_slot=512, step_delay_s=0.002, resize_fails_above=2)
+    async with Runtime(cfg, backend=backend) as rt:
+        solo = await rt.complete(greedy(PROMPTS[0], max_tokens=40))
+        running = rt.generate(greedy(PROMPTS[0], max_tokens=40))
+        record = await rt.resize(4)
+        during = await running.collect()
+        after = await rt.complete(greedy(PROMPTS[1], max_tokens=5))
+        status = rt.status()
+    assert record is not None and record.error is not None and "resize_fails_above" in record.error
+    assert (record.from_slots, record.to_slots) == (2, 2)
+    assert during.token_ids == solo.token_ids and after.stats.completion_tokens == 5
+    assert (status.state, status.slots_effective, status.slots_target) == ("ready", 2, 2)
+    assert status.last_resize is not None and status.last_resize.error == record.error
+
+    probe = ScriptedProbe(free_bytes=64 * KV)  # room for 8: the watch tries to grow, and fails
+    cfg = RuntimeConfig(
+        backend="fake", slots="auto", min_slots=1, max_slots=8, resize_interval_s=0.01, resize_cooldown_s=0.05,
+        **NO_HEADROOM,
+    )  # fmt: skip
+    async with Runtime(cfg, backend=FakeBackend(n_seq_max=1, resize_fails_above=2), probe=probe) as rt:
+        await wait_until(lambda: rt.status().resizes >= 2, 10)
+        served = await rt.complete(greedy("still serving", max_tokens=3))
+        watched = rt.status()
+    assert served.stats.completion_tokens == 3 and watched.state == "ready"
+    assert watched.last_resize is not None and watched.last_resize.error is not None
+
+
+async def test_llama_cpp_asked_for_an_impossible_context_serves_on() -> None:
+    """llama.cpp refuses more than 256 sequences in a context: the old one serves on, with the
+    cells of a finished prompt carried back (the next request reuses its prefix)."""
+    require_backend("llama_cpp")
+    async with open_runtime("llama_cpp", slots=1, n_ctx_per_slot=256) as rt:
+        first = await rt.complete(greedy(PROMPTS[2], max_tokens=8))
+        record = await rt.resize(300)
+        again = await rt.complete(greedy(PROMPTS[2], max_tokens=8))
+        status = rt.status()
+    assert record is not None and record.error is not None and "300 x 256 tokens" in record.error
+    assert (record.from_slots, record.to_slots) == (1, 1)
+    assert again.token_ids == first.token_ids and again.stats.prompt_tokens_cached > 0
+    assert (status.state, status.slots_effective) == ("ready", 1)

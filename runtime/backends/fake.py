@@ -21,6 +21,7 @@ import numpy as np
 
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
 from runtime.backends.chat_template import ChatTemplate
+from runtime.core.errors import ResizeFailedError
 
 __all__ = ["EOS", "FakeBackend", "InjectedFault"]
 
@@ -43,6 +44,8 @@ class FakeBackend:
     :param step_delay_s: seconds each step sleeps, as if computing.
     :param fault_prompts: prompts whose sequence fails (InjectedFault on its own row only)
         when it samples its ``fault_after``-th token.
+    :param resize_fails_above: a resize to more sequences than this raises ResizeFailedError
+        and changes nothing (as a context too big for the GPU's memory).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class FakeBackend:
         kv_bytes_per_slot: int = 1 << 20,
         fault_prompts: Sequence[str] = (),
         fault_after: int = 2,
+        resize_fails_above: int | None = None,
     ) -> None:
         self.pieces: list[bytes] = [b""] + [bytes([b]) for b in range(256)] + list(extra_pieces)
         self.eog_tokens = frozenset({EOS})
@@ -78,6 +82,7 @@ class FakeBackend:
             gpu_layers=0,
         )
         self.step_delay_s = step_delay_s
+        self.resize_fails_above = resize_fails_above
         self.fault_after = fault_after
         self._scripts = {tuple(self._encode(p)): list(s) for p, s in (scripts or {}).items()}
         self._faults = [tuple(self._encode(p)) for p in fault_prompts]
@@ -169,6 +174,8 @@ class FakeBackend:
         self._touch()
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
+        if self.resize_fails_above is not None and n_seq > self.resize_fails_above:
+            raise ResizeFailedError(f"no context of {n_seq} sequences fits (resize_fails_above)")
         for seq_id in [s for s in self._cells if s >= n_seq]:
             del self._cells[seq_id], self._hashes[seq_id]
         self.info = msgspec.structs.replace(self.info, n_seq_max=n_seq)

@@ -23,7 +23,7 @@ import numpy as np
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult, special_token_pattern
 from runtime.backends.chat_template import ChatTemplate
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import ModelLoadError
+from runtime.core.errors import ModelLoadError, ResizeFailedError
 
 __all__ = ["LlamaCppBackend"]
 
@@ -205,29 +205,60 @@ class LlamaCppBackend:
         the KV cells of sequences ``0 .. min(old, new) - 1`` across (llama_state_seq_get_data /
         llama_state_seq_set_data); the cells of sequences from ``n_seq`` on are dropped.
 
+        The new context is built beside the old one where memory allows, else in its place; if
+        neither builds, a context of the old count is built again and its sequences restored.
+
         :returns: bytes of sequence state carried.
-        :raises ModelLoadError: if the new context cannot be created (the old one is gone).
+        :raises ResizeFailedError: if no context of ``n_seq`` could be built (the old count
+            serves on, its sequences carried back).
+        :raises ModelLoadError: if not even the old count could be built again (the context
+            is lost).
         :raises RuntimeError: if a sequence's state could not be restored.
         """
         old = self.info.n_seq_max
+        saved = self._save_states(min(old, n_seq))
+        old_ctx = self._ctx
+        try:
+            self._create_context(n_seq)  # beside the old one
+        except ModelLoadError:
+            self._ctx = None
+            llama.llama_free(old_ctx)
+            old_ctx = None
+            try:
+                self._create_context(n_seq)  # in its place
+            except ModelLoadError as exc:
+                self._create_context(old)  # back to what served (raises if even that fails)
+                self._restore(saved, old, old)
+                raise ResizeFailedError(str(exc)) from None
+        if old_ctx is not None:
+            llama.llama_free(old_ctx)
+        return self._restore(saved, old, n_seq)
+
+    def _save_states(self, n: int) -> list[tuple[int, bytes]]:
+        """The KV state of each non-empty sequence below ``n``, as llama.cpp writes it."""
         states: list[tuple[int, bytes]] = []
-        for seq in range(min(old, n_seq)):
+        for seq in range(n):
             if self.seq_cells(seq) == 0:
                 continue
             size = llama.llama_state_seq_get_size(self._ctx, seq)
             buf = (ctypes.c_uint8 * size)()
-            n = llama.llama_state_seq_get_data(self._ctx, buf, size, seq)
-            states.append((seq, restream(bytes(buf)[:n], seq, old, n_seq)))
-        llama.llama_free(self._ctx)
-        self._ctx = None
-        self._create_context(n_seq)
-        for seq, state in states:
+            written = llama.llama_state_seq_get_data(self._ctx, buf, size, seq)
+            states.append((seq, bytes(buf)[:written]))
+        return states
+
+    def _restore(self, saved: list[tuple[int, bytes]], n_old: int, n_new: int) -> int:
+        """Put ``saved`` (from a context of ``n_old`` sequences) into the current one of
+        ``n_new``; returns the bytes carried."""
+        carried = 0
+        for seq, raw in saved:
+            state = restream(raw, seq, n_old, n_new)
             src = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
             if llama.llama_state_seq_set_data(self._ctx, src, len(state), seq) != len(state):
                 raise RuntimeError(
                     f"could not restore sequence {seq} ({len(state)} bytes) into the new context"
                 )
-        return sum(len(s) for _, s in states)
+            carried += len(state)
+        return carried
 
     # -- model facts ---------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@
     │   └── ContextOverflowError  prompt + max_tokens do not fit the slot's context
     ├── QueueFullError            the mailbox is full (admission refused)
     ├── ModelLoadError            the weights could not be found or loaded
+    │   └── ResizeFailedError     a new context could not be built; the old count serves on
     ├── RuntimeClosedError        the runtime is not running (not started, closing or closed)
     │   └── RuntimeFailedError    too many restarts within the restart period
     └── GenerationError           a request failed after admission
@@ -25,6 +26,7 @@ __all__ = [
     "InvalidRequestError",
     "ModelLoadError",
     "QueueFullError",
+    "ResizeFailedError",
     "RuntimeClosedError",
     "RuntimeFailedError",
     "SlotFailedError",
@@ -87,6 +89,11 @@ class QueueFullError(SlotserveError):
 
 class ModelLoadError(SlotserveError):
     """The model file is missing or the backend could not load it."""
+
+
+class ResizeFailedError(ModelLoadError):
+    """A context of the new slot count could not be built (out of memory, most often on a GPU);
+    the backend serves on at the old count, its sequences carried back."""
 
 
 class RuntimeClosedError(SlotserveError):

@@ -104,6 +104,8 @@ class ResizeRecord(msgspec.Struct, frozen=True, kw_only=True):
     drain_s: float
     """Seconds the retiring slots took to finish their requests (shrinking only)."""
     carried_bytes: int
+    error: str | None = None
+    """Why it failed, if it did: then ``to_slots`` is the count that serves on (``from_slots``)."""
 
 
 class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
