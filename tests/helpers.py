@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import anyio
 import pytest
 
-from runtime import ChatMessage, ChatRequest, GenerateRequest, Runtime, RuntimeConfig
+from runtime import ChatMessage, ChatRequest, Completion, GenerateRequest, Runtime, RuntimeConfig
 from runtime.backends.fake import FakeBackend
 
 BACKENDS = ["fake", "llama_cpp", "ctransformers"]
@@ -129,3 +129,20 @@ async def wait_until(predicate: Callable[[], object], timeout_s: float = 60.0) -
     with anyio.fail_after(timeout_s):
         while not predicate():
             await anyio.sleep(0.001)
+
+
+async def complete_all(
+    rt: Runtime, requests: list[GenerateRequest], stagger_s: float = 0.0
+) -> list[Completion]:
+    """Every request at once (started ``stagger_s`` seconds apart); their answers in order."""
+    results: list[Completion | None] = [None] * len(requests)
+
+    async def one(i: int) -> None:
+        results[i] = await rt.complete(requests[i])
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(requests)):
+            tg.start_soon(one, i)
+            if stagger_s:
+                await anyio.sleep(stagger_s)
+    return [r for r in results if r is not None]

@@ -14,7 +14,7 @@ from runtime import (
     Runtime,
     decode_request,
 )
-from tests.helpers import BACKENDS, PROMPTS, chat, greedy, open_runtime, wait_until
+from tests.helpers import BACKENDS, PROMPTS, chat, complete_all, greedy, open_runtime, wait_until
 
 pytestmark = pytest.mark.parametrize("kind", BACKENDS)
 
@@ -29,15 +29,7 @@ async def test_isolation_under_continuous_batching(kind: str) -> None:
     requests = [greedy(p, max_tokens=12 + 3 * i) for i, p in enumerate(PROMPTS)]
     async with open_runtime(kind, slots=4, prefix_cache=False) as rt:
         alone = [await solo(rt, r) for r in requests]
-        together: list[Completion | None] = [None] * len(requests)
-
-        async def run(i: int) -> None:
-            together[i] = await rt.complete(requests[i])
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(requests)):
-                tg.start_soon(run, i)
-                await anyio.sleep(0.003)
+        together = await complete_all(rt, requests, stagger_s=0.003)
         stats = rt.statistics().model
     for i, (a, b) in enumerate(zip(alone, together, strict=True)):
         assert b is not None

@@ -4,28 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
-
-from runtime import Completion, GenerateRequest, Runtime
-from tests.helpers import PROMPTS, open_runtime
+from runtime import GenerateRequest
+from tests.helpers import PROMPTS, complete_all, open_runtime
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 
 
 def sampled(seed: int, **fields: Any) -> GenerateRequest:
     return GenerateRequest(**{"prompt": PROMPT, "max_tokens": 24, "temperature": 0.8, "seed": seed, **fields})
-
-
-async def _together(rt: Runtime, requests: list[GenerateRequest]) -> list[Completion]:
-    results: list[Completion | None] = [None] * len(requests)
-
-    async def one(i: int) -> None:
-        results[i] = await rt.complete(requests[i])
-
-    async with anyio.create_task_group() as tg:
-        for i in range(len(requests)):
-            tg.start_soon(one, i)
-    return [r for r in results if r is not None]
 
 
 async def test_a_seed_gives_the_same_text_alone_and_in_a_batch_and_seeds_differ() -> None:
@@ -36,7 +22,7 @@ async def test_a_seed_gives_the_same_text_alone_and_in_a_batch_and_seeds_differ(
             GenerateRequest(prompt=p, max_tokens=24, temperature=0.8, seed=i)
             for i, p in enumerate(PROMPTS[:3])
         ]
-        batch = await _together(rt, [sampled(7), *others])
+        batch = await complete_all(rt, [sampled(7), *others])
         seeds = [await rt.complete(sampled(seed)) for seed in (1, 2, 3)]
     assert alone.token_ids == again.token_ids
     assert batch[0].token_ids == alone.token_ids  # beside three other sampled sequences
