@@ -171,10 +171,10 @@ class Supervisor:
         allowed = restart_allowed(self._restarts, now, cfg.restart_intensity, cfg.restart_period_s)
         recent = sum(1 for t in self._restarts if now - t < cfg.restart_period_s)
         self._restarts.append(now)
-        if not allowed and self.failure is None:
-            self.failure = f"more than {cfg.restart_intensity} restarts within {cfg.restart_period_s:g} s; the last: {reason}"
-            log.critical("runtime failed: %s", self.failure)
-            self._on_failed(self.failure)
+        if not allowed:
+            self._give_up(
+                f"more than {cfg.restart_intensity} restarts within {cfg.restart_period_s:g} s; the last: {reason}"
+            )
         if not allowed or self.failure is not None:
             return False
         await anyio.sleep(backoff_s(recent + 1, cfg.restart_backoff_s, cfg.restart_backoff_max_s, self._rng))
@@ -250,7 +250,8 @@ class Supervisor:
         return record
 
     def _give_up(self, reason: str) -> None:
-        """The runtime cannot serve any more (the context is gone)."""
+        """The runtime cannot serve any more (too many restarts, or the context is gone): record
+        the first reason and tell the Runtime once."""
         if self.failure is None:
             self.failure = reason
             log.critical("runtime failed: %s", reason)

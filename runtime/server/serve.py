@@ -149,8 +149,7 @@ class _Repeats:
     """An event-loop exception handler that logs each kind of message once per interval (the
     accept loop fails thousands of times a second at the open-file limit)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         self._last: dict[str, float] = {}
         self._dropped: dict[str, int] = {}
 
@@ -198,7 +197,7 @@ async def serve_app(
         log.warning("bound to %s: anyone who reaches this host may use the model", settings.host)
     loop = asyncio.get_running_loop()
     previous = loop.get_exception_handler()
-    loop.set_exception_handler(_Repeats(loop))
+    loop.set_exception_handler(_Repeats())
 
     async def stop_gracefully() -> None:
         await stop.wait()
