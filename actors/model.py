@@ -1,29 +1,45 @@
 """ModelActor: owns the backend (weights + context) and runs the step loop.
 
-Every step, the scheduler (actors.scheduler) packs the pending tokens of all busy sequences into
-one batch (continuous batching); the batch is decoded and sampled in the worker thread (one
-at a time, so one thread touches the context). While the worker decodes a step, the step loop
-hands the previous step's tokens to the slots' sinks (actors.sink), which turn them into text
-and stream it; a sink ends its sequence early (stop string, cancel) at the next step boundary.
+The step loop runs on the ModelActor's worker thread and never waits for the event loop:
+plan a step (actors.scheduler: the pending tokens of all busy sequences in one batch),
+decode and sample it, advance the sequences, plan the next one, back to back. It is the one
+thread that touches the context and the scheduler. The event loop reaches it through an
+inbox of commands (new jobs, ends, cancels, resizes), applied between two steps; it gets the
+steps' tokens in bulk (one wake-up for all the steps finished since the last) and hands them
+to the slots' sinks (actors.sink), which turn them into text and stream it while the next
+steps decode. A sink ends its sequence (a stop string, a cancel) through the inbox; the step
+loop runs at most :data:`MAX_AHEAD` steps ahead of the sinks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import anyio
 
 from actors.scheduler import Delivery, Scheduler, SequenceJob, StepBatch
 from actors.worker import WorkerThread
-from runtime.backends.base import Backend, StepResult
+from runtime.backends.base import Backend
 from runtime.core.errors import GenerationError
 from runtime.core.records import ModelStatistics, StepReport
 
-__all__ = ["ModelActor"]
+__all__ = ["MAX_AHEAD", "ModelActor"]
 
 log = logging.getLogger("slotserve.model")
+T = TypeVar("T")
+
+MAX_AHEAD = 2
+"""Steps whose tokens the event loop has not taken yet, at most: past that the step loop waits
+(a stop string or a cancel then costs at most this many extra steps)."""
+
+_Command = tuple[Callable[..., Any], tuple[Any, ...]]
+_Failure = tuple[list[SequenceJob], BaseException]
 
 
 class ModelActor:
@@ -39,9 +55,17 @@ class ModelActor:
     ) -> None:
         self.backend = backend
         self.scheduler = Scheduler(n_batch)
+        """The step loop's own: the event loop reads its counters and changes it by commands."""
         self._on_step = on_step
-        self._wakeup = anyio.Event()
         self._worker = WorkerThread("slotserve-model")
+        self._inbox: deque[_Command] = deque()
+        self._wake = threading.Event()
+        self._outbox: deque[tuple[Delivery, StepReport | None]] = deque()
+        self._posted = False
+        self._room = threading.Event()
+        self._stop = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
         self._steps = 0
         self._tokens_decoded = 0
         self._tokens_sampled = 0
@@ -55,18 +79,21 @@ class ModelActor:
 
     def begin(self, job: SequenceJob) -> None:
         """Start ``job`` at the next step: drop the sequence's cells from ``job.start`` on first."""
-        self.scheduler.add(job)
-        self.notify()
+        self._command(self.scheduler.add, job)
 
     def end(self, seq_id: int, keep: int = 0) -> None:
-        """Take the sequence out of the steps now; at the next step drop its KV cells at
-        positions >= ``keep``."""
-        self.scheduler.remove(seq_id, keep)
-        self.notify()
+        """Take the sequence out of the steps (from the next step on); at that step drop its
+        KV cells at positions >= ``keep``."""
+        self._command(self.scheduler.remove, seq_id, keep)
+
+    def drop(self, job: SequenceJob) -> None:
+        """Leave ``job`` out of the steps from now on (its cells stay until :meth:`end`)."""
+        job.done = True  # the next plan skips it even before the command is applied
+        self._command(self.scheduler.drop, job)
 
     def notify(self) -> None:
-        """Wake the step loop (new work, or a paused sequence's caller read its stream)."""
-        self._wakeup.set()
+        """Wake the step loop (a paused sequence's caller read its stream)."""
+        self._wake.set()
 
     async def resize(self, n_seq: int) -> tuple[float, int]:
         """Replace the context by one of ``n_seq`` sequences between two steps (weights kept,
@@ -76,60 +103,137 @@ class ModelActor:
         """
 
         def work() -> tuple[float, int]:
+            self.scheduler.forget_above(n_seq)
             start = time.perf_counter()
             carried = self.backend.resize(n_seq)
             return time.perf_counter() - start, carried
 
-        self.scheduler.forget_above(n_seq)
-        return await self._worker.run_sync(work)
+        return await self.between_steps(work)
+
+    async def between_steps(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` on the step loop's thread between two steps; return what it returns.
+        It runs to its end even if the caller is cancelled meanwhile.
+
+        :raises BaseException: what ``fn`` raised.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.cancelled():
+                return
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+        def call() -> None:
+            try:
+                result, error = fn(), None
+            except BaseException as exc:  # handed to the waiting task, which re-raises it
+                result, error = None, exc
+            loop.call_soon_threadsafe(settle, result, error)
+
+        self._command(call)
+        if not self._running:
+            self._worker.submit(self._apply_inbox)  # no step loop to apply it
+        return await WorkerThread.result(future)
+
+    def _command(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._inbox.append((fn, args))
+        self._wake.set()
 
     # -- the step loop -----------------------------------------------------------------------
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Step until cancelled. A failing step fails every job in it, then raises.
-
-        A step's tokens reach the slots' sinks while the next step decodes: only the
-        bookkeeping that the next step needs (its input tokens, the sequences that ended) is
-        done between two decodes.
-        """
+        """Step until cancelled. A failing step fails every job in it, then raises."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = False
+        self._running = True
+        call = self._worker.submit(self._steps_in_thread)
         task_status.started()
-        delivery: Delivery | None = None
-        report: StepReport | None = None
-        scheduler = self.scheduler
-        eog = self.backend.eog_tokens
-        while True:
+        try:
+            failure = await WorkerThread.result(call, interrupt=self._interrupt)
+        finally:
+            self._running = False
+            self._deliver()  # the tokens of the last steps
+            if self._inbox:
+                self._worker.submit(self._apply_inbox)  # a resize must not wait for a restart
+        if failure is not None:
+            jobs, exc = failure
+            error = GenerationError(f"the model step failed ({exc!r}); every request in it failed")
+            for job in jobs:
+                job.sink.fail(error)
+            raise exc
+
+    def _interrupt(self) -> None:
+        """On the event loop: the step loop should end after its current step."""
+        self._stop = True
+        self._wake.set()
+        self._room.set()
+
+    def _apply_inbox(self) -> None:
+        """On the step loop's thread: apply the commands, in order."""
+        inbox = self._inbox
+        while inbox:
+            fn, args = inbox.popleft()
+            fn(*args)
+
+    def _steps_in_thread(self) -> _Failure | None:
+        """The step loop, on the worker thread; returns the failed step's jobs and error, or
+        None when stopped."""
+        scheduler, backend, eog = self.scheduler, self.backend, self.backend.eog_tokens
+        outbox, room, wake = self._outbox, self._room, self._wake
+        while not self._stop:
+            while len(outbox) >= MAX_AHEAD and not self._stop:  # the sinks are behind: wait
+                room.clear()
+                if len(outbox) >= MAX_AHEAD:
+                    room.wait()
+            wake.clear()
+            self._apply_inbox()
             batch = scheduler.plan()
             if batch is None:
-                self._overlap(delivery, report)  # nothing to overlap with
-                delivery, report = None, None
-                await self._wakeup.wait()
-                self._wakeup = anyio.Event()
+                wake.wait()
                 continue
             start = time.perf_counter()
             self._in_step = True
             try:
-                call = self._worker.submit(self.backend.step, batch.plan)
-                self._overlap(delivery, report)  # the previous step's, while this one decodes
-                delivery, report = None, None
-                result: StepResult = await self._worker.result(call)
+                result = backend.step(batch.plan)
             except Exception as exc:
                 self._failed_steps += 1
-                self._fail_all(exc)
-                raise
+                return scheduler.drop_all(), exc
             finally:
                 self._in_step = False
             report = self._account(batch, time.perf_counter() - start)
-            delivery = scheduler.advance(batch, result, eog, time.perf_counter_ns())
+            self._post(scheduler.advance(batch, result, eog, time.perf_counter_ns()), report)
+        return None
 
-    def _overlap(self, delivery: Delivery | None, report: StepReport | None) -> None:
-        """The work of a step that the next one does not wait for: its report, and its tokens
-        to the sinks. A sink that ends its sequence (a stop string) takes it out of the next
-        step; a sink that raises fails only its own request (its slot crashes)."""
+    def _post(self, delivery: Delivery, report: StepReport | None) -> None:
+        """On the step loop's thread: hand a step's outcome to the event loop (one wake-up for
+        all that gathers before the event loop takes it)."""
+        self._outbox.append((delivery, report))
+        if not self._posted:
+            self._posted = True
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        """On the event loop: every step's report and tokens that came since the last call."""
+        self._posted = False
+        outbox = self._outbox
+        while outbox:
+            delivery, report = outbox.popleft()
+            self._overlap(delivery, report)
+        self._room.set()
+
+    def _overlap(self, delivery: Delivery, report: StepReport | None) -> None:
+        """A step's report, and its tokens to the sinks, while the next steps decode. A sink
+        that ends its sequence (a stop string) takes it out of the steps; a sink that raises
+        fails only its own request (its slot crashes)."""
         if report is not None and self._on_step is not None:
             self._on_step(report)
-        if delivery is None:
-            return
-        drop = self.scheduler.drop
+        for job, error in delivery.failed:
+            job.sink.fail(error)
         at_ns = delivery.at_ns
         for job, token, finish in zip(delivery.jobs, delivery.tokens, delivery.finishes, strict=True):
             try:
@@ -138,12 +242,7 @@ class ModelActor:
                 going = False
                 job.sink.fail(exc)
             if not going and not job.done:
-                drop(job)
-
-    def _fail_all(self, exc: BaseException) -> None:
-        error = GenerationError(f"the model step failed ({exc!r}); every request in it failed")
-        for job in self.scheduler.drop_all():
-            job.sink.fail(error)
+                self.drop(job)
 
     def _account(self, batch: StepBatch, seconds: float) -> StepReport | None:
         """Count the step; return its report for the observers (None if it decoded nothing)."""
@@ -175,5 +274,5 @@ class ModelActor:
             steps_by_sequences=dict(self._steps_by_sequences),
             pending_trims=s.pending_trims,
             kv_cells_active=s.kv_cells_active,
-            stepping=self._in_step or self._worker.busy > 0,
+            stepping=self._in_step or bool(self._inbox) or bool(self._outbox),
         )

@@ -84,12 +84,15 @@ class StepBatch:
 @dataclass(slots=True)
 class Delivery:
     """A step's tokens for the sinks: ``jobs[i]`` gets ``tokens[i]``, ending with ``finishes[i]``;
-    ``at_ns`` is when the step ended (``time.perf_counter_ns``)."""
+    ``at_ns`` is when the step ended (``time.perf_counter_ns``). The sinks are the event loop's:
+    the step loop hands a Delivery over and never calls a sink itself."""
 
     jobs: list[SequenceJob] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     finishes: list[Finish] = field(default_factory=list)
     at_ns: int = 0
+    failed: list[tuple[SequenceJob, BaseException]] = field(default_factory=list)
+    """Jobs whose row failed, with the error for their sinks."""
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -153,8 +156,8 @@ class Scheduler:
         """
         decoding: list[SequenceJob] = []
         prefilling: list[SequenceJob] = []
-        for job in list(self._jobs.values()):  # a copy: a cancel from a finalizer may change it
-            if job.sink.blocked:
+        for job in self._jobs.values():
+            if job.done or job.sink.blocked:  # done: cancelled since (its drop is on its way)
                 continue
             (prefilling if job.prefilling else decoding).append(job)
         if not decoding and not prefilling and not self._trims and not self._samplers:
@@ -233,8 +236,8 @@ class Scheduler:
 
     def advance(self, batch: StepBatch, result: StepResult, eog: frozenset[int], at_ns: int) -> Delivery:
         """Apply a step's sampled tokens: each sequence's next input token, and the ends (end of
-        generation in ``eog``, ``max_tokens``; a failed row is failed in its sink at once).
-        Returns the tokens for the sinks."""
+        generation in ``eog``, ``max_tokens``; a failed row leaves the steps at once).
+        Returns the tokens and the failures for the sinks."""
         errors = result.row_errors
         out = Delivery(at_ns=at_ns)
         jobs, tokens, finishes = out.jobs, out.tokens, out.finishes
@@ -243,7 +246,7 @@ class Scheduler:
                 continue  # ended while the step ran; its cells are trimmed next step
             if errors and i in errors:
                 self.drop(job)
-                job.sink.fail(errors[i])
+                out.failed.append((job, errors[i]))
                 continue
             job.generated += 1
             finish: Finish = None

@@ -49,6 +49,8 @@ class RequestSink:
         """Text not sent yet."""
         self.pending: list[int] = []
         """Token ids not sent yet."""
+        self.taken = 0
+        """Tokens this request got (the step loop may have sampled more before it heard of an end)."""
         self.first_ns: int | None = None
         """When the step that made the first token ended (``time.perf_counter_ns``)."""
         self.last_ns = 0
@@ -75,6 +77,7 @@ class RequestSink:
         else:
             self._observers.inter_token((at_ns - self.last_ns) / 1e9)
         self.last_ns = at_ns
+        self.taken += 1
         self.pending.append(token)
         if finish != "stop":  # an end-of-generation token has no text
             self.out += self._text.push(self._pieces[token])

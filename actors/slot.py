@@ -137,7 +137,7 @@ class SlotActor:
 
         def cancel() -> None:
             sink.end("cancel")
-            self.model.scheduler.drop(job)  # out of the next step at once
+            self.model.drop(job)  # out of the next step at once
 
         ticket.listen(cancel)
         self.model.begin(job)
@@ -174,7 +174,7 @@ class SlotActor:
             slot=self.slot,
             prompt_tokens=len(tokens),
             prompt_tokens_cached=keep,
-            completion_tokens=job.generated,
+            completion_tokens=sink.taken,
             load_duration_ns=0,
             queue_duration_ns=picked_ns - ticket.admitted_ns,
             prefill_duration_ns=(first_ns or end_ns) - picked_ns,

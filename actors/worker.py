@@ -80,15 +80,18 @@ class WorkerThread:
             future.set_exception(error)
 
     @staticmethod
-    async def result(future: asyncio.Future[T]) -> T:
+    async def result(future: asyncio.Future[T], interrupt: Callable[[], None] | None = None) -> T:
         """What the submitted call returned.
 
+        :param interrupt: called when the waiting task is cancelled, to make a long call end.
         :raises BaseException: what the call raised; or the waiting task's cancellation, once
             the call has returned.
         """
         try:
             return await asyncio.shield(future)
         except BaseException:
+            if interrupt is not None:
+                interrupt()
             if not future.done():
                 with anyio.CancelScope(shield=True):
                     await asyncio.wait((future,))

@@ -355,6 +355,11 @@ class Runtime:
             supervisor=self._supervisor.statistics(),
         )
 
+    @property
+    def state(self) -> RuntimeState:
+        """What ``status().state`` says, without the rest of the snapshot."""
+        return self._state
+
     def status(self) -> RuntimeStatus:
         """A frozen snapshot: model, memory (bytes), slots, queue and request counts."""
         mailbox = self._mailbox.statistics()

@@ -27,7 +27,7 @@ async def test_isolation_under_continuous_batching(kind: str) -> None:
     """8 prompts of different lengths on 4 slots, started a few ms apart: each output equals
     the output that prompt gives alone (token for token)."""
     requests = [greedy(p, max_tokens=12 + 3 * i) for i, p in enumerate(PROMPTS)]
-    async with open_runtime(kind, slots=4, prefix_cache=False) as rt:
+    async with open_runtime(kind, slots=4, prefix_cache=False, fake={"step_delay_s": 0.001}) as rt:
         alone = [await solo(rt, r) for r in requests]
         together = await complete_all(rt, requests, stagger_s=0.003)
         stats = rt.statistics().model

@@ -105,7 +105,7 @@ def test_ends_by_eog_length_and_a_failed_row() -> None:
     error = RuntimeError("row 2")
     delivery = s.advance(batch, result(batch, [EOS, 9, 9], {2: error}), frozenset({EOS}), 0)
     assert delivery.finishes == ["stop", "length"] and delivery.jobs == [eog, length]
-    assert bad.sink.failed == [error]  # type: ignore[attr-defined]
+    assert delivery.failed == [(bad, error)]
     assert all(j.done for j in (eog, length, bad)) and s.active == 0
     only_trims = s.plan()
     assert only_trims is None  # nothing decodes and nothing was queued since

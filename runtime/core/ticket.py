@@ -132,6 +132,7 @@ class ResponseStream:
         self._receive = receive
         self._admit = admit
         self._done = False
+        self._held: BaseException | None = None
         self._thread = threading.get_ident()
 
     def __aiter__(self) -> ResponseStream:
@@ -144,13 +145,41 @@ class ResponseStream:
             if self._admit is not None:
                 admit, self._admit = self._admit, None
                 await admit()
-            item = await self._receive.receive()
+            item: Reply
+            if self._held is not None:
+                item, self._held = self._held, None
+            else:
+                item = await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             self._close()  # ended, or closed by another task while this one waited
             raise StopAsyncIteration from None
         except BaseException:
             self._close()
             raise
+        return self._accept(item)
+
+    def available(self) -> list[Chunk]:
+        """The chunks that have arrived, without waiting (none if the next one has not); the
+        answer's last chunk ends the list. An HTTP reply writes them in one frame.
+
+        :raises BaseException: as iteration, if the request failed.
+        """
+        chunks: list[Chunk] = []
+        while not self._done and self._admit is None and self._held is None:
+            try:
+                item = self._receive.receive_nowait()
+            except anyio.WouldBlock:
+                break
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                self._close()
+                break
+            if isinstance(item, BaseException) and chunks:
+                self._held = item  # the chunks before it go out first; the next read raises it
+                break
+            chunks.append(self._accept(item))
+        return chunks
+
+    def _accept(self, item: Reply) -> Chunk:
         if isinstance(item, BaseException):
             self._close()
             raise item

@@ -59,12 +59,12 @@ class RuntimeHost:
         """None when requests can be served now; otherwise why not (``loading``, ``failed: ...``)."""
         if self.load_error is not None:
             return f"failed: {self.load_error}"
-        status = self.runtime.status()
-        if status.state == "ready":
+        state = self.runtime.state  # not status(): this runs for every request
+        if state == "ready":
             return None
-        if status.state == "failed":
-            return f"failed: {status.failure}"
-        return status.state
+        if state == "failed":
+            return f"failed: {self.runtime.status().failure}"
+        return state
 
     def check_ready(self) -> None:
         """Raise unless the runtime takes requests now.

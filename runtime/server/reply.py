@@ -91,13 +91,14 @@ class ReplyResponse:
             (b"cache-control", b"no-cache"),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        piece, chunks = self._framing.piece, [chunk]
         try:
-            while not chunk.done:
-                await send(
-                    {"type": "http.response.body", "body": self._framing.piece(chunk), "more_body": True}
-                )
-                chunk = await _next(self._stream)
-            frame = self._framing.last(chunk)
+            while not chunks[-1].done:  # what came meanwhile goes in one write
+                body = b"".join(map(piece, chunks))
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                chunks = [await _next(self._stream)]
+                chunks += map(_checked, self._stream.available())
+            frame = b"".join(map(piece, chunks[:-1])) + self._framing.last(chunks[-1])
         except Exception as exc:
             frame = self._framing.error_frame(http_error(exc, self._retry_after_s))
         await send({"type": "http.response.body", "body": frame, "more_body": False})
@@ -109,6 +110,10 @@ async def _next(stream: ResponseStream) -> Chunk:
         chunk = await stream.__anext__()
     except StopAsyncIteration:
         raise GenerationError("the reply ended without a final chunk") from None
+    return _checked(chunk)
+
+
+def _checked(chunk: Chunk) -> Chunk:
     if chunk.done and chunk.done_reason == "cancel":
         raise RuntimeClosedError("the request was cancelled: the runtime is shutting down")
     return chunk
