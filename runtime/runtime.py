@@ -41,7 +41,7 @@ from runtime.core.mailbox import Mailbox
 from runtime.core.messages import ChatRequest, Completion, DoneReason, GenerateRequest, RequestStats
 from runtime.core.records import ResizeRecord, RuntimeState, RuntimeStatistics, RuntimeStatus
 from runtime.core.sizing import initial_slots, probe_for
-from runtime.core.telemetry import MemoryProbe
+from runtime.core.telemetry import MemoryProbe, memory_text
 from runtime.core.ticket import Reply, ResponseStream, Ticket
 from runtime.metrics import RuntimeMetrics
 
@@ -154,9 +154,9 @@ class Runtime:
         log.log(
             logging.WARNING if slots < self._slots_configured else logging.INFO,
             "ready: %s, slots configured %s, effective %d, x %d tokens; weights %d bytes, KV %d bytes per slot; "
-            "loaded in %.2f s",
+            "loaded in %.2f s; %s",
             info.name, cfg.slots, slots, info.n_ctx_per_slot, info.weights_bytes, info.kv_bytes_per_slot,
-            self.load_seconds,
+            self.load_seconds, memory_text(reading),
         )  # fmt: skip
         return self
 
