@@ -245,6 +245,7 @@ class Supervisor:
         self._target = old
         for slot in range(slots, old):
             await self._tg.start(self._supervise_slot, slot)
+        self._observers.resize_failed("grow" if slots > old else "shrink", reason)
         log.error(
             "resizing from %d to %d slots (%s) failed: %s; serving on with %d", old, slots, reason, exc, old
         )
