@@ -33,7 +33,7 @@ from runtime.core.events import Observers
 from runtime.core.mailbox import Mailbox
 from runtime.core.policies import backoff_s, headroom_bytes, resize_due, restart_allowed, target_slots
 from runtime.core.records import MemoryReading, ResizeReason, ResizeRecord, SupervisorStatistics
-from runtime.core.telemetry import MemoryProbe
+from runtime.core.telemetry import MemoryProbe, memory_text
 from runtime.core.ticket import Ticket
 
 __all__ = ["Supervisor"]
@@ -195,7 +195,8 @@ class Supervisor:
             if slots == old or self.failure is not None:
                 return None
             self._target = slots
-            log.warning("resizing from %d to %d slots (%s)", old, slots, reason)
+            memory = "" if reason == "manual" else f"; {memory_text(self._reading)}"
+            log.warning("resizing from %d to %d slots (%s)%s", old, slots, reason, memory)
             drain_start = time.perf_counter()
             for slot in range(slots, old):
                 self._slots[slot].retire()
@@ -244,6 +245,7 @@ class Supervisor:
         self._target = old
         for slot in range(slots, old):
             await self._tg.start(self._supervise_slot, slot)
+        self._observers.resize_failed("grow" if slots > old else "shrink", reason)
         log.error(
             "resizing from %d to %d slots (%s) failed: %s; serving on with %d", old, slots, reason, exc, old
         )
@@ -257,15 +259,16 @@ class Supervisor:
             log.critical("runtime failed: %s", reason)
             self._on_failed(reason)
 
-    def fit(self, reading: MemoryReading) -> int:
-        """The slot count that ``reading`` calls for (see runtime.core.policies.target_slots):
-        between min_slots and max_slots for ``auto``, at most the configured count otherwise."""
+    def fit(self, free_bytes: int, total_bytes: int) -> int:
+        """The slot count that a reading of ``free_bytes`` of ``total_bytes`` calls for (see
+        runtime.core.policies.target_slots): between min_slots and max_slots for ``auto``, at
+        most the configured count otherwise."""
         cfg = self.config
         return target_slots(
-            reading.free_bytes,
+            free_bytes,
             self._n,
             self.model.backend.info.kv_bytes_per_slot + self.model.backend.info.instance_bytes,
-            headroom_bytes(reading.total_bytes, cfg.memory_headroom_fraction, cfg.memory_headroom_bytes),
+            headroom_bytes(total_bytes, cfg.memory_headroom_fraction, cfg.memory_headroom_bytes),
             cfg.min_slots,
             cfg.max_slots if cfg.slots == "auto" else cfg.slots,  # a set count is a ceiling
             cfg.resize_hysteresis,
@@ -278,8 +281,10 @@ class Supervisor:
             reading = await anyio.to_thread.run_sync(self._probe.read)
             if reading is None:
                 continue  # unknown is not zero: never shrink on a failed reading
-            self._reading = reading
-            target = self.fit(reading)
+            self._reading = reading  # shown in status(), known or not
+            if reading.free_bytes is None or reading.total_bytes is None:
+                continue  # a device that holds KV is unknown: it may be the tightest
+            target = self.fit(reading.free_bytes, reading.total_bytes)
             self._target = target if not self._resize_lock.locked() else self._target
             now = time.monotonic()
             if resize_due(target, self._n, self._last_resize_s, now, self.config.resize_cooldown_s):

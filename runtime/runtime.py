@@ -36,12 +36,12 @@ from runtime.core.errors import (
     RuntimeClosedError,
     RuntimeFailedError,
 )
-from runtime.core.events import Observer, Observers
+from runtime.core.events import Observer, Observers, ResizeDirection
 from runtime.core.mailbox import Mailbox
 from runtime.core.messages import ChatRequest, Completion, DoneReason, GenerateRequest, RequestStats
 from runtime.core.records import ResizeRecord, RuntimeState, RuntimeStatistics, RuntimeStatus
 from runtime.core.sizing import initial_slots, probe_for
-from runtime.core.telemetry import MemoryProbe
+from runtime.core.telemetry import MemoryProbe, memory_text
 from runtime.core.ticket import Reply, ResponseStream, Ticket
 from runtime.metrics import RuntimeMetrics
 
@@ -120,6 +120,7 @@ class Runtime:
         per_slot = backend.info.kv_bytes_per_slot + backend.info.instance_bytes  # a slot's whole cost
         slots = initial_slots(cfg, reading, backend.info.n_seq_max, per_slot)
         pause_s = 0.0
+        start_failed: ResizeDirection | None = None
         if slots != backend.info.n_seq_max:
             resized = time.perf_counter()
             try:
@@ -127,6 +128,7 @@ class Runtime:
             except ResizeFailedError as exc:  # memory said yes, the device said no: serve what was built
                 log.warning("a context of %d slots could not be built (%s); starting with %d", slots, exc,
                             backend.info.n_seq_max)  # fmt: skip
+                start_failed = "grow" if slots > backend.info.n_seq_max else "shrink"
                 slots = backend.info.n_seq_max
             pause_s = time.perf_counter() - resized
         self._slots_configured = slots if cfg.slots == "auto" else cfg.slots
@@ -150,13 +152,15 @@ class Runtime:
         self._state = "ready"
         if startup:
             self.observers.resize("shrink", "startup", pause_s)  # counted once the series are bound
+        if start_failed is not None:
+            self.observers.resize_failed(start_failed, "startup")
         info = backend.info
         log.log(
             logging.WARNING if slots < self._slots_configured else logging.INFO,
             "ready: %s, slots configured %s, effective %d, x %d tokens; weights %d bytes, KV %d bytes per slot; "
-            "loaded in %.2f s",
+            "loaded in %.2f s; %s",
             info.name, cfg.slots, slots, info.n_ctx_per_slot, info.weights_bytes, info.kv_bytes_per_slot,
-            self.load_seconds,
+            self.load_seconds, memory_text(reading),
         )  # fmt: skip
         return self
 

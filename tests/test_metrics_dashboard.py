@@ -81,6 +81,7 @@ def test_dashboard_has_the_panels_the_issue_lists() -> None:
         "slotserve_slots_busy", "slotserve_slots_effective", "slotserve_slots_configured",
         "slotserve_slots_target", "slotserve_kv_cache_allocated_bytes", "slotserve_device_memory_free_bytes",
         "slotserve_requests_total", "slotserve_actor_restarts_total", "slotserve_slot_resizes_total",
+        "slotserve_resize_failures_total", "slotserve_device_memory_used_bytes",
         "slotserve_step_sequences_bucket",
     ):  # fmt: skip
         assert needed in exprs, needed

@@ -46,13 +46,16 @@ class Recorder:
     def resize(self, direction: Any, reason: Any, pause_s: float) -> None:
         self._seen("resize")
 
+    def resize_failed(self, direction: Any, reason: Any) -> None:
+        self._seen("resize_failed")
+
 
 async def _every_event(event: str | None) -> tuple[list[int], Recorder, Recorder]:
     """A runtime whose observers see every event: requests, a refusal, a crash (restart), a
-    resize. One observer raises in ``event``; the other is sound. Returns the requests' token
-    counts and both observers."""
+    resize and one that fails. One observer raises in ``event``; the other is sound. Returns the
+    requests' token counts and both observers."""
     failing, witness = Recorder(event), Recorder()
-    fake = {"fault_prompts": ["boom"], "fault_after": 1, "step_delay_s": 0.002}
+    fake = {"fault_prompts": ["boom"], "fault_after": 1, "step_delay_s": 0.002, "resize_fails_above": 2}
     async with open_runtime("fake", slots=1, max_queue=1, fake=fake, restart_backoff_s=0.0) as rt:
         rt.observers.add(failing)
         rt.observers.add(witness)
@@ -69,6 +72,8 @@ async def _every_event(event: str | None) -> tuple[list[int], Recorder, Recorder
         with pytest.raises(SlotFailedError):  # crashes twice: retried once, then failed
             await rt.complete(greedy("boom", max_tokens=5))
         await rt.resize(2)
+        failed = await rt.resize(3)  # the fake builds no context above 2
+        assert failed is not None and failed.error is not None
         counts.append((await rt.complete(greedy("kl", max_tokens=7))).stats.completion_tokens)
         status = rt.status()
         assert status.state == "ready" and status.requests_in_flight == 0 and status.slots_busy == 0
@@ -96,7 +101,10 @@ async def test_a_sound_run_sees_every_event_once_or_more() -> None:
     counts, _, witness = await _every_event(None)
     assert counts == [12, 12, 40, 5, 7]
     assert all(n >= 1 for n in witness.calls.values()), witness.calls
-    assert witness.calls["request_rejected"] == 1 and witness.calls["resize"] == 1
+    assert (
+        witness.calls["request_rejected"] == 1
+        and witness.calls["resize"] == witness.calls["resize_failed"] == 1
+    )
     assert witness.calls["request_finished"] == witness.calls["request_admitted"] == 6
 
 

@@ -161,7 +161,8 @@ async def test_a_resize_that_cannot_build_serves_on_at_the_old_count() -> None:
     status(), and a memory-driven grow that fails never escapes the runtime's block."""
     cfg = RuntimeConfig(backend="fake", slots=2, n_ctx_per_slot=512, resize_interval_s=0)
     backend = FakeBackend(n_seq_max=2, n_ctx_per_slot=512, step_delay_s=0.002, resize_fails_above=2)
-    async with Runtime(cfg, backend=backend) as rt:
+    registry = CollectorRegistry()
+    async with Runtime(cfg, backend=backend, registry=registry) as rt:
         solo = await rt.complete(greedy(PROMPTS[0], max_tokens=40))
         running = rt.generate(greedy(PROMPTS[0], max_tokens=40))
         record = await rt.resize(4)
@@ -173,18 +174,42 @@ async def test_a_resize_that_cannot_build_serves_on_at_the_old_count() -> None:
     assert during.token_ids == solo.token_ids and after.stats.completion_tokens == 5
     assert (status.state, status.slots_effective, status.slots_target) == ("ready", 2, 2)
     assert status.last_resize is not None and status.last_resize.error == record.error
+    manual = {
+        (direction, reason): registry.get_sample_value(
+            "slotserve_resize_failures_total", {"model": "fake", "direction": direction, "reason": reason}
+        )
+        for direction in ("grow", "shrink")
+        for reason in ("manual", "memory_available")
+    }
+    assert manual.pop(("grow", "manual")) == 1
+    assert set(manual.values()) == {0.0}  # the other series exist, at 0
+    grown = registry.get_sample_value(
+        "slotserve_slot_resizes_total", {"model": "fake", "direction": "grow", "reason": "manual"}
+    )
+    assert grown == 0  # a failed resize is no change of the slot count
 
     probe = ScriptedProbe(free_bytes=64 * KV)  # room for 8: the watch tries to grow, and fails
     cfg = RuntimeConfig(
         backend="fake", slots="auto", min_slots=1, max_slots=8, resize_interval_s=0.01, resize_cooldown_s=0.05,
         **NO_HEADROOM,
     )  # fmt: skip
-    async with Runtime(cfg, backend=FakeBackend(n_seq_max=1, resize_fails_above=2), probe=probe) as rt:
+    registry = CollectorRegistry()
+    backend = FakeBackend(n_seq_max=1, resize_fails_above=2)
+    async with Runtime(cfg, backend=backend, probe=probe, registry=registry) as rt:
         await wait_until(lambda: rt.status().resizes >= 2, 10)
         served = await rt.complete(greedy("still serving", max_tokens=3))
         watched = rt.status()
+        records = rt.statistics().supervisor.resizes  # read with the counters, no await between
+
+        def failures(reason: str) -> float | None:
+            labels = {"model": "fake", "direction": "grow", "reason": reason}
+            return registry.get_sample_value("slotserve_resize_failures_total", labels)
+
+        at_start, watching = failures("startup"), failures("memory_available")
     assert served.stats.completion_tokens == 3 and watched.state == "ready"
     assert watched.last_resize is not None and watched.last_resize.error is not None
+    assert at_start == 1  # 8 fit in memory and the device built no context of 8: it started with 1
+    assert watching == sum(1 for r in records if r.error is not None and r.reason == "memory_available") >= 2
 
 
 async def test_llama_cpp_asked_for_an_impossible_context_serves_on() -> None:

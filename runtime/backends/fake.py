@@ -46,6 +46,8 @@ class FakeBackend:
         when it samples its ``fault_after``-th token.
     :param resize_fails_above: a resize to more sequences than this raises ResizeFailedError
         and changes nothing (as a context too big for the GPU's memory).
+    :param gpu_layers: the layers it reports on a GPU (above 0, ``memory_source="auto"`` reads
+        NVML, as for a model on a GPU).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class FakeBackend:
         fault_prompts: Sequence[str] = (),
         fault_after: int = 2,
         resize_fails_above: int | None = None,
+        gpu_layers: int = 0,
     ) -> None:
         self.pieces: list[bytes] = [b""] + [bytes([b]) for b in range(256)] + list(extra_pieces)
         self.eog_tokens = frozenset({EOS})
@@ -79,7 +82,7 @@ class FakeBackend:
             n_seq_max=n_seq_max,
             weights_bytes=weights_bytes,
             kv_bytes_per_slot=kv_bytes_per_slot,
-            gpu_layers=0,
+            gpu_layers=gpu_layers,
         )
         self.step_delay_s = step_delay_s
         self.resize_fails_above = resize_fails_above

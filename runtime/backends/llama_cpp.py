@@ -80,12 +80,33 @@ def kv_bytes_per_slot(backend: LlamaCppBackend, n_ctx_per_slot: int, kv_type: st
     return int(n_ctx_per_slot * llama.llama_model_n_layer(model) * per_cell_layer)
 
 
-def load_weights(path: Path, gpu_layers: int) -> Any:
+_SPLIT_MODES = {
+    "none": llama.LLAMA_SPLIT_MODE_NONE,
+    "layer": llama.LLAMA_SPLIT_MODE_LAYER,
+    "row": llama.LLAMA_SPLIT_MODE_ROW,
+}
+
+
+def load_weights(path: Path, gpu_layers: int, config: RuntimeConfig | None = None) -> Any:
     """``llama_model_load_from_file`` with ``gpu_layers`` layers on the GPU (-1: all of them
-    when this build has one); a null pointer when llama.cpp cannot load the file."""
+    when this build has one), placed on the GPUs as ``config``'s split_mode, main_gpu and
+    tensor_split say (llama.cpp's defaults without it); a null pointer when llama.cpp cannot
+    load the file."""
     init_llama()
     mparams = llama.llama_model_default_params()
     mparams.n_gpu_layers = gpu_layers if gpu_layers >= 0 else (999 if gpu_offload_supported() else 0)
+    split = None
+    if config is not None:
+        mparams.split_mode = _SPLIT_MODES[config.split_mode]
+        mparams.main_gpu = config.main_gpu
+        if shares := config.tensor_shares:
+            most = llama.llama_max_devices()
+            if len(shares) > most:
+                raise ModelLoadError(
+                    f"tensor_split names {len(shares)} GPUs; this llama.cpp takes at most {most}"
+                )
+            split = (ctypes.c_float * most)(*shares)  # alive until loaded
+            mparams.tensor_split = split
     return llama.llama_model_load_from_file(str(path).encode(), mparams)
 
 
@@ -135,7 +156,7 @@ class LlamaCppBackend:
         gpu_layers = config.n_gpu_layers
         if gpu_layers < 0:
             gpu_layers = 999 if gpu_offload_supported() else 0
-        self._model = load_weights(path, gpu_layers)
+        self._model = load_weights(path, gpu_layers, config)
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {str(path)!r} (is it a GGUF file?)")
         self._vocab = llama.llama_model_get_vocab(self._model)

@@ -52,7 +52,9 @@ async def _used_bytes(probe: Any) -> tuple[int, str] | None:
     if probe is None:
         return None
     reading = await anyio.to_thread.run_sync(probe.read)
-    return None if reading is None else (reading.used_bytes, f"{reading.source} {reading.device}")
+    if reading is None or reading.used_bytes is None:
+        return None
+    return reading.used_bytes, f"{reading.source} {reading.device}"
 
 
 async def _row(workload: Workload, n: int, plain_on: bool, slotserve_on: bool) -> BatchingRow:

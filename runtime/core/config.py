@@ -18,10 +18,15 @@ import msgspec
 
 from runtime.core.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "RuntimeConfig", "load_settings", "read_toml"]
+__all__ = [
+    "ENV_PREFIX", "MAX_GPUS", "RuntimeConfig", "SplitMode", "load_settings", "parse_tensor_split", "read_toml",
+]  # fmt: skip
 
 ENV_PREFIX = "SLOTSERVE_"
 BackendName = Literal["llama_cpp", "fake", "ctransformers"]
+SplitMode = Literal["none", "layer", "row"]
+MAX_GPUS = 16
+"""llama.cpp's ``llama_max_devices()``: the most GPUs ``tensor_split`` can name."""
 
 
 class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -72,6 +77,16 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """CPU threads for decoding; 0 means every core this process may use."""
     n_gpu_layers: int = -1
     """Layers to put on the GPU; -1 means all of them when llama.cpp was built with a GPU."""
+    split_mode: SplitMode = "layer"
+    """How llama.cpp spreads the model over several GPUs (its ``split_mode``): ``layer`` (its
+    default: whole layers, and their KV cache, on every visible GPU), ``row`` (each matrix's rows
+    across the GPUs, the KV cache on ``main_gpu``) or ``none`` (everything on ``main_gpu``)."""
+    main_gpu: int = 0
+    """The GPU, numbered as CUDA numbers the visible ones (after CUDA_VISIBLE_DEVICES), that
+    holds the model with split_mode ``none`` and the KV cache with ``row``."""
+    tensor_split: str = ""
+    """Each GPU's share of the model, comma-separated in CUDA's order (``3,1``: three quarters on
+    the first); a GPU given 0 is not used. Empty: llama.cpp's default, every visible GPU."""
     max_tokens_cap: int | None = None
     """Upper bound on one request's max_tokens, and its value when a request leaves it unset;
     None: the slot's context (n_ctx_per_slot), the most any request can generate."""
@@ -98,6 +113,7 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "n_batch": (1, 1 << 16),
             "threads": (0, 1024),
             "n_gpu_layers": (-1, 100_000),
+            "main_gpu": (0, MAX_GPUS - 1),
             "restart_intensity": (0, 1_000_000),
             "stream_buffer": (1, 1 << 16),
         }
@@ -127,6 +143,7 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} is {getattr(self, name)}; it must be >= 0")
+        parse_tensor_split(self.tensor_split)
         if not 0 <= self.memory_headroom_fraction < 1:
             raise ConfigError(
                 f"memory_headroom_fraction is {self.memory_headroom_fraction}; it must be in [0, 1)"
@@ -136,6 +153,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     def initial_slots(self) -> int:
         """The slot count to start from before memory is read: ``slots``, or min_slots for auto."""
         return self.min_slots if self.slots == "auto" else self.slots
+
+    @property
+    def tensor_shares(self) -> tuple[float, ...]:
+        """``tensor_split`` as numbers, one per GPU in CUDA's order; () when unset."""
+        return parse_tensor_split(self.tensor_split)
 
     @property
     def max_tokens_limit(self) -> int:
@@ -159,6 +181,27 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         """
         table = {k: v for k, v in read_toml(toml_path).items() if k not in others}
         return load_settings(cls, table, overrides)
+
+
+def parse_tensor_split(text: str) -> tuple[float, ...]:
+    """Comma-separated shares (``"3,1"``) as numbers; () for an empty text.
+
+    :raises ConfigError: if they are not numbers >= 0, at least one above 0, for at most
+        MAX_GPUS GPUs.
+    """
+    if not text.strip():
+        return ()
+    try:
+        shares = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        shares = ()
+    valid = all(0 <= s < float("inf") for s in shares) and any(s > 0 for s in shares)
+    if not valid or len(shares) > MAX_GPUS:
+        raise ConfigError(
+            f"tensor_split is {text[:60]!r}; it must be up to {MAX_GPUS} comma-separated numbers >= 0, "
+            "at least one of them above 0 (such as '3,1')"
+        )
+    return shares
 
 
 def read_toml(path: str | Path | None) -> dict[str, Any]:

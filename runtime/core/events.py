@@ -53,9 +53,13 @@ class Observer(Protocol):
     def resize(self, direction: ResizeDirection, reason: ResizeReason, pause_s: float) -> None:
         """The slot count changed (``reason``: manual, memory_low, memory_available, startup)."""
 
+    def resize_failed(self, direction: ResizeDirection, reason: ResizeReason) -> None:
+        """No context of the new slot count could be built; the old count serves on."""
+
 
 EVENTS = (
     "request_admitted", "request_rejected", "request_finished", "inter_token", "step", "restart", "resize",
+    "resize_failed",
 )  # fmt: skip
 """The Observer methods, in the protocol's order."""
 
@@ -123,3 +127,6 @@ class Observers:
 
     def resize(self, direction: ResizeDirection, reason: ResizeReason, pause_s: float) -> None:
         self._emit("resize", direction, reason, pause_s)
+
+    def resize_failed(self, direction: ResizeDirection, reason: ResizeReason) -> None:
+        self._emit("resize_failed", direction, reason)

@@ -12,6 +12,7 @@ from typing import Literal
 import msgspec
 
 __all__ = [
+    "DeviceMemory",
     "MailboxStatistics",
     "MemoryReading",
     "MemorySource",
@@ -31,15 +32,41 @@ MemorySource = Literal["nvml", "host", "cgroup", "scripted"]
 ResizeReason = Literal["manual", "memory_low", "memory_available", "startup"]
 
 
+class DeviceMemory(msgspec.Struct, frozen=True, kw_only=True):
+    """One device's memory as read; sizes in bytes, None where it could not be read (unknown,
+    never zero)."""
+
+    device: str
+    """``gpu0``, ``gpu1``, ... (numbered as CUDA and llama.cpp number the visible GPUs), ``host``
+    or ``scripted``."""
+    name: str
+    """What the device is: NVML's name (``NVIDIA H200``), ``host``, or the cgroup's path."""
+    total_bytes: int | None
+    used_bytes: int | None
+    free_bytes: int | None
+    kv_share: float = 1.0
+    """Of each slot's KV cache, the share this device holds (0: it holds weights only)."""
+
+
 class MemoryReading(msgspec.Struct, frozen=True, kw_only=True):
-    """Memory of one device at one time; sizes in bytes, ``time_s`` on the monotonic clock."""
+    """Memory of the devices that hold the model at one time; sizes in bytes, ``time_s`` on the
+    monotonic clock.
+
+    The sizes are the bounding device's, scaled to the whole KV cache: of the devices that hold
+    KV, the one with the least free memory for its share (free / kv_share), its figures divided
+    by that share. One device reads as itself; a model split evenly over two GPUs reads twice the
+    tighter GPU's figures. They are None when a device holding KV could not be read: the tightest
+    may be the unknown one. ``devices`` has each device's own figures.
+    """
 
     source: MemorySource
     device: str
-    total_bytes: int
-    used_bytes: int
-    free_bytes: int
+    """The bounding device (or the first, when unknown)."""
+    total_bytes: int | None
+    used_bytes: int | None
+    free_bytes: int | None
     time_s: float
+    devices: tuple[DeviceMemory, ...] = ()
 
 
 class MailboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -163,7 +190,7 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True):
     resizes: int
     last_resize: ResizeRecord | None
     memory: MemoryReading | None
-    """The last reading the Supervisor used."""
+    """The last reading the Supervisor took; ``memory.devices`` has each device's figures."""
     batched: bool = True
     """Whether a step decodes every busy slot together (False: one after another; ctransformers)."""
     model_instances: int = 1

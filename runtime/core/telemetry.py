@@ -1,22 +1,24 @@
-"""Memory readings behind one small protocol: NVML for the GPU, psutil and cgroup v2 for the
-host, and a scripted source for tests.
+"""Memory readings behind one small protocol: psutil and cgroup v2 for the host, a scripted
+source for tests (NVML for the GPUs is runtime.core.nvml), and what they share: combining
+devices into one reading, and its text for the log.
 
-A reading carries its source and time. A probe that fails logs once and reads as unknown
-(None), never as zero free memory: an unknown reading never shrinks the slot count.
+A reading carries its source, time and devices. A probe that fails logs once and reads as
+unknown (None), never as zero free memory: an unknown reading never shrinks the slot count.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import psutil
 
-from runtime.core.records import MemoryReading
+from runtime.core.records import DeviceMemory, MemoryReading, MemorySource
 
-__all__ = ["CgroupHostProbe", "MemoryProbe", "NvmlProbe", "ScriptedProbe"]
+__all__ = ["CgroupHostProbe", "MemoryProbe", "ScriptedProbe", "WarnOnce", "combine", "memory_text"]
 
 log = logging.getLogger("slotserve.telemetry")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -30,14 +32,59 @@ class MemoryProbe(Protocol):
         """The memory now, or None when it cannot be read (unknown, not zero)."""
 
 
-class _WarnOnce:
+class WarnOnce:
+    """Logs the first failure of each thing a probe reads, not the ones after it."""
+
     def __init__(self) -> None:
-        self._warned = False
+        self._warned: set[str] = set()
 
     def failed(self, what: str, exc: BaseException) -> None:
-        if not self._warned:
-            self._warned = True
+        """Log that ``what`` cannot be read, the first time it fails."""
+        if what not in self._warned:
+            self._warned.add(what)
             log.warning("%s cannot be read (%r); treating it as unknown", what, exc)
+
+
+def _per_share(d: DeviceMemory) -> tuple[int, int, int] | None:
+    """(free, total, used) bytes of ``d`` divided by its KV share; None if one is unknown."""
+    if d.free_bytes is None or d.total_bytes is None or d.used_bytes is None or d.kv_share <= 0:
+        return None
+    return int(d.free_bytes / d.kv_share), int(d.total_bytes / d.kv_share), int(d.used_bytes / d.kv_share)
+
+
+def combine(source: MemorySource, devices: Sequence[DeviceMemory]) -> MemoryReading:
+    """One reading of ``devices`` (at least one), its sizes the bounding device's (see
+    MemoryReading), or None where a device that holds KV is unknown."""
+    holding = [(_per_share(d), d) for d in devices if d.kv_share > 0]
+    known = [(figures, d) for figures, d in holding if figures is not None]
+    now = time.monotonic()
+    if not known or len(known) < len(holding):
+        first = next((d for figures, d in holding if figures is None), devices[0])
+        return MemoryReading(
+            source=source, device=first.device, total_bytes=None, used_bytes=None, free_bytes=None,
+            time_s=now, devices=tuple(devices),
+        )  # fmt: skip
+    (free, total, used), bound = min(known, key=lambda k: k[0][0])
+    return MemoryReading(
+        source=source, device=bound.device, total_bytes=total, used_bytes=used, free_bytes=free,
+        time_s=now, devices=tuple(devices),
+    )  # fmt: skip
+
+
+def _gib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def memory_text(reading: MemoryReading | None) -> str:
+    """The reading for the log: each device's free and total memory, with its name
+    (``gpu0 (NVIDIA H200): 120.50 GiB free of 139.80 GiB; gpu1 (NVIDIA H200): unknown``)."""
+    if reading is None:
+        return "memory unknown"
+    parts = []
+    for d in reading.devices:
+        figures = "unknown" if d.free_bytes is None else f"{_gib(d.free_bytes)} free of {_gib(d.total_bytes)}"
+        parts.append(f"{d.device} ({d.name}): {figures}")
+    return "; ".join(parts) or f"{reading.device}: {_gib(reading.free_bytes)} free"
 
 
 class CgroupHostProbe:
@@ -49,7 +96,7 @@ class CgroupHostProbe:
     def __init__(self, cgroup_root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> None:
         self._root = cgroup_root
         self._self = self_cgroup
-        self._warn = _WarnOnce()
+        self._warn = WarnOnce()
 
     def _own_dirs(self) -> list[Path]:
         """This process's cgroup folder, then each one above it up to the root."""
@@ -63,9 +110,10 @@ class CgroupHostProbe:
         parts = [p for p in relative.split("/") if p not in ("", ".", "..")]
         return [self._root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
 
-    def _cgroup(self) -> tuple[int, int] | None:
-        """(limit, usage) in bytes of the tightest cgroup v2 limit, or None where none is set."""
-        tightest: tuple[int, int] | None = None
+    def _cgroup(self) -> tuple[int, int, Path] | None:
+        """(limit, usage) in bytes of the tightest cgroup v2 limit, and its folder; None where
+        none is set."""
+        tightest: tuple[int, int, Path] | None = None
         for folder in self._own_dirs():
             try:
                 raw = (folder / "memory.max").read_text().strip()
@@ -75,7 +123,7 @@ class CgroupHostProbe:
             except (OSError, ValueError):
                 continue
             if tightest is None or limit - usage < tightest[0] - tightest[1]:
-                tightest = (limit, usage)
+                tightest = (limit, usage, folder)
         return tightest
 
     def read(self) -> MemoryReading | None:
@@ -84,47 +132,17 @@ class CgroupHostProbe:
         except Exception as exc:
             self._warn.failed("host memory", exc)
             return None
-        total, free, source = int(vm.total), int(vm.available), "host"
+        total, free, name = int(vm.total), int(vm.available), "host"
+        source: MemorySource = "host"
         cg = self._cgroup()
         if cg is not None and cg[0] - cg[1] < free:
-            total, free, source = cg[0], max(0, cg[0] - cg[1]), "cgroup"
-        return MemoryReading(
-            source=source,  # type: ignore[arg-type]
-            device="host",
-            total_bytes=total,
-            used_bytes=total - free,
-            free_bytes=free,
-            time_s=time.monotonic(),
+            limit, usage, folder = cg
+            total, free, source = limit, max(0, limit - usage), "cgroup"
+            name = "cgroup /" + folder.relative_to(self._root).as_posix().removeprefix(".")
+        device = DeviceMemory(
+            device="host", name=name, total_bytes=total, used_bytes=total - free, free_bytes=free
         )
-
-
-class NvmlProbe:
-    """GPU memory of device ``index`` through NVML (nvidia-ml-py)."""
-
-    def __init__(self, index: int = 0) -> None:
-        self._index = index
-        self._handle: object | None = None
-        self._warn = _WarnOnce()
-
-    def read(self) -> MemoryReading | None:
-        try:
-            import pynvml
-
-            if self._handle is None:
-                pynvml.nvmlInit()
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(self._index)
-            info = pynvml.nvmlDeviceGetMemoryInfo(self._handle)
-        except Exception as exc:
-            self._warn.failed(f"GPU {self._index} memory (NVML)", exc)
-            return None
-        return MemoryReading(
-            source="nvml",
-            device=f"gpu{self._index}",
-            total_bytes=int(info.total),
-            used_bytes=int(info.used),
-            free_bytes=int(info.free),
-            time_s=time.monotonic(),
-        )
+        return combine(source, [device])
 
 
 class ScriptedProbe:
@@ -139,11 +157,8 @@ class ScriptedProbe:
         self.reads += 1
         if self.free_bytes is None:
             return None
-        return MemoryReading(
-            source="scripted",
-            device="scripted",
-            total_bytes=self.total_bytes,
-            used_bytes=self.total_bytes - self.free_bytes,
-            free_bytes=self.free_bytes,
-            time_s=time.monotonic(),
-        )
+        device = DeviceMemory(
+            device="scripted", name="scripted", total_bytes=self.total_bytes,
+            used_bytes=self.total_bytes - self.free_bytes, free_bytes=self.free_bytes,
+        )  # fmt: skip
+        return combine("scripted", [device])

@@ -107,6 +107,11 @@ class Families:
             "Changes of the effective slot count, by direction (grow, shrink) and reason.",
             "direction", "reason",
         )  # fmt: skip
+        self.resize_failures = counter(
+            "slotserve_resize_failures_total",
+            "Resizes whose new context could not be built (the old count serves on), by direction and reason.",
+            "direction", "reason",
+        )  # fmt: skip
         self.ttft = histogram(
             "slotserve_time_to_first_token_seconds",
             "Time to first token (TTFT): admission to first token, of completed requests.",

@@ -10,7 +10,7 @@ them from another thread, best effort.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from runtime.core.records import RuntimeStatus
+    from runtime.core.records import DeviceMemory, RuntimeStatus
     from runtime.metrics.source import StatusSource
 
 __all__ = ["STATES", "GaugeSource", "Gauges"]
@@ -51,6 +51,22 @@ _PER_MODEL = {
     "slotserve_model_load_duration_seconds": "Seconds the weights took to load.",
 }
 
+_DEVICE_MEMORY: dict[str, tuple[str, Callable[[DeviceMemory], int | None]]] = {
+    "slotserve_device_memory_free_bytes": (
+        "Free memory of each device that holds the model (NVML GPU, or host), as the Supervisor last read it.",
+        lambda d: d.free_bytes,
+    ),
+    "slotserve_device_memory_used_bytes": (
+        "Used memory of each of those devices, as last read.",
+        lambda d: d.used_bytes,
+    ),
+    "slotserve_device_memory_total_bytes": (
+        "Total memory of each of those devices, as last read.",
+        lambda d: d.total_bytes,
+    ),
+}
+"""Family -> (help, the figure of a device it shows); a device read as unknown has no sample."""
+
 
 @dataclass(slots=True)
 class _Reading:
@@ -58,8 +74,8 @@ class _Reading:
 
     states: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PER_MODEL, 0.0))
-    devices: dict[str, tuple[int, int]] = field(default_factory=dict)
-    """device -> (free, total) bytes, as the Supervisor last read them."""
+    devices: dict[str, DeviceMemory] = field(default_factory=dict)
+    """device label -> its memory, as the Supervisor last read it."""
 
     def add(self, rt: StatusSource, status: RuntimeStatus) -> None:
         if status.state in self.states:
@@ -86,9 +102,8 @@ class _Reading:
             self.values[name] += value
         load = "slotserve_model_load_duration_seconds"
         self.values[load] = max(self.values[load], rt.load_seconds)
-        memory = status.memory
-        if memory is not None:
-            self.devices[memory.device] = (memory.free_bytes, memory.total_bytes)
+        if status.memory is not None:
+            self.devices.update((d.device, d) for d in status.memory.devices)
 
 
 class Gauges(Collector):
@@ -133,19 +148,10 @@ def _families(readings: dict[str, _Reading]) -> Iterator[Metric]:
         for model, r in readings.items():
             family.add_metric([model], r.values[name])
         yield family
-    free = GaugeMetricFamily(
-        "slotserve_device_memory_free_bytes",
-        "Free memory of the device that bounds the slot count, as the Supervisor last read it.",
-        labels=["model", "device"],
-    )
-    total = GaugeMetricFamily(
-        "slotserve_device_memory_total_bytes",
-        "Total memory of that device, as last read.",
-        labels=["model", "device"],
-    )
-    for model, r in readings.items():
-        for device, (free_bytes, total_bytes) in r.devices.items():
-            free.add_metric([model, device], free_bytes)
-            total.add_metric([model, device], total_bytes)
-    yield free
-    yield total
+    for name, (doc, figure) in _DEVICE_MEMORY.items():
+        family = GaugeMetricFamily(name, doc, labels=["model", "device"])
+        for model, r in readings.items():
+            for device, memory in r.devices.items():
+                if (value := figure(memory)) is not None:  # unknown: no sample, never 0
+                    family.add_metric([model, device], value)
+        yield family

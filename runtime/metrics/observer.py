@@ -65,6 +65,7 @@ class _Series:
         for direction in RESIZE_DIRECTIONS:
             for reason in RESIZE_REASONS:
                 f.resizes.labels(m, direction, reason)
+                f.resize_failures.labels(m, direction, reason)
         self.prompt_tokens = f.prompt_tokens.labels(m)
         self.prompt_tokens_cached = f.prompt_tokens_cached.labels(m)
         self.generation_tokens = f.generation_tokens.labels(m)
@@ -207,3 +208,9 @@ class RuntimeMetrics:
         if s is not None:
             s.f.resizes.labels(s.model, direction, reason).inc()
             s.resize_pause.observe(pause_s)
+
+    def resize_failed(self, direction: ResizeDirection, reason: ResizeReason) -> None:
+        """Count a resize whose new context could not be built."""
+        s = self._s or self._series()
+        if s is not None:
+            s.f.resize_failures.labels(s.model, direction, reason).inc()
