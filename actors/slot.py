@@ -16,7 +16,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from actors.model import ModelActor
-from actors.prompt import PromptCancelled, prompt_parts, tokenize_parts
+from actors.prompt import INLINE_PROMPT_CHARS, PromptCancelled, prompt_chars, prompt_parts, tokenize_parts
 from actors.scheduler import SequenceJob
 from actors.sink import RequestSink
 from runtime.backends.base import SamplerSpec
@@ -192,13 +192,15 @@ class SlotActor:
         ticket.finish(reason, final=final, stats=stats)
 
     async def _tokenize(self, ticket: Ticket) -> list[int]:
-        """The prompt's tokens (actors.prompt), in one worker-thread call that stops between two
-        pieces on a cancel."""
+        """The prompt's tokens (actors.prompt): a short prompt's here, a longer one's in one
+        worker-thread call that stops between two pieces on a cancel."""
         backend, request, n_ctx = self.model.backend, ticket.request, self.config.n_ctx_per_slot
 
         def work() -> list[int]:
             return tokenize_parts(backend, prompt_parts(backend, request), n_ctx, lambda: ticket.cancelled)
 
+        if backend.inline_tokenize and prompt_chars(request) <= INLINE_PROMPT_CHARS:
+            return work()
         return await anyio.to_thread.run_sync(work)
 
     def _max_new(self, n_prompt: int, max_tokens: int | None) -> int:

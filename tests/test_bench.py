@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 from runtime.bench.dispatch import measure_dispatch
@@ -190,3 +191,23 @@ async def test_a_random_weight_model_loads_and_generates(tmp_path: Path) -> None
     assert (info.n_layer, info.n_vocab) == (SHAPES["135m"]["n_layer"], SHAPES["135m"]["n_vocab"])
     assert result.stats.completion_tokens >= 1
     assert 10 <= result.stats.prompt_tokens <= 40  # 17 words, 84 characters
+
+
+async def test_gpu_rate_section_carries_every_token_each_way() -> None:
+    """Section 6 in small: 4 requests of 12 tokens on 2 ms steps, embedded, SSE and NDJSON
+    (the server in a child process): every token counted, the limit from the measured sleep."""
+    from runtime.bench.gpu_rate import MODES, measure_gpu_rate
+    from runtime.bench.report import gpu_rate_medians, targets
+
+    rows = await measure_gpu_rate(12, cases=[(4, 0.002)], rounds=1)
+    assert [r.mode for r in rows] == list(MODES)
+    for r in rows:
+        assert r.tokens == 4 * 12
+        assert 0.0015 < r.step_measured_s < 0.05
+        assert r.limit_tokens_per_s == pytest.approx(4 / r.step_measured_s)
+        assert 0 < r.ratio <= 1.05 and r.ratio == pytest.approx(r.tokens_per_s / r.limit_tokens_per_s)
+    as_json = [{**msgspec.to_builtins(r), "n": 128} for r in rows]
+    assert len(gpu_rate_medians(as_json + as_json)) == 3
+    assert [what for what, *_ in targets({"gpu_rate": as_json})] == [
+        f"GPU rate N=128, {mode} / one step per token" for mode in MODES
+    ]

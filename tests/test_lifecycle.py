@@ -55,7 +55,9 @@ async def test_closing_with_a_request_waiting_for_room_ends_it_once_and_promptly
 
 
 class SlowTokenize(FakeBackend):
-    """Tokenizing a prompt that says "slow" takes 0.3 s."""
+    """Tokenizing a prompt that says "slow" takes 0.3 s (in a thread, as a slow tokenizer's)."""
+
+    inline_tokenize = False
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         if "slow" in text:

@@ -116,6 +116,11 @@ class Backend(Protocol):
         """End-of-generation token ids (EOS, EOT, ...)."""
 
     @property
+    def inline_tokenize(self) -> bool:
+        """Its tokenizer runs in this process in microseconds: a short prompt may be tokenized
+        on the event loop (actors.prompt.INLINE_PROMPT_CHARS) instead of in a thread."""
+
+    @property
     def chat_template(self) -> ChatTemplate | None:
         """The model's chat template (sandboxed; see chat_template.py), or None if it has none."""
 

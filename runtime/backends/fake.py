@@ -50,6 +50,8 @@ class FakeBackend:
         NVML, as for a model on a GPU).
     """
 
+    inline_tokenize = True
+
     def __init__(
         self,
         *,

@@ -14,8 +14,8 @@ from runtime.bench.workload import Workload
 
 __all__ = ["SECTIONS", "BenchOptions", "add_arguments", "options_from"]
 
-SECTIONS = ("plain", "embedded", "servers", "dispatch", "memory")
-"""The sections in order; on the command line each may also be given by its number (1-5)."""
+SECTIONS = ("plain", "embedded", "servers", "dispatch", "memory", "gpurate")
+"""The sections in order; on the command line each may also be given by its number (1-6)."""
 
 
 class BenchOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,7 +43,7 @@ def _sections(text: str) -> tuple[str, ...]:
         name = SECTIONS[int(item) - 1] if item.isdigit() and 1 <= int(item) <= len(SECTIONS) else item
         if name not in SECTIONS:
             raise argparse.ArgumentTypeError(
-                f"unknown section {item!r}; choose from {', '.join(SECTIONS)} or 1-5"
+                f"unknown section {item!r}; choose from {', '.join(SECTIONS)} or 1-{len(SECTIONS)}"
             )
         chosen.add(name)
     return tuple(s for s in SECTIONS if s in chosen)
@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sections",
         type=_sections,
         default=SECTIONS,
-        help="all, or a comma list of: plain, embedded, servers, dispatch, memory (or 1-5)",
+        help="all, or a comma list of: plain, embedded, servers, dispatch, memory, gpurate (or 1-6)",
     )
     p.add_argument("--n", type=_counts, default=(1, 2, 4, 8), dest="n_list", help="sequences, e.g. 1,2,4,8")
     p.add_argument(

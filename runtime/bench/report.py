@@ -18,6 +18,7 @@ __all__ = [
     "plot",
     "print_batching",
     "print_dispatch",
+    "print_gpu_rate",
     "print_servers",
     "print_targets",
     "write_json",
@@ -27,8 +28,10 @@ TARGETS = {
     "embedded_vs_plain": 0.95,
     "server_vs_llama_cpp_server": 2.5,
     "dispatch_tokens_per_s": 50_000.0,
+    "gpu_rate_ratio": 0.9,
 }
-"""slotserve / plain loop at every N; slotserve's server / llama-cpp-python's; fake tok/s."""
+"""slotserve / plain loop at every N; slotserve's server / llama-cpp-python's; fake tok/s;
+the share of one step per token at a GPU's rate (N = 128, each way)."""
 
 
 SERVER_STYLES = (
@@ -114,6 +117,29 @@ def print_dispatch(d: dict[str, Any], out: TextIO) -> None:
     out.flush()
 
 
+def gpu_rate_medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (N, mode): the pass of median ratio."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["n"], row["mode"]), []).append(row)
+    return [sorted(g, key=lambda r: r["ratio"])[(len(g) - 1) // 2] for g in groups.values()]
+
+
+def print_gpu_rate(rows: list[dict[str, Any]], out: TextIO) -> None:
+    """Section 6: the share of one step per token at a GPU's step rate."""
+    out.write("\nsection 6: at a GPU's rate (a fake step that sleeps), against one step per token\n")
+    out.write(f"{'N':>4} {'step':>7} {'measured':>8} {'way':<9} {'tokens':>6} {'tok/s':>8} "
+              f"{'limit':>8} {'ratio':>6} {'rounds':<20}\n")  # fmt: skip
+    for row in gpu_rate_medians(rows):
+        rounds = [r["ratio"] for r in rows if (r["n"], r["mode"]) == (row["n"], row["mode"])]
+        out.write(
+            f"{row['n']:>4} {row['step_s'] * 1e3:>5.1f}ms {row['step_measured_s'] * 1e3:>6.2f}ms {row['mode']:<9} "
+            f"{row['tokens']:>6} {row['tokens_per_s']:>8,.0f} {row['limit_tokens_per_s']:>8,.0f} "
+            f"{row['ratio']:>6.3f} {', '.join(f'{x:.3f}' for x in rounds)}\n"
+        )
+    out.flush()
+
+
 def targets(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
     """(what, measured, target, met) for each target the run measured."""
     found = []
@@ -130,6 +156,12 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
     if dispatch := result.get("dispatch"):
         t = TARGETS["dispatch_tokens_per_s"]
         found.append(("fake backend tok/s", dispatch["tokens_per_s"], t, dispatch["tokens_per_s"] >= t))
+    t = TARGETS["gpu_rate_ratio"]
+    for row in gpu_rate_medians(result.get("gpu_rate") or []):
+        if row["n"] == 128:
+            found.append(
+                (f"GPU rate N=128, {row['mode']} / one step per token", row["ratio"], t, row["ratio"] >= t)
+            )
     return found
 
 

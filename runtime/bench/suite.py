@@ -5,6 +5,7 @@
 3. servers   llama-cpp-python's OpenAI server against ``slotserve serve`` (runtime.bench.servers)
 4. dispatch  the runtime's own cost per token, on the fake backend (runtime.bench.dispatch)
 5. memory    weights, KV per slot and resident memory per slot count (runtime.bench.memory)
+6. gpurate   the runtime at a GPU's step rate, embedded and over HTTP (runtime.bench.gpu_rate)
 
 Each section prints its table when it ends; at the end ``bench.json`` and ``bench.png`` are
 written to the output folder.
@@ -26,6 +27,7 @@ from runtime.bench.report import (
     plot,
     print_batching,
     print_dispatch,
+    print_gpu_rate,
     print_servers,
     print_targets,
     write_json,
@@ -89,6 +91,12 @@ async def run_bench(options: BenchOptions, out: TextIO = sys.stdout) -> dict[str
         out.write("\nsection 5: memory\n")
         out.flush()
         result["memory"] = await anyio.to_thread.run_sync(measure_memory, options.n_list)
+    if "gpurate" in chosen:
+        from runtime.bench.gpu_rate import measure_gpu_rate
+
+        passes = await measure_gpu_rate(options.workload.max_tokens, rounds=max(options.workload.repeats, 1))
+        result["gpu_rate"] = _plain(passes)
+        print_gpu_rate(result["gpu_rate"], out)
     result["load_average_1m_after"] = machine()["load_average_1m"]
     print_targets(result, out)
     write_json(result, options.out_dir / "bench.json")

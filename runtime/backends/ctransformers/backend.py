@@ -97,6 +97,7 @@ class CTransformersBackend:
     eog_tokens: frozenset[int]
     chat_template: ChatTemplate | None
     max_token_bytes: int
+    inline_tokenize = False  # its tokenizer is in the worker process
 
     def __init__(self, path: Path, config: RuntimeConfig, n_seq: int | None = None) -> None:
         if config.n_gpu_layers > 0:
