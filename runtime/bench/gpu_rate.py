@@ -163,28 +163,33 @@ def completion_tokens(mode: str, raw: bytes) -> int:
     return int(json.loads(body[body.rfind(b"\n") + 1 :])["eval_count"])
 
 
-async def _http_one(mode: str, port: int, i: int, max_tokens: int) -> int:
+async def _http_one(mode: str, port: int, i: int, max_tokens: int) -> tuple[bytes, float]:
+    """One streamed answer, whole, and when its last byte came (perf_counter)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(_request(mode, port, i, max_tokens))
         parts = []
         while part := await reader.read(65536):
             parts.append(part)
+        return b"".join(parts), time.perf_counter()
     finally:
         writer.close()
-    return completion_tokens(mode, b"".join(parts))
 
 
-async def _http_pass(mode: str, port: int, n: int, max_tokens: int) -> int:
-    counts = [0] * n
+async def _http_pass(mode: str, port: int, n: int, max_tokens: int) -> tuple[int, float]:
+    """``n`` streams at once: (tokens, seconds until the last one ended). The answers are read
+    after the clock stops, so that the client's parsing is not counted."""
+    answers: list[tuple[bytes, float]] = [(b"", 0.0)] * n
 
     async def one(i: int) -> None:
-        counts[i] = await _http_one(mode, port, i, max_tokens)
+        answers[i] = await _http_one(mode, port, i, max_tokens)
 
+    start = time.perf_counter()
     async with anyio.create_task_group() as tg:
         for i in range(n):
             tg.start_soon(one, i)
-    return sum(counts)
+    wall = max(end for _, end in answers) - start
+    return sum(completion_tokens(mode, raw) for raw, _ in answers), wall
 
 
 def _row(n: int, mode: str, step_s: float, measured: float, tokens: int, wall: float) -> GpuRateRow:
@@ -260,7 +265,7 @@ async def measure_gpu_rate(
             await _http_pass(http[0], port, n, 4)
             for _ in range(rounds):
                 for mode in http:
-                    tokens, wall = await _timed(_http_pass(mode, port, n, max_tokens))
+                    tokens, wall = await _http_pass(mode, port, n, max_tokens)
                     rows.append(_row(n, mode, step_s, measured, tokens, wall))
         finally:
             proc.terminate()
