@@ -211,3 +211,14 @@ async def test_gpu_rate_section_carries_every_token_each_way() -> None:
     assert [what for what, *_ in targets({"gpu_rate": as_json})] == [
         f"GPU rate N=128, {mode} / one step per token" for mode in MODES
     ]
+
+
+def test_sampling_figures_compare_the_chain_with_argmax() -> None:
+    require_backend("llama_cpp")
+    from runtime.bench.sampling import measure_sampling
+
+    f = measure_sampling(TINY, n=2, steps=3)
+    assert (f.n, f.steps) == (2, 3)
+    assert f.greedy_step_s > 0 and f.sampled_step_s > 0
+    assert f.chain_per_step_s == pytest.approx(f.sampled_step_s - f.greedy_step_s)
+    assert f.chain_per_row_us == pytest.approx(f.chain_per_step_s / 2 * 1e6)

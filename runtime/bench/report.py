@@ -19,6 +19,7 @@ __all__ = [
     "print_batching",
     "print_dispatch",
     "print_gpu_rate",
+    "print_sampling",
     "print_servers",
     "print_targets",
     "write_json",
@@ -113,6 +114,17 @@ def print_dispatch(d: dict[str, Any], out: TextIO) -> None:
         f"passes: {', '.join(f'{x:,.0f}' for x in d['all_tokens_per_s'])}\n"
         f"the floor (a bare asyncio hand-off of a token per reader per step): "
         f"{d['floor_tokens_per_s']:,.0f} tok/s; slotserve carries {d['share_of_floor']:.0%} of it\n"
+    )
+    out.flush()
+
+
+def print_sampling(f: dict[str, Any], out: TextIO) -> None:
+    """Section 2's footnote: the sampler chain's cost per step."""
+    out.write(
+        f"sampler chain (temperature 0.8, top-k, top-p, repeat penalty) at N={f['n']}: step "
+        f"{_ms(f['sampled_step_s']).strip()} ms against {_ms(f['greedy_step_s']).strip()} ms greedy "
+        f"(medians of {f['steps']}): {f['chain_per_step_s'] * 1e3:.2f} ms a step, "
+        f"{f['chain_per_row_us']:.0f} us a row\n"
     )
     out.flush()
 

@@ -1,7 +1,8 @@
 """``slotserve bench``: run the chosen sections in one process, one after another.
 
 1. plain     the limit: N sequences batched by a plain llama.cpp loop (runtime.bench.plain)
-2. embedded  slotserve's embedded API at the same N (runtime.bench.embedded), side by side with 1
+2. embedded  slotserve's embedded API at the same N (runtime.bench.embedded), side by side with 1;
+             then what llama.cpp's sampler chain costs a step of 8 rows (runtime.bench.sampling)
 3. servers   llama-cpp-python's OpenAI server against ``slotserve serve`` (runtime.bench.servers)
 4. dispatch  the runtime's own cost per token, on the fake backend (runtime.bench.dispatch)
 5. memory    weights, KV per slot and resident memory per slot count (runtime.bench.memory)
@@ -28,6 +29,7 @@ from runtime.bench.report import (
     print_batching,
     print_dispatch,
     print_gpu_rate,
+    print_sampling,
     print_servers,
     print_targets,
     write_json,
@@ -67,6 +69,12 @@ async def run_bench(options: BenchOptions, out: TextIO = sys.stdout) -> dict[str
         )
         result["batching"] = _plain(rows)
         print_batching(result["batching"], out)
+        if "embedded" in chosen:
+            from runtime.bench.sampling import measure_sampling
+
+            chains = await anyio.to_thread.run_sync(measure_sampling, options.workload)
+            result["sampling"] = _plain(chains)
+            print_sampling(result["sampling"], out)
     if "servers" in chosen:
         from runtime.bench.servers import measure_servers
 
