@@ -14,6 +14,7 @@ loop runs at most :data:`MAX_AHEAD` steps ahead of the sinks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -132,7 +133,8 @@ class ModelActor:
                 result, error = fn(), None
             except BaseException as exc:  # handed to the waiting task, which re-raises it
                 result, error = None, exc
-            loop.call_soon_threadsafe(settle, result, error)
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits any more
+                loop.call_soon_threadsafe(settle, result, error)
 
         self._command(call)
         if not self._running:
