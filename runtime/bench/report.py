@@ -168,7 +168,7 @@ def print_targets(result: dict[str, Any], out: TextIO) -> None:
         return
     out.write("\ntargets\n")
     for what, measured, op, target, met in rows:
-        out.write(f"{what:<50} {measured:>10,.3f} {op} {target:<10,g} {'met' if met else 'MISSED'}\n")
+        out.write(f"{what:<58} {measured:>10,.3f} {op} {target:<10,g} {'met' if met else 'MISSED'}\n")
     out.flush()
 
 
