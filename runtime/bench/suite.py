@@ -3,13 +3,14 @@
 1. plain     the limit: N sequences batched by a plain llama.cpp loop (runtime.bench.plain)
 2. embedded  slotserve's embedded API at the same N (runtime.bench.embedded), side by side with 1;
              then what llama.cpp's sampler chain costs a step of 8 rows (runtime.bench.sampling)
-3. servers   llama-cpp-python's OpenAI server against ``slotserve serve`` (runtime.bench.servers)
+3. servers   llama.cpp's C++ server and llama-cpp-python's against ``slotserve serve`` (runtime.bench.servers)
 4. dispatch  the runtime's own cost per token, on the fake backend (runtime.bench.dispatch)
 5. memory    weights, KV per slot and resident memory per slot count (runtime.bench.memory)
 6. gpurate   the runtime at a GPU's step rate, embedded and over HTTP (runtime.bench.gpu_rate)
 
 Each section prints its table when it ends; at the end ``bench.json`` and ``bench.png`` are
-written to the output folder.
+written to the output folder. With section 3, llama-server is found (or built: minutes) first,
+before any section runs.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ async def run_bench(options: BenchOptions, out: TextIO = sys.stdout) -> dict[str
     ``options.out_dir`` and return what was written.
 
     :raises ModelLoadError: if the model cannot be loaded.
-    :raises RuntimeError: if a server of section 3 does not start.
+    :raises RuntimeError: if a server of section 3 does not start, or llama-server is to be
+        built and the build fails.
+    :raises FileNotFoundError: if ``options.llama_server`` is a path to no executable file.
     """
     options.out_dir.mkdir(parents=True, exist_ok=True)
     chosen = set(options.sections)
@@ -61,6 +64,17 @@ async def run_bench(options: BenchOptions, out: TextIO = sys.stdout) -> dict[str
     out.write(f"slotserve bench: {', '.join(options.sections)}; N = {', '.join(map(str, options.n_list))}; "
               f"{options.workload.max_tokens} tokens a request, {options.workload.repeats} round(s); "
               f"{result['machine']['cores']} cores, load {result['machine']['load_average_1m']:.2f}\n")  # fmt: skip
+    llama_server = None
+    if "servers" in chosen:
+        from runtime.bench.llama_server import find_llama_server
+
+        def say(message: str) -> None:
+            out.write(f"llama-server: {message}\n")
+            out.flush()
+
+        llama_server = await anyio.to_thread.run_sync(
+            lambda: find_llama_server(options.llama_server, say=say)
+        )
     if chosen & {"plain", "embedded"}:
         from runtime.bench.batching import measure_batching
 
@@ -81,7 +95,11 @@ async def run_bench(options: BenchOptions, out: TextIO = sys.stdout) -> dict[str
         logging.getLogger("httpx").setLevel(logging.WARNING)  # else a line per request with -v
 
         servers = await measure_servers(
-            options.workload, options.clients, options.requests_per_client, log_dir=options.out_dir
+            options.workload,
+            options.clients,
+            options.requests_per_client,
+            log_dir=options.out_dir,
+            llama_server=llama_server,
         )
         result["servers"] = _plain(servers)
         print_servers(result["servers"], out, batching_limit(result))
