@@ -219,6 +219,5 @@ def test_sampling_figures_compare_the_chain_with_argmax() -> None:
 
     f = measure_sampling(TINY, n=2, steps=3)
     assert (f.n, f.steps) == (2, 3)
-    assert f.greedy_step_s > 0 and f.sampled_step_s > 0
-    assert f.chain_per_step_s == pytest.approx(f.sampled_step_s - f.greedy_step_s)
-    assert f.chain_per_row_us == pytest.approx(f.chain_per_step_s / 2 * 1e6)
+    assert 0 < f.argmax_step_s < f.decode_step_s and 0 < f.chain_step_s < f.decode_step_s
+    assert f.chain_per_row_us == pytest.approx(f.chain_step_s / 2 * 1e6)

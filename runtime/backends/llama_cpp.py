@@ -13,6 +13,7 @@ import ctypes
 import logging
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,8 @@ class LlamaCppBackend:
     def __init__(self, path: Path, config: RuntimeConfig, n_seq: int | None = None) -> None:
         self._config = config
         self._samplers: dict[int, Any] = {}
+        self.sampling_seconds = 0.0
+        """Time the steps spent choosing tokens from the logits (argmax and sampler chains)."""
         self._ctx: Any = None
         gpu_layers = config.n_gpu_layers
         if gpu_layers < 0:
@@ -336,6 +339,7 @@ class LlamaCppBackend:
         rc = llama.llama_decode(self._ctx, self._batch.struct)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} for a batch of {plan.n_tokens} tokens")
+        sampling_from = time.perf_counter()
         logits = np.ctypeslib.as_array(llama.llama_get_logits(self._ctx), shape=(n_out * self._n_vocab,))
         logits = logits.reshape(n_out, self._n_vocab)
         seq_ids = plan.seq_ids[plan.output_rows]
@@ -349,6 +353,7 @@ class LlamaCppBackend:
                 out[i] = llama.llama_sampler_sample(chains[i], self._ctx, int(plan.output_rows[i]))
             except Exception as exc:  # one row's sampler must not fail the others
                 errors[i] = exc
+        self.sampling_seconds += time.perf_counter() - sampling_from
         return StepResult(tokens=out, row_errors=errors)
 
     def _set_sampler(self, seq_id: int, spec: SamplerSpec | None) -> None:
