@@ -116,7 +116,7 @@ class SlotActor:
         request = ticket.request
         try:
             tokens = await self._tokenize(ticket)
-            max_new = self._max_new(len(tokens), request.max_tokens)
+            max_new = self._max_new(len(tokens), request.max_tokens, stop=request.overflow == "stop")
         except PromptCancelled:
             ticket.finish("cancel")
             return
@@ -203,10 +203,14 @@ class SlotActor:
             return work()
         return await anyio.to_thread.run_sync(work)
 
-    def _max_new(self, n_prompt: int, max_tokens: int | None) -> int:
+    def _max_new(self, n_prompt: int, max_tokens: int | None, *, stop: bool) -> int:
+        """Tokens the request may generate; with ``stop``, ``max_tokens`` is only an upper bound
+        (the room the context has left and the cap bound it too)."""
         n_ctx = self.config.n_ctx_per_slot
         cap = self.config.max_tokens_limit
         wanted = min(cap, n_ctx - n_prompt) if max_tokens is None else max_tokens
+        if stop:
+            wanted = min(wanted, cap, n_ctx - n_prompt)
         if wanted < 1 or n_prompt + wanted > n_ctx:
             raise ContextOverflowError(n_prompt, max(wanted, 1), n_ctx)
         return wanted

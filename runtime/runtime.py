@@ -30,6 +30,7 @@ from runtime.core.channel import ChannelReceiver, ChannelSender, channel
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import (
     ConfigError,
+    ContextOverflowError,
     InvalidRequestError,
     QueueFullError,
     ResizeFailedError,
@@ -229,9 +230,11 @@ class Runtime:
         first read.
 
         :raises QueueFullError: if the mailbox is full (at once, or after the timeout).
-        :raises InvalidRequestError: if max_tokens exceeds ``max_tokens_cap``.
+        :raises InvalidRequestError: if max_tokens exceeds ``max_tokens_cap`` (with overflow
+            ``refuse``).
         :raises ContextOverflowError: if the prompt's text is too long to fit the slot whatever
-            it tokenizes to (refused before any tokenizing).
+            it tokenizes to, or max_tokens leaves no room for a prompt (with overflow
+            ``refuse``): refused before any tokenizing.
         :raises RuntimeClosedError: if the runtime is not ready (RuntimeFailedError if failed).
         """
         try:
@@ -291,11 +294,12 @@ class Runtime:
         return await self.complete(request, admission_timeout_s=admission_timeout_s)
 
     def _check_request(self, request: GenerateRequest | ChatRequest) -> None:
-        cap = self.config.max_tokens_limit
-        if request.max_tokens is not None and request.max_tokens > cap:
-            raise InvalidRequestError(
-                f"max_tokens is {request.max_tokens:,}; the limit is {cap:,} (max_tokens_cap)"
-            )
+        cap, n_ctx, wanted = self.config.max_tokens_limit, self.config.n_ctx_per_slot, request.max_tokens
+        if wanted is not None and request.overflow == "refuse":
+            if wanted >= n_ctx:  # no room for a prompt besides
+                raise ContextOverflowError(1, wanted, n_ctx, at_least="any prompt is one or more")
+            if wanted > cap:
+                raise InvalidRequestError(f"max_tokens is {wanted:,}; the limit is {cap:,} (max_tokens_cap)")
         check_prompt_size(request, self.config.n_ctx_per_slot, self.backend.max_token_bytes)
 
     def _check_ready(self) -> None:

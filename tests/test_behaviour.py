@@ -151,8 +151,8 @@ async def test_bad_input_is_refused_and_the_next_request_is_served(kind: str) ->
             with pytest.raises(InvalidRequestError) as info:
                 rt.generate(decode_request(fields, GenerateRequest))
             assert str(info.value)
-        with pytest.raises(InvalidRequestError, match="max_tokens_cap"):
-            rt.generate(greedy("x", max_tokens=5000))
+        with pytest.raises(ContextOverflowError, match="max_tokens is 5,000; slot context is 64 tokens"):
+            rt.generate(greedy("x", max_tokens=5000))  # no room for any prompt: refused at once
         with pytest.raises(ContextOverflowError, match=r"slot context is 64 tokens") as overflow:
             await rt.complete(greedy("word " * 80, max_tokens=4))
         assert overflow.value.n_ctx_per_slot == 64

@@ -338,7 +338,8 @@ VALUES = st.recursive(
 ).map(json.dumps)
 ROUTES = [("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/v1/chat/completions"),
           ("POST", "/v1/completions"), ("GET", "/api/tags"), ("GET", "/api/ps"), ("GET", "/api/version"),
-          ("GET", "/v1/models"), ("GET", "/health"), ("GET", "/")]  # fmt: skip
+          ("GET", "/v1/models"), ("GET", "/health"), ("GET", "/"), ("POST", "/api/show"),
+          ("GET", "/v1/models/fake")]  # fmt: skip
 FIELDS = ["model", "prompt", "messages", "stream", "options", "raw", "system", "max_tokens", "temperature",
           "stop", "seed", "n", "ignored_field", "keep_alive", "format"]  # fmt: skip
 

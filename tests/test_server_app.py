@@ -3,6 +3,7 @@ them, in-band errors, the body limit, model names, listings, /metrics, embedding
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ import runtime.backends
 from runtime import GenerateRequest, ModelLoadError, Runtime, RuntimeConfig
 from runtime.backends.fake import FakeBackend
 from runtime.server import ServerSettings, create_app, serving
-from runtime.server.ollama_api import version
+from runtime.server.versions import OLLAMA_VERSION, slotserve_version
 from tests.helpers import wait_until
 from tests.test_server_clients import http_client, ollama_client, openai_client
 
@@ -81,7 +82,10 @@ async def test_health_says_loading_until_the_model_is_loaded(monkeypatch: pytest
     assert refused_openai.json()["error"]["code"] == "unavailable"
     assert ps_loading == {"models": []}
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ok", "model": "fake", "slots": 2, "slots_busy": 0, "queue_depth": 0}
+    assert ready.json() == {
+        "status": "ok", "model": "fake", "version": slotserve_version(), "slots": 2, "slots_busy": 0,
+        "queue_depth": 0,
+    }  # fmt: skip
     assert answer.json()["eval_count"] == 3
     assert rt.status().state == "closed"  # the app stopped the runtime it started
 
@@ -196,8 +200,14 @@ async def test_model_names_listings_and_version() -> None:
         loaded = await oc.generate(model="my-model")  # an empty prompt: Ollama's "load the model"
     assert accepted == [True] * 5
     assert refused == [404] * 4
-    assert [m.model for m in tags.models] == ["my-model"]
-    assert tags.models[0].size == rt.backend.info.weights_bytes
+    assert [m.model for m in tags.models] == [
+        "my-model:latest",
+        "fake:latest",
+        "default:latest",
+        "slotserve:latest",
+    ]
+    assert {m.size for m in tags.models} == {rt.backend.info.weights_bytes}  # the fake has no file
+    assert {m.digest for m in tags.models} == {hashlib.sha256(b"fake").hexdigest()}
     assert ps.models[0].context_length == 512
     assert ps.models[0].size == rt.backend.info.weights_bytes + 3 * rt.backend.info.kv_bytes_per_slot
     ours = ps_raw["models"][0]["slotserve"]
@@ -205,7 +215,7 @@ async def test_model_names_listings_and_version() -> None:
     assert ours["requests_completed"] == 5
     assert [m.id for m in models.data] == ["my-model"]
     assert root.text == "slotserve is running"
-    assert got_version == {"version": version()}
+    assert got_version == {"version": OLLAMA_VERSION, "slotserve_version": slotserve_version()}
     assert (loaded.done, loaded.done_reason, loaded.response) == (True, "load", "")
 
 

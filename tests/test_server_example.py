@@ -26,7 +26,7 @@ def test_http_clients_example_runs(kind: str) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     served = "fake" if kind == "fake" else "SmolLM2-135M-Instruct.Q4_1"
-    assert lines[0] == f"served model: {served}"
+    assert lines[0] == f"served model: {served}:latest"  # as Ollama lists it
     (ollama_chat,) = [line for line in lines if line.startswith("ollama chat: ")]
     (openai_chat,) = [line for line in lines if line.startswith("openai chat: ")]
     assert ollama_chat.endswith("(24 tokens, length)")

@@ -240,11 +240,12 @@ BAD: list[tuple[str, str, bytes | dict[str, Any], int, str]] = [
      400, "NUL character at index 1"),
     ("lone surrogate in the prompt", "/api/generate",
      b'{"model": "slotserve", "prompt": "x\\udc00", "raw": true}', 400, "lone UTF-16 surrogate"),
-    ("unknown option", "/api/generate", GEN | {"options": {"warp": 9}}, 400, "unknown field `warp`"),
-    ("num_ctx over the slot", "/api/generate", GEN | {"options": {"num_ctx": 100_000}},
-     400, "num_ctx is 100000"),
-    ("max tokens over the cap", "/api/generate", GEN | {"options": {"num_predict": 5000}},
-     400, "max_tokens_cap"),
+    ("option of wrong type", "/api/generate", GEN | {"options": {"num_ctx": "big"}},
+     400, "at `$.options.num_ctx`"),
+    ("keep_alive no duration", "/api/chat", {"model": MODEL, "messages": USER, "keep_alive": "soon"},
+     400, "keep_alive is 'soon'"),
+    ("max tokens over the window (OpenAI)", "/v1/completions", GEN | {"max_tokens": 5000},
+     400, "max_tokens is 5,000; slot context is 512 tokens"),
     ("empty messages", "/api/chat", {"model": MODEL, "messages": []}, 400, "messages is empty"),
     ("unknown role", "/api/chat", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
      400, "Invalid enum value 'wizard'"),
@@ -289,6 +290,8 @@ async def test_malformed_requests_get_their_4xx_and_the_next_request_succeeds(ki
         assert fragment in message, (name, message)
         if path.startswith("/v1/"):
             assert body["error"]["type"] == "invalid_request_error", name
+            if "slot context is" in fragment:  # OpenAI's code for a prompt that does not fit
+                assert body["error"]["code"] == "context_length_exceeded", name
     assert good.status_code == 200
     assert good.json()["eval_count"] == 4
     assert good_openai.status_code == 200

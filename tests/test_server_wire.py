@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import re
 from typing import Any
 
 import msgspec
@@ -15,7 +17,13 @@ from hypothesis import strategies as st
 
 from runtime import ChatMessage, ChatRequest, GenerateRequest, InvalidRequestError
 from runtime.server.body import decode_body
-from runtime.server.ollama_wire import OllamaChatBody, OllamaGenerateBody, chat_request, generate_request
+from runtime.server.ollama_wire import (
+    OllamaChatBody,
+    OllamaGenerateBody,
+    chat_request,
+    generate_request,
+    keep_alive_s,
+)
 from runtime.server.openai_wire import (
     OpenAIChatBody,
     OpenAICompletionBody,
@@ -41,20 +49,56 @@ def test_ollama_options_map_to_our_fields() -> None:
     got = ollama_generate(prompt="hi", raw=True, options=options)
     assert got == GenerateRequest(
         prompt="hi", max_tokens=7, temperature=0.2, top_k=5, top_p=0.5, min_p=0.1,
-        repeat_penalty=1.2, repeat_last_n=32, seed=11, stop=("\n",), parse_special=True,
+        repeat_penalty=1.2, repeat_last_n=32, seed=11, stop=("\n",), parse_special=True, overflow="stop",
     )  # fmt: skip
+
+
+def test_ollama_num_ctx_is_clamped_and_unknown_options_are_ignored_with_a_notice() -> None:
+    notices: list[tuple[str, str]] = []
+    body = {"model": "m", "prompt": "hi", "raw": True, "keep_alive": "1h30m",
+            "options": {"num_ctx": 32768, "num_predict": 4096, "warp": 9, "top_k": 3}}  # fmt: skip
+    decoded = decode_body(json.dumps(body).encode(), OllamaGenerateBody)
+    got = generate_request(decoded, N_CTX, lambda key, message: notices.append((key, message)))
+    assert got == GenerateRequest(prompt="hi", parse_special=True, max_tokens=4096, top_k=3, overflow="stop")
+    assert notices == [
+        ("option 'warp'", "options.'warp' is not an Ollama option; ignored (as Ollama does)"),
+        (
+            "num_ctx 32768",
+            "options.num_ctx is 32,768; each slot holds 512 tokens (n_ctx_per_slot), so 512 are used",
+        ),
+    ]
+    huge = ollama_generate(prompt="hi", raw=True, options={"num_predict": 10**9})
+    assert huge is not None and huge.max_tokens == 1 << 20  # the request's own bound; it stops at the window
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(None, None), (300, 300.0), (2.7, 2.0), (-1, math.inf), ("5m", 300.0), ("1h30m", 5400.0), ("1.5s", 1.5),
+     ("0", 0.0), ("-1m", math.inf), ("250ms", 0.25)],
+)  # fmt: skip
+def test_keep_alive_is_read_as_ollama_reads_it(
+    value: str | int | float | None, seconds: float | None
+) -> None:
+    assert keep_alive_s(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "5", "m", "1h-5m", ""])
+def test_a_keep_alive_that_is_no_duration_is_refused(value: str) -> None:
+    with pytest.raises(InvalidRequestError, match="keep_alive is"):
+        ollama_generate(prompt="x", keep_alive=value)
 
 
 @pytest.mark.parametrize("num_predict", [None, -1, -2])
 def test_ollama_unbounded_num_predict_means_until_the_context_is_full(num_predict: int | None) -> None:
     got = ollama_generate(prompt="hi", raw=True, options={"num_predict": num_predict, "seed": -1})
-    assert got == GenerateRequest(prompt="hi", parse_special=True)  # max_tokens None, a random seed; raw
+    assert got == GenerateRequest(prompt="hi", parse_special=True, overflow="stop")  # max_tokens None; raw
 
 
 def test_ollama_generate_uses_the_template_unless_raw() -> None:
     templated = ollama_generate(prompt="hi", system="be brief")
     assert templated == ChatRequest(
-        messages=(ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi"))
+        messages=(ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi")),
+        overflow="stop",
     )
     assert ollama_generate(prompt="") is None  # Ollama's "load the model"
 
@@ -65,7 +109,11 @@ def test_ollama_generate_uses_the_template_unless_raw() -> None:
         ({"prompt": "x", "options": {"mirostat": 2}}, "options.mirostat is 2; slotserve supports only 0"),
         ({"prompt": "x", "options": {"presence_penalty": 0.5}}, "options.presence_penalty is 0.5"),
         ({"prompt": "x", "options": {"num_predict": 0}}, "options.num_predict is 0"),
-        ({"prompt": "x", "options": {"num_ctx": 513}}, "each slot holds 512 tokens"),
+        ({"prompt": "x", "options": {"num_ctx": 0}}, "options.num_ctx is 0; it must be >= 1"),
+        (
+            {"prompt": "x", "options": {"top_k": "many"}},
+            "Expected `int | null`, got `str` - at `$.options.top_k`",
+        ),
         ({"prompt": "x", "images": ["aGk="]}, "images is ['aGk=']"),
         ({"prompt": "x", "format": "json"}, "format is 'json'"),
         ({"prompt": "x", "context": [1, 2]}, "context is [1, 2]"),
@@ -73,7 +121,7 @@ def test_ollama_generate_uses_the_template_unless_raw() -> None:
     ],
 )
 def test_ollama_refusals_name_the_field(body: dict[str, Any], message: str) -> None:
-    with pytest.raises(InvalidRequestError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
         ollama_generate(**body)
 
 

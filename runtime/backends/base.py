@@ -2,7 +2,8 @@
 
 All methods are blocking and are called from worker threads, never from the event loop.
 ``step`` and the sequence operations run on one thread at a time (the ModelActor's);
-``tokenize`` and the chat template only read the vocabulary and may run on any worker thread.
+``tokenize``, the chat template and ``metadata`` only read the vocabulary or the file and may run
+on any worker thread.
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.backends.chat_template import ChatTemplate
+from runtime.backends.gguf_metadata import MetadataValue
 
-__all__ = ["Backend", "ModelInfo", "SamplerSpec", "StepPlan", "StepResult", "special_token_pattern"]
+__all__ = [
+    "Backend",
+    "MetadataValue",
+    "ModelInfo",
+    "SamplerSpec",
+    "StepPlan",
+    "StepResult",
+    "special_token_pattern",
+]
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,6 +151,16 @@ class Backend(Protocol):
         """Token ids of ``text``; BOS first if ``add_special`` and the model wants one. With
         ``parse_special`` the texts of special tokens written in it become those tokens; without
         it they are plain text (what a user sent)."""
+
+    def metadata(self, *, max_array_items: int | None = None) -> dict[str, MetadataValue]:
+        """The model's metadata, key -> value, as GGUF names them (``general.architecture``,
+        ``general.file_type``, ``<arch>.context_length``, ``<arch>.block_count``, ...), with
+        ``general.parameter_count`` added where the file lacks it (as Ollama adds it). An array
+        of more than ``max_array_items`` items is given as an empty list (None: every array
+        whole). May read the model file: call it from a worker thread (any one).
+
+        :raises ModelLoadError: if the file's metadata cannot be read.
+        """
 
     def step(self, plan: StepPlan) -> StepResult:
         """Apply trims and samplers, decode ``plan`` in one batch, sample every output row.

@@ -21,6 +21,7 @@ import numpy as np
 
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
 from runtime.backends.chat_template import ChatTemplate
+from runtime.backends.gguf_metadata import MetadataValue
 from runtime.core.errors import ResizeFailedError
 
 __all__ = ["EOS", "FakeBackend", "InjectedFault"]
@@ -29,6 +30,8 @@ EOS = 0
 _TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
 """A ChatML-like rendering, ending at the assistant's turn."""
 _BYTE0 = 1
+_N_EMBD = 64
+"""The embedding width its metadata reports (it has no weights; a tied 64-wide embedding)."""
 _LETTERS = np.array([_BYTE0 + c for c in b"abcdefghijklmnopqrstuvwxyz "], dtype=np.int32)
 
 
@@ -115,6 +118,23 @@ class FakeBackend:
         """One token per UTF-8 byte; no BOS, no special tokens."""
         self._touch()
         return self._encode(text)
+
+    def metadata(self, *, max_array_items: int | None = None) -> dict[str, MetadataValue]:
+        """Metadata as a GGUF file of a tiny F32 model would have it: architecture ``fake``,
+        its context, layers and vocabulary, a parameter count of a 64-wide tied embedding."""
+        arch, n_vocab = "fake", self.info.n_vocab
+        tokens: list[MetadataValue] = [p.decode(errors="replace") for p in self.pieces]
+        if max_array_items is not None and len(tokens) > max_array_items:
+            tokens = []
+        return {
+            "general.architecture": arch, "general.type": "model", "general.name": self.info.name,
+            "general.file_type": 0, "general.quantization_version": 2,
+            "general.parameter_count": n_vocab * _N_EMBD,
+            f"{arch}.context_length": self.info.n_ctx_train, f"{arch}.embedding_length": _N_EMBD,
+            f"{arch}.block_count": self.info.n_layer, f"{arch}.vocab_size": n_vocab,
+            "tokenizer.ggml.model": "bytes", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.eos_token_id": EOS, "tokenizer.chat_template": _TEMPLATE,
+        }  # fmt: skip
 
     def step(self, plan: StepPlan) -> StepResult:
         """Trim, set samplers, append the batch to each sequence's cells, sample each output."""

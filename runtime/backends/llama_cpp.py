@@ -23,6 +23,7 @@ import numpy as np
 
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult, special_token_pattern
 from runtime.backends.chat_template import ChatTemplate
+from runtime.backends.gguf_metadata import MetadataValue, read_gguf_metadata
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import ModelLoadError, ResizeFailedError
 
@@ -187,6 +188,7 @@ class LlamaCppBackend:
             else None
         )
         n_layer = llama.llama_model_n_layer(self._model)
+        self._n_params = int(llama.llama_model_n_params(self._model))
         self.info = ModelInfo(
             name=self._meta("general.name") or path.stem,
             path=str(path),
@@ -287,6 +289,16 @@ class LlamaCppBackend:
         return carried
 
     # -- model facts ---------------------------------------------------------------------------
+
+    def metadata(self, *, max_array_items: int | None = None) -> dict[str, MetadataValue]:
+        """The GGUF file's metadata, typed (read from its header: llama.cpp gives strings and
+        leaves arrays out), with ``general.parameter_count`` from llama.cpp where it lacks it.
+
+        :raises ModelLoadError: if the header cannot be read.
+        """
+        meta = read_gguf_metadata(self.info.path, max_array_items=max_array_items)
+        meta.setdefault("general.parameter_count", self._n_params)
+        return meta
 
     def _meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(512)

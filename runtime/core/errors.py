@@ -65,8 +65,10 @@ class ContextOverflowError(InvalidRequestError):
         self.max_tokens = max_tokens
         self.n_ctx_per_slot = n_ctx_per_slot
         if at_least:
+            plural = "" if prompt_tokens == 1 else "s"
+            also = f" and max_tokens is {max_tokens:,}" if max_tokens else ""
             super().__init__(
-                f"prompt is at least {prompt_tokens:,} tokens ({at_least}); "
+                f"prompt is at least {prompt_tokens:,} token{plural} ({at_least}){also}; "
                 f"slot context is {n_ctx_per_slot:,} tokens (n_ctx_per_slot)"
             )
             return

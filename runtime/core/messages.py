@@ -57,6 +57,10 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
     max_tokens: int | None = None
     """Tokens to generate at most (1 to 1,048,576). None: until the slot's context is full."""
+    overflow: Literal["refuse", "stop"] = "refuse"
+    """A max_tokens the slot has no room for after the prompt: ``refuse`` the request
+    (ContextOverflowError before any compute; OpenAI's way), or ``stop`` when the context is
+    full, or at ``max_tokens_cap``, with done_reason ``length`` (Ollama's way with num_predict)."""
     temperature: float = 0.8
     """0 means greedy (argmax); otherwise 0 < t <= 100."""
     top_k: int = 40

@@ -10,12 +10,16 @@ GET  /                     ``slotserve is running`` (Ollama answers its name the
 GET  /health               200 when ready; 503 ``loading`` or ``failed: reason``
 GET  /metrics              Prometheus exposition of ``runtime.registry``
 POST /api/generate, /chat  Ollama (runtime.server.ollama_api)
-GET  /api/tags, /ps,       Ollama
+GET  /api/tags, /ps,       Ollama's model endpoints (runtime.server.ollama_models)
      /version
+POST /api/show (also GET)
 POST /v1/chat/completions  OpenAI (runtime.server.openai_api)
 POST /v1/completions
-GET  /v1/models
+GET  /v1/models, /{id}
 =========================  ==============================================================
+
+When the app starts, the model file's digest is computed in the background (a big file takes
+seconds to hash), so that the first listing need not wait for it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import msgspec
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -40,11 +45,14 @@ from runtime.runtime import Runtime
 from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
 from runtime.server.host import RuntimeHost
+from runtime.server.model_facts import ModelFacts
 from runtime.server.names import ModelNames
 from runtime.server.ollama_api import OLLAMA_ERRORS, OllamaApi
+from runtime.server.ollama_models import OllamaModelsApi
 from runtime.server.openai_api import OPENAI_ERRORS, OpenAIApi
 from runtime.server.origins import OriginPolicy, binds_loopback
 from runtime.server.settings import ServerSettings
+from runtime.server.versions import slotserve_version
 
 __all__ = ["create_app"]
 
@@ -69,15 +77,17 @@ def create_app(
     rt = Runtime(runtime, registry=registry) if isinstance(runtime, RuntimeConfig) else runtime
     settings = settings or ServerSettings()
     host = RuntimeHost(rt)
-    server = ServerContext(host=host, settings=settings, names=ModelNames(rt, settings.model_name))
+    names = ModelNames(rt, settings.model_name)
+    server = ServerContext(host=host, settings=settings, names=names, facts=ModelFacts(rt))
 
     async def health(request: Request) -> Response:
         problem = host.problem()
         if problem is None:
             status = rt.status()
             body: dict[str, object] = {
-                "status": "ok", "model": server.names.primary, "slots": status.slots_effective,
-                "slots_busy": status.slots_busy, "queue_depth": status.queue_depth,
+                "status": "ok", "model": server.names.primary, "version": slotserve_version(),
+                "slots": status.slots_effective, "slots_busy": status.slots_busy,
+                "queue_depth": status.queue_depth,
             }  # fmt: skip
             return Response(msgspec.json.encode(body), media_type="application/json")
         state, _, reason = problem.partition(": ")
@@ -97,13 +107,16 @@ def create_app(
         Route("/health", health, methods=["GET"]),
         Route("/metrics", _AsgiEndpoint(metrics_app(rt)), methods=["GET", "HEAD"]),
         *OllamaApi(server).routes(),
+        *OllamaModelsApi(server).routes(),
         *OpenAIApi(server).routes(),
     ]
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with host.running():
+        async with host.running(), anyio.create_task_group() as tg:
+            tg.start_soon(server.facts.digest)
             yield
+            tg.cancel_scope.cancel()
 
     policy = Middleware(
         OriginPolicy,

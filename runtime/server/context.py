@@ -1,5 +1,6 @@
-"""What every endpoint shares: the runtime's host, the settings, the served names, and the steps
-each generating request takes (read the body, check readiness and model, admit, reply).
+"""What every endpoint shares: the runtime's host, the settings, the served names, the model's
+facts (digest, metadata), and the steps each generating request takes (read the body, check
+readiness and model, admit, reply).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from runtime.core.messages import ChatRequest, GenerateRequest
 from runtime.runtime import Runtime
 from runtime.server.body import decode_body, read_body
 from runtime.server.host import RuntimeHost
+from runtime.server.model_facts import ModelFacts
 from runtime.server.names import ModelNames
 from runtime.server.reply import Framing, ReplyResponse, error_response
 from runtime.server.settings import ServerSettings
@@ -52,6 +54,7 @@ class ServerContext:
     host: RuntimeHost
     settings: ServerSettings
     names: ModelNames
+    facts: ModelFacts
     created_s: int = field(default_factory=lambda: int(time.time()))
     """Unix time (seconds) the app was made; OpenAI's ``created`` of the model."""
     _reading: set[anyio.CancelScope] = field(default_factory=set)

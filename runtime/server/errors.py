@@ -4,7 +4,8 @@ its own body around the message: Ollama's ``{"error": ...}``, OpenAI's error obj
 =================================================  =====================
 error                                              status
 =================================================  =====================
-InvalidRequestError (and ContextOverflowError)     400
+InvalidRequestError                                400
+ContextOverflowError                               400, code ``context_length_exceeded`` (OpenAI's)
 HTTPException raised by the server (unknown        its own (404, 413)
 model, body too large)
 QueueFullError                                     503 with Retry-After
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from runtime.core.errors import (
+    ContextOverflowError,
     GenerationError,
     InvalidRequestError,
     QueueFullError,
@@ -63,6 +65,8 @@ def model_not_found(name: str, served: str) -> HTTPException:
 def http_error(exc: BaseException, retry_after_s: int) -> HttpError:
     """The HTTP answer for ``exc``; ``retry_after_s`` goes in Retry-After where retrying helps."""
     retry = {"Retry-After": str(retry_after_s)}
+    if isinstance(exc, ContextOverflowError):  # the code OpenAI's clients read as "too long"
+        return HttpError(status=400, message=str(exc), code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
         return HttpError(status=400, message=str(exc), code="invalid_request")
     if isinstance(exc, HTTPException):

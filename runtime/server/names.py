@@ -2,9 +2,10 @@
 from that name: it must be one of these, or the request gets 404.
 
 The primary name is ``ServerSettings.model_name`` or the GGUF file's name without ``.gguf``
-(``SmolLM2-135M-Instruct.Q4_1`` for the embedded model). Also accepted: ``default``,
-``slotserve`` and the GGUF's ``general.name``; each with or without Ollama's ``:latest`` tag,
-in any letter case (Ollama's names are case-insensitive).
+(``SmolLM2-135M-Instruct.Q4_1`` for the embedded model). Also accepted: the file's name,
+``default``, ``slotserve`` and the GGUF's ``general.name``; each with or without Ollama's
+``:latest`` tag, in any letter case (Ollama's names are case-insensitive). /api/tags lists
+each but ``general.name`` as ``name:latest``, the way Ollama lists its models.
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ class ModelNames:
             return _stem(self._runtime.backend.info.path)
         except RuntimeClosedError:  # not loaded yet: the configured file's name
             return self._configured
+
+    def listed(self) -> list[str]:
+        """The names /api/tags lists, each with Ollama's ``:latest`` tag: the primary name, the
+        file's name and the aliases (``general.name`` is accepted but not listed: it is a title,
+        often with spaces, not a name)."""
+        names: dict[str, str] = {}
+        for name in (self.primary, self._configured, *ALIASES):
+            names.setdefault(name.casefold(), name)
+        return [f"{n}{_TAG}" for n in names.values()]
 
     def accepted(self) -> frozenset[str]:
         """Every accepted name, case-folded, without a tag."""

@@ -6,15 +6,18 @@ tested without a server. Options map to our request fields:
 =================  ==============================================================
 Ollama option      slotserve
 =================  ==============================================================
-num_predict        max_tokens; -1 (infinite) and -2 (fill the context) mean None:
-                   until the slot's context is full, at most ``max_tokens_cap``
+num_predict        max_tokens, an upper bound (``overflow="stop"``): generation stops
+                   when the slot's context is full or at ``max_tokens_cap``, with
+                   done_reason ``length``, as Ollama stops at its window; -1 (infinite)
+                   and -2 (fill the context) mean None: until the context is full
 temperature,       the same fields; unset ones take slotserve's defaults
 top_k, top_p,      (runtime.core.messages), not Ollama's
 min_p, seed,
 repeat_penalty,
 repeat_last_n,
 stop
-num_ctx            accepted if it fits the slot (``n_ctx_per_slot``); else 400
+num_ctx            the slot's context is used: a num_ctx above ``n_ctx_per_slot`` is
+                   clamped to it (logged once per value), one below it changes nothing
 typical_p, tfs_z,  accepted only at their neutral values (1, 1, 0, 0, 0): we do
 presence_penalty,  not implement them, and silently ignoring them would change
 frequency_penalty, the answer the client asked for
@@ -23,25 +26,49 @@ load-time options  (num_gpu, num_thread, num_batch, use_mmap, ...) accepted and
                    ignored: in slotserve they are server settings (RuntimeConfig)
 =================  ==============================================================
 
-An option Ollama does not know is refused (400, naming it).
+An option Ollama does not know is ignored, with one warning per key in the log (Ollama warns
+"invalid option provided" and goes on). ``keep_alive`` is validated as Ollama reads it (seconds,
+or a Go duration such as ``"5m"``; negative: forever) and otherwise ignored: the one model stays
+loaded for the server's life.
+
+The mapping functions are pure; what they would log goes to a ``notice(key, message)``
+callback, which the API logs once per key.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
 
 from runtime.core.errors import InvalidRequestError, preview
-from runtime.core.messages import ChatMessage, ChatRequest, GenerateRequest
+from runtime.core.messages import MAX_TOKENS_LIMIT, ChatMessage, ChatRequest, GenerateRequest
 
-__all__ = ["OllamaChatBody", "OllamaGenerateBody", "OllamaOptions", "chat_request", "generate_request"]
+__all__ = [
+    "Notice",
+    "OllamaChatBody",
+    "OllamaGenerateBody",
+    "OllamaOptions",
+    "chat_request",
+    "generate_request",
+    "keep_alive_s",
+]
 
 Role = Literal["system", "user", "assistant", "tool"]
+KeepAlive = str | int | float | None
+Notice = Callable[[str, str], None]
+"""``notice(key, message)``: something worth a warning in the log, once per ``key``."""
 
 
-class OllamaOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Ollama's ``options`` object."""
+def _no_notice(key: str, message: str) -> None:
+    pass
+
+
+class OllamaOptions(msgspec.Struct, kw_only=True):
+    """Ollama's ``options`` object (the options it knows; others are ignored with a notice)."""
 
     num_predict: int | None = None
     temperature: float | None = None
@@ -97,9 +124,9 @@ class OllamaGenerateBody(msgspec.Struct, kw_only=True):
     system: str | None = None
     raw: bool = False
     stream: bool = True
-    options: OllamaOptions | None = None
-    keep_alive: Any = None
-    """Ignored: the model stays loaded for the server's life."""
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive = None
+    """Validated (:func:`keep_alive_s`), then ignored: the model stays loaded for the server's life."""
     suffix: str | None = None
     template: str | None = None
     context: list[int] | None = None
@@ -114,8 +141,8 @@ class OllamaChatBody(msgspec.Struct, kw_only=True):
     model: str
     messages: list[OllamaMessage] = msgspec.field(default_factory=list)
     stream: bool = True
-    options: OllamaOptions | None = None
-    keep_alive: Any = None
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive = None
     tools: list[Any] | None = None
     format: Any = None
     think: Any = None
@@ -123,6 +150,34 @@ class OllamaChatBody(msgspec.Struct, kw_only=True):
 
 _NEUTRAL = {"typical_p": 1.0, "tfs_z": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "mirostat": 0}
 _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
+_KNOWN = frozenset(OllamaOptions.__struct_fields__)
+_DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_s(value: KeepAlive) -> float | None:
+    """Seconds ``keep_alive`` asks the model to stay loaded, as Ollama reads it: a number is
+    whole seconds, a string a Go duration (``"5m"``, ``"1h30m"``, ``"0"``); negative means
+    forever (``math.inf``). None when unset.
+
+    :raises InvalidRequestError: if the string is not a duration.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return math.inf if value < 0 else float(math.trunc(value))
+    sign, body = (value[0], value[1:]) if value[:1] in ("-", "+") else ("", value)
+    if body == "0":
+        return 0.0
+    if not _DURATION.fullmatch(body):
+        raise InvalidRequestError(
+            f"keep_alive is {preview(value)}; give seconds (a number) or a duration such as "
+            "'5m' or '1h30m' (negative: keep the model loaded)"
+        )
+    if sign == "-":
+        return math.inf
+    return sum(float(n) * _UNIT_S[unit] for n, unit in _DURATION_PART.findall(body))
 
 
 def _refuse_unsupported(field: str, value: object) -> None:
@@ -132,41 +187,64 @@ def _refuse_unsupported(field: str, value: object) -> None:
         )
 
 
-def sampling_fields(options: OllamaOptions | None, n_ctx_per_slot: int) -> dict[str, Any]:
-    """Our request's sampling fields from Ollama's ``options``.
+def _options(raw: dict[str, Any] | None, notice: Notice) -> OllamaOptions | None:
+    """Typed options; each key Ollama does not know is noticed and ignored."""
+    if raw is None:
+        return None
+    for key in sorted(raw.keys() - _KNOWN):
+        name = preview(key)
+        notice(f"option {name}", f"options.{name} is not an Ollama option; ignored (as Ollama does)")
+    try:
+        return msgspec.convert(raw, OllamaOptions)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(str(exc).replace("- at `$", "- at `$.options", 1)) from None
 
-    :raises InvalidRequestError: if an option is out of range or not supported at its value.
+
+def sampling_fields(
+    raw_options: dict[str, Any] | None, n_ctx_per_slot: int, notice: Notice = _no_notice
+) -> dict[str, Any]:
+    """Our request's sampling fields from Ollama's ``options`` (see the module docstring).
+
+    :raises InvalidRequestError: if an option is of the wrong type, out of range, or not
+        supported at its value.
     """
+    options = _options(raw_options, notice)
+    fields: dict[str, Any] = {"overflow": "stop"}
     if options is None:
-        return {}
+        return fields
     for name, neutral in _NEUTRAL.items():
         value = getattr(options, name)
         if value != neutral:
             raise InvalidRequestError(
                 f"options.{name} is {preview(value)}; slotserve supports only {neutral!r} (not implemented)"
             )
-    fields: dict[str, Any] = {k: getattr(options, k) for k in _SAMPLING if getattr(options, k) is not None}
+    fields |= {k: getattr(options, k) for k in _SAMPLING if getattr(options, k) is not None}
     n = options.num_predict
     if n is not None and n not in (-1, -2):
         if n < 1:
             raise InvalidRequestError(
                 f"options.num_predict is {n}; it must be >= 1, or -1 / -2 for 'until the context is full'"
             )
-        fields["max_tokens"] = n
+        fields["max_tokens"] = min(n, MAX_TOKENS_LIMIT)  # an upper bound: it stops at the window
     if options.seed is not None and options.seed != -1:  # -1: a random seed, as in llama.cpp
         fields["seed"] = options.seed
     if options.stop is not None:
         fields["stop"] = tuple(options.stop)
     ctx = options.num_ctx
-    if ctx is not None and not 1 <= ctx <= n_ctx_per_slot:
-        raise InvalidRequestError(
-            f"options.num_ctx is {ctx}; each slot holds {n_ctx_per_slot:,} tokens (n_ctx_per_slot), "
-            "so num_ctx must be 1 to that"
+    if ctx is not None and ctx < 1:
+        raise InvalidRequestError(f"options.num_ctx is {ctx}; it must be >= 1")
+    if ctx is not None and ctx > n_ctx_per_slot:
+        notice(
+            f"num_ctx {ctx}",
+            f"options.num_ctx is {ctx:,}; each slot holds {n_ctx_per_slot:,} tokens (n_ctx_per_slot), "
+            f"so {n_ctx_per_slot:,} are used",
         )
     return fields
 
 
-def generate_request(body: OllamaGenerateBody, n_ctx_per_slot: int) -> GenerateRequest | ChatRequest | None:
+def generate_request(
+    body: OllamaGenerateBody, n_ctx_per_slot: int, notice: Notice = _no_notice
+) -> GenerateRequest | ChatRequest | None:
     """The request for an /api/generate body; None for an empty prompt (Ollama: load the model).
 
     Like Ollama, the prompt goes through the model's chat template (as one user message, after
@@ -175,13 +253,14 @@ def generate_request(body: OllamaGenerateBody, n_ctx_per_slot: int) -> GenerateR
 
     :raises InvalidRequestError: if a field is out of range or asks for what we do not support.
     """
+    keep_alive_s(body.keep_alive)
     _refuse_unsupported("suffix", body.suffix)
     _refuse_unsupported("template", body.template)
     _refuse_unsupported("context", body.context)
     _refuse_unsupported("images", body.images)
     _refuse_unsupported("format", body.format)
     _refuse_unsupported("think", body.think)
-    fields = sampling_fields(body.options, n_ctx_per_slot)
+    fields = sampling_fields(body.options, n_ctx_per_slot, notice)
     if not body.prompt:
         return None
     if body.raw:
@@ -192,18 +271,19 @@ def generate_request(body: OllamaGenerateBody, n_ctx_per_slot: int) -> GenerateR
     return ChatRequest(messages=tuple(messages), **fields)
 
 
-def chat_request(body: OllamaChatBody, n_ctx_per_slot: int) -> ChatRequest:
+def chat_request(body: OllamaChatBody, n_ctx_per_slot: int, notice: Notice = _no_notice) -> ChatRequest:
     """The request for an /api/chat body.
 
     :raises InvalidRequestError: if messages is empty, a field is out of range, or it asks for
         what we do not support (images, tools, structured output, thinking).
     """
+    keep_alive_s(body.keep_alive)
     _refuse_unsupported("tools", body.tools)
     _refuse_unsupported("format", body.format)
     _refuse_unsupported("think", body.think)
     for i, m in enumerate(body.messages):
         _refuse_unsupported(f"messages[{i}].images", m.images)
         _refuse_unsupported(f"messages[{i}].tool_calls", m.tool_calls)
-    fields = sampling_fields(body.options, n_ctx_per_slot)
+    fields = sampling_fields(body.options, n_ctx_per_slot, notice)
     messages = tuple(ChatMessage(role=m.role, content=m.content) for m in body.messages)
     return ChatRequest(messages=messages, **fields)

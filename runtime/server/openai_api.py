@@ -1,14 +1,19 @@
-"""OpenAI's API: POST /v1/chat/completions and /v1/completions, GET /v1/models.
+"""OpenAI's API: POST /v1/chat/completions and /v1/completions, GET /v1/models and
+/v1/models/{id} (any name the model answers to; another is 404 with code ``model_not_found``).
 
 With ``"stream": true`` the answer is server-sent events, ``data: {json}`` each, ending with
 ``data: [DONE]``; ``finish_reason`` is null on every chunk but the last, and with
 ``stream_options.include_usage`` one more chunk with empty ``choices`` carries ``usage``.
 Errors are OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``, also
-in-band as the last event before ``[DONE]``.
+in-band as the last event before ``[DONE]``; a prompt plus max_tokens over the slot's context
+is code ``context_length_exceeded``. Every completion object and chunk carries a
+``system_fingerprint``: ``fp_`` and 12 hex digits of what shapes the answers (slotserve's
+version, the backend, the model file, the slot's context, the KV cache type, GPU layers).
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Callable
@@ -23,6 +28,7 @@ from runtime.core.messages import Chunk, Completion, RequestStats
 from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
 from runtime.server.openai_wire import OpenAIChatBody, OpenAICompletionBody, chat_request, completion_request
+from runtime.server.versions import slotserve_version
 
 __all__ = ["OPENAI_ERRORS", "OpenAIApi", "OpenAIFraming"]
 
@@ -49,9 +55,12 @@ class OpenAIFraming:
 
     stream_media_type = "text/event-stream"
 
-    def __init__(self, model: str, *, chat: bool, include_usage: bool = False) -> None:
+    def __init__(
+        self, model: str, *, chat: bool, include_usage: bool = False, system_fingerprint: str = ""
+    ) -> None:
         self._model = model
         self._chat = chat
+        self._fingerprint = system_fingerprint
         self._include_usage = include_usage
         self._id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self._created = int(time.time())
@@ -66,6 +75,7 @@ class OpenAIFraming:
             "object": kind,
             "created": self._created,
             "model": self._model,
+            "system_fingerprint": self._fingerprint,
             "choices": choices,
         }
         out.update(extra)
@@ -124,8 +134,13 @@ class OpenAIFraming:
 OPENAI_ERRORS = OpenAIFraming("", chat=True)
 
 
-def _framing(*, chat: bool) -> Callable[[OpenAIChatBody | OpenAICompletionBody], OpenAIFraming]:
-    return lambda body: OpenAIFraming(body.model, chat=chat, include_usage=body.include_usage)
+def system_fingerprint(server: ServerContext) -> str:
+    """OpenAI's ``system_fingerprint`` of this server's configuration (see the module docstring)."""
+    config = server.runtime.config
+    file = server.facts.file()
+    parts = (slotserve_version(), config.backend, str(file or server.names.primary), config.n_ctx_per_slot,
+             config.kv_cache_type, config.n_gpu_layers)  # fmt: skip
+    return "fp_" + hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
 
 
 class OpenAIApi:
@@ -133,22 +148,42 @@ class OpenAIApi:
 
     def __init__(self, server: ServerContext) -> None:
         self._server = server
+        self._fingerprint = system_fingerprint(server)
+
+    def _framing(self, *, chat: bool) -> Callable[[OpenAIChatBody | OpenAICompletionBody], OpenAIFraming]:
+        fingerprint = self._fingerprint
+        return lambda body: OpenAIFraming(
+            body.model, chat=chat, include_usage=body.include_usage, system_fingerprint=fingerprint
+        )
 
     def routes(self) -> list[Route]:
         """The routes, each answering errors with OpenAI's error object: POST
         /v1/chat/completions answers the messages through the model's chat template, POST
         /v1/completions completes the prompt as is."""
         s = self._server
-        chat = s.generation(OpenAIChatBody, chat_request, _framing(chat=True))
-        completions = s.generation(OpenAICompletionBody, completion_request, _framing(chat=False))
+        chat = s.generation(OpenAIChatBody, chat_request, self._framing(chat=True))
+        completions = s.generation(OpenAICompletionBody, completion_request, self._framing(chat=False))
         return [
             Route("/v1/chat/completions", s.guarded(OPENAI_ERRORS, chat), methods=["POST"]),
             Route("/v1/completions", s.guarded(OPENAI_ERRORS, completions), methods=["POST"]),
             Route("/v1/models", s.guarded(OPENAI_ERRORS, self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", s.guarded(OPENAI_ERRORS, self.model), methods=["GET"]),
         ]
 
+    def _object(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self._server.created_s, "owned_by": "slotserve"}
+
     async def models(self, request: Request) -> Response:
-        """GET /v1/models: the one model this server serves."""
-        model = {"id": self._server.names.primary, "object": "model", "created": self._server.created_s,
-                 "owned_by": "slotserve"}  # fmt: skip
-        return Response(_encode({"object": "list", "data": [model]}), media_type="application/json")
+        """GET /v1/models: the one model this server serves, under its primary name."""
+        body = {"object": "list", "data": [self._object(self._server.names.primary)]}
+        return Response(_encode(body), media_type="application/json")
+
+    async def model(self, request: Request) -> Response:
+        """GET /v1/models/{id}: the model object for any name the model answers to, with the
+        name as asked for as its id (as Ollama answers it).
+
+        :raises HTTPException: 404 for any other name.
+        """
+        name: str = request.path_params["model"]
+        self._server.names.check(name)
+        return Response(_encode(self._object(name)), media_type="application/json")

@@ -45,6 +45,7 @@ from runtime.backends.ctransformers.cells import SequenceCells
 from runtime.backends.ctransformers.model_file import ModelFile, read_model_file
 from runtime.backends.ctransformers.process import WorkerDiedError, WorkerProcess
 from runtime.backends.ctransformers.worker import LoadSpec, WorkerFacts
+from runtime.backends.gguf_metadata import MetadataValue, read_gguf_metadata
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import ConfigError, ModelLoadError
 
@@ -265,6 +266,21 @@ class CTransformersBackend:
     def special_pattern(self) -> re.Pattern[str] | None:
         """Matches any text of ``special_tokens`` (see tokenize)."""
         return self._special_re
+
+    def metadata(self, *, max_array_items: int | None = None) -> dict[str, MetadataValue]:
+        """A GGUF file's metadata, typed; for a legacy file, what its header says (its family as
+        the architecture, its context and layers).
+
+        :raises ModelLoadError: if a GGUF header cannot be read.
+        """
+        if self._file.model_type == "gguf":
+            return read_gguf_metadata(self._file.path, max_array_items=max_array_items)
+        arch = self._file.model_type
+        return {
+            "general.architecture": arch, "general.name": self._file.name,
+            f"{arch}.context_length": self.info.n_ctx_train, f"{arch}.block_count": self._file.n_layer,
+            f"{arch}.vocab_size": self.info.n_vocab,
+        }  # fmt: skip
 
     # -- the step ------------------------------------------------------------------------------
 
