@@ -41,7 +41,7 @@ async def test_isolation_under_continuous_batching(kind: str) -> None:
 
 async def test_decode_steps_carry_every_busy_slot(kind: str) -> None:
     """4 busy slots are decoded together: steps carry 4 sequences, not 4 separate decodes."""
-    async with open_runtime(kind, slots=4) as rt:
+    async with open_runtime(kind, slots=4, fake={"step_delay_s": 0.002}) as rt:
         before = rt.statistics().model
         async with anyio.create_task_group() as tg:
             for p in PROMPTS[:4]:

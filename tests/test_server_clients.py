@@ -170,7 +170,8 @@ async def test_eight_clients_on_four_slots_each_get_their_own_answer(kind: str) 
     """8 clients at once (4 through Ollama's API, 4 through OpenAI's) on 4 slots: every answer
     equals what its prompt gives alone, and the steps really carried 4 sequences."""
     lengths = [8 + 2 * i for i in range(8)]
-    async with served(kind, slots=4, prefix_cache=False) as (rt, url):
+    fake = {"step_delay_s": 0.005}  # steps that take time, as a model's: the clients overlap
+    async with served(kind, slots=4, prefix_cache=False, fake=fake) as (rt, url):
         alone = [await rt.complete(GenerateRequest(prompt=p, temperature=0, max_tokens=n)) for p, n in
                  zip(PROMPTS, lengths, strict=True)]  # fmt: skip
         got: list[str | None] = [None] * 8
