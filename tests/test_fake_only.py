@@ -7,6 +7,7 @@ import threading
 import anyio
 import pytest
 
+from actors.prompt import INLINE_PROMPT_CHARS
 from runtime import Completion, RuntimeClosedError, RuntimeFailedError, SlotFailedError
 from runtime.core.events import Observers
 from runtime.core.records import StepReport
@@ -72,13 +73,22 @@ async def test_a_failed_step_fails_its_requests_and_the_loop_restarts() -> None:
     assert status.restarts == 1 and status.state == "ready"
 
 
-async def test_no_backend_call_runs_on_the_event_loop_thread() -> None:
+async def test_no_backend_call_runs_on_the_event_loop_thread_but_a_short_prompts_tokenizing() -> None:
+    """Steps, resizes and the rest run on the worker thread; a short prompt is tokenized on the
+    event loop (tens of microseconds, less than a thread hop), a long one in a thread."""
     loop_thread = threading.get_ident()
-    async with open_runtime("fake", slots=2) as rt:
+    async with open_runtime("fake", slots=2, n_ctx_per_slot=4096) as rt:
+        backend = rt.backend
         await rt.complete(greedy(PROMPTS[0], max_tokens=5))
         await rt.complete_chat(__import__("tests.helpers").helpers.chat("hi", max_tokens=3))
-        threads = set(rt.backend.call_threads)  # type: ignore[attr-defined]
+        short = set(backend.tokenize_threads)  # type: ignore[attr-defined]
+        backend.tokenize_threads.clear()  # type: ignore[attr-defined]
+        await rt.complete(greedy("x" * (INLINE_PROMPT_CHARS + 1), max_tokens=2))
+        long = set(backend.tokenize_threads)  # type: ignore[attr-defined]
+        threads = set(backend.call_threads)  # type: ignore[attr-defined]
     assert threads and loop_thread not in threads
+    assert short == {loop_thread}
+    assert long and loop_thread not in long
 
 
 async def test_slow_reader_pauses_only_its_own_sequence() -> None:

@@ -100,7 +100,9 @@ class FakeBackend:
         self.fail_next_steps = 0
         """Make this many coming steps raise InjectedFault as a whole (a ModelActor fault)."""
         self.call_threads: set[int] = set()
-        """Ids of every thread that called into the backend."""
+        """Ids of every thread that called into the backend, tokenizing apart."""
+        self.tokenize_threads: set[int] = set()
+        """Ids of every thread that tokenized."""
         self.steps = 0
         self.resizes: list[int] = []
         """Sequence counts of every resize, in order."""
@@ -116,7 +118,7 @@ class FakeBackend:
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         """One token per UTF-8 byte; no BOS, no special tokens."""
-        self._touch()
+        self.tokenize_threads.add(threading.get_ident())
         return self._encode(text)
 
     def metadata(self, *, max_array_items: int | None = None) -> dict[str, MetadataValue]:
