@@ -141,6 +141,13 @@ class ModelActor:
             self._worker.submit(self._apply_inbox)  # no step loop to apply it
         return await WorkerThread.result(future)
 
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the step loop's thread between two steps, without waiting for it (the
+        Embedder's decodes). ``fn`` must not raise: it runs inside the step loop."""
+        self._command(fn)
+        if not self._running:
+            self._worker.submit(self._apply_inbox)  # no step loop to apply it
+
     def _command(self, fn: Callable[..., Any], *args: Any) -> None:
         self._inbox.append((fn, args))
         self._wake.set()

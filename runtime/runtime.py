@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from actors.embedder import Embedder
 from actors.model import ModelActor
 from actors.prompt import check_prompt_size
 from actors.supervisor import Supervisor
@@ -39,8 +40,22 @@ from runtime.core.errors import (
 )
 from runtime.core.events import Observer, Observers, ResizeDirection
 from runtime.core.mailbox import Mailbox
-from runtime.core.messages import ChatRequest, Completion, DoneReason, GenerateRequest, RequestStats
-from runtime.core.records import ResizeRecord, RuntimeState, RuntimeStatistics, RuntimeStatus
+from runtime.core.messages import (
+    ChatRequest,
+    Completion,
+    DoneReason,
+    Embeddings,
+    EmbedRequest,
+    GenerateRequest,
+    RequestStats,
+)
+from runtime.core.records import (
+    EmbeddingStatistics,
+    ResizeRecord,
+    RuntimeState,
+    RuntimeStatistics,
+    RuntimeStatus,
+)
 from runtime.core.sizing import initial_slots, probe_for
 from runtime.core.telemetry import MemoryProbe, memory_text
 from runtime.core.ticket import Reply, ResponseStream, Ticket
@@ -84,6 +99,7 @@ class Runtime:
         self._state: RuntimeState = "loading"
         self._tg: anyio.abc.TaskGroup | None = None
         self._model: ModelActor | None = None
+        self._embedder: Embedder | None = None
         self._mailbox: Mailbox[Ticket] = Mailbox(self.config.max_queue)
         self._supervisor: Supervisor | None = None
         self._probe = probe
@@ -138,6 +154,9 @@ class Runtime:
             startup = (ResizeRecord(from_slots=self._slots_configured, to_slots=slots, reason="startup",
                                     pause_s=pause_s, drain_s=0.0, carried_bytes=0),)  # fmt: skip
         self._model = ModelActor(backend, n_batch=cfg.n_batch, on_step=self.observers.step)
+        self._embedder = Embedder(
+            self._model, max_tokens=cfg.n_ctx_per_slot, on_batch=self.observers.embedding_batch
+        )
         self._supervisor = Supervisor(
             cfg, self._model, self._mailbox, self._failed, self.observers,
             slots=slots, probe=probe, reading=reading, resizes=startup,
@@ -293,6 +312,49 @@ class Runtime:
         """:meth:`complete` for a chat."""
         return await self.complete(request, admission_timeout_s=admission_timeout_s)
 
+    async def embed(
+        self,
+        inputs: str | Sequence[str | Sequence[int]] | EmbedRequest,
+        *,
+        truncate: bool = True,
+        dimensions: int | None = None,
+    ) -> Embeddings:
+        """Embed each input: a text, or token ids (OpenAI's token arrays). Inputs waiting at the
+        same time share one decode; the vectors are L2-normalised (Ollama's /api/embed, OpenAI).
+
+        :param inputs: one text, a list of texts or token lists, or an EmbedRequest (then the
+            keyword arguments are not used).
+        :param truncate: cut an input longer than ``n_ctx_per_slot`` tokens to that many;
+            False refuses it (Ollama's ``truncate``).
+        :param dimensions: keep the first ``dimensions`` values and normalise again (1 to the
+            model's ``embedding_length``); None keeps them all.
+        :returns: one vector per input, with the tokens embedded and the time taken.
+        :raises InvalidRequestError: if inputs is empty, an input is empty, a token id is not in
+            the vocabulary, or dimensions is out of range.
+        :raises ContextOverflowError: if an input is too long and ``truncate`` is False.
+        :raises EmbeddingsUnsupportedError: if the model or its backend cannot embed.
+        :raises RuntimeClosedError: if the runtime is not ready (RuntimeFailedError if failed).
+        :raises GenerationError: if the decode failed.
+        """
+        n_inputs = 0
+        try:
+            if isinstance(inputs, EmbedRequest):
+                request = inputs
+            else:
+                items = (inputs,) if isinstance(inputs, str) else tuple(
+                    item if isinstance(item, str) else tuple(item) for item in inputs
+                )  # fmt: skip
+                request = EmbedRequest(inputs=items, truncate=truncate, dimensions=dimensions)
+            n_inputs = len(request.inputs)
+            self._check_ready()
+            assert self._embedder is not None
+            result = await self._embedder.run(request, self.config.n_ctx_per_slot)
+        except BaseException as exc:
+            self.observers.embedding_finished(n_inputs, 0, exc)
+            raise
+        self.observers.embedding_finished(n_inputs, result.prompt_tokens, None)
+        return result
+
     def _check_request(self, request: GenerateRequest | ChatRequest) -> None:
         cap, n_ctx, wanted = self.config.max_tokens_limit, self.config.n_ctx_per_slot, request.max_tokens
         if wanted is not None and request.overflow == "refuse":
@@ -361,6 +423,7 @@ class Runtime:
             mailbox=self._mailbox.statistics(),
             model=self._model.statistics(),
             supervisor=self._supervisor.statistics(),
+            embeddings=self._embedder.statistics() if self._embedder else EmbeddingStatistics(),
         )
 
     @property

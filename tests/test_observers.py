@@ -49,6 +49,12 @@ class Recorder:
     def resize_failed(self, direction: Any, reason: Any) -> None:
         self._seen("resize_failed")
 
+    def embedding_batch(self, report: Any) -> None:
+        self._seen("embedding_batch")
+
+    def embedding_finished(self, inputs: int, tokens: int, error: Any) -> None:
+        self._seen("embedding_finished")
+
 
 async def _every_event(event: str | None) -> tuple[list[int], Recorder, Recorder]:
     """A runtime whose observers see every event: requests, a refusal, a crash (restart), a
@@ -75,6 +81,8 @@ async def _every_event(event: str | None) -> tuple[list[int], Recorder, Recorder
         failed = await rt.resize(3)  # the fake builds no context above 2
         assert failed is not None and failed.error is not None
         counts.append((await rt.complete(greedy("kl", max_tokens=7))).stats.completion_tokens)
+        embedded = await rt.embed(["ab", "cd"])
+        assert embedded.input_tokens == [2, 2] and len(embedded.vectors) == 2
         status = rt.status()
         assert status.state == "ready" and status.requests_in_flight == 0 and status.slots_busy == 0
         assert status.slots_effective == 2

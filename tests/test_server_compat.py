@@ -96,7 +96,7 @@ async def test_ollama_list_ps_and_show_describe_the_model(kind: str) -> None:
         shown.template is not None
         and ("<|im_start|>" if kind == "llama_cpp" else "<assistant>") in shown.template
     )
-    assert shown.capabilities == ["completion"]
+    assert shown.capabilities == ["completion", "embedding"]
     assert shown.parameters is not None and shown.parameters.splitlines()[0].split() == [
         "num_ctx",
         str(N_CTX),

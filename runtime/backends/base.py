@@ -21,6 +21,7 @@ from runtime.backends.chat_template import ChatTemplate
 from runtime.backends.gguf_metadata import MetadataValue
 
 __all__ = [
+    "EMBED_MAX_SEQUENCES",
     "Backend",
     "MetadataValue",
     "ModelInfo",
@@ -29,6 +30,10 @@ __all__ = [
     "StepResult",
     "special_token_pattern",
 ]
+
+
+EMBED_MAX_SEQUENCES = 64
+"""Inputs one embedding decode carries at most (sequences of the embedding context)."""
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,6 +65,9 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Bytes one more slot costs beyond its KV cache (an instance's own copy of the weights)."""
     isolated: bool = False
     """The model runs in a worker process: a native crash there fails its requests only."""
+    embedding_length: int = 0
+    """Floats in one embedding vector; 0 when the backend or model cannot embed (``embed``
+    raises EmbeddingsUnsupportedError)."""
 
 
 class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -166,6 +174,16 @@ class Backend(Protocol):
         """Apply trims and samplers, decode ``plan`` in one batch, sample every output row.
 
         :raises RuntimeError: if the decode itself fails (the whole step is lost).
+        """
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        """The pooled embedding of each token list, shape (len(inputs), info.embedding_length),
+        not normalised, from one decode of every list as its own sequence. At most
+        EMBED_MAX_SEQUENCES lists of ``info.n_ctx_per_slot`` tokens in all. Called on the step
+        loop's thread only (between two steps); the generating context is not touched.
+
+        :raises EmbeddingsUnsupportedError: if ``info.embedding_length`` is 0.
+        :raises RuntimeError: if the decode fails, or no embedding context can be built.
         """
 
     def seq_cells(self, seq_id: int) -> int:

@@ -8,6 +8,10 @@ follow the sequence's last cell, so runtime bookkeeping errors show up as failur
 Without a script, the next token is a letter chosen by a hash of the sequence's whole history,
 so outputs depend on every earlier token of that sequence and of no other (as in a real model).
 A ``scripts`` entry makes a prompt generate exactly the given token ids, then EOS.
+
+Embeddings are a hashed bag of tokens: each token adds +1 or -1 to one of 64 dimensions, both
+chosen by a hash of its id, so that texts sharing bytes point alike, and a vector depends on its
+own input only (the same alone and in any batch).
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
 from runtime.backends.chat_template import ChatTemplate
 from runtime.backends.gguf_metadata import MetadataValue
-from runtime.core.errors import ResizeFailedError
+from runtime.core.errors import EmbeddingsUnsupportedError, ResizeFailedError
 
 __all__ = ["EOS", "FakeBackend", "InjectedFault"]
 
@@ -51,6 +56,7 @@ class FakeBackend:
         and changes nothing (as a context too big for the GPU's memory).
     :param gpu_layers: the layers it reports on a GPU (above 0, ``memory_source="auto"`` reads
         NVML, as for a model on a GPU).
+    :param embeddings: whether it can embed (False: as a backend without embeddings).
     """
 
     inline_tokenize = True
@@ -69,6 +75,7 @@ class FakeBackend:
         fault_after: int = 2,
         resize_fails_above: int | None = None,
         gpu_layers: int = 0,
+        embeddings: bool = True,
     ) -> None:
         self.pieces: list[bytes] = [b""] + [bytes([b]) for b in range(256)] + list(extra_pieces)
         self.eog_tokens = frozenset({EOS})
@@ -88,6 +95,7 @@ class FakeBackend:
             weights_bytes=weights_bytes,
             kv_bytes_per_slot=kv_bytes_per_slot,
             gpu_layers=gpu_layers,
+            embedding_length=_N_EMBD if embeddings else 0,
         )
         self.step_delay_s = step_delay_s
         self.resize_fails_above = resize_fails_above
@@ -107,6 +115,8 @@ class FakeBackend:
         self.resizes: list[int] = []
         """Sequence counts of every resize, in order."""
         self.sequences_per_step: list[int] = []
+        self.embedding_batches: list[int] = []
+        """Inputs of every embedding decode, in order."""
         self.closed = False
 
     @staticmethod
@@ -195,6 +205,30 @@ class FakeBackend:
         if rng is not None:
             h ^= int(rng.integers(0, 1 << 16))
         return int(_LETTERS[h % len(_LETTERS)])
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        """A hashed bag of each input's tokens (see the module docstring), shape (len(inputs), 64),
+        not normalised; one "decode" (it sleeps ``step_delay_s``).
+
+        :raises EmbeddingsUnsupportedError: if made with ``embeddings=False``.
+        """
+        self._touch()
+        if self.info.embedding_length == 0:
+            raise EmbeddingsUnsupportedError("the fake backend was made without embeddings")
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        self.embedding_batches.append(len(inputs))
+        out = np.zeros((len(inputs), _N_EMBD), dtype=np.float32)
+        for row, tokens in zip(out, inputs, strict=True):
+            h = (np.asarray(tokens, dtype=np.uint64) * np.uint64(2654435761) + np.uint64(97)) % np.uint64(
+                1 << 32
+            )
+            np.add.at(
+                row,
+                (h % np.uint64(_N_EMBD)).astype(np.intp),
+                np.where((h >> np.uint64(6)) & np.uint64(1), 1.0, -1.0),
+            )
+        return out
 
     def resize(self, n_seq: int) -> int:
         """Keep sequences below ``n_seq``; as llama.cpp, sizes are fixed until the next resize."""

@@ -5,6 +5,13 @@ KV cache of ``n_ctx_per_slot`` cells per sequence (``kv_unified`` off: each sequ
 own part). A step fills one ``llama_batch`` from numpy arrays in bulk, calls ``llama_decode``
 once, reads all logits at once, takes one argmax over every greedy row and runs each other
 row's llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, dist).
+
+Embeddings come from a second context on the same weights (no second load), made on first use,
+with ``embeddings`` on and the GGUF's pooling (``<arch>.pooling_type``; mean where the file names
+none, as SmolLM2's does). It holds ``n_ctx_per_slot`` cells shared by its sequences and decodes
+one ubatch of as many tokens, so that each input is pooled whole; its memory is cleared after
+every decode. llama.cpp evaluates an embedding batch one sequence per ubatch (``split_seq``), so
+batching saves the calls and their set-up, not the matrix work.
 """
 
 from __future__ import annotations
@@ -14,18 +21,27 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import llama_cpp as llama
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
-from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult, special_token_pattern
+from runtime.backends.base import (
+    EMBED_MAX_SEQUENCES,
+    ModelInfo,
+    SamplerSpec,
+    StepPlan,
+    StepResult,
+    special_token_pattern,
+)
 from runtime.backends.chat_template import ChatTemplate
 from runtime.backends.gguf_metadata import MetadataValue, read_gguf_metadata
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import ModelLoadError, ResizeFailedError
+from runtime.core.errors import EmbeddingsUnsupportedError, ModelLoadError, ResizeFailedError
 
 __all__ = ["LlamaCppBackend"]
 
@@ -159,6 +175,11 @@ class LlamaCppBackend:
         self.sampling_seconds = 0.0
         """Time the steps spent choosing tokens from the logits (argmax and sampler chains)."""
         self._ctx: Any = None
+        self._embed_ctx: Any = None
+        self.embedding_decodes = 0
+        """llama_decode calls of the embedding context."""
+        self.embedding_compute_bytes = 0
+        """Compute and output buffers of the embedding context (0 until it is made)."""
         gpu_layers = config.n_gpu_layers
         if gpu_layers < 0:
             gpu_layers = 999 if gpu_offload_supported() else 0
@@ -202,6 +223,11 @@ class LlamaCppBackend:
             kv_bytes_per_slot=kv_bytes_per_slot(self, config.n_ctx_per_slot, config.kv_cache_type),
             gpu_layers=min(gpu_layers, n_layer + 1),
         )
+        self._pooling = self._embedding_pooling()
+        if self._pooling is not None:
+            self.info = msgspec.structs.replace(
+                self.info, embedding_length=int(llama.llama_model_n_embd(self._model))
+            )
         try:
             self._create_context(n_seq or config.initial_slots)
         except ModelLoadError:
@@ -287,6 +313,101 @@ class LlamaCppBackend:
                 )
             carried += len(state)
         return carried
+
+    # -- embeddings ----------------------------------------------------------------------------
+
+    def _embedding_pooling(self) -> int | None:
+        """The pooling of the embedding context: the GGUF's ``<arch>.pooling_type`` (mean where it
+        names none); None for a model that gives no vector per sequence (a reranker's ``rank``
+        pooling, an encoder-decoder model)."""
+        if llama.llama_model_has_encoder(self._model):
+            return None
+        arch = self._meta("general.architecture") or "llama"
+        named = self._meta(f"{arch}.pooling_type")
+        pooling = int(named) if named and named.lstrip("-").isdigit() else llama.LLAMA_POOLING_TYPE_NONE
+        if pooling == llama.LLAMA_POOLING_TYPE_RANK:
+            return None
+        if pooling in (llama.LLAMA_POOLING_TYPE_NONE, llama.LLAMA_POOLING_TYPE_UNSPECIFIED):
+            return int(llama.LLAMA_POOLING_TYPE_MEAN)
+        return pooling
+
+    def _embedding_context(self) -> Any:
+        """The embedding context, made on first use (see the module docstring).
+
+        :raises RuntimeError: if llama.cpp cannot make it.
+        """
+        if self._embed_ctx is not None:
+            return self._embed_ctx
+        n_tokens = self._config.n_ctx_per_slot
+        cparams = llama.llama_context_default_params()
+        cparams.embeddings = True
+        assert self._pooling is not None
+        cparams.pooling_type = self._pooling
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_tokens  # an input in one ubatch
+        cparams.n_seq_max = EMBED_MAX_SEQUENCES
+        cparams.kv_unified = True  # the sequences share the cells; cleared after each decode
+        cparams.n_threads = cparams.n_threads_batch = self._config.n_threads
+        cparams.no_perf = True
+        _buffers.bytes = 0
+        ctx = llama.llama_init_from_model(self._model, cparams)
+        self.embedding_compute_bytes = _buffers.bytes
+        del _buffers.bytes
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create an embedding context of {n_tokens:,} tokens")
+        log.info(
+            "embedding context: %d tokens, %d sequences, pooling %d, %.1f MiB of compute buffers",
+            n_tokens, EMBED_MAX_SEQUENCES, self._pooling, self.embedding_compute_bytes / 2**20,
+        )  # fmt: skip
+        self._embed_ctx = ctx
+        self._embed_batch = NumpyBatch(n_tokens)
+        return ctx
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        """The pooled embedding of each token list, shape (len(inputs), embedding_length), from
+        one llama_decode of every list as its own sequence (llama_get_embeddings_seq), not
+        normalised; then the context's memory is cleared (llama_memory_clear).
+
+        :raises EmbeddingsUnsupportedError: if the model gives no vector per sequence.
+        :raises ValueError: if the lists hold more than n_ctx_per_slot tokens in all, or are
+            more than EMBED_MAX_SEQUENCES.
+        :raises RuntimeError: if the context cannot be made, the decode fails, or a vector is
+            missing.
+        """
+        width = self.info.embedding_length
+        if width == 0:
+            raise EmbeddingsUnsupportedError(
+                f"model {self.info.name!r} cannot embed text (its pooling gives no vector per input)"
+            )
+        lengths = np.array([len(t) for t in inputs], dtype=np.int32)
+        n_tokens, capacity = int(lengths.sum()), self._config.n_ctx_per_slot
+        if n_tokens > capacity or len(inputs) > EMBED_MAX_SEQUENCES or n_tokens == 0:
+            raise ValueError(
+                f"an embedding batch of {len(inputs)} inputs and {n_tokens:,} tokens; the limits are "
+                f"{EMBED_MAX_SEQUENCES} and {capacity:,}"
+            )
+        ctx = self._embedding_context()
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        plan = StepPlan(
+            tokens=np.fromiter((t for ts in inputs for t in ts), dtype=np.int32, count=n_tokens),
+            positions=(np.arange(n_tokens, dtype=np.int32) - starts).astype(np.int32),
+            seq_ids=np.repeat(np.arange(len(inputs), dtype=np.int32), lengths),
+            output_rows=np.arange(n_tokens, dtype=np.int32),
+        )
+        self._embed_batch.fill(plan)
+        try:
+            rc = llama.llama_decode(ctx, self._embed_batch.struct)
+            self.embedding_decodes += 1
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc} for an embedding batch of {n_tokens} tokens")
+            out = np.empty((len(inputs), width), dtype=np.float32)
+            for seq in range(len(inputs)):
+                vector = llama.llama_get_embeddings_seq(ctx, seq)
+                if not vector:
+                    raise RuntimeError(f"llama.cpp gave no embedding for sequence {seq}")
+                out[seq] = np.ctypeslib.as_array(vector, shape=(width,))
+        finally:
+            llama.llama_memory_clear(llama.llama_get_memory(ctx), True)
+        return out
 
     # -- model facts ---------------------------------------------------------------------------
 
@@ -402,6 +523,9 @@ class LlamaCppBackend:
         for chain in self._samplers.values():
             llama.llama_sampler_free(chain)
         self._samplers.clear()
+        if self._embed_ctx:
+            llama.llama_free(self._embed_ctx)
+            self._embed_ctx = None
         if self._ctx:
             llama.llama_free(self._ctx)
             self._ctx = None

@@ -5,7 +5,8 @@
     SlotserveError
     ├── ConfigError               a RuntimeConfig value is out of range or unknown
     ├── InvalidRequestError       a request field is missing, of the wrong type or out of range
-    │   └── ContextOverflowError  prompt + max_tokens do not fit the slot's context
+    │   ├── ContextOverflowError  prompt + max_tokens do not fit the slot's context
+    │   └── EmbeddingsUnsupportedError  the model or backend cannot embed text
     ├── QueueFullError            the mailbox is full (admission refused)
     ├── ModelLoadError            the weights could not be found or loaded
     │   └── ResizeFailedError     a new context could not be built; the old count serves on
@@ -22,6 +23,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "ContextOverflowError",
+    "EmbeddingsUnsupportedError",
     "GenerationError",
     "InvalidRequestError",
     "ModelLoadError",
@@ -56,10 +58,19 @@ class ContextOverflowError(InvalidRequestError):
         refused before it was tokenized whole).
     :ivar max_tokens: tokens the request asked to generate.
     :ivar n_ctx_per_slot: the slot's context size in tokens.
+
+    ``subject`` names what is too long where it is not a prompt (``input[3]``, an input to
+    embed: the message then has no max_tokens).
     """
 
     def __init__(
-        self, prompt_tokens: int, max_tokens: int, n_ctx_per_slot: int, *, at_least: str = ""
+        self,
+        prompt_tokens: int,
+        max_tokens: int,
+        n_ctx_per_slot: int,
+        *,
+        at_least: str = "",
+        subject: str = "prompt",
     ) -> None:
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
@@ -68,8 +79,14 @@ class ContextOverflowError(InvalidRequestError):
             plural = "" if prompt_tokens == 1 else "s"
             also = f" and max_tokens is {max_tokens:,}" if max_tokens else ""
             super().__init__(
-                f"prompt is at least {prompt_tokens:,} token{plural} ({at_least}){also}; "
+                f"{subject} is at least {prompt_tokens:,} token{plural} ({at_least}){also}; "
                 f"slot context is {n_ctx_per_slot:,} tokens (n_ctx_per_slot)"
+            )
+            return
+        if subject != "prompt":  # an input to embed: nothing is generated
+            super().__init__(
+                f"{subject} is {prompt_tokens:,} tokens; slot context is {n_ctx_per_slot:,} tokens "
+                "(n_ctx_per_slot)"
             )
             return
         super().__init__(
@@ -77,6 +94,12 @@ class ContextOverflowError(InvalidRequestError):
             f"({prompt_tokens + max_tokens:,} in all); "
             f"slot context is {n_ctx_per_slot:,} tokens (n_ctx_per_slot)"
         )
+
+
+class EmbeddingsUnsupportedError(InvalidRequestError):
+    """The model or its backend cannot embed text (``ModelInfo.embedding_length`` is 0): a
+    backend without an embedding path (ctransformers), or a model whose pooling gives no vector
+    (a reranker)."""
 
 
 class QueueFullError(SlotserveError):

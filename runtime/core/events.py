@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from runtime.core.messages import DoneReason, RequestStats
-from runtime.core.records import ResizeReason, StepReport
+from runtime.core.records import EmbeddingBatchReport, ResizeReason, StepReport
 
 __all__ = ["EVENTS", "Observer", "Observers", "RejectReason", "ResizeDirection", "RestartedActor"]
 
@@ -56,10 +56,16 @@ class Observer(Protocol):
     def resize_failed(self, direction: ResizeDirection, reason: ResizeReason) -> None:
         """No context of the new slot count could be built; the old count serves on."""
 
+    def embedding_batch(self, report: EmbeddingBatchReport) -> None:
+        """One embedding decode: its inputs, tokens and seconds."""
+
+    def embedding_finished(self, inputs: int, tokens: int, error: BaseException | None) -> None:
+        """An ``rt.embed`` call ended: its inputs, the tokens embedded, and its error (None: done)."""
+
 
 EVENTS = (
     "request_admitted", "request_rejected", "request_finished", "inter_token", "step", "restart", "resize",
-    "resize_failed",
+    "resize_failed", "embedding_batch", "embedding_finished",
 )  # fmt: skip
 """The Observer methods, in the protocol's order."""
 
@@ -130,3 +136,9 @@ class Observers:
 
     def resize_failed(self, direction: ResizeDirection, reason: ResizeReason) -> None:
         self._emit("resize_failed", direction, reason)
+
+    def embedding_batch(self, report: EmbeddingBatchReport) -> None:
+        self._emit("embedding_batch", report)
+
+    def embedding_finished(self, inputs: int, tokens: int, error: BaseException | None) -> None:
+        self._emit("embedding_finished", inputs, tokens, error)

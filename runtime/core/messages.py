@@ -22,6 +22,8 @@ __all__ = [
     "Completion",
     "CompletionBuilder",
     "DoneReason",
+    "EmbedRequest",
+    "Embeddings",
     "GenerateRequest",
     "RequestStats",
     "decode_request",
@@ -33,6 +35,7 @@ MAX_TOKENS_LIMIT = 1 << 20  # no context we support is larger; a bigger ask is a
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256  # characters per stop string; the holdback buffer is bounded by it
 SEED_LIMIT = (1 << 32) - 1  # llama.cpp seeds are uint32
+MAX_EMBED_INPUTS = 2048  # OpenAI's limit of inputs per embeddings request
 
 
 def _check(ok: bool, message: str) -> None:
@@ -234,3 +237,56 @@ class CompletionBuilder:
             done_reason=chunk.done_reason,
             stats=chunk.stats,
         )
+
+
+class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Embed each of ``inputs`` (``rt.embed``): a text, or token ids as OpenAI's ``input`` takes them.
+
+    :raises InvalidRequestError: if inputs is empty or holds more than 2,048 items, an input is
+        empty (or holds a NUL or a lone surrogate), or dimensions is below 1.
+    """
+
+    inputs: tuple[str | tuple[int, ...], ...]
+    truncate: bool = True
+    """An input longer than the slot's context (``n_ctx_per_slot`` tokens) is cut to its first
+    ``n_ctx_per_slot`` tokens; with False it is refused (ContextOverflowError). Ollama's ``truncate``."""
+    dimensions: int | None = None
+    """Keep the first ``dimensions`` values of each vector and L2-normalise them again (Ollama's
+    and OpenAI's ``dimensions``); None: the model's whole embedding."""
+    normalize: bool = True
+    """L2-normalise each vector (Ollama's /api/embed, OpenAI); False gives the pooled vector as the
+    model makes it (Ollama's legacy /api/embeddings)."""
+
+    def __post_init__(self) -> None:
+        n = len(self.inputs)
+        _check(n > 0, "inputs is empty; give at least one text to embed")
+        _check(n <= MAX_EMBED_INPUTS, f"inputs has {n:,} items; at most {MAX_EMBED_INPUTS:,} are allowed")
+        for i, item in enumerate(self.inputs):
+            if isinstance(item, str):
+                _check_text(f"input[{i}]", item)
+            else:
+                _check(len(item) > 0, f"input[{i}] is an empty token array; it needs at least one token")
+        d = self.dimensions
+        _check(d is None or d >= 1, f"dimensions is {d}; it must be 1 or more (None: every dimension)")
+
+
+class Embeddings(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``rt.embed`` returns: one vector per input, in the inputs' order.
+
+    ``vectors[i]`` has ``dimensions`` floats (float32 values), L2-normalised unless the request
+    asked otherwise.
+    """
+
+    vectors: list[list[float]]
+    input_tokens: list[int]
+    """Tokens embedded for each input (after truncation)."""
+    truncated: int
+    """How many inputs were cut to the slot's context."""
+    dimensions: int
+    total_duration_ns: int
+    """From the call to the answer: tokenizing, waiting for a batch and its decode."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens embedded, all inputs together (Ollama's ``prompt_eval_count``, OpenAI's usage)."""
+        return sum(self.input_tokens)

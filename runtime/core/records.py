@@ -13,6 +13,8 @@ import msgspec
 
 __all__ = [
     "DeviceMemory",
+    "EmbeddingBatchReport",
+    "EmbeddingStatistics",
     "MailboxStatistics",
     "MemoryReading",
     "MemorySource",
@@ -149,12 +151,35 @@ class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
     slots: tuple[SlotStatistics, ...]
 
 
+class EmbeddingBatchReport(msgspec.Struct, frozen=True, kw_only=True):
+    """One embedding decode: inputs (sequences) and tokens in it, and its time in seconds."""
+
+    n_inputs: int
+    n_tokens: int
+    seconds: float
+
+
+class EmbeddingStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """The Embedder's counts since start: decodes (batches), inputs and tokens embedded."""
+
+    batches: int = 0
+    inputs: int = 0
+    tokens: int = 0
+    seconds_total: float = 0.0
+    largest_batch: int = 0
+    """Most inputs one decode carried."""
+    waiting: int = 0
+    """Inputs waiting for a decode now."""
+    failed_batches: int = 0
+
+
 class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """The statistics() records of the mailbox, the ModelActor and the Supervisor."""
+    """The statistics() records of the mailbox, the ModelActor, the Supervisor and the Embedder."""
 
     mailbox: MailboxStatistics
     model: ModelStatistics
     supervisor: SupervisorStatistics
+    embeddings: EmbeddingStatistics = EmbeddingStatistics()
 
 
 class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -112,6 +112,16 @@ class Families:
             "Resizes whose new context could not be built (the old count serves on), by direction and reason.",
             "direction", "reason",
         )  # fmt: skip
+        self.embedding_requests = counter(
+            "slotserve_embedding_requests_total",
+            "Embedding calls (rt.embed, /api/embed, /v1/embeddings) by outcome (completed, failed).",
+            "outcome",
+        )
+        self.embeddings = counter("slotserve_embeddings_total", "Inputs embedded (one vector each).")
+        self.embedding_tokens = counter("slotserve_embedding_tokens_total", "Input tokens embedded.")
+        self.embedding_batches = counter(
+            "slotserve_embedding_batches_total", "Embedding decodes (each carries every input waiting)."
+        )
         self.ttft = histogram(
             "slotserve_time_to_first_token_seconds",
             "Time to first token (TTFT): admission to first token, of completed requests.",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from runtime.core.events import RejectReason, ResizeDirection, RestartedActor
 from runtime.core.messages import DoneReason, RequestStats
-from runtime.core.records import ResizeReason, RuntimeStatus, StepReport
+from runtime.core.records import EmbeddingBatchReport, ResizeReason, RuntimeStatus, StepReport
 from runtime.metrics.families import (
     ACTORS,
     FAILURE_REASONS,
@@ -83,6 +83,10 @@ class _Series:
         self.step_sequences = f.step_sequences.labels(m)
         self.step_seconds = f.step_seconds.labels(m)
         self.resize_pause = f.resize_pause.labels(m)
+        self.embedding_requests = {o: f.embedding_requests.labels(m, o) for o in ("completed", "failed")}
+        self.embeddings = f.embeddings.labels(m)
+        self.embedding_tokens = f.embedding_tokens.labels(m)
+        self.embedding_batches = f.embedding_batches.labels(m)
 
 
 class RuntimeMetrics:
@@ -214,3 +218,17 @@ class RuntimeMetrics:
         s = self._s or self._series()
         if s is not None:
             s.f.resize_failures.labels(s.model, direction, reason).inc()
+
+    def embedding_batch(self, report: EmbeddingBatchReport) -> None:
+        """Count an embedding decode, its inputs and their tokens."""
+        s = self._s or self._series()
+        if s is not None:
+            s.embedding_batches.inc()
+            s.embeddings.inc(report.n_inputs)
+            s.embedding_tokens.inc(report.n_tokens)
+
+    def embedding_finished(self, inputs: int, tokens: int, error: BaseException | None) -> None:
+        """Count an embedding call by outcome."""
+        s = self._s or self._series()
+        if s is not None:
+            s.embedding_requests["completed" if error is None else "failed"].inc()

@@ -13,9 +13,12 @@ POST /api/generate, /chat  Ollama (runtime.server.ollama_api)
 GET  /api/tags, /ps,       Ollama's model endpoints (runtime.server.ollama_models)
      /version
 POST /api/show (also GET)
+POST /api/embed,           Ollama's embeddings (runtime.server.embeddings)
+     /api/embeddings
 POST /v1/chat/completions  OpenAI (runtime.server.openai_api)
 POST /v1/completions
 GET  /v1/models, /{id}
+POST /v1/embeddings        OpenAI's embeddings (runtime.server.embeddings)
 =========================  ==============================================================
 
 When the app starts, the model file's digest is computed in the background (a big file takes
@@ -43,6 +46,7 @@ from runtime.core.errors import preview
 from runtime.metrics import metrics_app
 from runtime.runtime import Runtime
 from runtime.server.context import ServerContext
+from runtime.server.embeddings import EmbeddingsApi
 from runtime.server.errors import HttpError
 from runtime.server.host import RuntimeHost
 from runtime.server.model_facts import ModelFacts
@@ -109,6 +113,7 @@ def create_app(
         *OllamaApi(server).routes(),
         *OllamaModelsApi(server).routes(),
         *OpenAIApi(server).routes(),
+        *EmbeddingsApi(server).routes(),
     ]
 
     @asynccontextmanager

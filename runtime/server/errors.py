@@ -6,6 +6,7 @@ error                                              status
 =================================================  =====================
 InvalidRequestError                                400
 ContextOverflowError                               400, code ``context_length_exceeded`` (OpenAI's)
+EmbeddingsUnsupportedError                         400, code ``embeddings_unsupported``
 HTTPException raised by the server (unknown        its own (404, 413)
 model, body too large)
 QueueFullError                                     503 with Retry-After
@@ -29,6 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from runtime.core.errors import (
     ContextOverflowError,
+    EmbeddingsUnsupportedError,
     GenerationError,
     InvalidRequestError,
     QueueFullError,
@@ -67,6 +69,8 @@ def http_error(exc: BaseException, retry_after_s: int) -> HttpError:
     retry = {"Retry-After": str(retry_after_s)}
     if isinstance(exc, ContextOverflowError):  # the code OpenAI's clients read as "too long"
         return HttpError(status=400, message=str(exc), code="context_length_exceeded")
+    if isinstance(exc, EmbeddingsUnsupportedError):
+        return HttpError(status=400, message=str(exc), code="embeddings_unsupported")
     if isinstance(exc, InvalidRequestError):
         return HttpError(status=400, message=str(exc), code="invalid_request")
     if isinstance(exc, HTTPException):

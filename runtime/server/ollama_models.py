@@ -49,13 +49,14 @@ _DEFAULTS = GenerateRequest(prompt="x")
 _PARAMETERS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
 
 
-def capabilities() -> list[str]:
+def capabilities(embedding_length: int = 0) -> list[str]:
     """Ollama's ``capabilities`` of the served model: what the server can do with it.
 
-    ``completion`` now; ``embedding`` joins once /api/embed exists, ``tools`` once tool calls are
-    parsed, ``insert`` once a ``suffix`` (fill-in-the-middle) is; ``vision`` never here.
+    ``completion``, and ``embedding`` where the backend embeds (``embedding_length`` above 0);
+    ``tools`` joins once tool calls are parsed, ``insert`` once a ``suffix`` (fill-in-the-middle)
+    is; ``vision`` never here.
     """
-    return ["completion"]
+    return ["completion", "embedding"] if embedding_length > 0 else ["completion"]
 
 
 def _iso(unix_s: float) -> str:
@@ -164,7 +165,7 @@ class OllamaModelsApi:
             "template": _text(meta.get("tokenizer.chat_template")),
             "details": details(meta, s.runtime.config.backend),
             "model_info": {k: meta[k] for k in sorted(meta) if k not in _HIDDEN_KEYS},
-            "capabilities": capabilities(),
+            "capabilities": capabilities(s.runtime.backend.info.embedding_length),
             "modified_at": s.facts.modified_at(s.created_s),
         }
         return Response(_encode(answer), media_type="application/json")

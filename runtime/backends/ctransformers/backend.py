@@ -38,6 +38,7 @@ from typing import cast
 import gguf  # noqa: F401  (read_model_file needs it; fail at import, as a missing library should)
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult, special_token_pattern
 from runtime.backends.chat_template import ChatTemplate
@@ -47,7 +48,7 @@ from runtime.backends.ctransformers.process import WorkerDiedError, WorkerProces
 from runtime.backends.ctransformers.worker import LoadSpec, WorkerFacts
 from runtime.backends.gguf_metadata import MetadataValue, read_gguf_metadata
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import ConfigError, ModelLoadError
+from runtime.core.errors import ConfigError, EmbeddingsUnsupportedError, ModelLoadError
 
 __all__ = ["CTransformersBackend", "CTransformersStatistics", "WorkerDiedError"]
 
@@ -324,6 +325,15 @@ class CTransformersBackend:
             if index[s] in errors
         }
         return StepResult(tokens=out, row_errors=row_errors)
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        """Not available: ctransformers gives no pooled hidden states.
+
+        :raises EmbeddingsUnsupportedError: always.
+        """
+        raise EmbeddingsUnsupportedError(
+            f"the ctransformers backend cannot embed text (model {self.info.name!r}); use llama_cpp"
+        )
 
     def seq_cells(self, seq_id: int) -> int:
         """Cells the sequence holds (tracked here; reading it takes no lock and no native call)."""
