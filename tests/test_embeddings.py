@@ -22,7 +22,8 @@ from runtime import (
 )
 from tests.helpers import greedy, open_runtime
 
-pytestmark = pytest.mark.parametrize("kind", ["fake", "llama_cpp"])
+BOTH = pytest.mark.parametrize("kind", ["fake", "llama_cpp"])
+"""The backends that embed (ctransformers does not)."""
 
 WIDTH = {"fake": 64, "llama_cpp": 576}
 ANCHOR = "The cat sat on the mat."
@@ -51,6 +52,7 @@ async def concurrently(rt: Runtime, texts: list[str], **kw: Any) -> list[Embeddi
     return [r for r in out if r is not None]
 
 
+@BOTH
 async def test_the_same_text_alone_and_in_a_batch_of_8_gives_the_same_vector(kind: str) -> None:
     texts = [ANCHOR, PARAPHRASE, *UNRELATED, "hello", "a much longer sentence about the sea and ships", "x"]
     async with open_runtime(kind, slots=2, threads=2) as rt:
@@ -64,6 +66,7 @@ async def test_the_same_text_alone_and_in_a_batch_of_8_gives_the_same_vector(kin
     assert batch.input_tokens[0] == alone.input_tokens[0] == alone.prompt_tokens > 0
 
 
+@BOTH
 async def test_cosine_ranks_a_paraphrase_above_unrelated_sentences(kind: str) -> None:
     async with open_runtime(kind, slots=1, threads=2) as rt:
         result = await rt.embed([ANCHOR, PARAPHRASE, *UNRELATED])
@@ -72,6 +75,7 @@ async def test_cosine_ranks_a_paraphrase_above_unrelated_sentences(kind: str) ->
     assert all(near > cosine(anchor, other) for other in others), (near, [cosine(anchor, o) for o in others])
 
 
+@BOTH
 async def test_8_concurrent_requests_run_in_fewer_decodes_than_8(kind: str) -> None:
     texts = [f"sentence number {i} about {w}" for i, w in enumerate("abcdefgh")]
     async with open_runtime(kind, slots=2, threads=2) as rt:
@@ -89,6 +93,7 @@ async def test_8_concurrent_requests_run_in_fewer_decodes_than_8(kind: str) -> N
         assert cosine(got.vectors[0], want.vectors[0]) > 0.9999
 
 
+@BOTH
 async def test_embedding_between_generation_steps_changes_no_answer(kind: str) -> None:
     """The embedding context is apart from the generating one: greedy answers are the same with
     embeddings decoded between their steps."""
@@ -106,6 +111,7 @@ async def test_embedding_between_generation_steps_changes_no_answer(kind: str) -
     assert answers == [want]
 
 
+@BOTH
 async def test_truncate_cuts_to_the_context_and_false_refuses(kind: str) -> None:
     long = "word " * 400  # more than 64 tokens on both backends
     async with open_runtime(kind, slots=1, n_ctx_per_slot=64, threads=2) as rt:
@@ -121,6 +127,7 @@ async def test_truncate_cuts_to_the_context_and_false_refuses(kind: str) -> None
     assert again.truncated == 0 and again.input_tokens[0] < 64
 
 
+@BOTH
 async def test_dimensions_cut_and_renormalise(kind: str) -> None:
     async with open_runtime(kind, slots=1, threads=2) as rt:
         whole = await rt.embed(ANCHOR)
@@ -134,6 +141,7 @@ async def test_dimensions_cut_and_renormalise(kind: str) -> None:
     assert np.allclose(cut.vectors[0], head / np.linalg.norm(head), atol=1e-6)
 
 
+@BOTH
 async def test_token_arrays_embed_like_their_text(kind: str) -> None:
     async with open_runtime(kind, slots=1, threads=2) as rt:
         tokens = rt.backend.tokenize(ANCHOR, add_special=True, parse_special=False)
@@ -144,6 +152,7 @@ async def test_token_arrays_embed_like_their_text(kind: str) -> None:
     assert cosine(by_text.vectors[0], by_tokens.vectors[0]) > 0.9999
 
 
+@BOTH
 async def test_bad_input_is_refused_and_the_runtime_keeps_serving(kind: str) -> None:
     async with open_runtime(kind, slots=1, threads=2) as rt:
         cases: list[tuple[list[Any], str]] = [
@@ -163,23 +172,20 @@ async def test_bad_input_is_refused_and_the_runtime_keeps_serving(kind: str) -> 
     assert len(ok.vectors) == 1 and answer.stats.completion_tokens == 3
 
 
-async def test_a_backend_without_embeddings_answers_a_typed_error(kind: str) -> None:
-    if kind != "fake":
-        pytest.skip("the fake stands for a backend without embeddings (ctransformers raises the same)")
-    async with open_runtime(kind, slots=1, fake={"embeddings": False}) as rt:
+async def test_a_backend_without_embeddings_answers_a_typed_error() -> None:
+    """The fake stands for a backend without embeddings (ctransformers raises the same)."""
+    async with open_runtime("fake", slots=1, fake={"embeddings": False}) as rt:
         with pytest.raises(EmbeddingsUnsupportedError, match="does not support embeddings"):
             await rt.embed("hello")
         assert (await rt.complete(greedy("Hi", max_tokens=2))).stats.completion_tokens == 2
 
 
-async def test_embeddings_are_counted_in_the_metrics(kind: str) -> None:
+async def test_embeddings_are_counted_in_the_metrics() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from runtime import RuntimeConfig
     from runtime.backends.fake import FakeBackend
 
-    if kind != "fake":
-        pytest.skip("the counters do not depend on the backend")
     registry = CollectorRegistry()
     async with Runtime(
         RuntimeConfig(backend="fake", slots=1), backend=FakeBackend(n_seq_max=1), registry=registry

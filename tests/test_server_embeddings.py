@@ -19,7 +19,8 @@ from runtime.server import create_app, serving
 from tests.helpers import open_runtime, require_modules
 from tests.test_server_clients import MODEL, http_client, ollama_client, openai_client, served
 
-pytestmark = pytest.mark.parametrize("kind", ["fake", "llama_cpp"])
+BOTH = pytest.mark.parametrize("kind", ["fake", "llama_cpp"])
+"""The backends that embed (ctransformers does not)."""
 
 TEXTS = ["The cat sat on the mat.", "A cat was sitting on the mat.", "Stock markets fell sharply."]
 
@@ -28,6 +29,7 @@ def close(a: Any, b: Any) -> bool:
     return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), atol=1e-6))
 
 
+@BOTH
 async def test_ollama_client_embed_and_embeddings_equal_the_embedded_api(kind: str) -> None:
     async with served(kind, slots=2) as (rt, url), await ollama_client(url) as client:
         many = await client.embed(model=MODEL, input=TEXTS)
@@ -48,6 +50,7 @@ async def test_ollama_client_embed_and_embeddings_equal_the_embedded_api(kind: s
     assert shown.capabilities is not None and "embedding" in shown.capabilities
 
 
+@BOTH
 async def test_openai_client_embeddings_float_and_base64(kind: str) -> None:
     async with served(kind, slots=2) as (rt, url), await openai_client(url) as client:
         floats = await client.embeddings.create(model=MODEL, input=TEXTS, encoding_format="float")
@@ -63,6 +66,7 @@ async def test_openai_client_embeddings_float_and_base64(kind: str) -> None:
     assert len(by_tokens.data[0].embedding) == 16 and close(by_tokens.data[0].embedding, want_cut.vectors[0])
 
 
+@BOTH
 async def test_base64_is_little_endian_float32(kind: str) -> None:
     async with served(kind, slots=1) as (rt, url), await http_client(url) as http:
         answer = await http.post(
@@ -76,6 +80,7 @@ async def test_base64_is_little_endian_float32(kind: str) -> None:
     )
 
 
+@BOTH
 async def test_bad_input_gets_a_400_in_each_apis_shape_and_the_server_keeps_serving(kind: str) -> None:
     long = "word " * 400
     async with served(kind, slots=1, n_ctx_per_slot=64) as (_rt, url), await http_client(url) as http:
@@ -117,11 +122,10 @@ async def test_bad_input_gets_a_400_in_each_apis_shape_and_the_server_keeps_serv
     assert unknown.status_code == 404
 
 
-async def test_a_model_without_embeddings_answers_400_in_each_shape(kind: str) -> None:
-    if kind != "fake":
-        pytest.skip("the fake stands for a backend without embeddings")
+async def test_a_model_without_embeddings_answers_400_in_each_shape() -> None:
+    """The fake stands for a backend without embeddings."""
     async with (
-        open_runtime(kind, slots=1, fake={"embeddings": False}) as rt,
+        open_runtime("fake", slots=1, fake={"embeddings": False}) as rt,
         serving(create_app(rt)) as url,
         await http_client(url) as http,
         await ollama_client(url) as client,
@@ -137,6 +141,7 @@ async def test_a_model_without_embeddings_answers_400_in_each_shape(kind: str) -
     assert shown.capabilities == ["completion"]
 
 
+@BOTH
 async def test_8_concurrent_http_requests_share_decodes(kind: str) -> None:
     async with served(kind, slots=2) as (rt, url), await openai_client(url) as client:
         before = rt.statistics().embeddings.batches
@@ -154,6 +159,7 @@ async def test_8_concurrent_http_requests_share_decodes(kind: str) -> None:
     assert len(results) == 8 and batches < 8
 
 
+@BOTH
 async def test_langchain_ollama_embeddings(kind: str) -> None:
     require_modules("langchain_ollama")
     module = await anyio.to_thread.run_sync(importlib.import_module, "langchain_ollama")  # 0.5 s
