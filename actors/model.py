@@ -237,9 +237,15 @@ class ModelActor:
         for job, error in delivery.failed:
             job.sink.fail(error)
         at_ns = delivery.at_ns
-        for job, token, finish in zip(delivery.jobs, delivery.tokens, delivery.finishes, strict=True):
+        with_logprobs = delivery.logprobs is not None
+        for i, (job, token, finish) in enumerate(
+            zip(delivery.jobs, delivery.tokens, delivery.finishes, strict=True)
+        ):
             try:
-                going = job.sink.take(token, finish, at_ns)
+                if with_logprobs and (logprob := delivery.logprob(i)) is not None:
+                    going = job.sink.take(token, finish, at_ns, logprob)
+                else:
+                    going = job.sink.take(token, finish, at_ns)
             except Exception as exc:
                 going = False
                 job.sink.fail(exc)

@@ -17,7 +17,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from runtime.backends.base import SamplerSpec, StepPlan, StepResult
+from runtime.backends.base import SamplerSpec, StepLogprobs, StepPlan, StepResult
+from runtime.core.messages import TokenLogprob, TopLogprob
 
 __all__ = ["Delivery", "Finish", "Scheduler", "SequenceJob", "StepBatch", "TokenSink"]
 
@@ -34,8 +35,9 @@ class TokenSink(Protocol):
         """Its caller has not read what it was sent: the sequence is skipped meanwhile."""
         ...
 
-    def take(self, token: int, finish: Finish, at_ns: int) -> bool:
-        """One token; ``at_ns``: when its step ended. Returns whether the sequence goes on."""
+    def take(self, token: int, finish: Finish, at_ns: int, logprob: TokenLogprob | None = None) -> bool:
+        """One token; ``at_ns``: when its step ended; ``logprob`` where its job asked for them.
+        Returns whether the sequence goes on."""
         ...
 
     def fail(self, error: BaseException) -> None:
@@ -58,6 +60,8 @@ class SequenceJob:
     """Prompt tokens put into a batch so far."""
     pos: int = field(init=False)
     """Position of the next token this sequence feeds."""
+    top_logprobs: int = -1
+    """-1: no log-probabilities; else each token's, and this many most likely tokens'."""
     generated: int = 0
     next_token: int = -1
     done: bool = False
@@ -93,9 +97,25 @@ class Delivery:
     at_ns: int = 0
     failed: list[tuple[SequenceJob, BaseException]] = field(default_factory=list)
     """Jobs whose row failed, with the error for their sinks."""
+    logprobs: StepLogprobs | None = None
+    """The step's log-probabilities, where some of its jobs asked for them."""
+    logprob_rows: list[int] = field(default_factory=list)
+    """With ``logprobs``: for each of ``jobs``, its row there (-1: it did not ask)."""
 
     def __len__(self) -> int:
         return len(self.jobs)
+
+    def logprob(self, i: int) -> TokenLogprob | None:
+        """The log-probability record of ``tokens[i]`` (None if its job did not ask)."""
+        lp = self.logprobs
+        if lp is None or (row := self.logprob_rows[i]) < 0:
+            return None
+        k = self.jobs[i].top_logprobs
+        top = tuple(
+            TopLogprob(token_id=t, logprob=v)
+            for t, v in zip(lp.top_ids[row, :k].tolist(), lp.top_logprobs[row, :k].tolist(), strict=True)
+        )
+        return TokenLogprob(token_id=self.tokens[i], logprob=float(lp.chosen[row]), top=top)
 
 
 class Scheduler:
@@ -109,6 +129,8 @@ class Scheduler:
         self._jobs: dict[int, SequenceJob] = {}
         self._trims: list[tuple[int, int]] = []
         self._samplers: dict[int, SamplerSpec | None] = {}
+        self._logprob_jobs = 0
+        """Jobs in the steps that asked for log-probabilities (0: no step looks for them)."""
 
     # -- what the slots ask ------------------------------------------------------------------
 
@@ -117,7 +139,11 @@ class Scheduler:
         first, and set its sampler."""
         self._trims.append((job.seq_id, job.start))
         self._samplers[job.seq_id] = job.sampler
+        if (old := self._jobs.get(job.seq_id)) is not None:
+            self.drop(old)
         self._jobs[job.seq_id] = job
+        if job.top_logprobs >= 0:
+            self._logprob_jobs += 1
 
     def remove(self, seq_id: int, keep: int = 0) -> None:
         """Take the sequence out of the steps now; at the next step drop its KV cells at
@@ -132,6 +158,8 @@ class Scheduler:
         job.done = True
         if self._jobs.get(job.seq_id) is job:
             del self._jobs[job.seq_id]
+            if job.top_logprobs >= 0:
+                self._logprob_jobs -= 1
 
     def drop_all(self) -> list[SequenceJob]:
         """Take every job out of the steps (the step failed); return them."""
@@ -173,8 +201,18 @@ class Scheduler:
             )
             for job in decoding:
                 job.pos += 1
-            return StepBatch(plan, decoding)
-        return self._plan_prefill(decoding, prefilling)
+            return self._with_logprobs(StepBatch(plan, decoding))
+        return self._with_logprobs(self._plan_prefill(decoding, prefilling))
+
+    def _with_logprobs(self, batch: StepBatch) -> StepBatch:
+        """Mark the outputs whose jobs asked for log-probabilities (a look at each row only
+        while some job in the steps asked)."""
+        if self._logprob_jobs:
+            asked = [i for i, job in enumerate(batch.rows) if job.top_logprobs >= 0]
+            if asked:
+                batch.plan.logprob_outputs = np.array(asked, dtype=np.int32)
+                batch.plan.top_logprobs = max(batch.rows[i].top_logprobs for i in asked)
+        return batch
 
     def _plan_prefill(self, decoding: list[SequenceJob], prefilling: list[SequenceJob]) -> StepBatch:
         budget = self.n_batch - len(decoding)
@@ -239,8 +277,11 @@ class Scheduler:
         generation in ``eog``, ``max_tokens``; a failed row leaves the steps at once).
         Returns the tokens and the failures for the sinks."""
         errors = result.row_errors
-        out = Delivery(at_ns=at_ns)
+        out = Delivery(at_ns=at_ns, logprobs=result.logprobs)
         jobs, tokens, finishes = out.jobs, out.tokens, out.finishes
+        lp_row: dict[int, int] = {}
+        if result.logprobs is not None:
+            lp_row = {o: r for r, o in enumerate(result.logprobs.outputs.tolist())}
         for i, (job, token) in enumerate(zip(batch.rows, result.tokens.tolist(), strict=True)):
             if job.done:
                 continue  # ended while the step ran; its cells are trimmed next step
@@ -261,6 +302,8 @@ class Scheduler:
             jobs.append(job)
             tokens.append(token)
             finishes.append(finish)
+            if lp_row:
+                out.logprob_rows.append(lp_row.get(i, -1))
         return out
 
     # -- what it holds -----------------------------------------------------------------------

@@ -42,6 +42,8 @@ def sampler_spec(request: GenerateRequest | ChatRequest) -> SamplerSpec | None:
         repeat_penalty=request.repeat_penalty,
         repeat_last_n=request.repeat_last_n,
         seed=secrets.randbits(32) if request.seed is None else request.seed,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
     )
 
 
@@ -133,7 +135,8 @@ class SlotActor:
         keep = min(keep, len(tokens) - 1)
         self._cached = []
         sink = RequestSink(ticket.reply, request.stop, self.model.backend.pieces, self._observers)
-        job = SequenceJob(seq, tokens, keep, max_new, sampler_spec(request), sink)
+        top = request.top_logprobs if request.logprobs else -1
+        job = SequenceJob(seq, tokens, keep, max_new, sampler_spec(request), sink, top_logprobs=top)
 
         def cancel() -> None:
             sink.end("cancel")
@@ -185,6 +188,7 @@ class SlotActor:
         final = Chunk(
             text=out,
             token_ids=tuple(sink.pending),
+            logprobs=tuple(sink.pending_logprobs),
             done=True,
             done_reason=reason,
             stats=stats,

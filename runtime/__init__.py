@@ -34,6 +34,8 @@ if TYPE_CHECKING:
         DoneReason,
         GenerateRequest,
         RequestStats,
+        TokenLogprob,
+        TopLogprob,
         decode_request,
     )
     from runtime.core.records import RuntimeStatus
@@ -66,6 +68,8 @@ _HOMES = {
     "RuntimeStatus": "runtime.core.records",
     "SlotFailedError": _ERRORS,
     "SlotserveError": _ERRORS,
+    "TokenLogprob": _MESSAGES,
+    "TopLogprob": _MESSAGES,
     "decode_request": _MESSAGES,
     "metrics_app": "runtime.metrics",
 }
@@ -94,6 +98,8 @@ __all__ = [
     "RuntimeStatus",
     "SlotFailedError",
     "SlotserveError",
+    "TokenLogprob",
+    "TopLogprob",
     "decode_request",
     "metrics_app",
 ]

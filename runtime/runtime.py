@@ -231,7 +231,7 @@ class Runtime:
 
         :raises QueueFullError: if the mailbox is full (at once, or after the timeout).
         :raises InvalidRequestError: if max_tokens exceeds ``max_tokens_cap`` (with overflow
-            ``refuse``).
+            ``refuse``), or it asks for log-probabilities of a backend without them.
         :raises ContextOverflowError: if the prompt's text is too long to fit the slot whatever
             it tokenizes to, or max_tokens leaves no room for a prompt (with overflow
             ``refuse``): refused before any tokenizing.
@@ -300,6 +300,10 @@ class Runtime:
                 raise ContextOverflowError(1, wanted, n_ctx, at_least="any prompt is one or more")
             if wanted > cap:
                 raise InvalidRequestError(f"max_tokens is {wanted:,}; the limit is {cap:,} (max_tokens_cap)")
+        if request.logprobs and not self.backend.info.logprobs:
+            raise InvalidRequestError(
+                f"logprobs is true; the {self.backend.info.backend} backend does not give log-probabilities"
+            )
         check_prompt_size(request, self.config.n_ctx_per_slot, self.backend.max_token_bytes)
 
     def _check_ready(self) -> None:

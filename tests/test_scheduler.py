@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from actors.scheduler import Finish, Scheduler, SequenceJob, StepBatch
 from runtime.backends.base import SamplerSpec, StepResult
+from runtime.core.messages import TokenLogprob
 
 EOS = 0
 
@@ -19,7 +20,7 @@ class Sink:
     blocked: bool = False
     failed: list[BaseException] = field(default_factory=list)
 
-    def take(self, token: int, finish: Finish, at_ns: int) -> bool:
+    def take(self, token: int, finish: Finish, at_ns: int, logprob: TokenLogprob | None = None) -> bool:
         return True
 
     def fail(self, error: BaseException) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "MetadataValue",
     "ModelInfo",
     "SamplerSpec",
+    "StepLogprobs",
     "StepPlan",
     "StepResult",
     "special_token_pattern",
@@ -60,6 +61,8 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Bytes one more slot costs beyond its KV cache (an instance's own copy of the weights)."""
     isolated: bool = False
     """The model runs in a worker process: a native crash there fails its requests only."""
+    logprobs: bool = True
+    """Its steps give log-probabilities for the output rows that ask (``StepPlan.logprob_outputs``)."""
 
 
 class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,6 +75,8 @@ class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):
     repeat_penalty: float
     repeat_last_n: int
     seed: int
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass(slots=True)
@@ -94,6 +99,10 @@ class StepPlan:
     """Of ``tokens``, how many are prompt (prefill) tokens; the rest are one per decoding sequence."""
     n_sequences: int = 0
     """Sequences with tokens in this step."""
+    logprob_outputs: npt.NDArray[np.int32] | None = None
+    """Indices into ``output_rows`` whose log-probabilities are wanted, shape (m,); None: none."""
+    top_logprobs: int = 0
+    """How many most likely tokens each of ``logprob_outputs`` gets (the most any of them asked)."""
 
     @property
     def n_tokens(self) -> int:
@@ -102,11 +111,25 @@ class StepPlan:
 
 
 @dataclass(slots=True)
+class StepLogprobs:
+    """Log-probabilities (natural log, of the raw logits' softmax) of some outputs of a step:
+    ``outputs`` (m,) indexes the step's outputs, ``chosen`` (m,) is each sampled token's,
+    ``top_ids`` and ``top_logprobs`` (m, k) the k most likely tokens, most likely first."""
+
+    outputs: npt.NDArray[np.int32]
+    chosen: npt.NDArray[np.float32]
+    top_ids: npt.NDArray[np.int32]
+    top_logprobs: npt.NDArray[np.float32]
+
+
+@dataclass(slots=True)
 class StepResult:
-    """Sampled tokens, shape (n_outputs,), and errors of single rows (row index -> error)."""
+    """Sampled tokens, shape (n_outputs,), errors of single rows (row index -> error), and the
+    log-probabilities of the outputs that asked for them (``StepPlan.logprob_outputs``)."""
 
     tokens: npt.NDArray[np.int32]
     row_errors: dict[int, BaseException] = field(default_factory=dict)
+    logprobs: StepLogprobs | None = None
 
 
 @runtime_checkable

@@ -8,6 +8,12 @@ follow the sequence's last cell, so runtime bookkeeping errors show up as failur
 Without a script, the next token is a letter chosen by a hash of the sequence's whole history,
 so outputs depend on every earlier token of that sequence and of no other (as in a real model).
 A ``scripts`` entry makes a prompt generate exactly the given token ids, then EOS.
+
+A sampler with a penalty (repeat, presence or frequency) steers clear of the letters among its
+last ``repeat_last_n`` tokens: the next letter of the alphabet that is not among them is taken.
+
+Log-probabilities, where asked, come from made-up logits that depend only on the sequence's
+history (a generator seeded by its hash), with the sampled token made the most likely one.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
 from runtime.backends.chat_template import ChatTemplate
 from runtime.backends.gguf_metadata import MetadataValue
+from runtime.backends.logprobs import step_logprobs
 from runtime.core.errors import ResizeFailedError
 
 __all__ = ["EOS", "FakeBackend", "InjectedFault"]
@@ -97,6 +104,8 @@ class FakeBackend:
         self._cells: dict[int, list[int]] = {}
         self._hashes: dict[int, list[int]] = {}
         self._samplers: dict[int, np.random.Generator | None] = {}
+        self._penalized: dict[int, tuple[int, list[int]]] = {}
+        """seq_id -> (repeat_last_n, tokens its sampler produced) for a sampler with a penalty."""
         self.fail_next_steps = 0
         """Make this many coming steps raise InjectedFault as a whole (a ModelActor fault)."""
         self.call_threads: set[int] = set()
@@ -146,6 +155,11 @@ class FakeBackend:
             del self._hashes.setdefault(seq_id, [])[p0:]
         for seq_id, spec in plan.samplers.items():
             self._samplers[seq_id] = self._new_sampler(spec)
+            self._penalized.pop(seq_id, None)
+            if spec is not None and (
+                spec.repeat_penalty != 1 or spec.presence_penalty or spec.frequency_penalty
+            ):
+                self._penalized[seq_id] = (spec.repeat_last_n, [])
         if plan.n_tokens == 0:
             return StepResult(tokens=np.empty(0, dtype=np.int32))
         if self.fail_next_steps > 0:
@@ -174,7 +188,24 @@ class FakeBackend:
             except InjectedFault as exc:
                 errors[i] = exc
                 out[i] = EOS
-        return StepResult(tokens=out, row_errors=errors)
+        lp = plan.logprob_outputs
+        logprobs = None
+        if lp is not None and len(lp):
+            seqs = plan.seq_ids[plan.output_rows[lp]].tolist()
+            logits = self._logits([self._hashes[s][-1] for s in seqs], out[lp])
+            logprobs = step_logprobs(lp, logits, out[lp], plan.top_logprobs)
+        return StepResult(tokens=out, row_errors=errors, logprobs=logprobs)
+
+    def _logits(self, hashes: list[int], chosen: np.ndarray) -> np.ndarray:
+        """Made-up logits, shape (len(hashes), n_vocab): a function of each history's hash, with
+        the chosen token 2 above the rest."""
+        n_vocab = self.info.n_vocab
+        logits = np.stack([np.random.default_rng(h).standard_normal(n_vocab) for h in hashes]).astype(
+            np.float32
+        )
+        rows = np.arange(len(hashes))
+        logits[rows, chosen] = logits.max(axis=1) + 2.0
+        return logits
 
     def _new_sampler(self, spec: SamplerSpec | None) -> np.random.Generator | None:
         return None if spec is None or spec.temperature == 0 else np.random.default_rng(spec.seed)
@@ -192,7 +223,16 @@ class FakeBackend:
         h = self._hashes[seq_id][-1]
         if rng is not None:
             h ^= int(rng.integers(0, 1 << 16))
-        return int(_LETTERS[h % len(_LETTERS)])
+        token = int(_LETTERS[h % len(_LETTERS)])
+        if (penalty := self._penalized.get(seq_id)) is not None:
+            last_n, produced = penalty
+            recent = set(produced[-last_n:]) if last_n > 0 else set()
+            for step in range(len(_LETTERS)):
+                token = int(_LETTERS[(h + step) % len(_LETTERS)])
+                if token not in recent:
+                    break
+            produced.append(token)
+        return token
 
     def resize(self, n_seq: int) -> int:
         """Keep sequences below ``n_seq``; as llama.cpp, sizes are fixed until the next resize."""

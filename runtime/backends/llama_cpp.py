@@ -4,7 +4,8 @@ One ``llama_model`` (the weights) and one ``llama_context`` with ``n_seq_max`` =
 KV cache of ``n_ctx_per_slot`` cells per sequence (``kv_unified`` off: each sequence has its
 own part). A step fills one ``llama_batch`` from numpy arrays in bulk, calls ``llama_decode``
 once, reads all logits at once, takes one argmax over every greedy row and runs each other
-row's llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, dist).
+row's llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, dist); the rows that
+ask for log-probabilities get them in bulk from the same logits (runtime.backends.logprobs).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult, special_token_pattern
 from runtime.backends.chat_template import ChatTemplate
 from runtime.backends.gguf_metadata import MetadataValue, read_gguf_metadata
+from runtime.backends.logprobs import step_logprobs
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import ModelLoadError, ResizeFailedError
 
@@ -365,8 +367,13 @@ class LlamaCppBackend:
                 out[i] = llama.llama_sampler_sample(chains[i], self._ctx, int(plan.output_rows[i]))
             except Exception as exc:  # one row's sampler must not fail the others
                 errors[i] = exc
+                out[i] = 0
+        lp = plan.logprob_outputs
+        logprobs = None
+        if lp is not None and len(lp):
+            logprobs = step_logprobs(lp, logits[lp], out[lp], plan.top_logprobs)
         self.sampling_seconds += time.perf_counter() - sampling_from
-        return StepResult(tokens=out, row_errors=errors)
+        return StepResult(tokens=out, row_errors=errors, logprobs=logprobs)
 
     def _set_sampler(self, seq_id: int, spec: SamplerSpec | None) -> None:
         old = self._samplers.pop(seq_id, None)
@@ -376,11 +383,16 @@ class LlamaCppBackend:
             return
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = llama.llama_sampler_chain_add
-        if spec.repeat_penalty != 1.0:
+        if spec.repeat_penalty != 1.0 or spec.frequency_penalty != 0 or spec.presence_penalty != 0:
             # The binding still declares a leading n_vocab that the C function no longer takes;
-            # penalty_last_n goes first so that the native call reads it either way.
+            # penalty_last_n goes first so that the native call reads it either way (the ints and
+            # the floats travel in registers of their own: the three floats land where the C
+            # function reads penalty_repeat, penalty_freq and penalty_present).
             n = spec.repeat_last_n
-            add(chain, llama.llama_sampler_init_penalties(n, n, spec.repeat_penalty, 0.0, 0.0))
+            penalties = llama.llama_sampler_init_penalties(
+                n, n, spec.repeat_penalty, spec.frequency_penalty, spec.presence_penalty
+            )
+            add(chain, penalties)
         if spec.temperature == 0:
             add(chain, llama.llama_sampler_init_greedy())
         else:

@@ -6,7 +6,9 @@ With ``"stream": true`` the answer is server-sent events, ``data: {json}`` each,
 ``stream_options.include_usage`` one more chunk with empty ``choices`` carries ``usage``.
 Errors are OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``, also
 in-band as the last event before ``[DONE]``; a prompt plus max_tokens over the slot's context
-is code ``context_length_exceeded``. Every completion object and chunk carries a
+is code ``context_length_exceeded``. Asked for, each choice's ``logprobs`` holds OpenAI's
+records of its tokens (chat: ``content`` with token, logprob, bytes, top_logprobs; completions:
+tokens, token_logprobs, top_logprobs, text_offset), in every streamed chunk for its own tokens. Every completion object and chunk carries a
 ``system_fingerprint``: ``fp_`` and 12 hex digits of what shapes the answers (slotserve's
 version, the backend, the model file, the slot's context, the KV cache type, GPU layers).
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -24,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runtime.core.messages import Chunk, Completion, RequestStats
+from runtime.core.messages import Chunk, Completion, RequestStats, TokenLogprob
 from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
 from runtime.server.openai_wire import OpenAIChatBody, OpenAICompletionBody, chat_request, completion_request
@@ -51,20 +53,32 @@ def usage(stats: RequestStats) -> dict[str, Any]:
 
 
 class OpenAIFraming:
-    """Objects and SSE frames of /v1/chat/completions (``chat=True``) or /v1/completions."""
+    """Objects and SSE frames of /v1/chat/completions (``chat=True``) or /v1/completions.
+
+    :param pieces: each token id's bytes (the backend's), for the text of log-probabilities.
+    """
 
     stream_media_type = "text/event-stream"
 
     def __init__(
-        self, model: str, *, chat: bool, include_usage: bool = False, system_fingerprint: str = ""
+        self,
+        model: str,
+        *,
+        chat: bool,
+        include_usage: bool = False,
+        system_fingerprint: str = "",
+        pieces: Sequence[bytes] = (),
     ) -> None:
         self._model = model
         self._chat = chat
         self._fingerprint = system_fingerprint
         self._include_usage = include_usage
+        self._pieces = pieces
         self._id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self._created = int(time.time())
         self._role_sent = False
+        self._text_offset = 0
+        """Completions' ``text_offset``: characters of the answer before the next chunk."""
 
     def _object(self, choices: list[dict[str, Any]], *, streamed: bool, **extra: Any) -> dict[str, Any]:
         kind = ("chat.completion" if self._chat else "text_completion") + (
@@ -81,7 +95,9 @@ class OpenAIFraming:
         out.update(extra)
         return out
 
-    def _choice(self, text: str, finish_reason: str | None, *, streamed: bool) -> dict[str, Any]:
+    def _choice(
+        self, text: str, finish_reason: str | None, logprobs: tuple[TokenLogprob, ...], *, streamed: bool
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0}
         if not self._chat:
             choice["text"] = text
@@ -92,24 +108,53 @@ class OpenAIFraming:
                 self._role_sent = True
         else:
             choice["message"] = {"role": "assistant", "content": text}
-        choice["logprobs"] = None
+        choice["logprobs"] = self._logprobs(logprobs) if logprobs else None
         choice["finish_reason"] = finish_reason
         return choice
 
-    def _chunk(self, text: str, finish_reason: str | None) -> bytes:
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        raw = self._pieces[token_id] if 0 <= token_id < len(self._pieces) else b""
+        return raw.decode(errors="replace"), list(raw)
+
+    def _logprobs(self, logprobs: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+        """OpenAI's ``logprobs`` of a choice: chat's ``content`` list, or completions' four
+        parallel lists (``text_offset`` counts characters of the answer from its start)."""
+        if self._chat:
+            content = []
+            for lp in logprobs:
+                token, raw = self._token(lp.token_id)
+                top = []
+                for t in lp.top:
+                    text, b = self._token(t.token_id)
+                    top.append({"token": text, "logprob": t.logprob, "bytes": b})
+                content.append({"token": token, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
+            return {"content": content, "refusal": None}
+        tokens, offsets = [], []
+        for lp in logprobs:
+            token = self._token(lp.token_id)[0]
+            tokens.append(token)
+            offsets.append(self._text_offset)
+            self._text_offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{self._token(t.token_id)[0]: t.logprob for t in lp.top} for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def _chunk(self, text: str, finish_reason: str | None, logprobs: tuple[TokenLogprob, ...] = ()) -> bytes:
         extra = {"usage": None} if self._include_usage else {}
-        return _event(
-            self._object([self._choice(text, finish_reason, streamed=True)], streamed=True, **extra)
-        )
+        choice = self._choice(text, finish_reason, logprobs, streamed=True)
+        return _event(self._object([choice], streamed=True, **extra))
 
     def piece(self, chunk: Chunk) -> bytes:
-        """One event with the chunk's text and ``finish_reason: null``."""
-        return self._chunk(chunk.text, None)
+        """One event with the chunk's text (and log-probabilities) and ``finish_reason: null``."""
+        return self._chunk(chunk.text, None, chunk.logprobs)
 
     def last(self, chunk: Chunk) -> bytes:
         """The last text (if any), the event with ``finish_reason``, usage if asked, ``[DONE]``."""
         assert chunk.stats is not None
-        frames = [self._chunk(chunk.text, None)] if chunk.text else []
+        frames = [self._chunk(chunk.text, None, chunk.logprobs)] if chunk.text or chunk.logprobs else []
         frames.append(self._chunk("", chunk.done_reason))
         if self._include_usage:
             frames.append(_event(self._object([], streamed=True, usage=usage(chunk.stats))))
@@ -118,7 +163,7 @@ class OpenAIFraming:
 
     def whole(self, completion: Completion) -> bytes:
         """The completion object of a request that is not streamed."""
-        choice = self._choice(completion.text, completion.done_reason, streamed=False)
+        choice = self._choice(completion.text, completion.done_reason, completion.logprobs, streamed=False)
         return _encode(self._object([choice], streamed=False, usage=usage(completion.stats)))
 
     def error(self, error: HttpError) -> bytes:
@@ -151,10 +196,11 @@ class OpenAIApi:
         self._fingerprint = system_fingerprint(server)
 
     def _framing(self, *, chat: bool) -> Callable[[OpenAIChatBody | OpenAICompletionBody], OpenAIFraming]:
-        fingerprint = self._fingerprint
+        fingerprint, server = self._fingerprint, self._server
         return lambda body: OpenAIFraming(
-            body.model, chat=chat, include_usage=body.include_usage, system_fingerprint=fingerprint
-        )
+            body.model, chat=chat, include_usage=body.include_usage, system_fingerprint=fingerprint,
+            pieces=server.runtime.backend.pieces,
+        )  # fmt: skip
 
     def routes(self) -> list[Route]:
         """The routes, each answering errors with OpenAI's error object: POST

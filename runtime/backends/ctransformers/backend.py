@@ -158,6 +158,7 @@ class CTransformersBackend:
             weights_copies=1 if shared else n,
             instance_bytes=0 if shared else self._file.weights_bytes,
             isolated=True,
+            logprobs=False,
         )
 
     # -- the worker ----------------------------------------------------------------------------
