@@ -55,7 +55,7 @@ class ModelActor:
         self, backend: Backend, *, n_batch: int, on_step: Callable[[StepReport], None] | None = None
     ) -> None:
         self.backend = backend
-        self.scheduler = Scheduler(n_batch)
+        self.scheduler = Scheduler(n_batch, share_prompts=backend.info.seq_copy)
         """The step loop's own: the event loop reads its counters and changes it by commands."""
         self._on_step = on_step
         self._worker = WorkerThread("slotserve-model")

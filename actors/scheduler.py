@@ -6,6 +6,12 @@ queued since the last step, and turns them into a :class:`StepBatch`. Every step
 token for each generating sequence first, then prompt chunks in arrival order within the
 ``n_batch`` token budget. Sequences continue by themselves: :meth:`Scheduler.advance` makes
 each sampled token the sequence's next input, until end of generation or ``max_tokens``.
+
+A request's n choices share one prefill: a job whose ``leader`` (another choice of the same
+request, with the same prompt) is still evaluating its prompt waits; in the step that feeds
+the leader's last prompt token, the waiting jobs sample their first tokens from that same row
+(each with its own sampler), and the next step copies the leader's KV cells to their sequences
+first. A job whose leader is gone or past its prompt evaluates the prompt itself.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ class SequenceJob:
     """Prompt tokens put into a batch so far."""
     pos: int = field(init=False)
     """Position of the next token this sequence feeds."""
+    leader: SequenceJob | None = None
+    """Another choice of the same request whose prompt evaluation this one shares (None: it
+    evaluates its own). Cleared once it no longer waits."""
     top_logprobs: int = -1
     """-1: no log-probabilities; else each token's, and this many most likely tokens'."""
     generated: int = 0
@@ -122,13 +131,19 @@ class Scheduler:
     """The sequences being served and the housekeeping queued for the next step.
 
     :param n_batch: tokens one step decodes at most.
+    :param share_prompts: whether the backend copies KV cells between sequences (else every job
+        evaluates its own prompt).
     """
 
-    def __init__(self, n_batch: int) -> None:
+    def __init__(self, n_batch: int, *, share_prompts: bool = True) -> None:
         self.n_batch = n_batch
+        self.share_prompts = share_prompts
         self._jobs: dict[int, SequenceJob] = {}
         self._trims: list[tuple[int, int]] = []
         self._samplers: dict[int, SamplerSpec | None] = {}
+        self._copies: list[tuple[int, int]] = []
+        self._waiting: dict[int, list[SequenceJob]] = {}
+        """Leader's seq_id -> the jobs waiting to share its prompt."""
         self._logprob_jobs = 0
         """Jobs in the steps that asked for log-probabilities (0: no step looks for them)."""
 
@@ -136,7 +151,21 @@ class Scheduler:
 
     def add(self, job: SequenceJob) -> None:
         """Serve ``job`` from the next step on: drop its sequence's cells from ``job.start`` on
-        first, and set its sampler."""
+        first, and set its sampler. A job with a ``leader`` that is still evaluating the same
+        prompt waits to share it; otherwise it evaluates its own."""
+        leader = job.leader
+        if leader is not None:
+            if (
+                self.share_prompts
+                and self._jobs.get(leader.seq_id) is leader
+                and not leader.done
+                and leader.leader is None
+                and leader.prefilling
+                and leader.prompt == job.prompt
+            ):
+                self._waiting.setdefault(leader.seq_id, []).append(job)
+            else:
+                job.leader = None
         self._trims.append((job.seq_id, job.start))
         self._samplers[job.seq_id] = job.sampler
         if (old := self._jobs.get(job.seq_id)) is not None:
@@ -160,17 +189,21 @@ class Scheduler:
             del self._jobs[job.seq_id]
             if job.top_logprobs >= 0:
                 self._logprob_jobs -= 1
+            for follower in self._waiting.pop(job.seq_id, ()):
+                follower.leader = None  # the leader is gone: each evaluates the prompt itself
 
     def drop_all(self) -> list[SequenceJob]:
         """Take every job out of the steps (the step failed); return them."""
         jobs = list(self._jobs.values())
         for job in jobs:
             self.drop(job)
+        self._waiting.clear()
         return jobs
 
     def forget_above(self, n_seq: int) -> None:
         """Discard queued trims of sequences ``n_seq`` and up (they leave with a resize)."""
         self._trims = [(s, p) for s, p in self._trims if s < n_seq]
+        self._copies = [(s, d) for s, d in self._copies if s < n_seq and d < n_seq]
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -185,10 +218,10 @@ class Scheduler:
         decoding: list[SequenceJob] = []
         prefilling: list[SequenceJob] = []
         for job in self._jobs.values():
-            if job.done or job.sink.blocked:  # done: cancelled since (its drop is on its way)
-                continue
+            if job.done or job.sink.blocked or job.leader is not None:
+                continue  # done: cancelled since (its drop is on its way); a leader: it waits
             (prefilling if job.prefilling else decoding).append(job)
-        if not decoding and not prefilling and not self._trims and not self._samplers:
+        if not decoding and not prefilling and not self._trims and not self._samplers and not self._copies:
             return None
         if not prefilling:  # the usual step: one token per sequence, filled in bulk
             decoding.sort(key=_seq_id)
@@ -229,6 +262,7 @@ class Scheduler:
         seqs: list[int] = []
         out_rows: list[int] = []
         rows: list[SequenceJob] = []
+        shared: list[tuple[SequenceJob, SequenceJob]] = []
         for job, n in parts:
             if n == 0:
                 tokens.append(job.next_token)
@@ -242,10 +276,22 @@ class Scheduler:
                     continue  # more of the prompt to come: nothing to sample yet
             out_rows.append(len(tokens) - 1)
             rows.append(job)
+            if n and (waiting := self._waiting.pop(job.seq_id, None)):
+                for follower in waiting:  # its first token comes from the leader's last row
+                    if not follower.done:
+                        out_rows.append(len(tokens) - 1)
+                        rows.append(follower)
+                        shared.append((job, follower))
         plan = self._issue(tokens, positions, seqs, out_rows, n_prompt_tokens=len(tokens) - len(decoding))
         for job, n in parts:  # prompt bookkeeping now; the rows advance when their tokens arrive
             job.fed += n
             job.pos += n or 1
+        if shared:
+            plan.sample_seqs = np.array([job.seq_id for job in rows], dtype=np.int32)
+            for leader, follower in shared:  # the leader's cells are in after this step
+                follower.leader = None
+                follower.fed = follower.pos = len(follower.prompt)
+                self._copies.append((leader.seq_id, follower.seq_id))
         return StepBatch(plan, rows)
 
     def _issue(
@@ -266,10 +312,11 @@ class Scheduler:
             output_rows=np.array(out_rows, dtype=np.int32),
             trims=self._trims,
             samplers=self._samplers,
+            copies=self._copies,
             n_prompt_tokens=n_prompt_tokens,
             n_sequences=len(set(seqs)),
         )
-        self._trims, self._samplers = [], {}
+        self._trims, self._samplers, self._copies = [], {}, []
         return plan
 
     def advance(self, batch: StepBatch, result: StepResult, eog: frozenset[int], at_ns: int) -> Delivery:

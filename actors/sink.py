@@ -31,6 +31,7 @@ class RequestSink:
     (:meth:`runtime.core.ticket.Ticket.finish`) with it.
 
     :param pieces: each token id's bytes (the backend's ``pieces``).
+    :param index: the choice this request is of its request's n (``Chunk.index``).
     """
 
     def __init__(
@@ -39,8 +40,10 @@ class RequestSink:
         stops: tuple[str, ...],
         pieces: Sequence[bytes],
         observers: Observers,
+        index: int = 0,
     ) -> None:
         self._reply = reply
+        self.index = index
         self._text = TextStream(stops)
         self._pieces = pieces
         self._observers = observers
@@ -127,8 +130,11 @@ class RequestSink:
 
     def _chunk(self) -> Chunk:
         if self.pending_logprobs:
-            return Chunk(text=self.out, token_ids=tuple(self.pending), logprobs=tuple(self.pending_logprobs))
-        return Chunk(text=self.out, token_ids=tuple(self.pending))
+            return Chunk(
+                text=self.out, token_ids=tuple(self.pending), logprobs=tuple(self.pending_logprobs),
+                index=self.index,
+            )  # fmt: skip
+        return Chunk(text=self.out, token_ids=tuple(self.pending), index=self.index)
 
     async def wait(self) -> None:
         """Until the request ended or the sink blocked."""

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from runtime.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from runtime.core.choices import ChoiceStream
     from runtime.core.config import RuntimeConfig
     from runtime.core.errors import (
         ConfigError,
@@ -48,6 +49,7 @@ _MESSAGES = "runtime.core.messages"
 _HOMES = {
     "ChatMessage": _MESSAGES,
     "ChatRequest": _MESSAGES,
+    "ChoiceStream": "runtime.core.choices",
     "Chunk": _MESSAGES,
     "Completion": _MESSAGES,
     "ConfigError": _ERRORS,
@@ -78,6 +80,7 @@ _HOMES = {
 __all__ = [
     "ChatMessage",
     "ChatRequest",
+    "ChoiceStream",
     "Chunk",
     "Completion",
     "ConfigError",

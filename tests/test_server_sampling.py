@@ -173,3 +173,62 @@ async def test_bad_values_get_a_typed_400_and_the_server_goes_on(kind: str) -> N
     assert "needs logprobs true" in raw.json()["error"]["message"]
     assert fine.choices[0].logprobs is not None and fine.choices[0].logprobs.content
     assert ofine.done
+
+
+async def test_openai_client_n_2_gives_two_indexed_choices_from_one_prefill(kind: str) -> None:
+    """n = 2 at temperature 0 (chat and completions, whole and streamed, with logprobs): two
+    identical choices indexed 0 and 1, equal to the single answer; usage counts the prompt once
+    and both completions; the prompt was decoded once for each request."""
+    messages: list[Any] = [{"role": "user", "content": "Name a fruit."}]
+    async with served(kind, slots=2, prefix_cache=False) as (rt, url), await openai_client(url) as client:
+        one = await client.chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, max_tokens=8
+        )
+        before = rt.statistics().model.tokens_decoded
+        two = await client.chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, max_tokens=8, n=2, logprobs=True
+        )
+        decoded = rt.statistics().model.tokens_decoded - before
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, max_tokens=8, n=2, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [c async for c in stream]
+        text = await client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], temperature=0, max_tokens=6, n=2
+        )
+        parts = [c async for c in await client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], temperature=0, max_tokens=6, n=2, stream=True
+        )]  # fmt: skip
+    assert one.usage is not None and two.usage is not None
+    assert [c.index for c in two.choices] == [0, 1]
+    assert [c.message.content for c in two.choices] == [one.choices[0].message.content] * 2
+    assert [c.finish_reason for c in two.choices] == [one.choices[0].finish_reason] * 2
+    assert two.choices[0].logprobs is not None and two.choices[1].logprobs is not None
+    assert two.choices[0].logprobs.content == two.choices[1].logprobs.content
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens
+    assert two.usage.completion_tokens == 2 * one.usage.completion_tokens
+    assert decoded == one.usage.prompt_tokens + 2 * (one.usage.completion_tokens - 1)
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(c.delta.content or "" for c in mine) == one.choices[0].message.content
+        assert mine[0].delta.role == "assistant"
+        assert [c.finish_reason for c in mine][-1] == one.choices[0].finish_reason
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == two.usage.completion_tokens
+    assert [c.index for c in text.choices] == [0, 1] and text.choices[0].text == text.choices[1].text
+    for i in (0, 1):
+        assert "".join(c.choices[0].text for c in parts if c.choices[0].index == i) == text.choices[0].text
+
+
+async def test_n_beyond_the_slots_is_a_typed_400_and_the_server_goes_on(kind: str) -> None:
+    messages: list[Any] = [{"role": "user", "content": "hi"}]
+    async with served(kind, slots=2) as (_rt, url), await openai_client(url) as client:
+        with pytest.raises(openai.BadRequestError) as many:
+            await client.chat.completions.create(model=MODEL, messages=messages, n=3)
+        with pytest.raises(openai.BadRequestError) as none:
+            await client.completions.create(model=MODEL, prompt="hi", n=0)
+        fine = await client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=3)
+    assert many.value.status_code == 400 and many.value.code == "invalid_request"
+    assert "n is 3; it must be 1 to 2: each choice takes a slot, and this runtime has 2" in many.value.message
+    assert none.value.status_code == 400 and "n is 0; it must be 1 to 128" in none.value.message
+    assert len(fine.choices) == 2

@@ -27,6 +27,7 @@ from runtime.server.ollama_wire import (
 from runtime.server.openai_wire import (
     OpenAIChatBody,
     OpenAICompletionBody,
+    choice_count,
     completion_request,
 )
 from runtime.server.openai_wire import (
@@ -169,7 +170,7 @@ def test_openai_chat_maps_roles_content_parts_and_limits() -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"n": 3}, "n is 3"),
+        ({"n": 129}, "n is 129; it must be 1 to 128"),
         ({"presence_penalty": -2.1}, "presence_penalty is -2.1; it must be -2 to 2"),
         ({"frequency_penalty": 3}, "frequency_penalty is 3.0; it must be -2 to 2"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs is 21; it must be 0 to 20"),
@@ -186,7 +187,12 @@ def test_openai_chat_maps_roles_content_parts_and_limits() -> None:
 def test_openai_chat_refusals_name_the_field(body: dict[str, Any], message: str) -> None:
     full = {"model": "m", "messages": [{"role": "user", "content": "x"}]} | body
     with pytest.raises(InvalidRequestError, match=message):
-        openai_chat_request(decode_body(json.dumps(full).encode(), OpenAIChatBody))
+        _map_chat(decode_body(json.dumps(full).encode(), OpenAIChatBody))
+
+
+def _map_chat(body: OpenAIChatBody) -> tuple[int, ChatRequest]:
+    """What the server does with a chat body: its choice count, then its request."""
+    return choice_count(body), openai_chat_request(body)
 
 
 def test_openai_completions_default_to_16_tokens_and_one_prompt() -> None:

@@ -63,6 +63,8 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     """The model runs in a worker process: a native crash there fails its requests only."""
     logprobs: bool = True
     """Its steps give log-probabilities for the output rows that ask (``StepPlan.logprob_outputs``)."""
+    seq_copy: bool = True
+    """Its steps copy a sequence's KV cells to another (``StepPlan.copies``)."""
 
 
 class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,6 +97,12 @@ class StepPlan:
     """(seq_id, p0): remove the sequence's KV cells at positions >= p0, before decoding."""
     samplers: dict[int, SamplerSpec | None] = field(default_factory=dict)
     """seq_id -> new sampler for that sequence (None: greedy argmax), set before decoding."""
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    """(src, dst): after the trims, before decoding, make dst's KV cells a copy of all of src's
+    (llama_memory_seq_cp); dst shares src's prompt (n > 1)."""
+    sample_seqs: npt.NDArray[np.int32] | None = None
+    """Shape (n_outputs,): whose sampler picks each output; None: the output row's own sequence.
+    Given, ``output_rows`` may name a row more than once (sequences that share its prompt)."""
     n_prompt_tokens: int = 0
     """Of ``tokens``, how many are prompt (prefill) tokens; the rest are one per decoding sequence."""
     n_sequences: int = 0

@@ -114,6 +114,8 @@ class FakeBackend:
         self.resizes: list[int] = []
         """Sequence counts of every resize, in order."""
         self.sequences_per_step: list[int] = []
+        self.copies = 0
+        """Sequence copies made (n > 1: a choice sharing another's prompt)."""
         self.closed = False
 
     @staticmethod
@@ -153,6 +155,11 @@ class FakeBackend:
                 continue  # dropped by a resize, as in llama.cpp
             del self._cells.setdefault(seq_id, [])[p0:]
             del self._hashes.setdefault(seq_id, [])[p0:]
+        for src, dst in plan.copies:  # the whole of src's cells, as llama_memory_seq_cp(-1, -1)
+            if src < self.info.n_seq_max and dst < self.info.n_seq_max:
+                self._cells[dst] = list(self._cells.get(src, []))
+                self._hashes[dst] = list(self._hashes.get(src, []))
+        self.copies += len(plan.copies)
         for seq_id, spec in plan.samplers.items():
             self._samplers[seq_id] = self._new_sampler(spec)
             self._penalized.pop(seq_id, None)
@@ -181,10 +188,11 @@ class FakeBackend:
             hashes.append(((hashes[-1] if hashes else 17) * 1_000_003 + token) & 0xFFFFFFFF)
         out = np.empty(len(plan.output_rows), dtype=np.int32)
         errors: dict[int, BaseException] = {}
+        samplers = plan.sample_seqs
         for i, row in enumerate(plan.output_rows.tolist()):
             seq_id = int(plan.seq_ids[row])
             try:
-                out[i] = self._next_token(seq_id)
+                out[i] = self._next_token(seq_id, seq_id if samplers is None else int(samplers[i]))
             except InjectedFault as exc:
                 errors[i] = exc
                 out[i] = EOS
@@ -210,7 +218,8 @@ class FakeBackend:
     def _new_sampler(self, spec: SamplerSpec | None) -> np.random.Generator | None:
         return None if spec is None or spec.temperature == 0 else np.random.default_rng(spec.seed)
 
-    def _next_token(self, seq_id: int) -> int:
+    def _next_token(self, seq_id: int, sampler_seq: int) -> int:
+        """The next token of ``seq_id``'s cells, chosen by ``sampler_seq``'s sampler."""
         cells = self._cells[seq_id]
         for prompt, script in self._scripts.items():
             if tuple(cells[: len(prompt)]) == prompt:
@@ -219,12 +228,12 @@ class FakeBackend:
         for prompt in self._faults:
             if tuple(cells[: len(prompt)]) == prompt and len(cells) - len(prompt) + 1 >= self.fault_after:
                 raise InjectedFault(f"injected fault in sequence {seq_id}")
-        rng = self._samplers.get(seq_id)
+        rng = self._samplers.get(sampler_seq)
         h = self._hashes[seq_id][-1]
         if rng is not None:
             h ^= int(rng.integers(0, 1 << 16))
         token = int(_LETTERS[h % len(_LETTERS)])
-        if (penalty := self._penalized.get(seq_id)) is not None:
+        if (penalty := self._penalized.get(sampler_seq)) is not None:
             last_n, produced = penalty
             recent = set(produced[-last_n:]) if last_n > 0 else set()
             for step in range(len(_LETTERS)):

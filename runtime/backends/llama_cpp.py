@@ -343,6 +343,11 @@ class LlamaCppBackend:
         for seq_id, p0 in plan.trims:
             if seq_id < n_seq:  # a sequence dropped by a resize has nothing left to trim
                 llama.llama_memory_seq_rm(self._mem, seq_id, p0, -1)
+        for src, dst in plan.copies:
+            # Each sequence has a KV stream of its own (kv_unified off): llama.cpp copies the
+            # whole stream, which it allows only for the whole range (-1, -1), at the next decode.
+            if src < n_seq and dst < n_seq:
+                llama.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
         for seq_id, spec in plan.samplers.items():
             self._set_sampler(seq_id, spec)
         n_out = len(plan.output_rows)
@@ -354,13 +359,19 @@ class LlamaCppBackend:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} for a batch of {plan.n_tokens} tokens")
         sampling_from = time.perf_counter()
-        logits = np.ctypeslib.as_array(llama.llama_get_logits(self._ctx), shape=(n_out * self._n_vocab,))
-        logits = logits.reshape(n_out, self._n_vocab)
-        seq_ids = plan.seq_ids[plan.output_rows]
+        if plan.sample_seqs is None:  # one output per row: logits row i is output i
+            seq_ids, logit_of = plan.seq_ids[plan.output_rows], None
+            n_logits = n_out
+        else:  # rows shared by sequences with one prompt (n > 1): map outputs to logits rows
+            seq_ids = plan.sample_seqs
+            unique_rows, logit_of = np.unique(plan.output_rows, return_inverse=True)
+            n_logits = len(unique_rows)
+        logits = np.ctypeslib.as_array(llama.llama_get_logits(self._ctx), shape=(n_logits * self._n_vocab,))
+        logits = logits.reshape(n_logits, self._n_vocab)
         chains = [self._samplers.get(int(s)) for s in seq_ids]
         greedy = np.array([c is None for c in chains], dtype=bool)
         if greedy.any():
-            out[greedy] = np.argmax(logits[greedy], axis=1)
+            out[greedy] = np.argmax(logits[greedy] if logit_of is None else logits[logit_of[greedy]], axis=1)
         errors: dict[int, BaseException] = {}
         for i in np.flatnonzero(~greedy).tolist():
             try:
@@ -371,7 +382,8 @@ class LlamaCppBackend:
         lp = plan.logprob_outputs
         logprobs = None
         if lp is not None and len(lp):
-            logprobs = step_logprobs(lp, logits[lp], out[lp], plan.top_logprobs)
+            rows = logits[lp] if logit_of is None else logits[logit_of[lp]]
+            logprobs = step_logprobs(lp, rows, out[lp], plan.top_logprobs)
         self.sampling_seconds += time.perf_counter() - sampling_from
         return StepResult(tokens=out, row_errors=errors, logprobs=logprobs)
 

@@ -246,6 +246,8 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: tuple[TokenLogprob, ...] = ()
     """With ``logprobs`` asked: one per generated token of this chunk, in order (the
     end-of-generation token has none); empty otherwise."""
+    index: int = 0
+    """Which choice of a request's n this chunk belongs to (``Runtime.generate_choices``)."""
     done: bool = False
     done_reason: DoneReason | None = None
     stats: RequestStats | None = None

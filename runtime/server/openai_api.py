@@ -29,7 +29,13 @@ from starlette.routing import Route
 from runtime.core.messages import Chunk, Completion, RequestStats, TokenLogprob
 from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
-from runtime.server.openai_wire import OpenAIChatBody, OpenAICompletionBody, chat_request, completion_request
+from runtime.server.openai_wire import (
+    OpenAIChatBody,
+    OpenAICompletionBody,
+    chat_request,
+    choice_count,
+    completion_request,
+)
 from runtime.server.versions import slotserve_version
 
 __all__ = ["OPENAI_ERRORS", "OpenAIApi", "OpenAIFraming"]
@@ -42,13 +48,15 @@ def _event(data: dict[str, Any]) -> bytes:
     return b"data: " + _encode(data) + b"\n\n"
 
 
-def usage(stats: RequestStats) -> dict[str, Any]:
-    """OpenAI's ``usage`` object from our stats (tokens)."""
+def usage(first: RequestStats, *others: RequestStats) -> dict[str, Any]:
+    """OpenAI's ``usage`` object from our stats (tokens): with n choices, the prompt once (as
+    OpenAI counts it: it was evaluated once) and every choice's completion tokens."""
+    completion = first.completion_tokens + sum(s.completion_tokens for s in others)
     return {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.completion_tokens,
-        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": stats.prompt_tokens_cached},
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": first.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": first.prompt_tokens_cached},
     }
 
 
@@ -76,9 +84,11 @@ class OpenAIFraming:
         self._pieces = pieces
         self._id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self._created = int(time.time())
-        self._role_sent = False
-        self._text_offset = 0
-        """Completions' ``text_offset``: characters of the answer before the next chunk."""
+        self._role_sent: set[int] = set()
+        self._text_offset: dict[int, int] = {}
+        """Completions' ``text_offset`` per choice: characters of its answer before the next chunk."""
+        self._stats: list[RequestStats] = []
+        """The stats of the choices that ended so far (n > 1: usage sums them)."""
 
     def _object(self, choices: list[dict[str, Any]], *, streamed: bool, **extra: Any) -> dict[str, Any]:
         kind = ("chat.completion" if self._chat else "text_completion") + (
@@ -96,19 +106,25 @@ class OpenAIFraming:
         return out
 
     def _choice(
-        self, text: str, finish_reason: str | None, logprobs: tuple[TokenLogprob, ...], *, streamed: bool
+        self,
+        index: int,
+        text: str,
+        finish_reason: str | None,
+        logprobs: tuple[TokenLogprob, ...],
+        *,
+        streamed: bool,
     ) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0}
+        choice: dict[str, Any] = {"index": index}
         if not self._chat:
             choice["text"] = text
         elif streamed:
             choice["delta"] = {} if finish_reason and not text else {"content": text}
-            if not self._role_sent:
+            if index not in self._role_sent:
                 choice["delta"]["role"] = "assistant"
-                self._role_sent = True
+                self._role_sent.add(index)
         else:
             choice["message"] = {"role": "assistant", "content": text}
-        choice["logprobs"] = self._logprobs(logprobs) if logprobs else None
+        choice["logprobs"] = self._logprobs(index, logprobs) if logprobs else None
         choice["finish_reason"] = finish_reason
         return choice
 
@@ -116,7 +132,7 @@ class OpenAIFraming:
         raw = self._pieces[token_id] if 0 <= token_id < len(self._pieces) else b""
         return raw.decode(errors="replace"), list(raw)
 
-    def _logprobs(self, logprobs: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    def _logprobs(self, index: int, logprobs: tuple[TokenLogprob, ...]) -> dict[str, Any]:
         """OpenAI's ``logprobs`` of a choice: chat's ``content`` list, or completions' four
         parallel lists (``text_offset`` counts characters of the answer from its start)."""
         if self._chat:
@@ -130,11 +146,13 @@ class OpenAIFraming:
                 content.append({"token": token, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
             return {"content": content, "refusal": None}
         tokens, offsets = [], []
+        offset = self._text_offset.get(index, 0)
         for lp in logprobs:
             token = self._token(lp.token_id)[0]
             tokens.append(token)
-            offsets.append(self._text_offset)
-            self._text_offset += len(token)
+            offsets.append(offset)
+            offset += len(token)
+        self._text_offset[index] = offset
         return {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in logprobs],
@@ -142,29 +160,51 @@ class OpenAIFraming:
             "text_offset": offsets,
         }
 
-    def _chunk(self, text: str, finish_reason: str | None, logprobs: tuple[TokenLogprob, ...] = ()) -> bytes:
+    def _chunk(
+        self, index: int, text: str, finish_reason: str | None, logprobs: tuple[TokenLogprob, ...] = ()
+    ) -> bytes:
         extra = {"usage": None} if self._include_usage else {}
-        choice = self._choice(text, finish_reason, logprobs, streamed=True)
+        choice = self._choice(index, text, finish_reason, logprobs, streamed=True)
         return _event(self._object([choice], streamed=True, **extra))
 
     def piece(self, chunk: Chunk) -> bytes:
-        """One event with the chunk's text (and log-probabilities) and ``finish_reason: null``."""
-        return self._chunk(chunk.text, None, chunk.logprobs)
+        """One event with the chunk's text (and log-probabilities) and ``finish_reason: null``;
+        the last chunk of one of n choices adds its event with ``finish_reason``."""
+        if not chunk.done:
+            return self._chunk(chunk.index, chunk.text, None, chunk.logprobs)
+        return self._ending(chunk)
+
+    def _ending(self, chunk: Chunk) -> bytes:
+        assert chunk.stats is not None
+        self._stats.append(chunk.stats)
+        frames = (
+            [self._chunk(chunk.index, chunk.text, None, chunk.logprobs)]
+            if chunk.text or chunk.logprobs
+            else []
+        )
+        frames.append(self._chunk(chunk.index, "", chunk.done_reason))
+        return b"".join(frames)
 
     def last(self, chunk: Chunk) -> bytes:
-        """The last text (if any), the event with ``finish_reason``, usage if asked, ``[DONE]``."""
-        assert chunk.stats is not None
-        frames = [self._chunk(chunk.text, None, chunk.logprobs)] if chunk.text or chunk.logprobs else []
-        frames.append(self._chunk("", chunk.done_reason))
+        """The last text (if any), the event with ``finish_reason``, usage if asked (summed over
+        the choices), ``[DONE]``."""
+        frames = [self._ending(chunk)]
         if self._include_usage:
-            frames.append(_event(self._object([], streamed=True, usage=usage(chunk.stats))))
+            frames.append(_event(self._object([], streamed=True, usage=usage(*self._stats))))
         frames.append(_DONE)
         return b"".join(frames)
 
     def whole(self, completion: Completion) -> bytes:
         """The completion object of a request that is not streamed."""
-        choice = self._choice(completion.text, completion.done_reason, completion.logprobs, streamed=False)
-        return _encode(self._object([choice], streamed=False, usage=usage(completion.stats)))
+        return self.whole_choices([completion])
+
+    def whole_choices(self, completions: list[Completion]) -> bytes:
+        """The completion object of n choices, indexed 0 to n - 1, not streamed."""
+        choices = [
+            self._choice(i, c.text, c.done_reason, c.logprobs, streamed=False)
+            for i, c in enumerate(completions)
+        ]
+        return _encode(self._object(choices, streamed=False, usage=usage(*(c.stats for c in completions))))
 
     def error(self, error: HttpError) -> bytes:
         """OpenAI's error object."""
@@ -207,8 +247,10 @@ class OpenAIApi:
         /v1/chat/completions answers the messages through the model's chat template, POST
         /v1/completions completes the prompt as is."""
         s = self._server
-        chat = s.generation(OpenAIChatBody, chat_request, self._framing(chat=True))
-        completions = s.generation(OpenAICompletionBody, completion_request, self._framing(chat=False))
+        chat = s.generation(OpenAIChatBody, chat_request, self._framing(chat=True), choice_count)
+        completions = s.generation(
+            OpenAICompletionBody, completion_request, self._framing(chat=False), choice_count
+        )
         return [
             Route("/v1/chat/completions", s.guarded(OPENAI_ERRORS, chat), methods=["POST"]),
             Route("/v1/completions", s.guarded(OPENAI_ERRORS, completions), methods=["POST"]),

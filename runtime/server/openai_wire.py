@@ -7,8 +7,9 @@ accepted, as llama.cpp's server and vLLM do: ``top_k``, ``min_p``, ``repeat_pena
 ``repeat_last_n``. ``presence_penalty`` and ``frequency_penalty`` (-2 to 2) go to llama.cpp's
 penalties sampler over the last ``repeat_last_n`` generated tokens. ``logprobs`` (chat: true with
 ``top_logprobs`` 0 to 20; completions: an integer 0 to 20, the top count) gives each token's
-log-probability. Fields that would change the answer in ways we do not implement (``n`` > 1,
-``logit_bias``, tools, JSON output, ``echo``, ``suffix``) are refused with 400 rather than
+log-probability. ``n`` (1 to 128, and at most the slots: each choice takes one) asks for n
+choices that share one prompt evaluation (Runtime.generate_choices). Fields that would change
+the answer in ways we do not implement (``logit_bias``, tools, JSON output, ``echo``, ``suffix``) are refused with 400 rather than
 ignored; fields that do not change the answer (``user``, ``metadata``, ...) are ignored.
 ``max_tokens`` of /v1/completions defaults to 16, as in OpenAI's reference.
 """
@@ -19,10 +20,11 @@ from typing import Any, Literal
 
 import msgspec
 
+from runtime.core.choices import MAX_CHOICES
 from runtime.core.errors import InvalidRequestError, preview
 from runtime.core.messages import MAX_TOP_LOGPROBS, ChatMessage, ChatRequest, GenerateRequest
 
-__all__ = ["OpenAIChatBody", "OpenAICompletionBody", "chat_request", "completion_request"]
+__all__ = ["OpenAIChatBody", "OpenAICompletionBody", "chat_request", "choice_count", "completion_request"]
 
 COMPLETION_MAX_TOKENS_DEFAULT = 16
 
@@ -109,9 +111,18 @@ def _refuse(field: str, value: object, allowed: str) -> None:
     raise InvalidRequestError(f"{field} is {preview(value)}; slotserve supports only {allowed}")
 
 
+def choice_count(body: OpenAIChatBody | OpenAICompletionBody) -> int:
+    """The body's ``n``: how many choices to generate (1 when unset).
+
+    :raises InvalidRequestError: if it is outside 1 to 128 (OpenAI's range).
+    """
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequestError(f"n is {n}; it must be 1 to {MAX_CHOICES}")
+    return n
+
+
 def _sampling(body: _Body) -> dict[str, Any]:
-    if body.n not in (None, 1):
-        _refuse("n", body.n, "1 (one choice per request)")
     if body.logit_bias:
         _refuse("logit_bias", body.logit_bias, "an empty or absent logit_bias")
     fields: dict[str, Any] = {k: getattr(body, k) for k in _SAMPLING if getattr(body, k) is not None}

@@ -159,6 +159,7 @@ class CTransformersBackend:
             instance_bytes=0 if shared else self._file.weights_bytes,
             isolated=True,
             logprobs=False,
+            seq_copy=False,
         )
 
     # -- the worker ----------------------------------------------------------------------------
