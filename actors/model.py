@@ -55,7 +55,7 @@ class ModelActor:
         self, backend: Backend, *, n_batch: int, on_step: Callable[[StepReport], None] | None = None
     ) -> None:
         self.backend = backend
-        self.scheduler = Scheduler(n_batch)
+        self.scheduler = Scheduler(n_batch, share_prompts=backend.info.seq_copy)
         """The step loop's own: the event loop reads its counters and changes it by commands."""
         self._on_step = on_step
         self._worker = WorkerThread("slotserve-model")
@@ -244,9 +244,15 @@ class ModelActor:
         for job, error in delivery.failed:
             job.sink.fail(error)
         at_ns = delivery.at_ns
-        for job, token, finish in zip(delivery.jobs, delivery.tokens, delivery.finishes, strict=True):
+        with_logprobs = delivery.logprobs is not None
+        for i, (job, token, finish) in enumerate(
+            zip(delivery.jobs, delivery.tokens, delivery.finishes, strict=True)
+        ):
             try:
-                going = job.sink.take(token, finish, at_ns)
+                if with_logprobs and (logprob := delivery.logprob(i)) is not None:
+                    going = job.sink.take(token, finish, at_ns, logprob)
+                else:
+                    going = job.sink.take(token, finish, at_ns)
             except Exception as exc:
                 going = False
                 job.sink.fail(exc)

@@ -6,6 +6,12 @@ queued since the last step, and turns them into a :class:`StepBatch`. Every step
 token for each generating sequence first, then prompt chunks in arrival order within the
 ``n_batch`` token budget. Sequences continue by themselves: :meth:`Scheduler.advance` makes
 each sampled token the sequence's next input, until end of generation or ``max_tokens``.
+
+A request's n choices share one prefill: a job whose ``leader`` (another choice of the same
+request, with the same prompt) is still evaluating its prompt waits; in the step that feeds
+the leader's last prompt token, the waiting jobs sample their first tokens from that same row
+(each with its own sampler), and the next step copies the leader's KV cells to their sequences
+first. A job whose leader is gone or past its prompt evaluates the prompt itself.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from runtime.backends.base import SamplerSpec, StepPlan, StepResult
+from runtime.backends.base import SamplerSpec, StepLogprobs, StepPlan, StepResult
+from runtime.core.messages import TokenLogprob, TopLogprob
 
 __all__ = ["Delivery", "Finish", "Scheduler", "SequenceJob", "StepBatch", "TokenSink"]
 
@@ -34,8 +41,9 @@ class TokenSink(Protocol):
         """Its caller has not read what it was sent: the sequence is skipped meanwhile."""
         ...
 
-    def take(self, token: int, finish: Finish, at_ns: int) -> bool:
-        """One token; ``at_ns``: when its step ended. Returns whether the sequence goes on."""
+    def take(self, token: int, finish: Finish, at_ns: int, logprob: TokenLogprob | None = None) -> bool:
+        """One token; ``at_ns``: when its step ended; ``logprob`` where its job asked for them.
+        Returns whether the sequence goes on."""
         ...
 
     def fail(self, error: BaseException) -> None:
@@ -58,6 +66,11 @@ class SequenceJob:
     """Prompt tokens put into a batch so far."""
     pos: int = field(init=False)
     """Position of the next token this sequence feeds."""
+    leader: SequenceJob | None = None
+    """Another choice of the same request whose prompt evaluation this one shares (None: it
+    evaluates its own). Cleared once it no longer waits."""
+    top_logprobs: int = -1
+    """-1: no log-probabilities; else each token's, and this many most likely tokens'."""
     generated: int = 0
     next_token: int = -1
     done: bool = False
@@ -93,31 +106,73 @@ class Delivery:
     at_ns: int = 0
     failed: list[tuple[SequenceJob, BaseException]] = field(default_factory=list)
     """Jobs whose row failed, with the error for their sinks."""
+    logprobs: StepLogprobs | None = None
+    """The step's log-probabilities, where some of its jobs asked for them."""
+    logprob_rows: list[int] = field(default_factory=list)
+    """With ``logprobs``: for each of ``jobs``, its row there (-1: it did not ask)."""
 
     def __len__(self) -> int:
         return len(self.jobs)
+
+    def logprob(self, i: int) -> TokenLogprob | None:
+        """The log-probability record of ``tokens[i]`` (None if its job did not ask)."""
+        lp = self.logprobs
+        if lp is None or (row := self.logprob_rows[i]) < 0:
+            return None
+        k = self.jobs[i].top_logprobs
+        top = tuple(
+            TopLogprob(token_id=t, logprob=v)
+            for t, v in zip(lp.top_ids[row, :k].tolist(), lp.top_logprobs[row, :k].tolist(), strict=True)
+        )
+        return TokenLogprob(token_id=self.tokens[i], logprob=float(lp.chosen[row]), top=top)
 
 
 class Scheduler:
     """The sequences being served and the housekeeping queued for the next step.
 
     :param n_batch: tokens one step decodes at most.
+    :param share_prompts: whether the backend copies KV cells between sequences (else every job
+        evaluates its own prompt).
     """
 
-    def __init__(self, n_batch: int) -> None:
+    def __init__(self, n_batch: int, *, share_prompts: bool = True) -> None:
         self.n_batch = n_batch
+        self.share_prompts = share_prompts
         self._jobs: dict[int, SequenceJob] = {}
         self._trims: list[tuple[int, int]] = []
         self._samplers: dict[int, SamplerSpec | None] = {}
+        self._copies: list[tuple[int, int]] = []
+        self._waiting: dict[int, list[SequenceJob]] = {}
+        """Leader's seq_id -> the jobs waiting to share its prompt."""
+        self._logprob_jobs = 0
+        """Jobs in the steps that asked for log-probabilities (0: no step looks for them)."""
 
     # -- what the slots ask ------------------------------------------------------------------
 
     def add(self, job: SequenceJob) -> None:
         """Serve ``job`` from the next step on: drop its sequence's cells from ``job.start`` on
-        first, and set its sampler."""
+        first, and set its sampler. A job with a ``leader`` that is still evaluating the same
+        prompt waits to share it; otherwise it evaluates its own."""
+        leader = job.leader
+        if leader is not None:
+            if (
+                self.share_prompts
+                and self._jobs.get(leader.seq_id) is leader
+                and not leader.done
+                and leader.leader is None
+                and leader.prefilling
+                and leader.prompt == job.prompt
+            ):
+                self._waiting.setdefault(leader.seq_id, []).append(job)
+            else:
+                job.leader = None
         self._trims.append((job.seq_id, job.start))
         self._samplers[job.seq_id] = job.sampler
+        if (old := self._jobs.get(job.seq_id)) is not None:
+            self.drop(old)
         self._jobs[job.seq_id] = job
+        if job.top_logprobs >= 0:
+            self._logprob_jobs += 1
 
     def remove(self, seq_id: int, keep: int = 0) -> None:
         """Take the sequence out of the steps now; at the next step drop its KV cells at
@@ -132,17 +187,23 @@ class Scheduler:
         job.done = True
         if self._jobs.get(job.seq_id) is job:
             del self._jobs[job.seq_id]
+            if job.top_logprobs >= 0:
+                self._logprob_jobs -= 1
+            for follower in self._waiting.pop(job.seq_id, ()):
+                follower.leader = None  # the leader is gone: each evaluates the prompt itself
 
     def drop_all(self) -> list[SequenceJob]:
         """Take every job out of the steps (the step failed); return them."""
         jobs = list(self._jobs.values())
         for job in jobs:
             self.drop(job)
+        self._waiting.clear()
         return jobs
 
     def forget_above(self, n_seq: int) -> None:
         """Discard queued trims of sequences ``n_seq`` and up (they leave with a resize)."""
         self._trims = [(s, p) for s, p in self._trims if s < n_seq]
+        self._copies = [(s, d) for s, d in self._copies if s < n_seq and d < n_seq]
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -157,10 +218,10 @@ class Scheduler:
         decoding: list[SequenceJob] = []
         prefilling: list[SequenceJob] = []
         for job in self._jobs.values():
-            if job.done or job.sink.blocked:  # done: cancelled since (its drop is on its way)
-                continue
+            if job.done or job.sink.blocked or job.leader is not None:
+                continue  # done: cancelled since (its drop is on its way); a leader: it waits
             (prefilling if job.prefilling else decoding).append(job)
-        if not decoding and not prefilling and not self._trims and not self._samplers:
+        if not decoding and not prefilling and not self._trims and not self._samplers and not self._copies:
             return None
         if not prefilling:  # the usual step: one token per sequence, filled in bulk
             decoding.sort(key=_seq_id)
@@ -173,8 +234,18 @@ class Scheduler:
             )
             for job in decoding:
                 job.pos += 1
-            return StepBatch(plan, decoding)
-        return self._plan_prefill(decoding, prefilling)
+            return self._with_logprobs(StepBatch(plan, decoding))
+        return self._with_logprobs(self._plan_prefill(decoding, prefilling))
+
+    def _with_logprobs(self, batch: StepBatch) -> StepBatch:
+        """Mark the outputs whose jobs asked for log-probabilities (a look at each row only
+        while some job in the steps asked)."""
+        if self._logprob_jobs:
+            asked = [i for i, job in enumerate(batch.rows) if job.top_logprobs >= 0]
+            if asked:
+                batch.plan.logprob_outputs = np.array(asked, dtype=np.int32)
+                batch.plan.top_logprobs = max(batch.rows[i].top_logprobs for i in asked)
+        return batch
 
     def _plan_prefill(self, decoding: list[SequenceJob], prefilling: list[SequenceJob]) -> StepBatch:
         budget = self.n_batch - len(decoding)
@@ -191,6 +262,7 @@ class Scheduler:
         seqs: list[int] = []
         out_rows: list[int] = []
         rows: list[SequenceJob] = []
+        shared: list[tuple[SequenceJob, SequenceJob]] = []
         for job, n in parts:
             if n == 0:
                 tokens.append(job.next_token)
@@ -204,10 +276,22 @@ class Scheduler:
                     continue  # more of the prompt to come: nothing to sample yet
             out_rows.append(len(tokens) - 1)
             rows.append(job)
+            if n and (waiting := self._waiting.pop(job.seq_id, None)):
+                for follower in waiting:  # its first token comes from the leader's last row
+                    if not follower.done:
+                        out_rows.append(len(tokens) - 1)
+                        rows.append(follower)
+                        shared.append((job, follower))
         plan = self._issue(tokens, positions, seqs, out_rows, n_prompt_tokens=len(tokens) - len(decoding))
         for job, n in parts:  # prompt bookkeeping now; the rows advance when their tokens arrive
             job.fed += n
             job.pos += n or 1
+        if shared:
+            plan.sample_seqs = np.array([job.seq_id for job in rows], dtype=np.int32)
+            for leader, follower in shared:  # the leader's cells are in after this step
+                follower.leader = None
+                follower.fed = follower.pos = len(follower.prompt)
+                self._copies.append((leader.seq_id, follower.seq_id))
         return StepBatch(plan, rows)
 
     def _issue(
@@ -228,10 +312,11 @@ class Scheduler:
             output_rows=np.array(out_rows, dtype=np.int32),
             trims=self._trims,
             samplers=self._samplers,
+            copies=self._copies,
             n_prompt_tokens=n_prompt_tokens,
             n_sequences=len(set(seqs)),
         )
-        self._trims, self._samplers = [], {}
+        self._trims, self._samplers, self._copies = [], {}, []
         return plan
 
     def advance(self, batch: StepBatch, result: StepResult, eog: frozenset[int], at_ns: int) -> Delivery:
@@ -239,8 +324,11 @@ class Scheduler:
         generation in ``eog``, ``max_tokens``; a failed row leaves the steps at once).
         Returns the tokens and the failures for the sinks."""
         errors = result.row_errors
-        out = Delivery(at_ns=at_ns)
+        out = Delivery(at_ns=at_ns, logprobs=result.logprobs)
         jobs, tokens, finishes = out.jobs, out.tokens, out.finishes
+        lp_row: dict[int, int] = {}
+        if result.logprobs is not None:
+            lp_row = {o: r for r, o in enumerate(result.logprobs.outputs.tolist())}
         for i, (job, token) in enumerate(zip(batch.rows, result.tokens.tolist(), strict=True)):
             if job.done:
                 continue  # ended while the step ran; its cells are trimmed next step
@@ -261,6 +349,8 @@ class Scheduler:
             jobs.append(job)
             tokens.append(token)
             finishes.append(finish)
+            if lp_row:
+                out.logprob_rows.append(lp_row.get(i, -1))
         return out
 
     # -- what it holds -----------------------------------------------------------------------

@@ -17,7 +17,7 @@ import anyio
 from actors.scheduler import Finish
 from runtime.core.channel import ChannelSender
 from runtime.core.events import Observers
-from runtime.core.messages import Chunk, DoneReason
+from runtime.core.messages import Chunk, DoneReason, TokenLogprob
 from runtime.core.streaming import TextStream
 from runtime.core.ticket import Reply
 
@@ -31,6 +31,7 @@ class RequestSink:
     (:meth:`runtime.core.ticket.Ticket.finish`) with it.
 
     :param pieces: each token id's bytes (the backend's ``pieces``).
+    :param index: the choice this request is of its request's n (``Chunk.index``).
     """
 
     def __init__(
@@ -39,8 +40,10 @@ class RequestSink:
         stops: tuple[str, ...],
         pieces: Sequence[bytes],
         observers: Observers,
+        index: int = 0,
     ) -> None:
         self._reply = reply
+        self.index = index
         self._text = TextStream(stops)
         self._pieces = pieces
         self._observers = observers
@@ -49,6 +52,8 @@ class RequestSink:
         """Text not sent yet."""
         self.pending: list[int] = []
         """Token ids not sent yet."""
+        self.pending_logprobs: list[TokenLogprob] = []
+        """Their log-probabilities, where the request asked for them."""
         self.taken = 0
         """Tokens this request got (the step loop may have sampled more before it heard of an end)."""
         self.first_ns: int | None = None
@@ -64,8 +69,9 @@ class RequestSink:
 
     # -- called by the step loop -------------------------------------------------------------
 
-    def take(self, token: int, finish: Finish, at_ns: int) -> bool:
-        """One generated token; ``finish`` is ``stop`` (end of generation), ``length`` or None.
+    def take(self, token: int, finish: Finish, at_ns: int, logprob: TokenLogprob | None = None) -> bool:
+        """One generated token; ``finish`` is ``stop`` (end of generation), ``length`` or None;
+        ``logprob`` where the request asked for log-probabilities.
 
         :returns: whether the sequence goes on (False: a stop string, the end, or the request
             was ended meanwhile).
@@ -79,8 +85,10 @@ class RequestSink:
         self.last_ns = at_ns
         self.taken += 1
         self.pending.append(token)
-        if finish != "stop":  # an end-of-generation token has no text
+        if finish != "stop":  # an end-of-generation token has no text (nor a log-probability)
             self.out += self._text.push(self._pieces[token])
+            if logprob is not None:
+                self.pending_logprobs.append(logprob)
         if self._text.stopped:
             self.end("stop")
         elif finish is not None:
@@ -110,7 +118,7 @@ class RequestSink:
         if self.blocked or not self.out:
             return
         try:
-            self._reply.send_nowait(Chunk(text=self.out, token_ids=tuple(self.pending)))
+            self._reply.send_nowait(self._chunk())
         except anyio.WouldBlock:
             self.blocked = True
             self._wake.set()
@@ -118,7 +126,15 @@ class RequestSink:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self.end("cancel")  # the caller closed its stream
             return
-        self.out, self.pending = "", []
+        self.out, self.pending, self.pending_logprobs = "", [], []
+
+    def _chunk(self) -> Chunk:
+        if self.pending_logprobs:
+            return Chunk(
+                text=self.out, token_ids=tuple(self.pending), logprobs=tuple(self.pending_logprobs),
+                index=self.index,
+            )  # fmt: skip
+        return Chunk(text=self.out, token_ids=tuple(self.pending), index=self.index)
 
     async def wait(self) -> None:
         """Until the request ended or the sink blocked."""
@@ -129,8 +145,8 @@ class RequestSink:
         """Wait for room in the reply stream and send what gathered (the slot's task does this
         when the sink blocked); the sequence then goes on. A closed stream ends the request, and
         an end meanwhile (a cancel) stops the wait."""
-        chunk = Chunk(text=self.out, token_ids=tuple(self.pending))
-        self.out, self.pending = "", []
+        chunk = self._chunk()
+        self.out, self.pending, self.pending_logprobs = "", [], []
         with anyio.CancelScope() as self._unblocking:
             try:
                 await self._reply.send(chunk)

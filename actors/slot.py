@@ -20,6 +20,7 @@ from actors.prompt import INLINE_PROMPT_CHARS, PromptCancelled, prompt_chars, pr
 from actors.scheduler import SequenceJob
 from actors.sink import RequestSink
 from runtime.backends.base import SamplerSpec
+from runtime.core.choices import ChoiceGroup
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import ContextOverflowError, GenerationError, InvalidRequestError
 from runtime.core.events import Observers
@@ -42,6 +43,8 @@ def sampler_spec(request: GenerateRequest | ChatRequest) -> SamplerSpec | None:
         repeat_penalty=request.repeat_penalty,
         repeat_last_n=request.repeat_last_n,
         seed=secrets.randbits(32) if request.seed is None else request.seed,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
     )
 
 
@@ -132,15 +135,22 @@ class SlotActor:
         keep = common_prefix(self._cached, tokens) if self.config.prefix_cache else 0
         keep = min(keep, len(tokens) - 1)
         self._cached = []
-        sink = RequestSink(ticket.reply, request.stop, self.model.backend.pieces, self._observers)
-        job = SequenceJob(seq, tokens, keep, max_new, sampler_spec(request), sink)
+        sink = RequestSink(
+            ticket.reply, request.stop, self.model.backend.pieces, self._observers, ticket.index
+        )
+        top = request.top_logprobs if request.logprobs else -1
+        job = SequenceJob(seq, tokens, keep, max_new, sampler_spec(request), sink, top_logprobs=top)
 
         def cancel() -> None:
             sink.end("cancel")
             self.model.drop(job)  # out of the next step at once
 
         ticket.listen(cancel)
-        self.model.begin(job)
+        if ticket.group is None:
+            self.model.begin(job)
+        else:
+            group: ChoiceGroup[SequenceJob] = ticket.group
+            await group.join(job, lambda j: self._begin_choice(j, group.leader))
         if ticket.cancelled or ticket.finished:  # cancelled, or ended, while it was being tokenized
             cancel()
         try:
@@ -185,11 +195,22 @@ class SlotActor:
         final = Chunk(
             text=out,
             token_ids=tuple(sink.pending),
+            logprobs=tuple(sink.pending_logprobs),
+            index=ticket.index,
             done=True,
             done_reason=reason,
             stats=stats,
         )
         ticket.finish(reason, final=final, stats=stats)
+
+    def _begin_choice(self, job: SequenceJob, leader: SequenceJob) -> None:
+        """Begin one choice of a request's n (runtime.core.choices): each but the first shares
+        the first one's prompt evaluation where it can (actors.scheduler)."""
+        if job.done:
+            return  # cancelled while the choices gathered
+        if job is not leader:
+            job.leader = leader
+        self.model.begin(job)
 
     async def _tokenize(self, ticket: Ticket) -> list[int]:
         """The prompt's tokens (actors.prompt): a short prompt's here, a longer one's in one

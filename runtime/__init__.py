@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from runtime.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from runtime.core.choices import ChoiceStream
     from runtime.core.config import RuntimeConfig
     from runtime.core.errors import (
         ConfigError,
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
         EmbedRequest,
         GenerateRequest,
         RequestStats,
+        TokenLogprob,
+        TopLogprob,
         decode_request,
     )
     from runtime.core.records import RuntimeStatus
@@ -49,6 +52,7 @@ _MESSAGES = "runtime.core.messages"
 _HOMES = {
     "ChatMessage": _MESSAGES,
     "ChatRequest": _MESSAGES,
+    "ChoiceStream": "runtime.core.choices",
     "Chunk": _MESSAGES,
     "Completion": _MESSAGES,
     "ConfigError": _ERRORS,
@@ -72,6 +76,8 @@ _HOMES = {
     "RuntimeStatus": "runtime.core.records",
     "SlotFailedError": _ERRORS,
     "SlotserveError": _ERRORS,
+    "TokenLogprob": _MESSAGES,
+    "TopLogprob": _MESSAGES,
     "decode_request": _MESSAGES,
     "metrics_app": "runtime.metrics",
 }
@@ -80,6 +86,7 @@ _HOMES = {
 __all__ = [
     "ChatMessage",
     "ChatRequest",
+    "ChoiceStream",
     "Chunk",
     "Completion",
     "ConfigError",
@@ -103,6 +110,8 @@ __all__ = [
     "RuntimeStatus",
     "SlotFailedError",
     "SlotserveError",
+    "TokenLogprob",
+    "TopLogprob",
     "decode_request",
     "metrics_app",
 ]

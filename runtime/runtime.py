@@ -20,6 +20,7 @@ from typing import Literal
 
 import anyio
 import anyio.abc
+import msgspec
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from actors.embedder import Embedder
@@ -28,6 +29,7 @@ from actors.prompt import check_prompt_size
 from actors.supervisor import Supervisor
 from runtime.backends import Backend, load_backend
 from runtime.core.channel import ChannelReceiver, ChannelSender, channel
+from runtime.core.choices import MAX_CHOICES, ChoiceGroup, ChoiceStream
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import (
     ConfigError,
@@ -41,6 +43,7 @@ from runtime.core.errors import (
 from runtime.core.events import Observer, Observers, ResizeDirection
 from runtime.core.mailbox import Mailbox
 from runtime.core.messages import (
+    SEED_LIMIT,
     ChatRequest,
     Completion,
     DoneReason,
@@ -250,7 +253,7 @@ class Runtime:
 
         :raises QueueFullError: if the mailbox is full (at once, or after the timeout).
         :raises InvalidRequestError: if max_tokens exceeds ``max_tokens_cap`` (with overflow
-            ``refuse``).
+            ``refuse``), or it asks for log-probabilities of a backend without them.
         :raises ContextOverflowError: if the prompt's text is too long to fit the slot whatever
             it tokenizes to, or max_tokens leaves no room for a prompt (with overflow
             ``refuse``): refused before any tokenizing.
@@ -295,6 +298,60 @@ class Runtime:
                 self._admitted(ticket)
 
         return ResponseStream(ticket, receive, admit=admit)
+
+    def generate_choices(self, request: GenerateRequest | ChatRequest, n: int) -> ChoiceStream:
+        """Admit ``n`` choices of ``request`` together (OpenAI's ``n``) and return their one
+        stream (chunks with their ``index``; read it inside ``async with``).
+
+        Each choice takes a slot. The n tickets enter the mailbox at once, or none does; they
+        wait there for free slots like any request. The first choice to reach a slot evaluates
+        the prompt, and the others share it: their sequences get copies of its KV cells, so
+        the prompt is evaluated once (runtime.core.choices). With a ``seed``, choice i samples
+        with ``seed + i``; at temperature 0 every choice is the same answer.
+
+        :raises InvalidRequestError: if ``n`` is below 1, above 128, or above the slots the
+            runtime has now (the choices run side by side); or as :meth:`generate`.
+        :raises QueueFullError: if the mailbox has no room for all ``n`` tickets.
+        :raises ContextOverflowError: as :meth:`generate`.
+        :raises RuntimeClosedError: if the runtime is not ready (RuntimeFailedError if failed).
+        """
+        self._check_ready()
+        assert self._supervisor is not None
+        slots = self._supervisor.statistics().slots_effective
+        if not 1 <= n <= min(MAX_CHOICES, slots):
+            self.observers.request_rejected("invalid")
+            raise InvalidRequestError(
+                f"n is {n}; it must be 1 to {min(MAX_CHOICES, slots)}: each choice takes a slot, "
+                f"and this runtime has {slots}"
+            )
+        try:
+            self._check_request(request)
+        except InvalidRequestError:
+            self.observers.request_rejected("invalid")
+            raise
+        group: ChoiceGroup[object] = ChoiceGroup(n)
+        tickets: list[Ticket] = []
+        receivers: list[ChannelReceiver[Reply]] = []
+        for i in range(n):
+            choice = request
+            if i and request.seed is not None:
+                choice = msgspec.structs.replace(request, seed=(request.seed + i) & SEED_LIMIT)
+            send, receive = channel(self.config.stream_buffer)
+            tickets.append(
+                Ticket(request=choice, reply=send, on_finish=self._request_done, group=group, index=i)
+            )
+            receivers.append(receive)
+        try:
+            self._mailbox.put_all_nowait(tickets)
+        except BaseException as exc:
+            for ticket, receive in zip(tickets, receivers, strict=True):
+                ticket.reply.close()
+                receive.close()
+            self._rejected(exc)
+            raise
+        for ticket in tickets:
+            self._admitted(ticket)
+        return ChoiceStream([ResponseStream(t, r) for t, r in zip(tickets, receivers, strict=True)])
 
     def chat(self, request: ChatRequest, *, admission_timeout_s: float | None = None) -> ResponseStream:
         """:meth:`generate` for a chat: the messages go through the model's chat template."""
@@ -362,6 +419,10 @@ class Runtime:
                 raise ContextOverflowError(1, wanted, n_ctx, at_least="any prompt is one or more")
             if wanted > cap:
                 raise InvalidRequestError(f"max_tokens is {wanted:,}; the limit is {cap:,} (max_tokens_cap)")
+        if request.logprobs and not self.backend.info.logprobs:
+            raise InvalidRequestError(
+                f"logprobs is true; the {self.backend.info.backend} backend does not give log-probabilities"
+            )
         check_prompt_size(request, self.config.n_ctx_per_slot, self.backend.max_token_bytes)
 
     def _check_ready(self) -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from actors.scheduler import Finish, Scheduler, SequenceJob, StepBatch
 from runtime.backends.base import SamplerSpec, StepResult
+from runtime.core.messages import TokenLogprob
 
 EOS = 0
 
@@ -19,7 +20,7 @@ class Sink:
     blocked: bool = False
     failed: list[BaseException] = field(default_factory=list)
 
-    def take(self, token: int, finish: Finish, at_ns: int) -> bool:
+    def take(self, token: int, finish: Finish, at_ns: int, logprob: TokenLogprob | None = None) -> bool:
         return True
 
     def fail(self, error: BaseException) -> None:
@@ -181,3 +182,58 @@ def test_every_prompt_token_is_fed_once_in_order_within_the_budget(
     assert s.active == 0
     assert fed == {j.seq_id: list(range(len(j.prompt))) for j in jobs}
     assert generated == dict.fromkeys(fed, max_new)
+
+
+def test_a_choice_waits_for_its_leader_then_shares_its_last_row_and_gets_its_cells() -> None:
+    """A job with a leader still prefilling does not evaluate the prompt: in the step that feeds
+    the leader's last prompt token it samples from that row (its own sampler: ``sample_seqs``),
+    and the next step copies the leader's cells to its sequence first, then decodes both."""
+    s = Scheduler(4)
+    prompt = [5, 6, 7, 8, 9, 10]
+    leader, follower = job(0, prompt), job(1, prompt)
+    follower.leader = leader
+    s.add(leader)
+    s.add(follower)
+    first = s.plan()
+    assert first is not None
+    assert first.plan.tokens.tolist() == [5, 6, 7, 8] and first.rows == []  # the leader's first chunk only
+    s.advance(first, result(first, []), frozenset({EOS}), 0)
+    second = s.plan()
+    assert second is not None
+    assert second.plan.tokens.tolist() == [9, 10]
+    assert second.plan.output_rows.tolist() == [1, 1]
+    assert second.plan.sample_seqs is not None and second.plan.sample_seqs.tolist() == [0, 1]
+    assert second.rows == [leader, follower]
+    s.advance(second, result(second, [20, 21]), frozenset({EOS}), 0)
+    third = s.plan()
+    assert third is not None
+    assert third.plan.copies == [(0, 1)]
+    assert third.plan.tokens.tolist() == [20, 21]
+    assert third.plan.positions.tolist() == [6, 6]
+    assert third.plan.seq_ids.tolist() == [0, 1]
+
+
+def test_a_choice_whose_leader_is_gone_or_past_its_prompt_evaluates_its_own() -> None:
+    s = Scheduler(16)
+    prompt = [5, 6, 7]
+    leader = job(0, prompt)
+    s.add(leader)
+    batch = s.plan()
+    assert batch is not None
+    late = job(1, prompt)
+    late.leader = leader
+    s.add(late)  # the leader's whole prompt is in the step already planned
+    assert late.leader is None
+    s.advance(batch, result(batch, [9]), frozenset({EOS}), 0)
+    again = s.plan()
+    assert again is not None and again.plan.copies == []
+    assert 1 in again.plan.seq_ids.tolist() and again.plan.n_prompt_tokens == 3
+    s2 = Scheduler(2)
+    lead2, follow2 = job(0, prompt), job(1, prompt)
+    follow2.leader = lead2
+    s2.add(lead2)
+    s2.add(follow2)
+    s2.remove(0)  # cancelled before its prompt was in
+    assert follow2.leader is None
+    step = s2.plan()
+    assert step is not None and step.plan.seq_ids.tolist() == [1, 1]

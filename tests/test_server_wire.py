@@ -27,6 +27,7 @@ from runtime.server.ollama_wire import (
 from runtime.server.openai_wire import (
     OpenAIChatBody,
     OpenAICompletionBody,
+    choice_count,
     completion_request,
 )
 from runtime.server.openai_wire import (
@@ -107,7 +108,11 @@ def test_ollama_generate_uses_the_template_unless_raw() -> None:
     ("body", "message"),
     [
         ({"prompt": "x", "options": {"mirostat": 2}}, "options.mirostat is 2; slotserve supports only 0"),
-        ({"prompt": "x", "options": {"presence_penalty": 0.5}}, "options.presence_penalty is 0.5"),
+        (
+            {"prompt": "x", "options": {"presence_penalty": 2.5}},
+            "presence_penalty is 2.5; it must be -2 to 2",
+        ),
+        ({"prompt": "x", "logprobs": True, "top_logprobs": 21}, "top_logprobs is 21; it must be 0 to 20"),
         ({"prompt": "x", "options": {"num_predict": 0}}, "options.num_predict is 0"),
         ({"prompt": "x", "options": {"num_ctx": 0}}, "options.num_ctx is 0; it must be >= 1"),
         (
@@ -165,9 +170,11 @@ def test_openai_chat_maps_roles_content_parts_and_limits() -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"n": 3}, "n is 3"),
-        ({"presence_penalty": 0.1}, "presence_penalty is 0.1"),
-        ({"logprobs": True}, "logprobs is True"),
+        ({"n": 129}, "n is 129; it must be 1 to 128"),
+        ({"presence_penalty": -2.1}, "presence_penalty is -2.1; it must be -2 to 2"),
+        ({"frequency_penalty": 3}, "frequency_penalty is 3.0; it must be -2 to 2"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs is 21; it must be 0 to 20"),
+        ({"top_logprobs": 2}, "top_logprobs is 2; it needs logprobs true"),
         ({"tools": [{"type": "function"}]}, "tools is '<1 tools>'"),
         ({"response_format": {"type": "json_object"}}, "response_format.type is 'json_object'"),
         (
@@ -180,7 +187,12 @@ def test_openai_chat_maps_roles_content_parts_and_limits() -> None:
 def test_openai_chat_refusals_name_the_field(body: dict[str, Any], message: str) -> None:
     full = {"model": "m", "messages": [{"role": "user", "content": "x"}]} | body
     with pytest.raises(InvalidRequestError, match=message):
-        openai_chat_request(decode_body(json.dumps(full).encode(), OpenAIChatBody))
+        _map_chat(decode_body(json.dumps(full).encode(), OpenAIChatBody))
+
+
+def _map_chat(body: OpenAIChatBody) -> tuple[int, ChatRequest]:
+    """What the server does with a chat body: its choice count, then its request."""
+    return choice_count(body), openai_chat_request(body)
 
 
 def test_openai_completions_default_to_16_tokens_and_one_prompt() -> None:
@@ -195,6 +207,11 @@ def test_openai_completions_default_to_16_tokens_and_one_prompt() -> None:
         complete(prompt=["x", "y"])
     with pytest.raises(InvalidRequestError, match="echo is True"):
         complete(prompt="x", echo=True)
+    assert complete(prompt="x", logprobs=0, presence_penalty=0.5) == GenerateRequest(
+        prompt="x", max_tokens=16, logprobs=True, top_logprobs=0, presence_penalty=0.5
+    )
+    with pytest.raises(InvalidRequestError, match="logprobs is 21; it must be 0 to 20"):
+        complete(prompt="x", logprobs=21)
     with pytest.raises(InvalidRequestError, match="Expected `str`, got `int`"):
         complete(prompt=[1, 2, 3])  # token ids are not supported
 

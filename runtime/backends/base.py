@@ -26,6 +26,7 @@ __all__ = [
     "MetadataValue",
     "ModelInfo",
     "SamplerSpec",
+    "StepLogprobs",
     "StepPlan",
     "StepResult",
     "special_token_pattern",
@@ -68,6 +69,10 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     embedding_length: int = 0
     """Floats in one embedding vector; 0 when the backend or model cannot embed (``embed``
     raises EmbeddingsUnsupportedError)."""
+    logprobs: bool = True
+    """Its steps give log-probabilities for the output rows that ask (``StepPlan.logprob_outputs``)."""
+    seq_copy: bool = True
+    """Its steps copy a sequence's KV cells to another (``StepPlan.copies``)."""
 
 
 class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,6 +85,8 @@ class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):
     repeat_penalty: float
     repeat_last_n: int
     seed: int
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass(slots=True)
@@ -98,10 +105,20 @@ class StepPlan:
     """(seq_id, p0): remove the sequence's KV cells at positions >= p0, before decoding."""
     samplers: dict[int, SamplerSpec | None] = field(default_factory=dict)
     """seq_id -> new sampler for that sequence (None: greedy argmax), set before decoding."""
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    """(src, dst): after the trims, before decoding, make dst's KV cells a copy of all of src's
+    (llama_memory_seq_cp); dst shares src's prompt (n > 1)."""
+    sample_seqs: npt.NDArray[np.int32] | None = None
+    """Shape (n_outputs,): whose sampler picks each output; None: the output row's own sequence.
+    Given, ``output_rows`` may name a row more than once (sequences that share its prompt)."""
     n_prompt_tokens: int = 0
     """Of ``tokens``, how many are prompt (prefill) tokens; the rest are one per decoding sequence."""
     n_sequences: int = 0
     """Sequences with tokens in this step."""
+    logprob_outputs: npt.NDArray[np.int32] | None = None
+    """Indices into ``output_rows`` whose log-probabilities are wanted, shape (m,); None: none."""
+    top_logprobs: int = 0
+    """How many most likely tokens each of ``logprob_outputs`` gets (the most any of them asked)."""
 
     @property
     def n_tokens(self) -> int:
@@ -110,11 +127,25 @@ class StepPlan:
 
 
 @dataclass(slots=True)
+class StepLogprobs:
+    """Log-probabilities (natural log, of the raw logits' softmax) of some outputs of a step:
+    ``outputs`` (m,) indexes the step's outputs, ``chosen`` (m,) is each sampled token's,
+    ``top_ids`` and ``top_logprobs`` (m, k) the k most likely tokens, most likely first."""
+
+    outputs: npt.NDArray[np.int32]
+    chosen: npt.NDArray[np.float32]
+    top_ids: npt.NDArray[np.int32]
+    top_logprobs: npt.NDArray[np.float32]
+
+
+@dataclass(slots=True)
 class StepResult:
-    """Sampled tokens, shape (n_outputs,), and errors of single rows (row index -> error)."""
+    """Sampled tokens, shape (n_outputs,), errors of single rows (row index -> error), and the
+    log-probabilities of the outputs that asked for them (``StepPlan.logprob_outputs``)."""
 
     tokens: npt.NDArray[np.int32]
     row_errors: dict[int, BaseException] = field(default_factory=dict)
+    logprobs: StepLogprobs | None = None
 
 
 @runtime_checkable

@@ -12,6 +12,12 @@ A ``scripts`` entry makes a prompt generate exactly the given token ids, then EO
 Embeddings are a hashed bag of tokens: each token adds +1 or -1 to one of 64 dimensions, both
 chosen by a hash of its id, so that texts sharing bytes point alike, and a vector depends on its
 own input only (the same alone and in any batch).
+
+A sampler with a penalty (repeat, presence or frequency) steers clear of the letters among its
+last ``repeat_last_n`` tokens: the next letter of the alphabet that is not among them is taken.
+
+Log-probabilities, where asked, come from made-up logits that depend only on the sequence's
+history (a generator seeded by its hash), with the sampled token made the most likely one.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy.typing as npt
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
 from runtime.backends.chat_template import ChatTemplate
 from runtime.backends.gguf_metadata import MetadataValue
+from runtime.backends.logprobs import step_logprobs
 from runtime.core.errors import EmbeddingsUnsupportedError, ResizeFailedError
 
 __all__ = ["EOS", "FakeBackend", "InjectedFault"]
@@ -105,6 +112,8 @@ class FakeBackend:
         self._cells: dict[int, list[int]] = {}
         self._hashes: dict[int, list[int]] = {}
         self._samplers: dict[int, np.random.Generator | None] = {}
+        self._penalized: dict[int, tuple[int, list[int]]] = {}
+        """seq_id -> (repeat_last_n, tokens its sampler produced) for a sampler with a penalty."""
         self.fail_next_steps = 0
         """Make this many coming steps raise InjectedFault as a whole (a ModelActor fault)."""
         self.call_threads: set[int] = set()
@@ -117,6 +126,8 @@ class FakeBackend:
         self.sequences_per_step: list[int] = []
         self.embedding_batches: list[int] = []
         """Inputs of every embedding decode, in order."""
+        self.copies = 0
+        """Sequence copies made (n > 1: a choice sharing another's prompt)."""
         self.closed = False
 
     @staticmethod
@@ -156,8 +167,18 @@ class FakeBackend:
                 continue  # dropped by a resize, as in llama.cpp
             del self._cells.setdefault(seq_id, [])[p0:]
             del self._hashes.setdefault(seq_id, [])[p0:]
+        for src, dst in plan.copies:  # the whole of src's cells, as llama_memory_seq_cp(-1, -1)
+            if src < self.info.n_seq_max and dst < self.info.n_seq_max:
+                self._cells[dst] = list(self._cells.get(src, []))
+                self._hashes[dst] = list(self._hashes.get(src, []))
+        self.copies += len(plan.copies)
         for seq_id, spec in plan.samplers.items():
             self._samplers[seq_id] = self._new_sampler(spec)
+            self._penalized.pop(seq_id, None)
+            if spec is not None and (
+                spec.repeat_penalty != 1 or spec.presence_penalty or spec.frequency_penalty
+            ):
+                self._penalized[seq_id] = (spec.repeat_last_n, [])
         if plan.n_tokens == 0:
             return StepResult(tokens=np.empty(0, dtype=np.int32))
         if self.fail_next_steps > 0:
@@ -179,19 +200,38 @@ class FakeBackend:
             hashes.append(((hashes[-1] if hashes else 17) * 1_000_003 + token) & 0xFFFFFFFF)
         out = np.empty(len(plan.output_rows), dtype=np.int32)
         errors: dict[int, BaseException] = {}
+        samplers = plan.sample_seqs
         for i, row in enumerate(plan.output_rows.tolist()):
             seq_id = int(plan.seq_ids[row])
             try:
-                out[i] = self._next_token(seq_id)
+                out[i] = self._next_token(seq_id, seq_id if samplers is None else int(samplers[i]))
             except InjectedFault as exc:
                 errors[i] = exc
                 out[i] = EOS
-        return StepResult(tokens=out, row_errors=errors)
+        lp = plan.logprob_outputs
+        logprobs = None
+        if lp is not None and len(lp):
+            seqs = plan.seq_ids[plan.output_rows[lp]].tolist()
+            logits = self._logits([self._hashes[s][-1] for s in seqs], out[lp])
+            logprobs = step_logprobs(lp, logits, out[lp], plan.top_logprobs)
+        return StepResult(tokens=out, row_errors=errors, logprobs=logprobs)
+
+    def _logits(self, hashes: list[int], chosen: np.ndarray) -> np.ndarray:
+        """Made-up logits, shape (len(hashes), n_vocab): a function of each history's hash, with
+        the chosen token 2 above the rest."""
+        n_vocab = self.info.n_vocab
+        logits = np.stack([np.random.default_rng(h).standard_normal(n_vocab) for h in hashes]).astype(
+            np.float32
+        )
+        rows = np.arange(len(hashes))
+        logits[rows, chosen] = logits.max(axis=1) + 2.0
+        return logits
 
     def _new_sampler(self, spec: SamplerSpec | None) -> np.random.Generator | None:
         return None if spec is None or spec.temperature == 0 else np.random.default_rng(spec.seed)
 
-    def _next_token(self, seq_id: int) -> int:
+    def _next_token(self, seq_id: int, sampler_seq: int) -> int:
+        """The next token of ``seq_id``'s cells, chosen by ``sampler_seq``'s sampler."""
         cells = self._cells[seq_id]
         for prompt, script in self._scripts.items():
             if tuple(cells[: len(prompt)]) == prompt:
@@ -200,11 +240,20 @@ class FakeBackend:
         for prompt in self._faults:
             if tuple(cells[: len(prompt)]) == prompt and len(cells) - len(prompt) + 1 >= self.fault_after:
                 raise InjectedFault(f"injected fault in sequence {seq_id}")
-        rng = self._samplers.get(seq_id)
+        rng = self._samplers.get(sampler_seq)
         h = self._hashes[seq_id][-1]
         if rng is not None:
             h ^= int(rng.integers(0, 1 << 16))
-        return int(_LETTERS[h % len(_LETTERS)])
+        token = int(_LETTERS[h % len(_LETTERS)])
+        if (penalty := self._penalized.get(sampler_seq)) is not None:
+            last_n, produced = penalty
+            recent = set(produced[-last_n:]) if last_n > 0 else set()
+            for step in range(len(_LETTERS)):
+                token = int(_LETTERS[(h + step) % len(_LETTERS)])
+                if token not in recent:
+                    break
+            produced.append(token)
+        return token
 
     def embed(self, inputs: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
         """A hashed bag of each input's tokens (see the module docstring), shape (len(inputs), 64),

@@ -4,7 +4,8 @@ One ``llama_model`` (the weights) and one ``llama_context`` with ``n_seq_max`` =
 KV cache of ``n_ctx_per_slot`` cells per sequence (``kv_unified`` off: each sequence has its
 own part). A step fills one ``llama_batch`` from numpy arrays in bulk, calls ``llama_decode``
 once, reads all logits at once, takes one argmax over every greedy row and runs each other
-row's llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, dist).
+row's llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, dist); the rows that
+ask for log-probabilities get them in bulk from the same logits (runtime.backends.logprobs).
 
 Embeddings come from a second context on the same weights (no second load), made on first use,
 with ``embeddings`` on and the GGUF's pooling (``<arch>.pooling_type``; mean where the file names
@@ -40,6 +41,7 @@ from runtime.backends.base import (
 )
 from runtime.backends.chat_template import ChatTemplate
 from runtime.backends.gguf_metadata import MetadataValue, read_gguf_metadata
+from runtime.backends.logprobs import step_logprobs
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import EmbeddingsUnsupportedError, ModelLoadError, ResizeFailedError
 
@@ -462,6 +464,11 @@ class LlamaCppBackend:
         for seq_id, p0 in plan.trims:
             if seq_id < n_seq:  # a sequence dropped by a resize has nothing left to trim
                 llama.llama_memory_seq_rm(self._mem, seq_id, p0, -1)
+        for src, dst in plan.copies:
+            # Each sequence has a KV stream of its own (kv_unified off): llama.cpp copies the
+            # whole stream, which it allows only for the whole range (-1, -1), at the next decode.
+            if src < n_seq and dst < n_seq:
+                llama.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
         for seq_id, spec in plan.samplers.items():
             self._set_sampler(seq_id, spec)
         n_out = len(plan.output_rows)
@@ -473,21 +480,33 @@ class LlamaCppBackend:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} for a batch of {plan.n_tokens} tokens")
         sampling_from = time.perf_counter()
-        logits = np.ctypeslib.as_array(llama.llama_get_logits(self._ctx), shape=(n_out * self._n_vocab,))
-        logits = logits.reshape(n_out, self._n_vocab)
-        seq_ids = plan.seq_ids[plan.output_rows]
+        if plan.sample_seqs is None:  # one output per row: logits row i is output i
+            seq_ids, logit_of = plan.seq_ids[plan.output_rows], None
+            n_logits = n_out
+        else:  # rows shared by sequences with one prompt (n > 1): map outputs to logits rows
+            seq_ids = plan.sample_seqs
+            unique_rows, logit_of = np.unique(plan.output_rows, return_inverse=True)
+            n_logits = len(unique_rows)
+        logits = np.ctypeslib.as_array(llama.llama_get_logits(self._ctx), shape=(n_logits * self._n_vocab,))
+        logits = logits.reshape(n_logits, self._n_vocab)
         chains = [self._samplers.get(int(s)) for s in seq_ids]
         greedy = np.array([c is None for c in chains], dtype=bool)
         if greedy.any():
-            out[greedy] = np.argmax(logits[greedy], axis=1)
+            out[greedy] = np.argmax(logits[greedy] if logit_of is None else logits[logit_of[greedy]], axis=1)
         errors: dict[int, BaseException] = {}
         for i in np.flatnonzero(~greedy).tolist():
             try:
                 out[i] = llama.llama_sampler_sample(chains[i], self._ctx, int(plan.output_rows[i]))
             except Exception as exc:  # one row's sampler must not fail the others
                 errors[i] = exc
+                out[i] = 0
+        lp = plan.logprob_outputs
+        logprobs = None
+        if lp is not None and len(lp):
+            rows = logits[lp] if logit_of is None else logits[logit_of[lp]]
+            logprobs = step_logprobs(lp, rows, out[lp], plan.top_logprobs)
         self.sampling_seconds += time.perf_counter() - sampling_from
-        return StepResult(tokens=out, row_errors=errors)
+        return StepResult(tokens=out, row_errors=errors, logprobs=logprobs)
 
     def _set_sampler(self, seq_id: int, spec: SamplerSpec | None) -> None:
         old = self._samplers.pop(seq_id, None)
@@ -497,11 +516,16 @@ class LlamaCppBackend:
             return
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = llama.llama_sampler_chain_add
-        if spec.repeat_penalty != 1.0:
+        if spec.repeat_penalty != 1.0 or spec.frequency_penalty != 0 or spec.presence_penalty != 0:
             # The binding still declares a leading n_vocab that the C function no longer takes;
-            # penalty_last_n goes first so that the native call reads it either way.
+            # penalty_last_n goes first so that the native call reads it either way (the ints and
+            # the floats travel in registers of their own: the three floats land where the C
+            # function reads penalty_repeat, penalty_freq and penalty_present).
             n = spec.repeat_last_n
-            add(chain, llama.llama_sampler_init_penalties(n, n, spec.repeat_penalty, 0.0, 0.0))
+            penalties = llama.llama_sampler_init_penalties(
+                n, n, spec.repeat_penalty, spec.frequency_penalty, spec.presence_penalty
+            )
+            add(chain, penalties)
         if spec.temperature == 0:
             add(chain, llama.llama_sampler_init_greedy())
         else:

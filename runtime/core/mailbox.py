@@ -57,6 +57,21 @@ class Mailbox(Generic[T]):
             raise QueueFullError(self.capacity) from None
         self._admitted += 1
 
+    def put_all_nowait(self, items: list[T]) -> None:
+        """Admit every one of ``items`` at once, or none of them.
+
+        :raises QueueFullError: if there is not room for all (idle slots and free places).
+        :raises RuntimeClosedError: if the mailbox is closed.
+        """
+        self._check_open()
+        stats = self._send.statistics()
+        room = stats.max_buffer_size - stats.current_buffer_used + stats.tasks_waiting_receive
+        if room < len(items):
+            self._rejected += len(items)
+            raise QueueFullError(self.capacity)
+        for item in items:
+            self.put_nowait(item)
+
     async def put(self, item: T, timeout_s: float) -> None:
         """Admit ``item``, waiting up to ``timeout_s`` seconds for room.
 

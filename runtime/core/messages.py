@@ -26,6 +26,8 @@ __all__ = [
     "Embeddings",
     "GenerateRequest",
     "RequestStats",
+    "TokenLogprob",
+    "TopLogprob",
     "decode_request",
 ]
 
@@ -36,6 +38,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256  # characters per stop string; the holdback buffer is bounded by it
 SEED_LIMIT = (1 << 32) - 1  # llama.cpp seeds are uint32
 MAX_EMBED_INPUTS = 2048  # OpenAI's limit of inputs per embeddings request
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit (and Ollama's)
+PENALTY_LIMIT = 2.0  # presence and frequency penalties: OpenAI's range is -2 to 2
 
 
 def _check(ok: bool, message: str) -> None:
@@ -80,6 +84,16 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """Sampling seed (0 to 2**32-1); None draws one per request."""
     stop: tuple[str, ...] = ()
     """Stop strings (at most 16, each 1 to 256 characters); never emitted."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token among the last ``repeat_last_n`` (OpenAI's
+    presence penalty, -2 to 2; llama.cpp's penalties sampler); 0 disables."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it occurs among the last ``repeat_last_n``
+    (OpenAI's frequency penalty, -2 to 2); 0 disables."""
+    logprobs: bool = False
+    """Give each generated token's log-probability (``Chunk.logprobs``)."""
+    top_logprobs: int = 0
+    """With ``logprobs``: also this many most likely tokens at each position (0 to 20)."""
 
     def _validate_sampling(self) -> None:
         m = self.max_tokens
@@ -98,6 +112,15 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         _check(math.isfinite(r) and 0 < r <= 10, f"repeat_penalty is {r}; it must be in (0, 10]")
         n = self.repeat_last_n
         _check(0 <= n <= 4096, f"repeat_last_n is {n}; it must be 0 to 4,096")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _check(
+                math.isfinite(v) and -PENALTY_LIMIT <= v <= PENALTY_LIMIT,
+                f"{name} is {v}; it must be -{PENALTY_LIMIT:g} to {PENALTY_LIMIT:g}",
+            )
+        k = self.top_logprobs
+        _check(0 <= k <= MAX_TOP_LOGPROBS, f"top_logprobs is {k}; it must be 0 to {MAX_TOP_LOGPROBS}")
+        _check(self.logprobs or k == 0, f"top_logprobs is {k}; it needs logprobs true")
         s = self.seed
         _check(s is None or 0 <= s <= SEED_LIMIT, f"seed is {s}; it must be 0 to {SEED_LIMIT:,}")
         _check(
@@ -114,7 +137,12 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     @property
     def greedy(self) -> bool:
         """True when the next token is the argmax of the logits with nothing else applied."""
-        return self.temperature == 0 and self.repeat_penalty == 1.0
+        return self.temperature == 0 and not self.penalized
+
+    @property
+    def penalized(self) -> bool:
+        """True when a repeat, presence or frequency penalty applies."""
+        return self.repeat_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 class GenerateRequest(_Sampling, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -193,6 +221,23 @@ class RequestStats(msgspec.Struct, frozen=True, kw_only=True):
     """None when no token was generated."""
 
 
+class TopLogprob(msgspec.Struct, frozen=True, kw_only=True):
+    """One of the most likely tokens at a position, and its log-probability (natural log)."""
+
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, kw_only=True):
+    """A generated token's log-probability under the model's distribution at its position
+    (the log-softmax of the raw logits, before penalties and temperature: what vLLM reports),
+    and the ``top_logprobs`` most likely tokens there, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
 class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     """A piece of the streamed answer: whole UTF-8 characters only, never part of a stop string.
 
@@ -201,6 +246,11 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """With ``logprobs`` asked: one per generated token of this chunk, in order (the
+    end-of-generation token has none); empty otherwise."""
+    index: int = 0
+    """Which choice of a request's n this chunk belongs to (``Runtime.generate_choices``)."""
     done: bool = False
     done_reason: DoneReason | None = None
     stats: RequestStats | None = None
@@ -213,21 +263,26 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     token_ids: tuple[int, ...]
     done_reason: DoneReason
     stats: RequestStats
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """As the chunks' (one per generated token when asked)."""
 
 
 class CompletionBuilder:
     """Gathers a stream's chunks into the whole answer (``Completion``)."""
 
-    __slots__ = ("_texts", "_tokens")
+    __slots__ = ("_logprobs", "_texts", "_tokens")
 
     def __init__(self) -> None:
         self._texts: list[str] = []
         self._tokens: list[int] = []
+        self._logprobs: list[TokenLogprob] = []
 
     def add(self, chunk: Chunk) -> Completion | None:
         """Take ``chunk``; return the Completion once ``chunk`` is the last one, else None."""
         self._texts.append(chunk.text)
         self._tokens.extend(chunk.token_ids)
+        if chunk.logprobs:
+            self._logprobs.extend(chunk.logprobs)
         if not chunk.done:
             return None
         assert chunk.done_reason is not None and chunk.stats is not None  # a last chunk has both
@@ -236,6 +291,7 @@ class CompletionBuilder:
             token_ids=tuple(self._tokens),
             done_reason=chunk.done_reason,
             stats=chunk.stats,
+            logprobs=tuple(self._logprobs),
         )
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -31,6 +32,9 @@ from runtime.core.messages import (
     GenerateRequest,
     RequestStats,
 )
+
+if TYPE_CHECKING:
+    from runtime.core.choices import ChoiceGroup
 
 __all__ = ["OnFinish", "Reply", "ResponseStream", "Ticket"]
 
@@ -53,6 +57,10 @@ class Ticket:
     admitted_ns: int = field(default_factory=time.perf_counter_ns)
     crashes: int = 0
     """Slot crashes this request was part of (written by the Supervisor only)."""
+    group: ChoiceGroup[Any] | None = None
+    """The request's choices, where it asked for more than one (runtime.core.choices)."""
+    index: int = 0
+    """Which of them this ticket is."""
     _cancelled: bool = False
     _finished: bool = False
     _on_cancel: Callable[[], None] | None = None

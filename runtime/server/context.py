@@ -15,8 +15,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from runtime.core.choices import ChoiceStream
 from runtime.core.errors import RuntimeClosedError
 from runtime.core.messages import ChatRequest, GenerateRequest
+from runtime.core.ticket import ResponseStream
 from runtime.runtime import Runtime
 from runtime.server.body import decode_body, read_body
 from runtime.server.host import RuntimeHost
@@ -112,14 +114,16 @@ class ServerContext:
         self.names.check(model)
 
     def reply(
-        self, request: GenerateRequest | ChatRequest, framing: Framing, *, streaming: bool
+        self, request: GenerateRequest | ChatRequest, framing: Framing, *, streaming: bool, n: int = 1
     ) -> ReplyResponse:
-        """Admit ``request`` now and answer with its stream.
+        """Admit ``request`` now (``n`` choices of it, each in a slot) and answer with its stream.
 
-        :raises QueueFullError: if the mailbox is full.
-        :raises InvalidRequestError: if max_tokens is over ``max_tokens_cap``.
+        :raises QueueFullError: if the mailbox is full (has no room for all ``n``).
+        :raises InvalidRequestError: if max_tokens is over ``max_tokens_cap``, or ``n`` is over
+            the slots.
         """
-        stream = self.runtime.generate(request)
+        stream: ResponseStream | ChoiceStream
+        stream = self.runtime.generate(request) if n == 1 else self.runtime.generate_choices(request, n)
         return ReplyResponse(stream, framing, streaming=streaming, retry_after_s=self.settings.retry_after_s)
 
     def generation(
@@ -127,10 +131,12 @@ class ServerContext:
         kind: type[B],
         to_request: Callable[[B], GenerateRequest | ChatRequest | Response],
         framing: Callable[[B], Framing],
+        choices: Callable[[B], int] | None = None,
     ) -> Endpoint:
         """An endpoint that generates: read a ``kind`` body, check readiness and its model, make
         the request with ``to_request`` (which may answer by itself with a Response), admit it
-        and reply in the body's ``framing``, streamed as the body's ``stream`` says.
+        (``choices(body)`` choices of it, where given) and reply in the body's ``framing``,
+        streamed as the body's ``stream`` says.
 
         The endpoint raises what :meth:`read`, :meth:`check` and :meth:`reply` raise.
         """
@@ -141,7 +147,8 @@ class ServerContext:
             req = to_request(body)
             if isinstance(req, Response):
                 return req
-            return self.reply(req, framing(body), streaming=body.stream)
+            n = 1 if choices is None else choices(body)
+            return self.reply(req, framing(body), streaming=body.stream, n=n)
 
         return endpoint
 

@@ -5,6 +5,8 @@ A streamed answer is one JSON object per line; the last has ``done: true``, ``do
 and Ollama's counts and durations (tokens; nanoseconds), taken from the request's
 RequestStats: total_duration, load_duration, prompt_eval_count (prompt tokens),
 prompt_eval_duration (prefill), eval_count (generated tokens), eval_duration (decode).
+With ``logprobs`` asked, each object with text carries a ``logprobs`` list for its tokens
+(token, logprob, bytes, top_logprobs), as recent Ollama writes it.
 Errors are ``{"error": "..."}``, also in-band as the last line of a stream. What the option
 mapping notices (an option Ollama does not know, a num_ctx above the slot's) is logged as a
 warning once per option key or value.
@@ -14,14 +16,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runtime.core.messages import ChatRequest, Chunk, Completion, GenerateRequest, RequestStats
+from runtime.core.messages import ChatRequest, Chunk, Completion, GenerateRequest, RequestStats, TokenLogprob
 from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
 from runtime.server.ollama_wire import OllamaChatBody, OllamaGenerateBody, chat_request, generate_request
@@ -48,13 +50,17 @@ def _timings(stats: RequestStats) -> dict[str, int]:
 
 
 class OllamaFraming:
-    """NDJSON frames of /api/generate (``chat=False``: ``response``) or /api/chat (``message``)."""
+    """NDJSON frames of /api/generate (``chat=False``: ``response``) or /api/chat (``message``).
+
+    :param pieces: each token id's bytes (the backend's), for the text of log-probabilities.
+    """
 
     stream_media_type = "application/x-ndjson"
 
-    def __init__(self, model: str, *, chat: bool) -> None:
+    def __init__(self, model: str, *, chat: bool, pieces: Sequence[bytes] = ()) -> None:
         self._model = model
         self._chat = chat
+        self._pieces = pieces
 
     def _object(self, text: str, **extra: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self._model, "created_at": _now()}
@@ -65,21 +71,37 @@ class OllamaFraming:
         out.update(extra)
         return out
 
+    def _with_logprobs(self, out: dict[str, Any], logprobs: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+        if logprobs:
+            out["logprobs"] = [self._logprob(lp) for lp in logprobs]
+        return out
+
+    def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
+        raw = self._pieces[token_id] if 0 <= token_id < len(self._pieces) else b""
+        return {"token": raw.decode(errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    def _logprob(self, lp: TokenLogprob) -> dict[str, Any]:
+        """Ollama's record of one token: token, logprob, bytes, top_logprobs."""
+        out = self._token(lp.token_id, lp.logprob)
+        out["top_logprobs"] = [self._token(t.token_id, t.logprob) for t in lp.top]
+        return out
+
     def piece(self, chunk: Chunk) -> bytes:
-        """One line: the chunk's text, ``done: false``."""
-        return _encode(self._object(chunk.text, done=False)) + b"\n"
+        """One line: the chunk's text (and log-probabilities), ``done: false``."""
+        return _encode(self._with_logprobs(self._object(chunk.text, done=False), chunk.logprobs)) + b"\n"
 
     def last(self, chunk: Chunk) -> bytes:
         """The last chunk's text (if any) on its own line, then the ``done`` line with counts."""
         assert chunk.stats is not None
-        head = self.piece(chunk) if chunk.text else b""
+        head = self.piece(chunk) if chunk.text or chunk.logprobs else b""
         end = self._object("", done=True, done_reason=chunk.done_reason, **_timings(chunk.stats))
         return head + _encode(end) + b"\n"
 
     def whole(self, completion: Completion) -> bytes:
         """The one object of ``"stream": false``."""
         fields = _timings(completion.stats)
-        return _encode(self._object(completion.text, done=True, done_reason=completion.done_reason, **fields))
+        out = self._object(completion.text, done=True, done_reason=completion.done_reason, **fields)
+        return _encode(self._with_logprobs(out, completion.logprobs))
 
     def loaded(self) -> bytes:
         """Ollama's answer to an empty prompt: the model is loaded (it always is here)."""
@@ -97,8 +119,10 @@ class OllamaFraming:
 OLLAMA_ERRORS = OllamaFraming("", chat=False)
 
 
-def _framing(*, chat: bool) -> Callable[[OllamaGenerateBody | OllamaChatBody], OllamaFraming]:
-    return lambda body: OllamaFraming(body.model, chat=chat)
+def _framing(
+    server: ServerContext, *, chat: bool
+) -> Callable[[OllamaGenerateBody | OllamaChatBody], OllamaFraming]:
+    return lambda body: OllamaFraming(body.model, chat=chat, pieces=server.runtime.backend.pieces)
 
 
 class LogOnce:
@@ -130,8 +154,8 @@ class OllamaApi:
     def routes(self) -> list[Route]:
         """The routes, each answering errors in Ollama's format."""
         s = self._server
-        generate = s.generation(OllamaGenerateBody, self._generate_request, _framing(chat=False))
-        chat = s.generation(OllamaChatBody, self._chat_request, _framing(chat=True))
+        generate = s.generation(OllamaGenerateBody, self._generate_request, _framing(s, chat=False))
+        chat = s.generation(OllamaChatBody, self._chat_request, _framing(s, chat=True))
         return [
             Route("/api/generate", s.guarded(OLLAMA_ERRORS, generate), methods=["POST"]),
             Route("/api/chat", s.guarded(OLLAMA_ERRORS, chat), methods=["POST"]),

@@ -11,20 +11,24 @@ num_predict        max_tokens, an upper bound (``overflow="stop"``): generation 
                    done_reason ``length``, as Ollama stops at its window; -1 (infinite)
                    and -2 (fill the context) mean None: until the context is full
 temperature,       the same fields; unset ones take slotserve's defaults
-top_k, top_p,      (runtime.core.messages), not Ollama's
-min_p, seed,
-repeat_penalty,
-repeat_last_n,
+top_k, top_p,      (runtime.core.messages), not Ollama's; presence and
+min_p, seed,       frequency penalties (-2 to 2) act with repeat_penalty
+repeat_penalty,    in llama.cpp's penalties sampler, over the last
+repeat_last_n,     repeat_last_n generated tokens
+presence_penalty,
+frequency_penalty,
 stop
 num_ctx            the slot's context is used: a num_ctx above ``n_ctx_per_slot`` is
                    clamped to it (logged once per value), one below it changes nothing
-typical_p, tfs_z,  accepted only at their neutral values (1, 1, 0, 0, 0): we do
-presence_penalty,  not implement them, and silently ignoring them would change
-frequency_penalty, the answer the client asked for
-mirostat
+typical_p, tfs_z,  accepted only at their neutral values (1, 1, 0): we do not
+mirostat           implement them, and silently ignoring them would change the
+                   answer the client asked for
 load-time options  (num_gpu, num_thread, num_batch, use_mmap, ...) accepted and
                    ignored: in slotserve they are server settings (RuntimeConfig)
 =================  ==============================================================
+
+The body's ``logprobs`` (true) and ``top_logprobs`` (0 to 20; ignored without ``logprobs``) add
+a ``logprobs`` list to each answer object: token, logprob, bytes and top_logprobs per token.
 
 An option Ollama does not know is ignored, with one warning per key in the log (Ollama warns
 "invalid option provided" and goes on). ``keep_alive`` is validated as Ollama reads it (seconds,
@@ -80,11 +84,11 @@ class OllamaOptions(msgspec.Struct, kw_only=True):
     seed: int | None = None
     stop: list[str] | None = None
     num_ctx: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     # accepted only at their neutral value
     typical_p: float = 1.0
     tfs_z: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     mirostat: int = 0
     # load-time settings and no-ops here: accepted, ignored
     mirostat_tau: Any = None
@@ -133,6 +137,8 @@ class OllamaGenerateBody(msgspec.Struct, kw_only=True):
     images: list[str] | None = None
     format: Any = None
     think: Any = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 class OllamaChatBody(msgspec.Struct, kw_only=True):
@@ -146,10 +152,15 @@ class OllamaChatBody(msgspec.Struct, kw_only=True):
     tools: list[Any] | None = None
     format: Any = None
     think: Any = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
-_NEUTRAL = {"typical_p": 1.0, "tfs_z": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "mirostat": 0}
-_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
+_NEUTRAL = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0}
+_SAMPLING = (
+    "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
+    "frequency_penalty",
+)  # fmt: skip
 _KNOWN = frozenset(OllamaOptions.__struct_fields__)
 _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -242,6 +253,10 @@ def sampling_fields(
     return fields
 
 
+def _logprob_fields(logprobs: bool, top_logprobs: int) -> dict[str, Any]:
+    return {"logprobs": True, "top_logprobs": top_logprobs} if logprobs else {}
+
+
 def generate_request(
     body: OllamaGenerateBody, n_ctx_per_slot: int, notice: Notice = _no_notice
 ) -> GenerateRequest | ChatRequest | None:
@@ -261,6 +276,7 @@ def generate_request(
     _refuse_unsupported("format", body.format)
     _refuse_unsupported("think", body.think)
     fields = sampling_fields(body.options, n_ctx_per_slot, notice)
+    fields |= _logprob_fields(body.logprobs, body.top_logprobs)
     if not body.prompt:
         return None
     if body.raw:
@@ -285,5 +301,6 @@ def chat_request(body: OllamaChatBody, n_ctx_per_slot: int, notice: Notice = _no
         _refuse_unsupported(f"messages[{i}].images", m.images)
         _refuse_unsupported(f"messages[{i}].tool_calls", m.tool_calls)
     fields = sampling_fields(body.options, n_ctx_per_slot, notice)
+    fields |= _logprob_fields(body.logprobs, body.top_logprobs)
     messages = tuple(ChatMessage(role=m.role, content=m.content) for m in body.messages)
     return ChatRequest(messages=messages, **fields)

@@ -6,7 +6,9 @@ With ``"stream": true`` the answer is server-sent events, ``data: {json}`` each,
 ``stream_options.include_usage`` one more chunk with empty ``choices`` carries ``usage``.
 Errors are OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``, also
 in-band as the last event before ``[DONE]``; a prompt plus max_tokens over the slot's context
-is code ``context_length_exceeded``. Every completion object and chunk carries a
+is code ``context_length_exceeded``. Asked for, each choice's ``logprobs`` holds OpenAI's
+records of its tokens (chat: ``content`` with token, logprob, bytes, top_logprobs; completions:
+tokens, token_logprobs, top_logprobs, text_offset), in every streamed chunk for its own tokens. Every completion object and chunk carries a
 ``system_fingerprint``: ``fp_`` and 12 hex digits of what shapes the answers (slotserve's
 version, the backend, the model file, the slot's context, the KV cache type, GPU layers).
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -24,10 +26,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runtime.core.messages import Chunk, Completion, RequestStats
+from runtime.core.messages import Chunk, Completion, RequestStats, TokenLogprob
 from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
-from runtime.server.openai_wire import OpenAIChatBody, OpenAICompletionBody, chat_request, completion_request
+from runtime.server.openai_wire import (
+    OpenAIChatBody,
+    OpenAICompletionBody,
+    chat_request,
+    choice_count,
+    completion_request,
+)
 from runtime.server.versions import slotserve_version
 
 __all__ = ["OPENAI_ERRORS", "OpenAIApi", "OpenAIFraming"]
@@ -40,31 +48,47 @@ def _event(data: dict[str, Any]) -> bytes:
     return b"data: " + _encode(data) + b"\n\n"
 
 
-def usage(stats: RequestStats) -> dict[str, Any]:
-    """OpenAI's ``usage`` object from our stats (tokens)."""
+def usage(first: RequestStats, *others: RequestStats) -> dict[str, Any]:
+    """OpenAI's ``usage`` object from our stats (tokens): with n choices, the prompt once (as
+    OpenAI counts it: it was evaluated once) and every choice's completion tokens."""
+    completion = first.completion_tokens + sum(s.completion_tokens for s in others)
     return {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.completion_tokens,
-        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": stats.prompt_tokens_cached},
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": first.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": first.prompt_tokens_cached},
     }
 
 
 class OpenAIFraming:
-    """Objects and SSE frames of /v1/chat/completions (``chat=True``) or /v1/completions."""
+    """Objects and SSE frames of /v1/chat/completions (``chat=True``) or /v1/completions.
+
+    :param pieces: each token id's bytes (the backend's), for the text of log-probabilities.
+    """
 
     stream_media_type = "text/event-stream"
 
     def __init__(
-        self, model: str, *, chat: bool, include_usage: bool = False, system_fingerprint: str = ""
+        self,
+        model: str,
+        *,
+        chat: bool,
+        include_usage: bool = False,
+        system_fingerprint: str = "",
+        pieces: Sequence[bytes] = (),
     ) -> None:
         self._model = model
         self._chat = chat
         self._fingerprint = system_fingerprint
         self._include_usage = include_usage
+        self._pieces = pieces
         self._id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self._created = int(time.time())
-        self._role_sent = False
+        self._role_sent: set[int] = set()
+        self._text_offset: dict[int, int] = {}
+        """Completions' ``text_offset`` per choice: characters of its answer before the next chunk."""
+        self._stats: list[RequestStats] = []
+        """The stats of the choices that ended so far (n > 1: usage sums them)."""
 
     def _object(self, choices: list[dict[str, Any]], *, streamed: bool, **extra: Any) -> dict[str, Any]:
         kind = ("chat.completion" if self._chat else "text_completion") + (
@@ -81,45 +105,106 @@ class OpenAIFraming:
         out.update(extra)
         return out
 
-    def _choice(self, text: str, finish_reason: str | None, *, streamed: bool) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0}
+    def _choice(
+        self,
+        index: int,
+        text: str,
+        finish_reason: str | None,
+        logprobs: tuple[TokenLogprob, ...],
+        *,
+        streamed: bool,
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index}
         if not self._chat:
             choice["text"] = text
         elif streamed:
             choice["delta"] = {} if finish_reason and not text else {"content": text}
-            if not self._role_sent:
+            if index not in self._role_sent:
                 choice["delta"]["role"] = "assistant"
-                self._role_sent = True
+                self._role_sent.add(index)
         else:
             choice["message"] = {"role": "assistant", "content": text}
-        choice["logprobs"] = None
+        choice["logprobs"] = self._logprobs(index, logprobs) if logprobs else None
         choice["finish_reason"] = finish_reason
         return choice
 
-    def _chunk(self, text: str, finish_reason: str | None) -> bytes:
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        raw = self._pieces[token_id] if 0 <= token_id < len(self._pieces) else b""
+        return raw.decode(errors="replace"), list(raw)
+
+    def _logprobs(self, index: int, logprobs: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+        """OpenAI's ``logprobs`` of a choice: chat's ``content`` list, or completions' four
+        parallel lists (``text_offset`` counts characters of the answer from its start)."""
+        if self._chat:
+            content = []
+            for lp in logprobs:
+                token, raw = self._token(lp.token_id)
+                top = []
+                for t in lp.top:
+                    text, b = self._token(t.token_id)
+                    top.append({"token": text, "logprob": t.logprob, "bytes": b})
+                content.append({"token": token, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
+            return {"content": content, "refusal": None}
+        tokens, offsets = [], []
+        offset = self._text_offset.get(index, 0)
+        for lp in logprobs:
+            token = self._token(lp.token_id)[0]
+            tokens.append(token)
+            offsets.append(offset)
+            offset += len(token)
+        self._text_offset[index] = offset
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{self._token(t.token_id)[0]: t.logprob for t in lp.top} for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def _chunk(
+        self, index: int, text: str, finish_reason: str | None, logprobs: tuple[TokenLogprob, ...] = ()
+    ) -> bytes:
         extra = {"usage": None} if self._include_usage else {}
-        return _event(
-            self._object([self._choice(text, finish_reason, streamed=True)], streamed=True, **extra)
-        )
+        choice = self._choice(index, text, finish_reason, logprobs, streamed=True)
+        return _event(self._object([choice], streamed=True, **extra))
 
     def piece(self, chunk: Chunk) -> bytes:
-        """One event with the chunk's text and ``finish_reason: null``."""
-        return self._chunk(chunk.text, None)
+        """One event with the chunk's text (and log-probabilities) and ``finish_reason: null``;
+        the last chunk of one of n choices adds its event with ``finish_reason``."""
+        if not chunk.done:
+            return self._chunk(chunk.index, chunk.text, None, chunk.logprobs)
+        return self._ending(chunk)
+
+    def _ending(self, chunk: Chunk) -> bytes:
+        assert chunk.stats is not None
+        self._stats.append(chunk.stats)
+        frames = (
+            [self._chunk(chunk.index, chunk.text, None, chunk.logprobs)]
+            if chunk.text or chunk.logprobs
+            else []
+        )
+        frames.append(self._chunk(chunk.index, "", chunk.done_reason))
+        return b"".join(frames)
 
     def last(self, chunk: Chunk) -> bytes:
-        """The last text (if any), the event with ``finish_reason``, usage if asked, ``[DONE]``."""
-        assert chunk.stats is not None
-        frames = [self._chunk(chunk.text, None)] if chunk.text else []
-        frames.append(self._chunk("", chunk.done_reason))
+        """The last text (if any), the event with ``finish_reason``, usage if asked (summed over
+        the choices), ``[DONE]``."""
+        frames = [self._ending(chunk)]
         if self._include_usage:
-            frames.append(_event(self._object([], streamed=True, usage=usage(chunk.stats))))
+            frames.append(_event(self._object([], streamed=True, usage=usage(*self._stats))))
         frames.append(_DONE)
         return b"".join(frames)
 
     def whole(self, completion: Completion) -> bytes:
         """The completion object of a request that is not streamed."""
-        choice = self._choice(completion.text, completion.done_reason, streamed=False)
-        return _encode(self._object([choice], streamed=False, usage=usage(completion.stats)))
+        return self.whole_choices([completion])
+
+    def whole_choices(self, completions: list[Completion]) -> bytes:
+        """The completion object of n choices, indexed 0 to n - 1, not streamed."""
+        choices = [
+            self._choice(i, c.text, c.done_reason, c.logprobs, streamed=False)
+            for i, c in enumerate(completions)
+        ]
+        return _encode(self._object(choices, streamed=False, usage=usage(*(c.stats for c in completions))))
 
     def error(self, error: HttpError) -> bytes:
         """OpenAI's error object."""
@@ -151,18 +236,21 @@ class OpenAIApi:
         self._fingerprint = system_fingerprint(server)
 
     def _framing(self, *, chat: bool) -> Callable[[OpenAIChatBody | OpenAICompletionBody], OpenAIFraming]:
-        fingerprint = self._fingerprint
+        fingerprint, server = self._fingerprint, self._server
         return lambda body: OpenAIFraming(
-            body.model, chat=chat, include_usage=body.include_usage, system_fingerprint=fingerprint
-        )
+            body.model, chat=chat, include_usage=body.include_usage, system_fingerprint=fingerprint,
+            pieces=server.runtime.backend.pieces,
+        )  # fmt: skip
 
     def routes(self) -> list[Route]:
         """The routes, each answering errors with OpenAI's error object: POST
         /v1/chat/completions answers the messages through the model's chat template, POST
         /v1/completions completes the prompt as is."""
         s = self._server
-        chat = s.generation(OpenAIChatBody, chat_request, self._framing(chat=True))
-        completions = s.generation(OpenAICompletionBody, completion_request, self._framing(chat=False))
+        chat = s.generation(OpenAIChatBody, chat_request, self._framing(chat=True), choice_count)
+        completions = s.generation(
+            OpenAICompletionBody, completion_request, self._framing(chat=False), choice_count
+        )
         return [
             Route("/v1/chat/completions", s.guarded(OPENAI_ERRORS, chat), methods=["POST"]),
             Route("/v1/completions", s.guarded(OPENAI_ERRORS, completions), methods=["POST"]),

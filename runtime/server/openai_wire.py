@@ -4,10 +4,14 @@ requests. Pure functions of their input, so they can be tested without a server.
 Field names follow OpenAI's API reference. Unset sampling fields take slotserve's defaults
 (runtime.core.messages), so the same values give the same request as the embedded API. Also
 accepted, as llama.cpp's server and vLLM do: ``top_k``, ``min_p``, ``repeat_penalty``,
-``repeat_last_n``. Fields that would change the answer in ways we do not implement (``n`` > 1,
-penalties, ``logit_bias``, ``logprobs``, tools, JSON output, ``echo``, ``suffix``) are refused
-with 400 rather than ignored; fields that do not change the answer (``user``, ``metadata``, ...)
-are ignored. ``max_tokens`` of /v1/completions defaults to 16, as in OpenAI's reference.
+``repeat_last_n``. ``presence_penalty`` and ``frequency_penalty`` (-2 to 2) go to llama.cpp's
+penalties sampler over the last ``repeat_last_n`` generated tokens. ``logprobs`` (chat: true with
+``top_logprobs`` 0 to 20; completions: an integer 0 to 20, the top count) gives each token's
+log-probability. ``n`` (1 to 128, and at most the slots: each choice takes one) asks for n
+choices that share one prompt evaluation (Runtime.generate_choices). Fields that would change
+the answer in ways we do not implement (``logit_bias``, tools, JSON output, ``echo``, ``suffix``) are refused with 400 rather than
+ignored; fields that do not change the answer (``user``, ``metadata``, ...) are ignored.
+``max_tokens`` of /v1/completions defaults to 16, as in OpenAI's reference.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from typing import Any, Literal
 
 import msgspec
 
+from runtime.core.choices import MAX_CHOICES
 from runtime.core.errors import InvalidRequestError, preview
-from runtime.core.messages import ChatMessage, ChatRequest, GenerateRequest
+from runtime.core.messages import MAX_TOP_LOGPROBS, ChatMessage, ChatRequest, GenerateRequest
 
-__all__ = ["OpenAIChatBody", "OpenAICompletionBody", "chat_request", "completion_request"]
+__all__ = ["OpenAIChatBody", "OpenAICompletionBody", "chat_request", "choice_count", "completion_request"]
 
 COMPLETION_MAX_TOKENS_DEFAULT = 16
 
@@ -96,20 +101,28 @@ class OpenAICompletionBody(_Body, kw_only=True):
     best_of: int | None = None
 
 
-_SAMPLING = ("temperature", "top_p", "seed", "top_k", "min_p", "repeat_penalty", "repeat_last_n")
+_SAMPLING = (
+    "temperature", "top_p", "seed", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
+    "presence_penalty", "frequency_penalty",
+)  # fmt: skip
 
 
 def _refuse(field: str, value: object, allowed: str) -> None:
     raise InvalidRequestError(f"{field} is {preview(value)}; slotserve supports only {allowed}")
 
 
+def choice_count(body: OpenAIChatBody | OpenAICompletionBody) -> int:
+    """The body's ``n``: how many choices to generate (1 when unset).
+
+    :raises InvalidRequestError: if it is outside 1 to 128 (OpenAI's range).
+    """
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequestError(f"n is {n}; it must be 1 to {MAX_CHOICES}")
+    return n
+
+
 def _sampling(body: _Body) -> dict[str, Any]:
-    if body.n not in (None, 1):
-        _refuse("n", body.n, "1 (one choice per request)")
-    for name in ("frequency_penalty", "presence_penalty"):
-        value = getattr(body, name)
-        if value not in (None, 0):
-            _refuse(name, value, "0 (use repeat_penalty)")
     if body.logit_bias:
         _refuse("logit_bias", body.logit_bias, "an empty or absent logit_bias")
     fields: dict[str, Any] = {k: getattr(body, k) for k in _SAMPLING if getattr(body, k) is not None}
@@ -137,8 +150,6 @@ def chat_request(body: OpenAIChatBody) -> ChatRequest:
     :raises InvalidRequestError: if messages is empty, a field is out of range, or it asks for
         what we do not support.
     """
-    if body.logprobs:
-        _refuse("logprobs", body.logprobs, "false")
     if body.tools:
         _refuse("tools", f"<{len(body.tools)} tools>", "no tools")
     if body.response_format is not None and body.response_format.get("type", "text") != "text":
@@ -149,6 +160,10 @@ def chat_request(body: OpenAIChatBody) -> ChatRequest:
         ChatMessage(role="system" if m.role == "developer" else m.role, content=_content(i, m.content))
         for i, m in enumerate(body.messages)
     )
+    if body.logprobs:
+        fields["logprobs"] = True
+    if body.top_logprobs is not None:
+        fields["top_logprobs"] = body.top_logprobs
     return ChatRequest(messages=messages, max_tokens=max_tokens, **fields)
 
 
@@ -162,8 +177,12 @@ def completion_request(body: OpenAICompletionBody) -> GenerateRequest:
         _refuse("echo", body.echo, "false")
     if body.suffix:
         _refuse("suffix", body.suffix, "an empty or absent suffix")
-    if body.logprobs:
-        _refuse("logprobs", body.logprobs, "null")
+    fields = _sampling(body)
+    if body.logprobs is not None:
+        k = body.logprobs
+        if not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"logprobs is {k}; it must be 0 to {MAX_TOP_LOGPROBS} (or null)")
+        fields |= {"logprobs": True, "top_logprobs": k}
     if body.best_of not in (None, 1):
         _refuse("best_of", body.best_of, "1")
     prompt = body.prompt
@@ -171,4 +190,4 @@ def completion_request(body: OpenAICompletionBody) -> GenerateRequest:
         if len(prompt) != 1:
             _refuse("prompt", f"<a list of {len(prompt)} prompts>", "one prompt per request")
         prompt = prompt[0]
-    return GenerateRequest(prompt=prompt, max_tokens=body.max_tokens, **_sampling(body))
+    return GenerateRequest(prompt=prompt, max_tokens=body.max_tokens, **fields)

@@ -1,5 +1,9 @@
 """Serving one ResponseStream over HTTP, streamed or whole, for any API's framing.
 
+A request's n choices (a ChoiceStream) are served the same way: their chunks interleave as they
+come, each framed with its index, and the stream ends after the last choice's last chunk; a
+whole answer holds every choice (the framing's ``whole_choices``).
+
 The first chunk is awaited before the status line is sent, so errors the runtime reports on the
 first read (ContextOverflowError, a refused admission) still get their 4xx or 503. After that an
 error is sent in-band, in the API's own framing, and the stream ends cleanly.
@@ -13,12 +17,13 @@ slot and its sequence belong to the SlotActor.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from runtime.core.choices import ChoiceStream
 from runtime.core.errors import GenerationError, RuntimeClosedError
 from runtime.core.messages import Chunk, Completion, CompletionBuilder
 from runtime.core.ticket import ResponseStream
@@ -36,7 +41,8 @@ class Framing(Protocol):
     """Content-Type of a streamed answer."""
 
     def piece(self, chunk: Chunk) -> bytes:
-        """A streamed frame carrying ``chunk.text`` (not the last chunk)."""
+        """A streamed frame carrying ``chunk.text`` (not the answer's last chunk; with n choices,
+        it may be the last of one of them)."""
 
     def last(self, chunk: Chunk) -> bytes:
         """The closing frames: the last chunk's text if any, why it ended, the counts."""
@@ -51,6 +57,14 @@ class Framing(Protocol):
         """An error sent in-band once streaming has started, then the end of the stream."""
 
 
+@runtime_checkable
+class ChoicesFraming(Framing, Protocol):
+    """A framing that writes a request's n choices in one answer (OpenAI's)."""
+
+    def whole_choices(self, completions: list[Completion]) -> bytes:
+        """The JSON body of an answer of several choices, not streamed."""
+
+
 def error_response(exc: BaseException, framing: Framing, retry_after_s: int) -> Response:
     """A complete error response for ``exc`` in ``framing``'s error format."""
     error = http_error(exc, retry_after_s)
@@ -61,7 +75,7 @@ class ReplyResponse:
     """An ASGI response serving ``stream``; ``streaming`` selects frames or one JSON body."""
 
     def __init__(
-        self, stream: ResponseStream, framing: Framing, *, streaming: bool, retry_after_s: int
+        self, stream: ResponseStream | ChoiceStream, framing: Framing, *, streaming: bool, retry_after_s: int
     ) -> None:
         self._stream = stream
         self._framing = framing
@@ -78,12 +92,15 @@ class ReplyResponse:
         try:
             chunk = await _next(self._stream)
             if not self._streaming:
-                completion = await _rest(self._stream, chunk)
+                if isinstance(self._stream, ChoiceStream):
+                    assert isinstance(self._framing, ChoicesFraming)
+                    body = self._framing.whole_choices(await _all(self._stream, chunk))
+                else:
+                    body = self._framing.whole(await _rest(self._stream, chunk))
         except Exception as exc:
             await error_response(exc, self._framing, self._retry_after_s)(scope, receive, send)
             return
         if not self._streaming:
-            body = self._framing.whole(completion)
             await Response(body, media_type="application/json")(scope, receive, send)
             return
         headers = [
@@ -93,7 +110,7 @@ class ReplyResponse:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         piece, chunks = self._framing.piece, [chunk]
         try:
-            while not chunks[-1].done:  # what came meanwhile goes in one write
+            while not self._last(chunks[-1]):  # what came meanwhile goes in one write
                 body = b"".join(map(piece, chunks))
                 await send({"type": "http.response.body", "body": body, "more_body": True})
                 chunks = [await _next(self._stream)]
@@ -103,8 +120,13 @@ class ReplyResponse:
             frame = self._framing.error_frame(http_error(exc, self._retry_after_s))
         await send({"type": "http.response.body", "body": frame, "more_body": False})
 
+    def _last(self, chunk: Chunk) -> bool:
+        """Whether ``chunk`` ends the answer (with n choices: the last choice's last chunk)."""
+        stream = self._stream
+        return chunk.done and (not isinstance(stream, ChoiceStream) or stream.finished)
 
-async def _next(stream: ResponseStream) -> Chunk:
+
+async def _next(stream: ResponseStream | ChoiceStream) -> Chunk:
     """The next chunk; a cancelled request (the runtime is closing) becomes an error."""
     try:
         chunk = await stream.__anext__()
@@ -117,6 +139,19 @@ def _checked(chunk: Chunk) -> Chunk:
     if chunk.done and chunk.done_reason == "cancel":
         raise RuntimeClosedError("the request was cancelled: the runtime is shutting down")
     return chunk
+
+
+async def _all(stream: ChoiceStream, first: Chunk) -> list[Completion]:
+    """Read the rest of every choice after ``first``; the completions in index order."""
+    answers = [CompletionBuilder() for _ in stream.streams]
+    done: list[Completion | None] = [None] * len(answers)
+    chunk = first
+    while True:
+        done[chunk.index] = answers[chunk.index].add(chunk)
+        if stream.finished:
+            break
+        chunk = await _next(stream)
+    return [c for c in done if c is not None]
 
 
 async def _rest(stream: ResponseStream, first: Chunk) -> Completion:

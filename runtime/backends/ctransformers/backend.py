@@ -159,6 +159,8 @@ class CTransformersBackend:
             weights_copies=1 if shared else n,
             instance_bytes=0 if shared else self._file.weights_bytes,
             isolated=True,
+            logprobs=False,
+            seq_copy=False,
         )
 
     # -- the worker ----------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 ctransformers' own sampler reseeds its generator on every token (from the current second
 when the seed is -1), so the ctransformers backend samples here instead, with one numpy
 Generator per request seeded from ``SamplerSpec.seed``. The chain is llama.cpp's (the one the
-llama_cpp backend builds): repetition penalty over the tokens this sampler produced, top-k,
-top-p, min-p, temperature, then a draw from the softmax. Temperature 0 takes the argmax after
-the penalty.
+llama_cpp backend builds): repetition, frequency and presence penalties over the tokens this
+sampler produced, top-k, top-p, min-p, temperature, then a draw from the softmax. Temperature 0
+takes the argmax after the penalties.
 """
 
 from __future__ import annotations
@@ -38,10 +38,13 @@ class TokenSampler:
         """Draw the next token from ``logits`` (shape (n_vocab,)) and remember it for the penalty."""
         spec = self.spec
         z = logits.astype(np.float64)
-        if spec.repeat_penalty != 1.0 and self._recent:
-            seen = np.fromiter(set(self._recent), dtype=np.int64)
+        if self._recent and (spec.repeat_penalty != 1.0 or spec.frequency_penalty or spec.presence_penalty):
+            counts = collections.Counter(self._recent)
+            seen = np.fromiter(counts, dtype=np.int64)
             values = z[seen]
-            z[seen] = np.where(values <= 0, values * spec.repeat_penalty, values / spec.repeat_penalty)
+            values = np.where(values <= 0, values * spec.repeat_penalty, values / spec.repeat_penalty)
+            times = np.fromiter(counts.values(), dtype=np.float64)
+            z[seen] = values - times * spec.frequency_penalty - spec.presence_penalty  # llama.cpp's order
         token = int(np.argmax(z)) if spec.temperature == 0 else self._draw(z)
         self._recent.append(token)
         return token
