@@ -8,6 +8,7 @@ reads its model cost map from its package: LITELLM_LOCAL_MODEL_COST_MAP)."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import socket
@@ -106,6 +107,17 @@ def refuse_unknown(url: str, lc: Any) -> None:
     """LangChain's check of validate_model_on_init for a model not served, on a client closed after."""
     with ollama.Client(host=url) as client:
         importlib.import_module("langchain_ollama._utils").validate_model(client, "llama3.2")
+
+
+def close_litellm_clients(litellm: Any) -> None:
+    """Close the sync HTTP clients litellm caches (per provider and base URL) and forget them all
+    (the async ones it caches beside them never connected: the tests call litellm.completion)."""
+    cache = litellm.in_memory_llm_clients_cache
+    for client in list(cache.cache_dict.values()):
+        close = getattr(client, "close", None)
+        if callable(close) and not inspect.iscoroutinefunction(close):
+            close()
+    cache.flush_cache()
 
 
 @pytest.fixture
@@ -215,6 +227,7 @@ async def test_litellm_routes_answer_as_the_runtime_with_its_counts(
         async with await http_client(url) as client:
             own = (await client.post("/api/generate", json=sent | {"stream": False})).json()
         want = await rt.complete(chat_request())
+        await off_loop(lambda: close_litellm_clients(litellm))
     counts = (want.stats.prompt_tokens, want.stats.completion_tokens)
     for answer in (chat, via_openai):
         assert answer.choices[0].message.content == want.text
@@ -246,13 +259,16 @@ async def test_litellm_sees_a_context_overflow_on_the_openai_route(
 
     async with served(kind, slots=1, n_ctx_per_slot=64) as (rt, url, _):
         route: dict[str, Any] = {"model": "openai/slotserve", "api_base": f"{url}/v1", "api_key": "unused"}
-        with pytest.raises(litellm.ContextWindowExceededError) as refused:
-            await off_loop(
-                lambda: litellm.completion(messages=MESSAGES, max_tokens=4096, num_retries=0, **route)
-            )
-        fits = await off_loop(lambda: litellm.completion(
-            messages=MESSAGES, max_tokens=4, temperature=0, num_retries=0, **route
-        ))  # fmt: skip
+        try:
+            with pytest.raises(litellm.ContextWindowExceededError) as refused:
+                await off_loop(
+                    lambda: litellm.completion(messages=MESSAGES, max_tokens=4096, num_retries=0, **route)
+                )
+            fits = await off_loop(lambda: litellm.completion(
+                messages=MESSAGES, max_tokens=4, temperature=0, num_retries=0, **route
+            ))  # fmt: skip
+        finally:
+            await off_loop(lambda: close_litellm_clients(litellm))
         want = await rt.complete(chat_request(max_tokens=4))
     assert refused.value.status_code == 400
     assert "slot context is 64 tokens" in str(refused.value)
