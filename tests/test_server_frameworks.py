@@ -244,12 +244,6 @@ async def test_litellm_routes_answer_as_the_runtime_with_its_counts(
     assert loopback_only == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="litellm 1.110 maps an OpenAI 400 to ContextWindowExceededError by the message's words "
-    '(e.g. "this model\'s maximum context length is"), not by code context_length_exceeded; '
-    "slotserve's message has none of them, so litellm raises BadRequestError",
-)
 async def test_litellm_sees_a_context_overflow_on_the_openai_route(
     kind: str, loopback_only: list[str]
 ) -> None:

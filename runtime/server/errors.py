@@ -67,8 +67,9 @@ def model_not_found(name: str, served: str) -> HTTPException:
 def http_error(exc: BaseException, retry_after_s: int) -> HttpError:
     """The HTTP answer for ``exc``; ``retry_after_s`` goes in Retry-After where retrying helps."""
     retry = {"Retry-After": str(retry_after_s)}
-    if isinstance(exc, ContextOverflowError):  # the code OpenAI's clients read as "too long"
-        return HttpError(status=400, message=str(exc), code="context_length_exceeded")
+    if isinstance(exc, ContextOverflowError):  # the code and the words OpenAI's clients read as "too long"
+        message = f"This model's maximum context length is {exc.n_ctx_per_slot:,} tokens: {exc}"
+        return HttpError(status=400, message=message, code="context_length_exceeded")
     if isinstance(exc, EmbeddingsUnsupportedError):
         return HttpError(status=400, message=str(exc), code="embeddings_unsupported")
     if isinstance(exc, InvalidRequestError):
