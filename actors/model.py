@@ -199,22 +199,24 @@ class ModelActor:
                 if len(outbox) >= MAX_AHEAD:
                     room.wait()
             wake.clear()
-            self._apply_inbox()
-            batch = scheduler.plan()
-            if batch is None:
-                wake.wait()
-                continue
-            start = time.perf_counter()
-            self._in_step = True
+            self._in_step = True  # from the commands to the outbox: statistics() says "stepping"
             try:
-                result = backend.step(batch.plan)
-            except Exception as exc:
-                self._failed_steps += 1
-                return scheduler.drop_all(), exc
+                self._apply_inbox()
+                batch = scheduler.plan()  # takes the trims: they are applied by the step below
+                if batch is None:
+                    self._in_step = False
+                    wake.wait()
+                    continue
+                start = time.perf_counter()
+                try:
+                    result = backend.step(batch.plan)
+                except Exception as exc:
+                    self._failed_steps += 1
+                    return scheduler.drop_all(), exc
+                report = self._account(batch, time.perf_counter() - start)
+                self._post(scheduler.advance(batch, result, eog, time.perf_counter_ns()), report)
             finally:
                 self._in_step = False
-            report = self._account(batch, time.perf_counter() - start)
-            self._post(scheduler.advance(batch, result, eog, time.perf_counter_ns()), report)
         return None
 
     def _post(self, delivery: Delivery, report: StepReport | None) -> None:

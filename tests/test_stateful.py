@@ -117,7 +117,7 @@ class RuntimeMachine(RuleBasedStateMachine):
     def invariants_hold(self) -> None:
         self._quiet()
 
-        def check() -> None:  # runs on the event loop: no step can start while it runs
+        def check() -> None:  # on the event loop: no command reaches the step loop meanwhile
             status = self.rt.status()
             stats = self.rt.statistics()
             assert status.slots_busy <= max(status.slots_effective, len(stats.supervisor.slots))

@@ -111,7 +111,8 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     kv_cells_active: int
     """KV cells written so far by the sequences being served (prompt and generated tokens)."""
     stepping: bool
-    """Whether a step (or a resize) is running in the worker thread now."""
+    """Whether the step loop is busy now (applying commands, planning, decoding, or handing a
+    step's tokens over), or has commands or tokens not yet taken."""
 
 
 class SlotStatistics(msgspec.Struct, frozen=True, kw_only=True):
