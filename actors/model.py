@@ -166,8 +166,9 @@ class ModelActor:
         finally:
             self._running = False
             self._deliver()  # the tokens of the last steps
-            if self._inbox:
-                self._worker.submit(self._apply_inbox)  # a resize must not wait for a restart
+            if self._inbox:  # a resize must not wait for a restart, nor run after the close
+                with anyio.CancelScope(shield=True):
+                    await self._worker.run_sync(self._apply_inbox)
         if failure is not None:
             jobs, exc = failure
             error = GenerationError(f"the model step failed ({exc!r}); every request in it failed")
@@ -196,7 +197,7 @@ class ModelActor:
         while not self._stop:
             while len(outbox) >= MAX_AHEAD and not self._stop:  # the sinks are behind: wait
                 room.clear()
-                if len(outbox) >= MAX_AHEAD:
+                if len(outbox) >= MAX_AHEAD and not self._stop:  # (a stop before the clear)
                     room.wait()
             wake.clear()
             self._in_step = True  # from the commands to the outbox: statistics() says "stepping"
@@ -205,7 +206,8 @@ class ModelActor:
                 batch = scheduler.plan()  # takes the trims: they are applied by the step below
                 if batch is None:
                     self._in_step = False
-                    wake.wait()
+                    if not self._stop:  # _interrupt sets _stop before wake: a stop before the clear
+                        wake.wait()
                     continue
                 start = time.perf_counter()
                 try:

@@ -146,12 +146,15 @@ class RequestSink:
         when the sink blocked); the sequence then goes on. A closed stream ends the request, and
         an end meanwhile (a cancel) stops the wait."""
         chunk = self._chunk()
-        self.out, self.pending, self.pending_logprobs = "", [], []
         with anyio.CancelScope() as self._unblocking:
             try:
                 await self._reply.send(chunk)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self.end("cancel")
+            else:  # sent; what came meanwhile (steps already in flight) waits for the next chunk
+                self.out = self.out[len(chunk.text) :]
+                self.pending = self.pending[len(chunk.token_ids) :]
+                self.pending_logprobs = self.pending_logprobs[len(chunk.logprobs or ()) :]
             finally:
                 self._unblocking = None
         if self.reason is not None:

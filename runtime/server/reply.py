@@ -108,16 +108,18 @@ class ReplyResponse:
             (b"cache-control", b"no-cache"),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        piece, chunks = self._framing.piece, [chunk]
+        piece, unsent = self._framing.piece, [chunk]
         try:
-            while not self._last(chunks[-1]):  # what came meanwhile goes in one write
-                body = b"".join(map(piece, chunks))
+            while not self._last(unsent[-1]):  # what came meanwhile goes in one write
+                body = b"".join(map(piece, unsent))
                 await send({"type": "http.response.body", "body": body, "more_body": True})
-                chunks = [await _next(self._stream)]
-                chunks += map(_checked, self._stream.available())
-            frame = b"".join(map(piece, chunks[:-1])) + self._framing.last(chunks[-1])
-        except Exception as exc:
-            frame = self._framing.error_frame(http_error(exc, self._retry_after_s))
+                unsent = []
+                unsent.append(await _next(self._stream))
+                _take_ready(self._stream, unsent)
+            frame = b"".join(map(piece, unsent[:-1])) + self._framing.last(unsent[-1])
+        except Exception as exc:  # the text that came before the error goes out first
+            text = b"".join(map(piece, unsent))
+            frame = text + self._framing.error_frame(http_error(exc, self._retry_after_s))
         await send({"type": "http.response.body", "body": frame, "more_body": False})
 
     def _last(self, chunk: Chunk) -> bool:
@@ -133,6 +135,13 @@ async def _next(stream: ResponseStream | ChoiceStream) -> Chunk:
     except StopAsyncIteration:
         raise GenerationError("the reply ended without a final chunk") from None
     return _checked(chunk)
+
+
+def _take_ready(stream: ResponseStream | ChoiceStream, into: list[Chunk]) -> None:
+    """Append the chunks that have arrived to ``into``, one by one: an error or a cancel after
+    some of them raises with those already in ``into``."""
+    for chunk in stream.available():
+        into.append(_checked(chunk))
 
 
 def _checked(chunk: Chunk) -> Chunk:
