@@ -14,7 +14,6 @@ loop runs at most :data:`MAX_AHEAD` steps ahead of the sinks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Any, TypeVar
 import anyio
 
 from actors.scheduler import Delivery, Scheduler, SequenceJob, StepBatch
-from actors.worker import WorkerThread
+from actors.worker import WorkerThread, call_into
 from runtime.backends.base import Backend
 from runtime.core.errors import GenerationError
 from runtime.core.records import ModelStatistics, StepReport
@@ -119,24 +118,7 @@ class ModelActor:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-
-        def settle(result: Any, error: BaseException | None) -> None:
-            if future.cancelled():
-                return
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
-
-        def call() -> None:
-            try:
-                result, error = fn(), None
-            except BaseException as exc:  # handed to the waiting task, which re-raises it
-                result, error = None, exc
-            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits any more
-                loop.call_soon_threadsafe(settle, result, error)
-
-        self._command(call)
+        self._command(call_into, fn, (), future, loop)
         if not self._running:
             self._worker.submit(self._apply_inbox)  # no step loop to apply it
         return await WorkerThread.result(future)

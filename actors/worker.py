@@ -22,23 +22,44 @@ from typing import Any, TypeVar
 
 import anyio
 
-__all__ = ["WorkerThread"]
+__all__ = ["WorkerThread", "call_into", "settle"]
 
 T = TypeVar("T")
 _Settle = Callable[["asyncio.Future[Any]", Any, "BaseException | None"], None]
 _Call = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", asyncio.AbstractEventLoop, _Settle]
 
 
+def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """On the event loop: hand a call's outcome to its future (nothing if it was cancelled)."""
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+def call_into(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    future: asyncio.Future[Any],
+    loop: asyncio.AbstractEventLoop,
+    settled: _Settle = settle,
+) -> None:
+    """On any thread: run ``fn(*args)`` and hand what it returned or raised to ``future`` on
+    ``loop`` (through ``settled``); a closed loop means nobody waits any more."""
+    try:
+        result, error = fn(*args), None
+    except BaseException as exc:  # handed to the waiting task, which re-raises it
+        result, error = None, exc
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(settled, future, result, error)
+
+
 def _serve(calls: queue.SimpleQueue[_Call | None]) -> None:
     while (call := calls.get()) is not None:
-        fn, args, future, loop, settle = call
-        try:
-            result, error = fn(*args), None
-        except BaseException as exc:  # handed to the waiting task, which re-raises it
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits any more
-            loop.call_soon_threadsafe(settle, future, result, error)
-        del call, fn, args, future, settle, result, error
+        call_into(*call)
+        del call  # the thread keeps no reference to a finished call
 
 
 class WorkerThread:
@@ -72,12 +93,7 @@ class WorkerThread:
     def _settle(self, future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
         """On the event loop: the call ended."""
         self.busy -= 1
-        if future.cancelled():
-            return
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
+        settle(future, result, error)
 
     @staticmethod
     async def result(future: asyncio.Future[T], interrupt: Callable[[], None] | None = None) -> T:

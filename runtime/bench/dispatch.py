@@ -23,7 +23,7 @@ from runtime.core.config import RuntimeConfig
 from runtime.core.messages import GenerateRequest
 from runtime.runtime import Runtime
 
-__all__ = ["DispatchFigures", "measure_dispatch"]
+__all__ = ["DispatchFigures", "measure_dispatch", "stream_all"]
 
 
 class DispatchFigures(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,7 +75,9 @@ class _FreeModel(FakeBackend):
         return StepResult(tokens=tokens)
 
 
-async def _pass(rt: Runtime, slots: int, max_tokens: int) -> int:
+async def stream_all(rt: Runtime, slots: int, max_tokens: int) -> int:
+    """``slots`` greedy requests of ``max_tokens`` tokens at once, each read as a stream;
+    returns the tokens that came."""
     counts = [0] * slots
 
     async def one(i: int) -> None:
@@ -121,13 +123,13 @@ async def measure_dispatch(slots: int = 8, max_tokens: int = 2000, passes: int =
     rows: list[tuple[float, float, float, float, int]] = []
     floors: list[float] = []
     async with Runtime(config, backend=fake, registry=CollectorRegistry(), probe=None) as rt:
-        await _pass(rt, slots, 16)  # warm up
+        await stream_all(rt, slots, 16)  # warm up
         for _ in range(passes):
             floors.append(await _floor_pass(slots, max_tokens))
             fake.step_seconds = 0.0
             steps = rt.statistics().model.steps
             cpu, start = time.process_time(), time.perf_counter()
-            tokens = await _pass(rt, slots, max_tokens)
+            tokens = await stream_all(rt, slots, max_tokens)
             wall = time.perf_counter() - start
             cpu = time.process_time() - cpu
             n_steps = rt.statistics().model.steps - steps

@@ -29,8 +29,8 @@ from prometheus_client import CollectorRegistry
 
 from runtime.backends.base import StepPlan, StepResult
 from runtime.backends.fake import FakeBackend
+from runtime.bench.dispatch import stream_all
 from runtime.core.config import RuntimeConfig
-from runtime.core.messages import GenerateRequest
 from runtime.runtime import Runtime
 
 __all__ = ["CASES", "MODES", "GpuRateRow", "measure_gpu_rate"]
@@ -99,21 +99,6 @@ def _config(n: int, max_tokens: int) -> RuntimeConfig:
 def _runtime(n: int, step_s: float, max_tokens: int, registry: CollectorRegistry | None = None) -> Runtime:
     fake = GpuRateModel(n_seq_max=n, n_ctx_per_slot=max_tokens + 64, step_delay_s=step_s)
     return Runtime(_config(n, max_tokens), backend=fake, registry=registry or CollectorRegistry(), probe=None)
-
-
-async def _embedded_pass(rt: Runtime, n: int, max_tokens: int) -> int:
-    counts = [0] * n
-
-    async def one(i: int) -> None:
-        request = GenerateRequest(prompt=f"request {i}", max_tokens=max_tokens, temperature=0)
-        async with rt.generate(request) as stream:
-            async for chunk in stream:
-                counts[i] += len(chunk.token_ids)
-
-    async with anyio.create_task_group() as tg:
-        for i in range(n):
-            tg.start_soon(one, i)
-    return sum(counts)
 
 
 def _request(mode: str, port: int, i: int, max_tokens: int) -> bytes:
@@ -252,9 +237,9 @@ async def measure_gpu_rate(
         measured = await anyio.to_thread.run_sync(measure_sleep, step_s)
         if "embedded" in modes:
             async with _runtime(n, step_s, max_tokens) as rt:
-                await _embedded_pass(rt, n, 4)
+                await stream_all(rt, n, 4)
                 for _ in range(rounds):
-                    tokens, wall = await _timed(_embedded_pass(rt, n, max_tokens))
+                    tokens, wall = await _timed(stream_all(rt, n, max_tokens))
                     rows.append(_row(n, "embedded", step_s, measured, tokens, wall))
         http = [m for m in modes if m != "embedded"]
         if not http:

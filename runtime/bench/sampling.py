@@ -56,7 +56,12 @@ def _plan(tokens: list[int], positions: list[int], seqs: list[int], outputs: lis
 
 
 def measure_sampling(workload: Workload, n: int = 8, steps: int = 32) -> SamplingFigures:
-    """Decode ``steps`` steps of each half, alternating (blocking: it loads the model)."""
+    """Decode ``steps`` steps of each half, alternating (blocking: it loads the model); times
+    in seconds.
+
+    :raises ModelLoadError: if the workload's model cannot be loaded.
+    :raises RuntimeError: if llama_decode fails.
+    """
     config = RuntimeConfig(
         slots=2 * n, n_ctx_per_slot=workload.n_ctx_per_slot, threads=workload.threads,
         n_gpu_layers=workload.gpu_layers, memory_source="none",
