@@ -87,6 +87,16 @@ class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):
     seed: int
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    grammar: str | None = None
+    """An llguidance grammar the output must match (runtime.core.structured): the row's logits
+    are masked to the tokens it allows before choosing, at any temperature."""
+
+    @property
+    def greedy(self) -> bool:
+        """True when the choice is an argmax (of the masked logits, with a grammar)."""
+        return self.temperature == 0 and self.repeat_penalty == 1.0 and not (
+            self.presence_penalty or self.frequency_penalty
+        )
 
 
 @dataclass(slots=True)
