@@ -94,8 +94,10 @@ class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def greedy(self) -> bool:
         """True when the choice is an argmax (of the masked logits, with a grammar)."""
-        return self.temperature == 0 and self.repeat_penalty == 1.0 and not (
-            self.presence_penalty or self.frequency_penalty
+        return (
+            self.temperature == 0
+            and self.repeat_penalty == 1.0
+            and not (self.presence_penalty or self.frequency_penalty)
         )
 
 

@@ -122,7 +122,8 @@ class FakeBackend:
         self._penalized: dict[int, tuple[int, list[int]]] = {}
         """seq_id -> (repeat_last_n, tokens its sampler produced) for a sampler with a penalty."""
         self.grammar = GrammarRows(
-            lambda: byte_tokenizer(self.pieces, EOS, lambda data: [_BYTE0 + b for b in data]), len(self.pieces)
+            lambda: byte_tokenizer(self.pieces, EOS, lambda data: [_BYTE0 + b for b in data]),
+            len(self.pieces),
         )
         self.fail_next_steps = 0
         """Make this many coming steps raise InjectedFault as a whole (a ModelActor fault)."""

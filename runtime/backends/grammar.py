@@ -33,7 +33,9 @@ def byte_tokenizer(pieces: Sequence[bytes], eos: int, encode: Callable[[bytes], 
     class _Vocab:
         eos_token_id = eos
         bos_token_id = None
-        tokens = [b"\xff<eos>" if t == eos else p for t, p in enumerate(pieces)]
+
+        def __init__(self) -> None:
+            self.tokens = [b"\xff<eos>" if t == eos else p for t, p in enumerate(pieces)]
 
         def __call__(self, data: bytes) -> list[int]:
             return encode(data)
@@ -95,7 +97,9 @@ class GrammarRows:
         bits = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[:, : self.n_vocab]
         return bits.view(np.bool_)
 
-    def mask(self, seq_ids: Sequence[int], logits: npt.NDArray[np.float32], rows: npt.NDArray[np.intp]) -> list[int]:
+    def mask(
+        self, seq_ids: Sequence[int], logits: npt.NDArray[np.float32], rows: npt.NDArray[np.intp]
+    ) -> list[int]:
         """Set to -inf, in place, the logits a constrained output may not take.
 
         :param seq_ids: the sequence whose sampler picks each output.

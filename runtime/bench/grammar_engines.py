@@ -88,11 +88,9 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-class _TokenData(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_int32), ("logit", ctypes.c_float), ("p", ctypes.c_float)]
-
-
-def _llama_cpp(vocab: Any, n_vocab: int, rows: int, tokens: list[int], schema: dict[str, Any]) -> dict[str, float]:
+def _llama_cpp(
+    vocab: Any, n_vocab: int, rows: int, tokens: list[int], schema: dict[str, Any]
+) -> dict[str, float]:
     import llama_cpp as llama
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
@@ -109,8 +107,7 @@ def _llama_cpp(vocab: Any, n_vocab: int, rows: int, tokens: list[int], schema: d
         samplers.append(smpl)
         compile_s.append(seconds)
     logits = np.random.default_rng(0).standard_normal(n_vocab).astype(np.float32)
-    buf = (_TokenData * n_vocab)()
-    arr = np.frombuffer(buf, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+    arr = np.zeros(n_vocab, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
     data = llama.llama_token_data_array()
     per_token: list[float] = []
     for token in tokens:
@@ -118,7 +115,7 @@ def _llama_cpp(vocab: Any, n_vocab: int, rows: int, tokens: list[int], schema: d
         for smpl in samplers:
             arr["id"] = np.arange(n_vocab, dtype=np.int32)
             arr["logit"] = logits
-            data.data = ctypes.cast(buf, type(data.data))
+            data.data = arr.ctypes.data_as(ctypes.POINTER(llama.llama_token_data))  # type: ignore[assignment]
             data.size, data.selected, data.sorted = n_vocab, -1, False
             llama.llama_sampler_apply(smpl, ctypes.byref(data))
             if not np.isfinite(arr["logit"][token]):

@@ -225,7 +225,10 @@ class ChatRequest(_Sampling, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             not isinstance(self.tool_choice, NamedTool) or bool(self.tools),
             "tool_choice names a function but tools is empty",
         )
-        _check(self.tool_choice in ("none", "auto") or bool(self.tools), "tool_choice is required but tools is empty")
+        _check(
+            self.tool_choice in ("none", "auto") or bool(self.tools),
+            "tool_choice is required but tools is empty",
+        )
         self._validate_sampling()
         self.constraint()
 
@@ -351,7 +354,8 @@ class CompletionBuilder:
         if not chunk.done:
             return None
         assert chunk.done_reason is not None and chunk.stats is not None  # a last chunk has both
-        text, calls = "".join(self._texts), ()
+        text = "".join(self._texts)
+        calls: tuple[ToolCall, ...] = ()
         if self._tools:
             text, calls = split_calls(text)
         return Completion(

@@ -77,7 +77,7 @@ def _compiled(key: str) -> str:
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
         raise InvalidRequestError(f"the {_what(kind)} does not compile: {error}")
-    return grammar
+    return str(grammar)
 
 
 def _what(kind: str) -> str:
@@ -101,7 +101,9 @@ def constraint_grammar(
     if tools and tool_choice != "none":
         asked.append("tools")
     if len(asked) > 1:
-        raise InvalidRequestError(f"{' and '.join(asked)} are both set; a request takes one output constraint")
+        raise InvalidRequestError(
+            f"{' and '.join(asked)} are both set; a request takes one output constraint"
+        )
     if fmt is not None:
         if fmt == "json":
             fmt = {"type": "object"}
