@@ -17,7 +17,7 @@ A sampler with a penalty (repeat, presence or frequency) steers clear of the let
 last ``repeat_last_n`` tokens: the next letter of the alphabet that is not among them is taken.
 
 A sampler with a grammar (runtime.backends.grammar) takes, among the tokens the grammar allows,
-the end of generation if allowed, else the first allowed of ``}]",:`` (so that answers close
+the end of generation if allowed, else the first allowed of ``"}],:`` (so that answers close
 soon), else the letter its history's hash picks if allowed, else the allowed token of the
 lowest id: deterministic, and always a valid continuation.
 
@@ -51,7 +51,7 @@ _BYTE0 = 1
 _N_EMBD = 64
 """The embedding width its metadata reports (it has no weights; a tied 64-wide embedding)."""
 _LETTERS = np.array([_BYTE0 + c for c in b"abcdefghijklmnopqrstuvwxyz "], dtype=np.int32)
-_CLOSERS = [_BYTE0 + c for c in b'}]",:']
+_CLOSERS = [_BYTE0 + c for c in b'"}],:']
 
 
 class InjectedFault(RuntimeError):

@@ -15,6 +15,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import llguidance
+import llguidance.numpy as lln
 import numpy as np
 import numpy.typing as npt
 
@@ -28,8 +30,6 @@ _CACHE_SIZE = 64
 
 def byte_tokenizer(pieces: Sequence[bytes], eos: int, encode: Callable[[bytes], list[int]]) -> Any:
     """An llguidance tokenizer of ``pieces`` (token id -> bytes) whose end is ``eos``."""
-    import llguidance
-
     class _Vocab:
         eos_token_id = eos
         bos_token_id = None
@@ -62,8 +62,6 @@ class GrammarRows:
         """Grammars compiled (a cache miss each)."""
 
     def _prototype(self, grammar: str) -> Any:
-        import llguidance
-
         if (m := self._compiled.get(grammar)) is not None:
             self._compiled.move_to_end(grammar)
             return m
@@ -90,8 +88,6 @@ class GrammarRows:
 
     def allowed(self, matchers: list[Any]) -> npt.NDArray[np.bool_]:
         """Shape (len(matchers), n_vocab): the tokens each matcher allows next."""
-        import llguidance.numpy as lln
-
         mask = lln.allocate_token_bitmask(len(matchers), self.n_vocab)
         lln.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], mask)
         bits = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[:, : self.n_vocab]
