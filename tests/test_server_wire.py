@@ -177,10 +177,16 @@ def test_openai_chat_maps_roles_content_parts_and_limits() -> None:
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs is 21; it must be 0 to 20"),
         ({"top_logprobs": 2}, "top_logprobs is 2; it needs logprobs true"),
         ({"tools": [{"type": "function"}]}, r"tools\[0\] is"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "any"}, "tool_choice is 'any'"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "any"},
+            "tool_choice is 'any'",
+        ),
         ({"functions": [{"name": "f"}]}, "slotserve supports only tools and tool_choice"),
         ({"response_format": {"type": "xml"}}, "response_format.type is 'xml'"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema is None"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "json_schema.schema is None",
+        ),
         ({"messages": [{"role": "tool", "content": "1"}]}, "tool message without tool_call_id"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},

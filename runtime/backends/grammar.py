@@ -30,6 +30,7 @@ _CACHE_SIZE = 64
 
 def byte_tokenizer(pieces: Sequence[bytes], eos: int, encode: Callable[[bytes], list[int]]) -> Any:
     """An llguidance tokenizer of ``pieces`` (token id -> bytes) whose end is ``eos``."""
+
     class _Vocab:
         eos_token_id = eos
         bos_token_id = None

@@ -444,9 +444,19 @@ class LlamaCppBackend:
         return self._piece(token, special=True).decode(errors="replace") if token >= 0 else ""
 
     def _grammar_tokenizer(self) -> Any:
-        from llguidance.llamacpp import lltokenizer_from_vocab
+        """llguidance's tokenizer of this vocabulary: each token's bytes (a special token's
+        text behind a 0xff byte, llguidance's mark of special tokens) and llama.cpp's tokenizer."""
+        import llguidance
 
-        return lltokenizer_from_vocab(self._vocab, eos_token=sorted(self.eog_tokens))
+        tokens = [
+            b"\xff" + self._piece(t, special=True) if _is_special(self._vocab, t) else self.pieces[t]
+            for t in range(self._n_vocab)
+        ]
+        tokenize = ctypes.cast(llama.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+        from_llamacpp = getattr(llguidance.LLTokenizer, "from_llamacpp")  # noqa: B009 (not in its stubs)
+        return from_llamacpp(
+            tokens=tokens, vocab_ptr=self._vocab, tokenize_fptr=tokenize, eos_token=sorted(self.eog_tokens)
+        )
 
     # -- text ----------------------------------------------------------------------------------
 

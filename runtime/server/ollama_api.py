@@ -148,7 +148,7 @@ def _framing(
 ) -> Callable[[OllamaGenerateBody | OllamaChatBody], OllamaFraming]:
     return lambda body: OllamaFraming(
         body.model, chat=chat, pieces=server.runtime.backend.pieces,
-        tools=isinstance(body, OllamaChatBody) and bool(body.tools),
+        tools=isinstance(body, OllamaChatBody) and bool(body.tools) and body.tool_choice != "none",
     )  # fmt: skip
 
 

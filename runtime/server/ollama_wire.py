@@ -28,7 +28,9 @@ load-time options  (num_gpu, num_thread, num_batch, use_mmap, ...) accepted and
 =================  ==============================================================
 
 ``format`` (``"json"`` or a JSON schema) constrains the answer (runtime.core.structured);
-/api/chat's ``tools`` may be called (the answer's ``message.tool_calls``; runtime.core.tools),
+/api/chat's ``tools`` may be called (the answer's ``message.tool_calls``; runtime.core.tools;
+the model chooses, as in Ollama, unless the body has slotserve's extension ``tool_choice``, as
+OpenAI's),
 and the history's assistant ``tool_calls`` and ``tool`` turns (with ``tool_name``) are kept.
 
 The body's ``logprobs`` (true) and ``top_logprobs`` (0 to 20; ignored without ``logprobs``) add
@@ -54,7 +56,7 @@ import msgspec
 
 from runtime.core.errors import InvalidRequestError, preview
 from runtime.core.messages import MAX_TOKENS_LIMIT, ChatMessage, ChatRequest, GenerateRequest
-from runtime.server.tool_calls import parse_tools, wire_call
+from runtime.server.tool_calls import parse_tools, tool_choice_field, wire_call
 
 __all__ = [
     "Notice",
@@ -155,6 +157,8 @@ class OllamaChatBody(msgspec.Struct, kw_only=True):
     options: dict[str, Any] | None = None
     keep_alive: KeepAlive = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    """slotserve's extension (Ollama has none: the model chooses): OpenAI's tool_choice."""
     format: Any = None
     think: Any = None
     logprobs: bool = False
@@ -317,6 +321,7 @@ def chat_request(body: OllamaChatBody, n_ctx_per_slot: int, notice: Notice = _no
     fields |= _logprob_fields(body.logprobs, body.top_logprobs) | format_field(body.format)
     if body.tools:
         fields["tools"] = parse_tools("tools", body.tools)
+        fields["tool_choice"] = tool_choice_field(body.tool_choice)
     messages = tuple(
         ChatMessage(
             role=m.role,

@@ -28,8 +28,7 @@ import msgspec
 from runtime.core.choices import MAX_CHOICES
 from runtime.core.errors import InvalidRequestError, preview
 from runtime.core.messages import MAX_TOP_LOGPROBS, ChatMessage, ChatRequest, GenerateRequest
-from runtime.core.tools import NamedTool, ToolChoice
-from runtime.server.tool_calls import parse_tools, wire_call
+from runtime.server.tool_calls import parse_tools, tool_choice_field, wire_call
 
 __all__ = ["OpenAIChatBody", "OpenAICompletionBody", "chat_request", "choice_count", "completion_request"]
 
@@ -179,21 +178,6 @@ def _response_format(value: dict[str, Any] | None) -> dict[str, Any]:
     return {}
 
 
-def _tool_choice(value: Any) -> ToolChoice:
-    """Our tool_choice from OpenAI's: a mode, or ``{"type": "function", "function": {"name"}}``."""
-    if value is None:
-        return "auto"
-    if value in ("none", "auto", "required"):
-        return value  # type: ignore[no-any-return]
-    fn = value.get("function") if isinstance(value, dict) else None
-    if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-        return NamedTool(name=fn["name"])
-    _refuse(
-        "tool_choice", value, "'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
-    )
-    return "none"
-
-
 def _message(i: int, m: OpenAIMessage) -> ChatMessage:
     calls = tuple(wire_call(f"messages[{i}].tool_calls[{j}]", c) for j, c in enumerate(m.tool_calls or ()))
     if m.role == "tool" and not m.tool_call_id:
@@ -217,7 +201,10 @@ def chat_request(body: OpenAIChatBody) -> ChatRequest:
         _refuse("functions", "<the legacy functions / function_call>", "tools and tool_choice")
     fields = _sampling(body) | _response_format(body.response_format)
     if body.tools:
-        fields |= {"tools": parse_tools("tools", body.tools), "tool_choice": _tool_choice(body.tool_choice)}
+        fields |= {
+            "tools": parse_tools("tools", body.tools),
+            "tool_choice": tool_choice_field(body.tool_choice),
+        }
     elif body.tool_choice not in (None, "none", "auto"):
         _refuse("tool_choice", body.tool_choice, "'none' or 'auto' without tools")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -18,9 +18,28 @@ import json
 from typing import Any
 
 from runtime.core.errors import InvalidRequestError, preview
-from runtime.core.tools import FunctionCall, Tool, ToolCall, split_calls
+from runtime.core.tools import FunctionCall, NamedTool, Tool, ToolCall, ToolChoice, split_calls
 
-__all__ = ["CallHoldback", "ollama_call", "openai_call", "parse_tools", "wire_call"]
+__all__ = ["CallHoldback", "ollama_call", "openai_call", "parse_tools", "tool_choice_field", "wire_call"]
+
+
+def tool_choice_field(value: Any) -> ToolChoice:
+    """Our tool_choice from OpenAI's: unset (auto), a mode, or ``{"type": "function",
+    "function": {"name": ...}}``.
+
+    :raises InvalidRequestError: for anything else.
+    """
+    if value is None:
+        return "auto"
+    if value in ("none", "auto", "required"):
+        return value  # type: ignore[no-any-return]
+    fn = value.get("function") if isinstance(value, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+        return NamedTool(name=fn["name"])
+    raise InvalidRequestError(
+        f"tool_choice is {preview(value)}; slotserve supports only 'none', 'auto', 'required' or "
+        "{'type': 'function', 'function': {'name': ...}}"
+    )
 
 
 def parse_tools(field: str, tools: list[Any]) -> tuple[Tool, ...]:
