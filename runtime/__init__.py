@@ -44,11 +44,13 @@ if TYPE_CHECKING:
     )
     from runtime.core.records import RuntimeStatus
     from runtime.core.ticket import ResponseStream
+    from runtime.core.tools import FunctionCall, NamedTool, Tool, ToolCall
     from runtime.metrics import metrics_app
     from runtime.runtime import Runtime
 
 _ERRORS = "runtime.core.errors"
 _MESSAGES = "runtime.core.messages"
+_TOOLS = "runtime.core.tools"
 _HOMES = {
     "ChatMessage": _MESSAGES,
     "ChatRequest": _MESSAGES,
@@ -61,10 +63,12 @@ _HOMES = {
     "EmbedRequest": _MESSAGES,
     "Embeddings": _MESSAGES,
     "EmbeddingsUnsupportedError": _ERRORS,
+    "FunctionCall": _TOOLS,
     "GenerateRequest": _MESSAGES,
     "GenerationError": _ERRORS,
     "InvalidRequestError": _ERRORS,
     "ModelLoadError": _ERRORS,
+    "NamedTool": _TOOLS,
     "QueueFullError": _ERRORS,
     "RequestStats": _MESSAGES,
     "ResizeFailedError": _ERRORS,
@@ -77,6 +81,8 @@ _HOMES = {
     "SlotFailedError": _ERRORS,
     "SlotserveError": _ERRORS,
     "TokenLogprob": _MESSAGES,
+    "Tool": _TOOLS,
+    "ToolCall": _TOOLS,
     "TopLogprob": _MESSAGES,
     "decode_request": _MESSAGES,
     "metrics_app": "runtime.metrics",
@@ -95,10 +101,12 @@ __all__ = [
     "EmbedRequest",
     "Embeddings",
     "EmbeddingsUnsupportedError",
+    "FunctionCall",
     "GenerateRequest",
     "GenerationError",
     "InvalidRequestError",
     "ModelLoadError",
+    "NamedTool",
     "QueueFullError",
     "RequestStats",
     "ResizeFailedError",
@@ -111,6 +119,8 @@ __all__ = [
     "SlotFailedError",
     "SlotserveError",
     "TokenLogprob",
+    "Tool",
+    "ToolCall",
     "TopLogprob",
     "decode_request",
     "metrics_app",

@@ -73,6 +73,9 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Its steps give log-probabilities for the output rows that ask (``StepPlan.logprob_outputs``)."""
     seq_copy: bool = True
     """Its steps copy a sequence's KV cells to another (``StepPlan.copies``)."""
+    constraints: bool = True
+    """Its steps mask a row's logits to what its grammar allows (``SamplerSpec.grammar``): JSON
+    output, grammars and tool calls."""
 
 
 class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):

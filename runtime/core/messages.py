@@ -15,7 +15,7 @@ import msgspec
 
 from runtime.core.errors import InvalidRequestError
 from runtime.core.structured import constraint_grammar
-from runtime.core.tools import FunctionCall, NamedTool, Tool, ToolCall, ToolChoice, split_calls
+from runtime.core.tools import NamedTool, Tool, ToolCall, ToolChoice, split_calls
 
 __all__ = [
     "ChatMessage",
@@ -26,13 +26,9 @@ __all__ = [
     "DoneReason",
     "EmbedRequest",
     "Embeddings",
-    "FunctionCall",
     "GenerateRequest",
-    "NamedTool",
     "RequestStats",
     "TokenLogprob",
-    "Tool",
-    "ToolCall",
     "TopLogprob",
     "decode_request",
 ]

@@ -28,10 +28,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from runtime.core.errors import RuntimeClosedError
 from runtime.core.messages import Chunk, Completion, RequestStats, TokenLogprob
 from runtime.core.tools import ToolCall
 from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
+from runtime.server.ollama_models import calls_tools, capabilities
 from runtime.server.openai_wire import (
     OpenAIChatBody,
     OpenAICompletionBody,
@@ -287,7 +289,20 @@ class OpenAIApi:
         ]
 
     def _object(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self._server.created_s, "owned_by": "slotserve"}
+        """OpenAI's model object, with Ollama's ``capabilities`` of the model added (as /api/show)
+        once it is loaded."""
+        out: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "created": self._server.created_s,
+            "owned_by": "slotserve",
+        }
+        try:
+            backend = self._server.runtime.backend
+        except RuntimeClosedError:  # still loading
+            return out
+        out["capabilities"] = capabilities(backend.info.embedding_length, tools=calls_tools(backend))
+        return out
 
     async def models(self, request: Request) -> Response:
         """GET /v1/models: the one model this server serves, under its primary name."""
