@@ -11,6 +11,7 @@ each row its token. Rows without a matcher cost nothing: a step with none skips 
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,6 +62,10 @@ class GrammarRows:
         self.matchers: dict[int, Any] = {}
         self.compiles = 0
         """Grammars compiled (a cache miss each)."""
+        self.mask_seconds = 0.0
+        """Time spent computing and applying masks (the step loop's thread)."""
+        self.masked_rows = 0
+        """Rows masked, all steps together."""
 
     def _prototype(self, grammar: str) -> Any:
         if (m := self._compiled.get(grammar)) is not None:
@@ -105,9 +110,12 @@ class GrammarRows:
         """
         outputs = [i for i, s in enumerate(seq_ids) if s in self.matchers]
         if outputs:
+            start = time.perf_counter()
             allowed = self.allowed([self.matchers[seq_ids[i]] for i in outputs])
             at = rows[outputs]
             logits[at] = np.where(allowed, logits[at], -np.inf)
+            self.mask_seconds += time.perf_counter() - start
+            self.masked_rows += len(outputs)
         return outputs
 
     def advance(self, seq_id: int, token: int) -> None:
