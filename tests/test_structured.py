@@ -163,3 +163,9 @@ def test_holdback_streams_text_and_holds_calls() -> None:
     text, calls = hold.finish(1, '_call>{"name": "f", "arguments": {}}</tool_call>')
     assert text == "" and isinstance(calls[0], ToolCall) and calls[0].function.name == "f"
     assert CallHoldback(False).take(0, "<x") == "<x"
+
+
+def test_constraint_size_is_bounded() -> None:
+    huge = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(4000)}}
+    with pytest.raises(InvalidRequestError, match="characters; at most 65,536 are allowed"):
+        GenerateRequest(prompt="x", format=huge)
