@@ -162,7 +162,8 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 class GenerateRequest(_Sampling, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Complete ``prompt`` (raw text; the model's BOS is added if the model wants one).
 
-    :raises InvalidRequestError: if a field is out of range (the message names it and the limit).
+    :raises InvalidRequestError: if a field is out of range (the message names it and the limit),
+        or ``format`` / ``grammar`` does not compile (runtime.core.structured).
     """
 
     prompt: str
@@ -201,7 +202,9 @@ class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 class ChatRequest(_Sampling, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Answer ``messages``, rendered with the model's own chat template (GGUF metadata).
 
-    :raises InvalidRequestError: if messages is empty or a field is out of range.
+    :raises InvalidRequestError: if messages is empty, a field is out of range, a tool is named
+        twice, ``tool_choice`` asks for a call without tools or names a function not among them,
+        or the output constraint does not compile (runtime.core.structured).
     """
 
     messages: tuple[ChatMessage, ...]
