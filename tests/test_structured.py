@@ -169,3 +169,47 @@ def test_constraint_size_is_bounded() -> None:
     huge = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(4000)}}
     with pytest.raises(InvalidRequestError, match="characters; at most 65,536 are allowed"):
         GenerateRequest(prompt="x", format=huge)
+
+
+def test_a_template_that_renders_tools_gets_them_and_the_calls() -> None:
+    """A template reading ``tools`` renders the tools and the history's calls itself; one that
+    does not gets them as system text and ``<tool_call>`` content (runtime.core.tool_prompt)."""
+    from actors.prompt import prompt_parts
+    from runtime.backends.chat_template import ChatTemplate
+    from runtime.backends.fake import FakeBackend
+    from runtime.core.tools import FunctionCall
+
+    source = (
+        "{% for t in tools %}[tool {{ t.function.name }}]{% endfor %}"
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}[call {{ c.function.name }} {{ c.function.arguments.a }}]{% endfor %}"
+        "{% endfor %}<assistant>"
+    )
+    call = ToolCall(function=FunctionCall(name="add", arguments={"a": 1, "b": 2}))
+    history = (
+        ChatMessage(role="user", content="sum"),
+        ChatMessage(role="assistant", content="", tool_calls=(call,)),
+        ChatMessage(role="tool", content="3", tool_call_id=call.id),
+    )
+    request = ChatRequest(messages=history, tools=(ADD,))
+    backend = FakeBackend()
+    plain = "".join(p.text for p in prompt_parts(backend, request))
+    backend.chat_template = ChatTemplate(source, bos_token="", eos_token="")
+    own = "".join(p.text for p in prompt_parts(backend, request))
+    assert own == "[tool add]<user>sum<assistant>[call add 1]<tool>3<assistant>"
+    assert plain.startswith('<system>You can call these functions:\n{"name": "add"')
+    assert '<assistant><tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>' in plain
+
+
+async def test_a_backend_that_cannot_constrain_refuses() -> None:
+    import msgspec
+
+    from runtime import Runtime, RuntimeConfig
+    from runtime.backends.fake import FakeBackend
+
+    backend = FakeBackend(n_seq_max=1)
+    backend.info = msgspec.structs.replace(backend.info, constraints=False)
+    async with Runtime(RuntimeConfig(backend="fake", slots=1), backend=backend) as rt:
+        with pytest.raises(InvalidRequestError, match="the fake backend cannot constrain output"):
+            await rt.complete(greedy("x", 4, format="json"))
+        assert (await rt.complete(greedy("x", 4))).done_reason == "length"
