@@ -111,9 +111,9 @@ class GrammarRows:
         outputs = [i for i, s in enumerate(seq_ids) if s in self.matchers]
         if outputs:
             start = time.perf_counter()
-            allowed = self.allowed([self.matchers[seq_ids[i]] for i in outputs])
-            at = rows[outputs]
-            logits[at] = np.where(allowed, logits[at], -np.inf)
+            refused = ~self.allowed([self.matchers[seq_ids[i]] for i in outputs])
+            for k, row in enumerate(rows[outputs].tolist()):  # a view per row: no copy of the rows
+                logits[row][refused[k]] = -np.inf
             self.mask_seconds += time.perf_counter() - start
             self.masked_rows += len(outputs)
         return outputs
