@@ -176,10 +176,12 @@ class Scheduler:
 
     def remove(self, seq_id: int, keep: int = 0) -> None:
         """Take the sequence out of the steps now; at the next step drop its KV cells at
-        positions >= ``keep``."""
+        positions >= ``keep``, and its sampler (a constrained one's matcher with it: a step with
+        no constrained row pays nothing for one that has finished)."""
         if (job := self._jobs.get(seq_id)) is not None:
             self.drop(job)
         self._trims.append((seq_id, keep))
+        self._samplers[seq_id] = None
 
     def drop(self, job: SequenceJob) -> None:
         """Take ``job`` out of the coming steps if it is still in them (its cells stay until its
@@ -204,6 +206,7 @@ class Scheduler:
         """Discard queued trims of sequences ``n_seq`` and up (they leave with a resize)."""
         self._trims = [(s, p) for s, p in self._trims if s < n_seq]
         self._copies = [(s, d) for s, d in self._copies if s < n_seq and d < n_seq]
+        self._samplers = {s: spec for s, spec in self._samplers.items() if s < n_seq}
 
     # -- the step ----------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from actors.prompt import INLINE_PROMPT_CHARS, PromptCancelled, prompt_chars, pr
 from actors.scheduler import SequenceJob
 from actors.sink import RequestSink
 from runtime.backends.base import SamplerSpec
+from runtime.backends.grammar import GrammarRows
 from runtime.core.choices import ChoiceGroup
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import ContextOverflowError, GenerationError, InvalidRequestError
@@ -122,6 +123,7 @@ class SlotActor:
         request = ticket.request
         try:
             tokens = await self._tokenize(ticket)
+            await self._prepare_constraint(request)
             max_new = self._max_new(len(tokens), request.max_tokens, stop=request.overflow == "stop")
         except PromptCancelled:
             ticket.finish("cancel")
@@ -226,6 +228,16 @@ class SlotActor:
         if backend.inline_tokenize and prompt_chars(request) <= INLINE_PROMPT_CHARS:
             return work()
         return await anyio.to_thread.run_sync(work)
+
+    async def _prepare_constraint(self, request: GenerateRequest | ChatRequest) -> None:
+        """Compile the request's output constraint against the vocabulary in a worker thread
+        (runtime.backends.grammar), not in a step: every row would wait for it.
+
+        :raises InvalidRequestError: if it does not compile against this vocabulary.
+        """
+        rows = getattr(self.model.backend, "grammar", None)
+        if isinstance(rows, GrammarRows) and (grammar := request.constraint()) is not None:
+            await anyio.to_thread.run_sync(rows.prepare, grammar)
 
     def _max_new(self, n_prompt: int, max_tokens: int | None, *, stop: bool) -> int:
         """Tokens the request may generate; with ``stop``, ``max_tokens`` is only an upper bound

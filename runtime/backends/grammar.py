@@ -1,8 +1,9 @@
 """Constrained rows of a step: llguidance matchers, their token masks in bulk, their advance.
 
 A request with an output constraint (runtime.core.structured) gets a matcher: its grammar
-compiled against the backend's vocabulary once per distinct grammar (cached, then copied per
-request: ``LLMatcher.deep_copy``). Each step, :meth:`GrammarRows.mask` computes the masks of
+compiled against the backend's vocabulary once per distinct grammar (on a worker thread before
+the request joins the steps: :meth:`GrammarRows.prepare`; cached, then copied per request:
+``LLMatcher.deep_copy``). Each step, :meth:`GrammarRows.mask` computes the masks of
 every constrained row at once (``LLExecutor``, in parallel, into one bitmask) and sets the
 logits of the tokens a row may not take to -inf in place, so that argmax and llama.cpp's
 sampler chains both choose among allowed tokens only; :meth:`GrammarRows.advance` then feeds
@@ -11,6 +12,7 @@ each row its token. Rows without a matcher cost nothing: a step with none skips 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -59,6 +61,8 @@ class GrammarRows:
         self._executor: Any = None
         self.n_vocab = n_vocab
         self._compiled: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        """Guards the cache and the tokenizer (:meth:`prepare` runs on worker threads)."""
         self.matchers: dict[int, Any] = {}
         self.compiles = 0
         """Grammars compiled (a cache miss each)."""
@@ -67,20 +71,36 @@ class GrammarRows:
         self.masked_rows = 0
         """Rows masked, all steps together."""
 
+    def prepare(self, grammar: str) -> None:
+        """Compile ``grammar`` against the vocabulary into the cache, from any thread: a slot
+        calls it from a worker thread, so that the step loop's :meth:`set` finds it compiled (a
+        large schema takes seconds to compile; every row would wait for it).
+
+        :raises InvalidRequestError: if the grammar does not compile against this vocabulary.
+        """
+        self._prototype(grammar)
+
     def _prototype(self, grammar: str) -> Any:
-        if (m := self._compiled.get(grammar)) is not None:
-            self._compiled.move_to_end(grammar)
-            return m
-        if self._tokenizer is None:
-            self._tokenizer = self._make_tokenizer()
-            self._executor = llguidance.LLExecutor()
-        m = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+        with self._lock:
+            if (m := self._compiled.get(grammar)) is not None:
+                self._compiled.move_to_end(grammar)
+                return m
+            if self._tokenizer is None:
+                self._tokenizer = self._make_tokenizer()
+                self._executor = llguidance.LLExecutor()
+        m = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)  # releases the GIL
         if m.is_error():
-            raise InvalidRequestError(f"the output constraint does not compile: {m.get_error()}")
-        self.compiles += 1
-        self._compiled[grammar] = m
-        if len(self._compiled) > _CACHE_SIZE:
-            self._compiled.popitem(last=False)
+            raise InvalidRequestError(f"the output constraint does not compile: {_first_line(m)}")
+        probe = m.deep_copy()  # the tokens it forces first: a parser over its limits fails on them
+        if ((forced := probe.compute_ff_tokens()) and not probe.consume_tokens(forced)) or probe.is_error():
+            raise InvalidRequestError(
+                f"the output constraint is too complex for the engine: {_first_line(probe)}"
+            )
+        with self._lock:
+            self.compiles += 1
+            self._compiled[grammar] = m
+            if len(self._compiled) > _CACHE_SIZE:
+                self._compiled.popitem(last=False)
         return m
 
     def set(self, seq_id: int, grammar: str | None) -> None:
@@ -125,8 +145,14 @@ class GrammarRows:
         """
         m = self.matchers[seq_id]
         if not m.consume_token(token):
-            raise GenerationError(f"the output constraint refused token {token}: {m.get_error()}")
+            raise GenerationError(f"the output constraint refused token {token}: {_first_line(m)}")
 
     def clear(self) -> None:
         """Drop every matcher (the context closes)."""
         self.matchers.clear()
+
+
+def _first_line(matcher: Any) -> str:
+    """A matcher's error without the parser state and grammar that llguidance dumps after it
+    (the whole grammar: tens of KiB in a client's error message)."""
+    return str(matcher.get_error()).split("\n", 1)[0]

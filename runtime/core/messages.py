@@ -218,8 +218,18 @@ class ChatRequest(_Sampling, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         _check(len(self.messages) > 0, "messages is empty; a chat needs at least one message")
         names = [t.name for t in self.tools]
         _check(len(set(names)) == len(names), f"tools names a function twice: {names}")
-        for name in names:
-            _check_text("tools[].name", name)
+        for i, tool in enumerate(self.tools):
+            _check_text(f"tools[{i}].name", tool.name)
+            kind = tool.parameters.get("type", "object")
+            _check(
+                kind == "object",
+                f"tools[{i}] ({tool.name}) has parameters of type {kind!r}; a function's parameters "
+                "must be an object schema (type 'object')",
+            )
+        _check(
+            isinstance(self.tool_choice, NamedTool) or self.tool_choice in ("none", "auto", "required"),
+            f"tool_choice is {self.tool_choice!r}; give 'none', 'auto', 'required' or a NamedTool",
+        )
         _check(
             not isinstance(self.tool_choice, NamedTool) or bool(self.tools),
             "tool_choice names a function but tools is empty",

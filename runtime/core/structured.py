@@ -27,13 +27,36 @@ from typing import Any
 from runtime.core.errors import InvalidRequestError
 from runtime.core.tools import CALL_CLOSE, CALL_OPEN, NamedTool, Tool, ToolChoice
 
-__all__ = ["JSON_OPTIONS", "MAX_GRAMMAR_CHARS", "constraint_grammar", "tool_call_schema"]
+__all__ = ["JSON_OPTIONS", "MAX_GRAMMAR_CHARS", "MAX_SCHEMA_DEPTH", "constraint_grammar", "tool_call_schema"]
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """llguidance's JSON options (``x-guidance``) for every schema."""
 MAX_GRAMMAR_CHARS = 1 << 16
 """The longest schema or grammar text a request may send (as JSON). Validating runs where the
 request is made, on the event loop for the HTTP server: 64 KiB of schema takes about 0.1 s."""
+
+
+MAX_SCHEMA_DEPTH = 64
+"""How deep a schema's objects and arrays may nest (the HTTP server's body limit, too):
+llguidance stops at 128 levels of the whole grammar with a message that names no limit."""
+
+
+def _depth(value: Any) -> int:
+    """How deep ``value``'s dicts and lists nest (iteratively: no RecursionError)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            todo.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _check_depth(what: str, schema: dict[str, Any]) -> None:
+    if (depth := _depth(schema)) > MAX_SCHEMA_DEPTH:
+        raise InvalidRequestError(
+            f"the {what} nests objects and arrays {depth:,} levels deep; the limit is {MAX_SCHEMA_DEPTH}"
+        )
 
 
 def _with_options(schema: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +69,7 @@ def tool_call_schema(tools: tuple[Tool, ...], choice: ToolChoice) -> dict[str, A
     variants = [
         {
             "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+            "properties": {"name": {"const": t.name}, "arguments": {"type": "object", **t.parameters}},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
@@ -110,8 +133,13 @@ def constraint_grammar(
             fmt = {"type": "object"}
         if not isinstance(fmt, dict):
             raise InvalidRequestError(f"format is {fmt!r}; give 'json' or a JSON schema (an object)")
+        _check_depth("JSON schema", fmt)
         key = json.dumps(["json", fmt, None], sort_keys=True)
     elif grammar is not None:
+        if not isinstance(grammar, str):
+            raise InvalidRequestError(
+                f"grammar is {type(grammar).__name__}; give a GBNF or Lark grammar (a str)"
+            )
         if not grammar.strip():
             raise InvalidRequestError("grammar is empty; give a GBNF or Lark grammar")
         key = json.dumps(["grammar", grammar, None])
@@ -119,6 +147,8 @@ def constraint_grammar(
         if isinstance(tool_choice, NamedTool) and tool_choice.name not in {t.name for t in tools}:
             names = ", ".join(t.name for t in tools)
             raise InvalidRequestError(f"tool_choice names {tool_choice.name!r}; the tools are {names}")
+        for t in tools:
+            _check_depth(f"parameters schema of tool {t.name!r}", t.parameters)
         schema = tool_call_schema(tools, tool_choice)
         key = json.dumps(["tools", schema, tool_choice == "auto"], sort_keys=True)
     else:

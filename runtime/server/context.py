@@ -144,7 +144,10 @@ class ServerContext:
         async def endpoint(request: Request) -> Response | ReplyResponse:
             body = await self.read(request, kind)
             self.check(body.model)
-            req = to_request(body)
+            if _constrains(body):  # compiling a new schema may take a second: not on the loop
+                req = await anyio.to_thread.run_sync(to_request, body)
+            else:
+                req = to_request(body)
             if isinstance(req, Response):
                 return req
             n = 1 if choices is None else choices(body)
@@ -162,3 +165,11 @@ class ServerContext:
                 return error_response(exc, framing, self.settings.retry_after_s)
 
         return guarded_endpoint
+
+
+_CONSTRAINT_FIELDS = ("format", "response_format", "tools")
+
+
+def _constrains(body: object) -> bool:
+    """Whether a body asks for an output constraint (a schema, tools) that validating compiles."""
+    return any(getattr(body, name, None) for name in _CONSTRAINT_FIELDS)

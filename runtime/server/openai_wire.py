@@ -9,7 +9,7 @@ penalties sampler over the last ``repeat_last_n`` generated tokens. ``logprobs``
 ``top_logprobs`` 0 to 20; completions: an integer 0 to 20, the top count) gives each token's
 log-probability. ``n`` (1 to 128, and at most the slots: each choice takes one) asks for n
 choices that share one prompt evaluation (Runtime.generate_choices). ``response_format``
-``json_object`` and ``json_schema`` constrain the answer (always enforced, ``strict`` or not;
+``json_object`` and ``json_schema`` (chat, and /v1/completions as vLLM takes it) constrain the answer (always enforced, ``strict`` or not;
 runtime.core.structured); ``tools`` with ``tool_choice`` none, auto, required or a named
 function may be called (runtime.core.tools; one call per answer, whatever
 ``parallel_tool_calls`` says), and the history's ``tool_calls`` and ``tool`` messages (with
@@ -113,6 +113,8 @@ class OpenAICompletionBody(_Body, kw_only=True):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    response_format: dict[str, Any] | None = None
+    """As the chat's (vLLM takes it here too): text, json_object or json_schema."""
 
 
 _SAMPLING = (
@@ -226,7 +228,7 @@ def completion_request(body: OpenAICompletionBody) -> GenerateRequest:
         _refuse("echo", body.echo, "false")
     if body.suffix:
         _refuse("suffix", body.suffix, "an empty or absent suffix")
-    fields = _sampling(body)
+    fields = _sampling(body) | _response_format(body.response_format)
     if body.logprobs is not None:
         k = body.logprobs
         if not 0 <= k <= MAX_TOP_LOGPROBS:
