@@ -10,7 +10,10 @@
 - a schema too complex for llguidance's parser passed validation and failed the request in its
   first step, a 500 whose message held the whole grammar (tens of KiB);
 - validating a large schema ran on the server's event loop (blocked it for most of a second);
-- /v1/completions dropped response_format silently.
+- /v1/completions dropped response_format silently;
+- with tool_choice auto, blanks then ``<tool_call>`` was free text to the grammar, so the call
+  in it went unchecked, and a call after some text was a call whole but text streamed: neither
+  constrained (a function not among the tools came back as a call).
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ import anyio
 import pytest
 
 from runtime import ChatMessage, ChatRequest, GenerateRequest, InvalidRequestError
+from runtime.backends.fake import FakeBackend
 from runtime.backends.grammar import GrammarRows
-from runtime.core.structured import MAX_SCHEMA_DEPTH
+from runtime.core.messages import Chunk, CompletionBuilder, RequestStats
+from runtime.core.structured import MAX_SCHEMA_DEPTH, constraint_grammar
 from runtime.core.tools import Tool
+from runtime.server.tool_calls import CallHoldback
 from runtime.server import create_app, serving
 from tests.helpers import greedy, open_runtime, wait_until
 from tests.test_server_clients import http_client
@@ -211,3 +217,26 @@ async def test_http_refusals_and_completions_response_format() -> None:
     assert completion.status_code == 200, completion.text
     choice = completion.json()["choices"][0]
     assert isinstance(json.loads(choice["text"]), dict) and choice["finish_reason"] == "stop"
+
+
+def test_auto_tools_a_call_only_at_the_start_and_always_constrained() -> None:
+    """With tool_choice auto the grammar lets no blank come before a call (it would be free
+    text, the call in it unchecked), and a call after text stays text whole as it does streamed."""
+    backend = FakeBackend(n_seq_max=1)
+    grammar = constraint_grammar(None, None, (Tool(name="f"),), "auto")
+    for blanks in (" ", "\n "):
+        backend.grammar.set(0, grammar)
+        matcher = backend.grammar.matchers[0]
+        assert all(matcher.consume_token(1 + b) for b in blanks.encode())
+        allowed = backend.grammar.allowed([matcher])[0]
+        assert allowed[1 + ord("x")] and not allowed[1 + ord("<")]
+    text = 'Let me see. <tool_call>{"name": "rm", "arguments": {}}</tool_call>'
+    stats = RequestStats(slot=0, prompt_tokens=1, prompt_tokens_cached=0, completion_tokens=1,
+                         load_duration_ns=0, queue_duration_ns=0, prefill_duration_ns=0,
+                         decode_duration_ns=0, total_duration_ns=0, time_to_first_token_ns=None)  # fmt: skip
+    whole = CompletionBuilder(tools=True).add(
+        Chunk(text=text, token_ids=(1,), done=True, done_reason="stop", stats=stats)
+    )
+    hold = CallHoldback(True)
+    assert hold.take(0, text) == text and hold.finish(0, "") == ("", ())
+    assert whole is not None and whole.text == text and whole.tool_calls == ()

@@ -15,7 +15,7 @@ import msgspec
 
 from runtime.core.errors import InvalidRequestError
 from runtime.core.structured import constraint_grammar
-from runtime.core.tools import NamedTool, Tool, ToolCall, ToolChoice, split_calls
+from runtime.core.tools import CALL_OPEN, NamedTool, Tool, ToolCall, ToolChoice, split_calls
 
 __all__ = [
     "ChatMessage",
@@ -365,7 +365,7 @@ class CompletionBuilder:
         assert chunk.done_reason is not None and chunk.stats is not None  # a last chunk has both
         text = "".join(self._texts)
         calls: tuple[ToolCall, ...] = ()
-        if self._tools:
+        if self._tools and text.lstrip().startswith(CALL_OPEN):  # as a stream reads it (CallHoldback)
             text, calls = split_calls(text)
         return Completion(
             text=text,

@@ -11,8 +11,9 @@ reads JSON schemas, Lark and GBNF.
 - ``format={...}``: a JSON schema (Ollama's ``format``, OpenAI's ``json_schema``).
 - ``grammar``: a GBNF grammar (llama.cpp's ``grammar``) or a Lark grammar (llguidance's syntax).
 - tools with ``tool_choice`` required or named: one ``<tool_call>`` whose JSON names one of the
-  functions with arguments matching its parameters; ``auto``: free text that does not begin
-  with ``<``, or such a call.
+  functions with arguments matching its parameters; ``auto``: free text whose first non-blank
+  character is not ``<``, or such a call (blanks first included: a call is read only where the
+  answer begins with one, runtime.server.tool_calls).
 
 JSON is generated compactly (``", "`` and ``": "`` between items, no other whitespace): a small
 model left free to write whitespace can write it for ever.
@@ -94,7 +95,7 @@ def _compiled(key: str) -> str:
             call = json.dumps(_with_options(body))
             lark = f'start: tool\ntool: "{CALL_OPEN}" call "{CALL_CLOSE}"\ncall: %json {call}\n'
             if extra:
-                lark = lark.replace("start: tool", "start: tool | free") + "free: /(?s:[^<].*)?/\n"
+                lark = lark.replace("start: tool", "start: tool | free") + "free: /(?s:\\s*[^<\\s].*)?/\n"
             grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     except ValueError as exc:
         raise InvalidRequestError(f"the {_what(kind)} does not compile: {exc}") from None
