@@ -10,7 +10,8 @@
 - a schema too complex for llguidance's parser passed validation and failed the request in its
   first step, a 500 whose message held the whole grammar (tens of KiB);
 - validating a large schema ran on the server's event loop (blocked it for most of a second);
-- /v1/completions dropped response_format silently;
+- /v1/completions dropped response_format silently; a history call of a type other than
+  function was taken as a function call;
 - with tool_choice auto, blanks then ``<tool_call>`` was free text to the grammar, so the call
   in it went unchecked, and a call after some text was a call whole but text streamed: neither
   constrained (a function not among the tools came back as a call).
@@ -32,8 +33,8 @@ from runtime.backends.grammar import GrammarRows
 from runtime.core.messages import Chunk, CompletionBuilder, RequestStats
 from runtime.core.structured import MAX_SCHEMA_DEPTH, constraint_grammar
 from runtime.core.tools import Tool
-from runtime.server.tool_calls import CallHoldback
 from runtime.server import create_app, serving
+from runtime.server.tool_calls import CallHoldback
 from tests.helpers import greedy, open_runtime, wait_until
 from tests.test_server_clients import http_client
 
@@ -189,8 +190,9 @@ async def test_a_schema_with_no_finite_answer_is_refused_before_compute() -> Non
 
 
 async def test_http_refusals_and_completions_response_format() -> None:
-    """A tool with non-object parameters is a 400 in each API's shape; /v1/completions honours
-    response_format (vLLM's extension) instead of dropping it."""
+    """A tool with non-object parameters is a 400 in each API's shape, as is a history call that
+    is not a function's; /v1/completions honours response_format (vLLM's extension) instead of
+    dropping it."""
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
     chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "tools": [tool],
             "tool_choice": "required", "stream": False}  # fmt: skip
@@ -201,6 +203,12 @@ async def test_http_refusals_and_completions_response_format() -> None:
     ):
         ollama = await http.post("/api/chat", json=chat)
         openai = await http.post("/v1/chat/completions", json=chat)
+        web = {"id": "c1", "type": "web_search", "function": {"name": "f", "arguments": "{}"}}
+        history = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [web]},
+        ]
+        kind = await http.post("/v1/chat/completions", json={"model": "fake", "messages": history})
         completion = await http.post(
             "/v1/completions",
             json={
@@ -214,6 +222,7 @@ async def test_http_refusals_and_completions_response_format() -> None:
     assert ollama.status_code == 400 and want in ollama.json()["error"]
     assert openai.status_code == 400 and want in openai.json()["error"]["message"]
     assert openai.json()["error"]["type"] == "invalid_request_error"
+    assert kind.status_code == 400 and "messages[1].tool_calls[0] is" in kind.json()["error"]["message"]
     assert completion.status_code == 200, completion.text
     choice = completion.json()["choices"][0]
     assert isinstance(json.loads(choice["text"]), dict) and choice["finish_reason"] == "stop"

@@ -75,12 +75,17 @@ def parse_tools(field: str, tools: list[Any]) -> tuple[Tool, ...]:
 def wire_call(field: str, item: Any) -> ToolCall:
     """A call of a chat's history from either API's shape (arguments an object or JSON text).
 
-    :raises InvalidRequestError: if it has no function name, or its arguments are not an object.
+    :raises InvalidRequestError: if it is not a function call with a name, or its arguments are
+        not an object.
     """
     fn = item.get("function") if isinstance(item, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+    if (
+        not isinstance(fn, dict)
+        or not isinstance(fn.get("name"), str)
+        or item.get("type", "function") != "function"
+    ):
         raise InvalidRequestError(
-            f"{field} is {preview(item)}; a call is {{'function': {{'name', 'arguments'}}}}"
+            f"{field} is {preview(item)}; a call is {{'type': 'function', 'function': {{'name', 'arguments'}}}}"
         )
     arguments = fn.get("arguments", {})
     if isinstance(arguments, str):
