@@ -249,3 +249,30 @@ def test_auto_tools_a_call_only_at_the_start_and_always_constrained() -> None:
     hold = CallHoldback(True)
     assert hold.take(0, text) == text and hold.finish(0, "") == ("", ())
     assert whole is not None and whole.text == text and whole.tool_calls == ()
+
+
+async def test_many_constrained_requests_each_end_once_and_the_runtime_keeps_serving() -> None:
+    """24 requests on 3 slots, two in three constrained (six schemas), some cancelled after their
+    first text: each stream ends exactly once, no slot or matcher is left, the next is served."""
+    schemas = [{"type": "object", "properties": {f"k{i}": {"type": "string", "minLength": 20}},
+                "required": [f"k{i}"]} for i in range(6)]  # fmt: skip
+    ends = [0] * 24
+    async with open_runtime("fake", slots=3, max_queue=32, fake={"step_delay_s": 0.001}) as rt:
+
+        async def one(i: int) -> None:
+            request = greedy(f"p{i}", 60, format=schemas[i % 6]) if i % 3 else greedy(f"p{i}", 30)
+            async with rt.generate(request) as stream:
+                async for chunk in stream:
+                    ends[i] += chunk.done
+                    if i % 5 == 0 and chunk.text:
+                        return
+
+        async with anyio.create_task_group() as tg:
+            for i in range(24):
+                tg.start_soon(one, i)
+        await wait_until(lambda: rt.status().slots_busy == 0 and not rt.backend.grammar.matchers, 10)  # type: ignore[attr-defined]
+        after = await rt.complete(greedy("after", 16, format="json"))
+        status = rt.status()
+    assert ends == [0 if i % 5 == 0 else 1 for i in range(24)]
+    assert status.requests_failed == 0 and status.requests_in_flight == 0
+    assert isinstance(json.loads(after.text), dict)
