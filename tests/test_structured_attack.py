@@ -11,7 +11,8 @@
   first step, a 500 whose message held the whole grammar (tens of KiB);
 - validating a large schema ran on the server's event loop (blocked it for most of a second);
 - /v1/completions dropped response_format silently; a history call of a type other than
-  function was taken as a function call;
+  function was taken as a function call; Ollama's tool_choice (slotserve's extension) asking
+  for a call without tools was dropped;
 - with tool_choice auto, blanks then ``<tool_call>`` was free text to the grammar, so the call
   in it went unchecked, and a call after some text was a call whole but text streamed: neither
   constrained (a function not among the tools came back as a call).
@@ -191,7 +192,7 @@ async def test_a_schema_with_no_finite_answer_is_refused_before_compute() -> Non
 
 async def test_http_refusals_and_completions_response_format() -> None:
     """A tool with non-object parameters is a 400 in each API's shape, as is a history call that
-    is not a function's; /v1/completions honours response_format (vLLM's extension) instead of
+    is not a function's, and a call asked for without tools (Ollama); /v1/completions honours response_format (vLLM's extension) instead of
     dropping it."""
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
     chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "tools": [tool],
@@ -209,6 +210,7 @@ async def test_http_refusals_and_completions_response_format() -> None:
             {"role": "assistant", "content": None, "tool_calls": [web]},
         ]
         kind = await http.post("/v1/chat/completions", json={"model": "fake", "messages": history})
+        toolless = await http.post("/api/chat", json=chat | {"tools": None})
         completion = await http.post(
             "/v1/completions",
             json={
@@ -223,6 +225,10 @@ async def test_http_refusals_and_completions_response_format() -> None:
     assert openai.status_code == 400 and want in openai.json()["error"]["message"]
     assert openai.json()["error"]["type"] == "invalid_request_error"
     assert kind.status_code == 400 and "messages[1].tool_calls[0] is" in kind.json()["error"]["message"]
+    assert (
+        toolless.status_code == 400
+        and toolless.json()["error"] == "tool_choice is required but tools is empty"
+    )
     assert completion.status_code == 200, completion.text
     choice = completion.json()["choices"][0]
     assert isinstance(json.loads(choice["text"]), dict) and choice["finish_reason"] == "stop"

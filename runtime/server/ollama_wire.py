@@ -321,6 +321,7 @@ def chat_request(body: OllamaChatBody, n_ctx_per_slot: int, notice: Notice = _no
     fields |= _logprob_fields(body.logprobs, body.top_logprobs) | format_field(body.format)
     if body.tools:
         fields["tools"] = parse_tools("tools", body.tools)
+    if body.tools or body.tool_choice is not None:  # a call asked for without tools is refused
         fields["tool_choice"] = tool_choice_field(body.tool_choice)
     messages = tuple(
         ChatMessage(
