@@ -3,6 +3,7 @@ to load one more model, and when the answer is to wait or to refuse."""
 
 from __future__ import annotations
 
+import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,13 +20,12 @@ def residents(draw: st.DrawFn) -> list[Resident]:
         slots = draw(st.integers(1, 8))
         slot_bytes = draw(st.integers(0, 64)) * MiB
         weights = draw(st.integers(1, 512)) * MiB
-        out.append(
-            Resident(
-                name=f"m{i}", resident_bytes=weights + slots * slot_bytes, slot_bytes=slot_bytes,
-                slots=slots, min_slots=draw(st.integers(1, slots)), busy_slots=draw(st.integers(0, slots)),
-                busy=draw(st.booleans()), pinned=draw(st.booleans()), last_used_s=draw(st.floats(0, 100)),
-            )  # fmt: skip
-        )
+        resident = Resident(
+            name=f"m{i}", resident_bytes=weights + slots * slot_bytes, slot_bytes=slot_bytes, slots=slots,
+            min_slots=draw(st.integers(1, slots)), busy_slots=draw(st.integers(0, slots)), busy=draw(st.booleans()),
+            pinned=draw(st.booleans()), last_used_s=draw(st.floats(0, 100)),
+        )  # fmt: skip
+        out.append(resident)
     return out
 
 
@@ -65,12 +65,8 @@ def test_a_plan_that_fits_makes_room_and_touches_no_busy_or_pinned_model(
     else:
         assert isinstance(plan, Wait)
         # once every model is idle, the same request fits
-        quiet = [Resident(**{**_fields(r), "busy": False, "busy_slots": 0}) for r in models]
+        quiet = [msgspec.structs.replace(r, busy=False, busy_slots=0) for r in models]
         assert isinstance(plan_room(needed, free, quiet, cap), Fits)
-
-
-def _fields(r: Resident) -> dict[str, object]:
-    return {f: getattr(r, f) for f in r.__struct_fields__}
 
 
 @given(models=residents(), cap=st.integers(1, 6))
@@ -90,8 +86,8 @@ def test_idle_slots_go_before_idle_models_and_the_least_recently_used_first() ->
     assert plan_room(250 * MiB, 25 * MiB, [a, b, c], 4) == Fits(shrinks={"a": 1}, evictions=("b",))
     assert plan_room(260 * MiB, 25 * MiB, [a, b, c], 4) == Fits(evictions=("b", "c"))  # LRU; a kept whole
     assert plan_room(100 * MiB, 25 * MiB, [a, b, c], 3) == Fits(evictions=("b",))  # the cap: b goes anyway
-    pinned = Resident(**{**_fields(b), "pinned": True})
+    pinned = msgspec.structs.replace(b, pinned=True)
     assert isinstance(plan_room(900 * MiB, 0, [pinned], 4), NoRoom)
-    busy = Resident(**{**_fields(b), "busy": True})
+    busy = msgspec.structs.replace(b, busy=True)
     assert isinstance(plan_room(150 * MiB, 0, [busy], 4), Wait)
     assert isinstance(plan_room(250 * MiB, 0, [busy], 4), NoRoom)

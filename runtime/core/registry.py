@@ -110,9 +110,7 @@ class ModelRegistry:
             self._specs[_key(spec.name)] = spec
 
     @classmethod
-    def load(
-        cls, config: RuntimeConfig, tables: Mapping[str, Any] | None = None
-    ) -> ModelRegistry:
+    def load(cls, config: RuntimeConfig, tables: Mapping[str, Any] | None = None) -> ModelRegistry:
         """The default model, every GGUF in ``config.models_dir`` and the ``[models.NAME]``
         ``tables`` (a table for a name found in the folder changes its settings).
 

@@ -22,7 +22,9 @@ from collections.abc import Sequence
 
 import msgspec
 
-__all__ = ["Fits", "NoRoom", "Resident", "Wait", "plan_room"]
+from runtime.core.records import RuntimeState
+
+__all__ = ["Fits", "LoadedModel", "NoRoom", "Resident", "Wait", "plan_room"]
 
 
 class Resident(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +49,26 @@ class Resident(msgspec.Struct, frozen=True, kw_only=True):
     def shrinkable_slots(self) -> int:
         """Idle slots it could give up (down to min_slots and its busy slots)."""
         return max(0, self.slots - max(self.min_slots, self.busy_slots))
+
+
+class LoadedModel(msgspec.Struct, frozen=True, kw_only=True):
+    """A model loading or loaded (``rt.loaded_models()``, /api/ps); sizes in bytes."""
+
+    name: str
+    state: RuntimeState
+    path: str
+    size_bytes: int
+    """Weights plus every slot's KV cache (0 while loading)."""
+    size_vram_bytes: int
+    """The same when its layers are on a GPU, else 0 (Ollama's ``size_vram``)."""
+    slots: int
+    slots_busy: int
+    n_ctx_per_slot: int
+    pinned: bool
+    keep_alive_s: float
+    """Seconds it stays loaded once idle (``math.inf``: for good)."""
+    expires_at_unix_s: float | None
+    """When it unloads if it stays idle (Unix seconds); None: never."""
 
 
 class Fits(msgspec.Struct, frozen=True, kw_only=True):
