@@ -47,6 +47,10 @@ KeepAlive = str | float | int | None
 """Ollama's keep_alive: a duration (``"5m"``), seconds, 0 (unload when idle), negative (never)."""
 
 
+def _load_backend(config: RuntimeConfig, n_seq: int) -> Backend:
+    return load_backend(config, n_seq)  # looked up when called: a test may replace it here
+
+
 class Runtime:
     """The default model and the registry's others, served by slots. Use as
     ``async with Runtime(config) as rt``.
@@ -66,7 +70,8 @@ class Runtime:
         default the one ``config.memory_source`` names; None turns memory-driven sizing off.
     :param models: the servable models (default: ``ModelRegistry.load(config)``: the default
         model and ``config.models_dir``).
-    :param load: loads a model's backend (tests pass one that makes FakeBackends).
+    :param load: loads a model's backend (default: runtime.backends.load_backend; tests pass one
+        that makes FakeBackends).
     :param estimate_bytes: the bytes a model's config will take once loaded, before loading it.
     :raises ModelLoadError: on entering, if the default model cannot be loaded.
     """
@@ -80,7 +85,7 @@ class Runtime:
         observers: Sequence[Observer | object] = (),
         probe: MemoryProbe | Literal["config"] | None = "config",
         models: ModelRegistry | None = None,
-        load: BackendLoad = load_backend,
+        load: BackendLoad | None = None,
         estimate_bytes: Callable[[RuntimeConfig], int] = estimate_model_bytes,
     ) -> None:
         self.config = config or RuntimeConfig()
@@ -91,11 +96,11 @@ class Runtime:
         self.models = ModelRegistry.load(self.config) if models is None else models
         """The servable models, by name."""
         self._probe = probe
-        self._load = load
+        self._load = load or _load_backend
         self._budget_lock = anyio.Lock()
         self._default = ModelUnit(
             self.config, backend=backend, registry=self.registry, observers=(self.observers,),
-            probe=probe, load=load, budget_lock=self._budget_lock,
+            probe=probe, load=self._load, budget_lock=self._budget_lock,
         )  # fmt: skip
         self._loaded = LoadedModels(
             self.config, self._default, self._make_unit, estimate_bytes, self._shared_probe, self._budget_lock
