@@ -112,6 +112,7 @@ class LoadedModels:
         entries = list(self._entries.values())
         for entry in entries:
             entry.stop.set()
+        self._signal()  # a load waiting for room gives up
         for entry in entries:
             await entry.closed.wait()
 
@@ -179,18 +180,22 @@ class LoadedModels:
         try:
             needed = await anyio.to_thread.run_sync(self._estimate, entry.unit.config)
             self._known_bytes[name] = needed
-            while True:
+            while not entry.stop.is_set():
                 changed = self._changed
                 if await self._place(entry, needed):
                     return
                 await changed.wait()
         except Exception as exc:
-            if self._entries.get(name) is entry:
-                del self._entries[name]
             entry.error = exc
-            entry.loaded.set()
-            entry.closed.set()
             log.warning("model %r not loaded: %s", name, exc)
+        finally:
+            if not entry.loaded.is_set():  # refused, or the runtime closed first: never entered
+                entry.error = entry.error or RuntimeClosedError("the runtime closed before the model loaded")
+                if self._entries.get(name) is entry:
+                    del self._entries[name]
+                entry.unit.abandon(entry.error)
+                entry.loaded.set()
+                entry.closed.set()
 
     async def _place(self, entry: ModelEntry, needed: int) -> bool:
         """Under the budget lock: plan, make room and load; False if the plan is to wait.

@@ -142,6 +142,12 @@ class ModelUnit:
                 await anyio.to_thread.run_sync(self._backend.close)
             raise
 
+    def abandon(self, error: BaseException) -> None:
+        """It will never be entered (its load was refused): close its mailbox as a failed
+        start does."""
+        self._state = "closed"
+        self._mailbox.close(lambda: RuntimeClosedError(f"the model was not loaded: {error}"))
+
     async def _start(self) -> ModelUnit:
         start = time.perf_counter()
         self.observers.add(RuntimeMetrics(self))  # counters, histograms and gauges on self.registry

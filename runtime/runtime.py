@@ -127,6 +127,9 @@ class Runtime:
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
             await self._tg.start(self._loaded.run)
+            for spec in self.models:  # pinned models load at start and stay
+                if spec.pinned and spec.name != DEFAULT_NAME:
+                    self._loaded.entry(spec, None)
         except BaseException:
             await self._default.__aexit__(None, None, None)
             raise
