@@ -203,16 +203,18 @@ class LoadedModels:
         :raises ModelMemoryError: if nothing can make room.
         """
         async with self._lock:
-            free = await self._free_bytes()
-            plan = plan_room(needed, free, self._residents(exclude=entry), self.config.max_loaded_models)
-            if isinstance(plan, NoRoom):
-                raise ModelMemoryError(
-                    entry.spec.name, plan.needed_bytes, plan.free_bytes, plan.reclaimable_bytes
-                )
-            if not isinstance(plan, Fits):
-                log.info("model %r waits for room: %s", entry.spec.name, plan.reason)
-                return False
-            await self._make_room(plan)
+            while True:
+                free = await self._free_bytes()
+                plan = plan_room(needed, free, self._residents(exclude=entry), self.config.max_loaded_models)
+                if isinstance(plan, NoRoom):
+                    raise ModelMemoryError(
+                        entry.spec.name, plan.needed_bytes, plan.free_bytes, plan.reclaimable_bytes
+                    )
+                if not isinstance(plan, Fits):
+                    log.info("model %r waits for room: %s", entry.spec.name, plan.reason)
+                    return False
+                if await self._make_room(plan):
+                    break
             assert self._tg is not None
             await self._tg.start(self._host, entry)
             return True
@@ -254,14 +256,21 @@ class LoadedModels:
             out.append(resident)
         return out
 
-    async def _make_room(self, plan: Fits) -> None:
+    async def _make_room(self, plan: Fits) -> bool:
+        """Carry out ``plan``; False if a model to evict took a request meanwhile (plan again)."""
         units = self._units()
         for name, slots in plan.shrinks.items():
             log.warning("shrinking model %r to %d slots to make room", name, slots)
             await units[name][0].shrink_to(slots)
         for name in plan.evictions:
+            entry = self._entries.get(name)
+            if entry is None or not entry.serving:
+                continue  # gone already (its keep_alive ran out)
+            if entry.unit.busy:  # a request came while the shrinks above waited
+                return False
             log.warning("evicting idle model %r to make room", name)
-            await self._unload(self._entries[name])
+            await self._unload(entry)
+        return True
 
     async def _unload(self, entry: ModelEntry) -> None:
         entry.stop.set()

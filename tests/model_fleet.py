@@ -80,9 +80,7 @@ class Fleet:
 
 
 @asynccontextmanager
-async def fleet_runtime(
-    fleet: Fleet, specs: list[ModelSpec], **config: Any
-) -> AsyncIterator[Runtime]:
+async def fleet_runtime(fleet: Fleet, specs: list[ModelSpec], **config: Any) -> AsyncIterator[Runtime]:
     """A Runtime whose default model is the path ``default`` and whose registry holds ``specs``,
     all loaded by ``fleet`` and accounted on its device."""
     config.setdefault("n_ctx_per_slot", 256)

@@ -13,7 +13,7 @@ import pytest
 from runtime.core.errors import ModelMemoryError, ModelNotFoundError
 from runtime.core.registry import ModelSpec
 from tests.helpers import greedy, wait_until
-from tests.model_fleet import MiB, Device, Fleet, fleet_runtime
+from tests.model_fleet import Device, Fleet, MiB, fleet_runtime
 
 SCRIPTS = {
     "default": {"hi": "from the default"},
@@ -57,7 +57,9 @@ async def test_a_name_outside_the_registry_is_refused_and_nothing_loads() -> Non
     f = fleet(1 << 40)
     async with fleet_runtime(f, [A]) as rt:
         for name in ("nope", "/tmp/a.gguf", "a.gguf"):
-            with pytest.raises(ModelNotFoundError, match="not found; this server serves: default:latest, a:latest"):
+            with pytest.raises(
+                ModelNotFoundError, match="not found; this server serves: default:latest, a:latest"
+            ):
                 rt.generate(greedy("hi"), model=name)
     assert f.loads == {"default": 1}
 
