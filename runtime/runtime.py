@@ -30,7 +30,7 @@ from runtime.backends.footprint import estimate_model_bytes
 from runtime.core.choices import ChoiceStream
 from runtime.core.config import RuntimeConfig
 from runtime.core.durations import parse_keep_alive
-from runtime.core.errors import RuntimeClosedError
+from runtime.core.errors import RuntimeClosedError, SlotserveError
 from runtime.core.events import Observer, Observers
 from runtime.core.messages import ChatRequest, Completion, Embeddings, EmbedRequest, GenerateRequest
 from runtime.core.records import ResizeRecord, RuntimeState, RuntimeStatistics, RuntimeStatus
@@ -312,6 +312,15 @@ class Runtime:
         :raises RuntimeClosedError: before the runtime was entered.
         """
         return self._default.backend
+
+    def loaded_backend(self, model: str | None) -> Backend | None:
+        """The backend of ``model`` (None: the default model) if it is loaded now, else None;
+        looking never starts a load."""
+        try:
+            unit = self._status_unit(model)
+        except SlotserveError:
+            return None
+        return unit.backend if unit.state != "loading" else None
 
     @property
     def load_seconds(self) -> float:

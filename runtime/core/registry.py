@@ -126,6 +126,8 @@ class ModelRegistry:
             for file in sorted(folder.glob("*.gguf")):
                 found.setdefault(file.stem, str(file))
         specs = {name: ModelSpec(name=name, path=path) for name, path in found.items()}
+        if tables is not None and not isinstance(tables, Mapping):
+            raise ConfigError(f"models is {type(tables).__name__}; it must be tables [models.NAME]")
         for name, raw in (tables or {}).items():
             try:
                 table = msgspec.convert(raw, _Table, strict=False)

@@ -34,7 +34,7 @@ from runtime.backends.base import MetadataValue
 from runtime.core.errors import InvalidRequestError
 from runtime.core.messages import GenerateRequest
 from runtime.server.context import ServerContext
-from runtime.server.model_facts import details
+from runtime.server.model_facts import details, registry_listing
 from runtime.server.ollama_api import OLLAMA_ERRORS
 from runtime.server.versions import OLLAMA_VERSION, slotserve_version
 
@@ -119,8 +119,14 @@ class OllamaModelsApi:
         }
 
     async def tags(self, request: Request) -> Response:
-        """GET /api/tags: the one model under each of its names."""
-        models = [await self._listing(name) for name in self._server.names.listed()]
+        """GET /api/tags: the default model under each of its names, then every registry
+        model, loaded or not."""
+        names = self._server.names
+        models = [await self._listing(name) for name in names.listed()]
+        backend = self._server.runtime.config.backend
+        for name in names.registry_listed():
+            spec = self._server.runtime.models.get(name)
+            models.append(await registry_listing(name, spec.path, backend, self._server.created_s))
         return Response(_encode({"models": models}), media_type="application/json")
 
     async def ps(self, request: Request) -> Response:
@@ -138,7 +144,19 @@ class OllamaModelsApi:
             "context_length": status.n_ctx_per_slot,
             "slotserve": {k: getattr(status, k) for k in _PS_FIELDS},
         }
-        return Response(_encode({"models": [model]}), media_type="application/json")
+        models = [model]
+        for loaded in rt.loaded_models()[1:]:  # the registry's, loading or loaded
+            listing = await registry_listing(f"{loaded.name}:latest", loaded.path, rt.config.backend, self._server.created_s)
+            expires = loaded.expires_at_unix_s
+            models.append(listing | {
+                "size": loaded.size_bytes,
+                "size_vram": loaded.size_vram_bytes,
+                "expires_at": _iso(self._server.created_s + _GO_MAX_DURATION_S if expires is None else expires),
+                "context_length": loaded.n_ctx_per_slot,
+                "slotserve": {"state": loaded.state, "slots_effective": loaded.slots, "slots_busy": loaded.slots_busy,
+                              "pinned": loaded.pinned, "n_ctx_per_slot": loaded.n_ctx_per_slot},
+            })  # fmt: skip
+        return Response(_encode({"models": models}), media_type="application/json")
 
     async def show(self, request: Request) -> Response:
         """/api/show: what the model is (see the module docstring).

@@ -239,7 +239,7 @@ class OpenAIApi:
         fingerprint, server = self._fingerprint, self._server
         return lambda body: OpenAIFraming(
             body.model, chat=chat, include_usage=body.include_usage, system_fingerprint=fingerprint,
-            pieces=server.runtime.backend.pieces,
+            pieces=server.pieces(body.model),
         )  # fmt: skip
 
     def routes(self) -> list[Route]:
@@ -262,8 +262,11 @@ class OpenAIApi:
         return {"id": name, "object": "model", "created": self._server.created_s, "owned_by": "slotserve"}
 
     async def models(self, request: Request) -> Response:
-        """GET /v1/models: the one model this server serves, under its primary name."""
-        body = {"object": "list", "data": [self._object(self._server.names.primary)]}
+        """GET /v1/models: every model this server serves: the default under its primary name,
+        then the registry's, loaded or not."""
+        names = self._server.names
+        listed = [names.primary, *(n.removesuffix(":latest") for n in names.registry_listed())]
+        body = {"object": "list", "data": [self._object(name) for name in listed]}
         return Response(_encode(body), media_type="application/json")
 
     async def model(self, request: Request) -> Response:
