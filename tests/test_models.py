@@ -142,3 +142,25 @@ async def test_a_model_that_cannot_fit_is_refused_at_once_with_both_byte_counts(
     assert f"{502 * MiB:,} bytes" in str(err) and f"{50 * MiB:,} bytes are free" in str(err)
     assert f.loads["a.gguf"] == 0  # nothing was loaded to find out
     print(f"refused in {first_s * 1e3:.1f} ms (first), {again_s * 1e3:.2f} ms (known)")
+
+
+async def test_each_model_has_its_status_and_its_metrics_under_its_name() -> None:
+    f = fleet(1 << 40)
+    async with fleet_runtime(f, [A, B]) as rt:
+        await rt.complete(greedy("hi"), model="a")
+        await rt.complete(greedy("hi"), model="b")
+        await rt.complete(greedy("hi"), model="b")
+        status = rt.status("a")
+        statuses = {m: rt.status(m).requests_completed for m in ("default", "a", "b")}
+        registry = rt.registry
+        completed = {
+            m: registry.get_sample_value(
+                "slotserve_requests_total", {"model": m, "outcome": "completed", "reason": "stop"}
+            )
+            for m in ("a", "b")
+        }
+        busy = {m: registry.get_sample_value("slotserve_slots_effective", {"model": m}) for m in ("a", "b")}
+    assert status.model == "a" and status.state == "ready"
+    assert statuses == {"default": 0, "a": 1, "b": 2}
+    assert completed == {"a": 1.0, "b": 2.0}
+    assert busy == {"a": 2.0, "b": 2.0}

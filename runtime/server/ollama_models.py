@@ -146,7 +146,9 @@ class OllamaModelsApi:
         }
         models = [model]
         for loaded in rt.loaded_models()[1:]:  # the registry's, loading or loaded
-            listing = await registry_listing(f"{loaded.name}:latest", loaded.path, rt.config.backend, self._server.created_s)
+            listing = await registry_listing(
+                f"{loaded.name}:latest", loaded.path, rt.config.backend, self._server.created_s
+            )
             expires = loaded.expires_at_unix_s
             models.append(listing | {
                 "size": loaded.size_bytes,
