@@ -21,6 +21,8 @@ if TYPE_CHECKING:
         GenerationError,
         InvalidRequestError,
         ModelLoadError,
+        ModelMemoryError,
+        ModelNotFoundError,
         QueueFullError,
         ResizeFailedError,
         RuntimeClosedError,
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
         decode_request,
     )
     from runtime.core.records import RuntimeStatus
+    from runtime.core.registry import ModelRegistry, ModelSpec
+    from runtime.core.residency import LoadedModel
     from runtime.core.ticket import ResponseStream
     from runtime.metrics import metrics_app
     from runtime.runtime import Runtime
@@ -64,7 +68,12 @@ _HOMES = {
     "GenerateRequest": _MESSAGES,
     "GenerationError": _ERRORS,
     "InvalidRequestError": _ERRORS,
+    "LoadedModel": "runtime.core.residency",
     "ModelLoadError": _ERRORS,
+    "ModelMemoryError": _ERRORS,
+    "ModelNotFoundError": _ERRORS,
+    "ModelRegistry": "runtime.core.registry",
+    "ModelSpec": "runtime.core.registry",
     "QueueFullError": _ERRORS,
     "RequestStats": _MESSAGES,
     "ResizeFailedError": _ERRORS,
@@ -98,7 +107,12 @@ __all__ = [
     "GenerateRequest",
     "GenerationError",
     "InvalidRequestError",
+    "LoadedModel",
     "ModelLoadError",
+    "ModelMemoryError",
+    "ModelNotFoundError",
+    "ModelRegistry",
+    "ModelSpec",
     "QueueFullError",
     "RequestStats",
     "ResizeFailedError",
