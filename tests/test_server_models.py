@@ -33,7 +33,7 @@ def ps_names(body: dict[str, list[dict[str, object]]]) -> list[object]:
 
 
 async def test_requests_route_by_name_and_the_listings_show_every_model() -> None:
-    async with served() as (rt, url), await http_client(url) as client:
+    async with served() as (_, url), await http_client(url) as client:
         tags = (await client.get("/api/tags")).json()
         models = (await client.get("/v1/models")).json()
         ps_before = (await client.get("/api/ps")).json()
