@@ -88,6 +88,7 @@ async def test_a_model_that_cannot_fit_is_a_503_in_each_apis_shape() -> None:
             openai = await client.post("/v1/chat/completions", json={"model": "big", "messages": [
                 {"role": "user", "content": "hi"}]})  # fmt: skip
             health = await client.get("/health")
+        loaded = [m.name for m in rt.loaded_models()]
     needed, free = f"{900 * MiB + 2 * MiB:,}", f"{150 * MiB:,}"
     assert ollama.status_code == 503 and set(ollama.json()) == {"error"}
     assert (
@@ -98,3 +99,4 @@ async def test_a_model_that_cannot_fit_is_a_503_in_each_apis_shape() -> None:
     error = openai.json()["error"]
     assert error["code"] == "insufficient_memory" and needed in error["message"] and free in error["message"]
     assert health.status_code == 200
+    assert loaded == ["default"]  # nothing was evicted or loaded for it
