@@ -344,13 +344,25 @@ class ModelUnit:
         send, receive = channel(self.config.stream_buffer)
         ticket = Ticket(request=request, reply=send, on_finish=self._request_done)
         self._waiting += 1
+        waiting = True
+
+        def stop_waiting() -> None:  # once: admitted, refused, or the stream closed unread
+            nonlocal waiting
+            if waiting:
+                waiting = False
+                self._waiting -= 1
+                if self._on_idle is not None and not self.busy:
+                    self._on_idle()
+
+        ticket.listen(stop_waiting)  # a stream closed (or collected) before it is read
 
         async def admit() -> None:
+            ticket.listen(None)
             try:
                 try:
                     await ready()
                 finally:
-                    self._waiting -= 1
+                    stop_waiting()
                 self._check_ready()
                 self._check_request(request)
                 if admission_timeout_s is None:
@@ -360,8 +372,6 @@ class ModelUnit:
             except BaseException as exc:
                 send.close()
                 self._rejected(exc)
-                if self._on_idle is not None and not self.busy:
-                    self._on_idle()
                 raise
             if not ticket.finished:
                 self._admitted(ticket)

@@ -164,3 +164,35 @@ async def test_each_model_has_its_status_and_its_metrics_under_its_name() -> Non
     assert statuses == {"default": 0, "a": 1, "b": 2}
     assert completed == {"a": 1.0, "b": 2.0}
     assert busy == {"a": 2.0, "b": 2.0}
+
+
+async def test_a_request_never_read_does_not_hold_its_model_loaded() -> None:
+    f = fleet(1 << 40)
+    async with fleet_runtime(f, [A], keep_alive=0) as rt:
+        stream = rt.generate(greedy("hi"), model="a")  # the load starts; nobody reads the stream
+        await wait_until(lambda: any(m.name == "a" and m.state == "ready" for m in rt.loaded_models()), 5)
+        await stream.aclose()
+        await wait_until(lambda: [m.name for m in rt.loaded_models()] == ["default"], timeout_s=5)
+
+
+async def test_two_models_growing_at_once_share_the_free_bytes() -> None:
+    """Slots auto and live resizing on every model: spare bytes are taken once, not by each."""
+    slot, model = 1 * MiB, 100 * MiB + 1 * MiB
+    f = fleet(10 * MiB + slot)  # the default with one slot, no more
+    cfg = {"slots": "auto", "min_slots": 1, "max_slots": 16, "resize_interval_s": 0.002, "resize_cooldown_s": 0.0,
+           "resize_hysteresis": 0.0}  # fmt: skip
+    async with fleet_runtime(f, [A, B], **cfg) as rt:
+        f.device.capacity_bytes += 2 * model  # room for a and b with one slot each
+        async with anyio.create_task_group() as tg:
+            for m in ("a", "b"):
+                tg.start_soon(rt.load, m)
+        f.device.capacity_bytes += 4 * slot  # room for four more slots, in all
+        most = 0
+        with anyio.move_on_after(0.3):  # many readings by all three supervisors
+            while True:
+                most = max(most, f.device.used_bytes())
+                await anyio.sleep(0.001)
+        used, capacity = f.device.used_bytes(), f.device.capacity_bytes
+        slots = {m: rt.status(m).slots_effective for m in ("default", "a", "b")}
+    assert most <= capacity, slots  # never two growing into the same free bytes
+    assert used == capacity and sum(slots.values()) == 3 + 4
