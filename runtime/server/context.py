@@ -118,6 +118,17 @@ class ServerContext:
         self.host.check_ready()
         return self.names.route(model)
 
+    def n_ctx_per_slot(self, model: str) -> int:
+        """The slot context of the model ``model`` names (its own setting, else the runtime's).
+
+        :raises HTTPException: 404 if it names no served model.
+        """
+        name = self.names.route(model)
+        spec = None if name is None else self.runtime.models.get(name)
+        if spec is None or spec.n_ctx_per_slot is None:
+            return self.runtime.config.n_ctx_per_slot
+        return spec.n_ctx_per_slot
+
     def pieces(self, model: str) -> Sequence[bytes]:
         """Each token id's bytes of the model ``model`` names, read when first used (a model
         still loading has none yet); empty for a name that routes nowhere."""

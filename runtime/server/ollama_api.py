@@ -171,7 +171,7 @@ class OllamaApi:
     def _generate_request(self, body: OllamaGenerateBody) -> GenerateRequest | ChatRequest | ModelAction:
         """POST /api/generate: complete a prompt (templated unless ``raw``); an empty prompt
         only asks that the model be loaded, or with keep_alive 0 unloaded (Ollama's idiom)."""
-        req = generate_request(body, self._server.runtime.config.n_ctx_per_slot, self._notice)
+        req = generate_request(body, self._server.n_ctx_per_slot(body.model), self._notice)
         if req is not None:
             return req
         keep = keep_alive_s(body.keep_alive)
@@ -193,4 +193,4 @@ class OllamaApi:
 
     def _chat_request(self, body: OllamaChatBody) -> ChatRequest:
         """POST /api/chat: answer the messages through the model's chat template."""
-        return chat_request(body, self._server.runtime.config.n_ctx_per_slot, self._notice)
+        return chat_request(body, self._server.n_ctx_per_slot(body.model), self._notice)
