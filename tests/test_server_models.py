@@ -110,3 +110,12 @@ async def test_embeddings_route_by_name_and_load_the_model() -> None:
     assert ollama.status_code == 200 and [len(v) for v in ollama.json()["embeddings"]] == [8, 8]
     assert openai.status_code == 200 and len(openai.json()["data"]) == 1
     assert loaded == ["default", "a"]
+
+
+async def test_show_answers_for_a_registry_model_without_loading_it() -> None:
+    async with served() as (rt, url), await http_client(url) as client:
+        shown = await client.post("/api/show", json={"model": "a"})
+        loaded = [m.name for m in rt.loaded_models()]
+    assert shown.status_code == 200
+    assert "num_ctx                        256" in shown.json()["parameters"]
+    assert loaded == ["default"]
