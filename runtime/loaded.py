@@ -94,6 +94,7 @@ class LoadedModels:
         self._entries: dict[str, ModelEntry] = {}
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
+        self._closing = False
         self._last_free: int | None = None
         self._known_bytes: dict[str, int] = {}
         """Model name -> the bytes it was estimated to need (for the early refusal)."""
@@ -102,13 +103,18 @@ class LoadedModels:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Host the loaded models and expire them by keep_alive, until cancelled."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            tg.start_soon(self._expire)
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._expire)
+                task_status.started()
+        finally:
+            self._tg = None
 
     async def close(self) -> None:
-        """Unload every model (their requests cancelled as the Runtime's close does)."""
+        """Unload every model (their requests cancelled as the Runtime's close does); no
+        model loads after this."""
+        self._closing = True
         entries = list(self._entries.values())
         for entry in entries:
             entry.stop.set()
@@ -155,7 +161,7 @@ class LoadedModels:
         entry = self._entries.get(spec.name)
         keep = spec.keep_alive(self.config) if keep_alive_s is None else keep_alive_s
         if entry is None or entry.stop.is_set():
-            if self._tg is None:
+            if self._tg is None or self._closing:
                 raise RuntimeClosedError("the runtime is not running; models load while it runs")
             self._refuse_early(spec)
             unit = self._make_unit(spec, self._signal)

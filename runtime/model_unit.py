@@ -523,6 +523,14 @@ class ModelUnit:
             )
         check_prompt_size(request, self.config.n_ctx_per_slot, self.backend.max_token_bytes)
 
+    def check_ready(self) -> None:
+        """Raise unless it takes requests now.
+
+        :raises RuntimeClosedError: if it is loading, draining or closed (RuntimeFailedError
+            if it failed).
+        """
+        self._check_ready()
+
     def _check_ready(self) -> None:
         if self._state == "failed":
             assert self._supervisor is not None

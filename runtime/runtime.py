@@ -173,11 +173,14 @@ class Runtime:
         :raises ModelNotFoundError: if ``model`` is not in the registry.
         :raises ModelMemoryError: if it cannot fit whatever is evicted (known at once).
         :raises ConfigError: if ``keep_alive`` is malformed.
+        :raises RuntimeClosedError: for a registry model while the runtime is not ready
+            (RuntimeFailedError if it failed).
         """
         keep_s = None if keep_alive is None else parse_keep_alive(keep_alive)
         spec = None if model is None else self.models.get(model)
         if spec is None or spec.name == DEFAULT_NAME:
             return self._default, True
+        self._default.check_ready()  # draining, failed or closed: no model loads, none serves
         entry = self._loaded.entry(spec, keep_s)
         return entry.unit, entry.serving
 

@@ -10,7 +10,7 @@ import time
 import anyio
 import pytest
 
-from runtime.core.errors import ModelMemoryError, ModelNotFoundError
+from runtime.core.errors import ModelMemoryError, ModelNotFoundError, RuntimeClosedError
 from runtime.core.registry import ModelSpec
 from tests.helpers import greedy, wait_until
 from tests.model_fleet import Device, Fleet, MiB, fleet_runtime
@@ -196,3 +196,14 @@ async def test_two_models_growing_at_once_share_the_free_bytes() -> None:
         slots = {m: rt.status(m).slots_effective for m in ("default", "a", "b")}
     assert most <= capacity, slots  # never two growing into the same free bytes
     assert used == capacity and sum(slots.values()) == 3 + 4
+
+
+async def test_no_model_loads_while_draining_or_after_close() -> None:
+    f = fleet(1 << 40)
+    async with fleet_runtime(f, [A]) as rt:
+        await rt.drain(1.0)
+        with pytest.raises(RuntimeClosedError, match="draining"):
+            rt.generate(greedy("hi"), model="a")
+    with pytest.raises(RuntimeClosedError):
+        rt.generate(greedy("hi"), model="a")
+    assert f.loads == {"default": 1}
