@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import ModelMemoryError, RuntimeClosedError
+from runtime.core.errors import ConfigError, ModelMemoryError, RuntimeClosedError
 from runtime.core.policies import headroom_bytes
 from runtime.core.registry import DEFAULT_NAME, ModelSpec
 from runtime.core.residency import Fits, LoadedModel, NoRoom, Resident, plan_room
@@ -131,8 +131,12 @@ class LoadedModels:
                 task_status.started()
                 self._signal()
                 await entry.stop.wait()
+        except ConfigError as exc:  # memory went away while it loaded: not one slot fits any more
+            log.warning("model %r could not be loaded: %s", entry.spec.name, exc)
+            name, needed = entry.spec.name, self._known_bytes.get(entry.spec.name, 0)
+            entry.error = ModelMemoryError(name, needed, self._last_free or 0, 0)
         except Exception as exc:
-            log.exception("model %r could not be loaded", entry.spec.name)
+            log.exception("model %r %s", entry.spec.name, "failed" if started else "could not be loaded")
             entry.error = exc
         finally:
             entry.loaded.set()
@@ -226,7 +230,8 @@ class LoadedModels:
             return True
 
     async def _free_bytes(self) -> int | None:
-        """Bytes free for models now, after the headroom (None: not known)."""
+        """Bytes free for models now, after the headroom: negative when less than the headroom
+        is free (evictions must make up for that too); None: not known."""
         probe = self._probe()
         reading = None if probe is None else await anyio.to_thread.run_sync(probe.read)
         if reading is None or reading.free_bytes is None or reading.total_bytes is None:
@@ -236,7 +241,7 @@ class LoadedModels:
         headroom = headroom_bytes(
             reading.total_bytes, cfg.memory_headroom_fraction, cfg.memory_headroom_bytes
         )
-        self._last_free = max(0, reading.free_bytes - headroom)
+        self._last_free = reading.free_bytes - headroom  # below 0: the headroom is eaten into already
         return self._last_free
 
     def _units(self) -> dict[str, tuple[ModelUnit, bool]]:
@@ -256,7 +261,8 @@ class LoadedModels:
             resident = Resident(
                 name=name, resident_bytes=unit.resident_bytes,
                 slot_bytes=status.kv_bytes_per_slot + unit.backend.info.instance_bytes,
-                slots=status.slots_effective, min_slots=unit.config.min_slots, busy_slots=status.slots_busy,
+                slots=status.slots_effective, busy_slots=status.slots_busy,
+                min_slots=unit.config.min_slots if unit.state == "ready" else status.slots_effective,
                 busy=unit.busy, pinned=pinned, last_used_s=unit.last_used_s,
             )  # fmt: skip
             out.append(resident)
@@ -267,7 +273,10 @@ class LoadedModels:
         units = self._units()
         for name, slots in plan.shrinks.items():
             log.warning("shrinking model %r to %d slots to make room", name, slots)
-            await units[name][0].shrink_to(slots)
+            unit = units[name][0]
+            await unit.shrink_to(slots)
+            if unit.state == "ready" and unit.status().slots_effective > slots:
+                return False  # the shrink did not happen (its resize failed): plan again
         for name in plan.evictions:
             entry = self._entries.get(name)
             if entry is None or not entry.serving:

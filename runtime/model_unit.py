@@ -646,6 +646,8 @@ class ModelUnit:
         the retired slots' requests. :returns: as :meth:`resize`; None if not ready."""
         if self._state != "ready" or self._supervisor is None:
             return None
+        if slots >= self._supervisor.statistics().slots_effective:
+            return None  # never grows: it is down there already
         return await self._supervisor.resize(slots, "memory_low")
 
     async def resize(self, slots: int) -> ResizeRecord | None:

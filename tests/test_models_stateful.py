@@ -57,7 +57,10 @@ class CheckedFleet(Fleet):
     def load(self, config: RuntimeConfig, n_seq: int) -> FakeBackend:
         need, used, capacity = self.estimate(config), self.device.used_bytes(), self.device.read_capacity
         if config.model != "default" and capacity is not None and used + need > capacity:
-            self.overloads.append(f"{config.model} needs {need} bytes; {used} of {capacity} are used")
+            live = [
+                (b.info.weights_bytes >> 20, b.info.n_seq_max) for b in self.device.backends if not b.closed
+            ]
+            self.overloads.append(f"{config.model} needs {need} bytes; {used} of {capacity} are used: {live}")
         self.device.read_capacity = None
         return super().load(config, n_seq)
 

@@ -37,7 +37,7 @@ def freed(plan: Fits, models: list[Resident]) -> int:
 
 @given(
     needed=st.integers(1, 2048).map(lambda m: m * MiB),
-    free=st.one_of(st.none(), st.integers(0, 2048).map(lambda m: m * MiB)),
+    free=st.one_of(st.none(), st.integers(-512, 2048).map(lambda m: m * MiB)),
     models=residents(),
     cap=st.integers(1, 6),
 )

@@ -104,7 +104,9 @@ async def test_a_model_that_cannot_fit_is_a_503_in_each_apis_shape() -> None:
 
 async def test_embeddings_route_by_name_and_load_the_model() -> None:
     async with served() as (rt, url), await http_client(url) as client:
-        ollama = await client.post("/api/embed", json={"model": "a", "input": ["a cat", "a dog"], "dimensions": 8})
+        ollama = await client.post(
+            "/api/embed", json={"model": "a", "input": ["a cat", "a dog"], "dimensions": 8}
+        )
         openai = await client.post("/v1/embeddings", json={"model": "a:latest", "input": "a cat"})
         loaded = [m.name for m in rt.loaded_models()]
     assert ollama.status_code == 200 and [len(v) for v in ollama.json()["embeddings"]] == [8, 8]

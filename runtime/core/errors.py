@@ -140,7 +140,7 @@ class ModelMemoryError(SlotserveError):
     def __init__(self, model: str, needed_bytes: int, free_bytes: int, reclaimable_bytes: int) -> None:
         self.model = model
         self.needed_bytes = needed_bytes
-        self.free_bytes = free_bytes
+        self.free_bytes = free_bytes = max(0, free_bytes)
         self.reclaimable_bytes = reclaimable_bytes
         super().__init__(
             f"model {model!r} needs {needed_bytes:,} bytes; {free_bytes:,} bytes are free and evicting "

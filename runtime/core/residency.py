@@ -99,8 +99,8 @@ def plan_room(
 ) -> Fits | Wait | NoRoom:
     """The plan that makes room for one more model of ``needed_bytes`` (see the module docstring).
 
-    :param free_bytes: bytes free for models now (after the headroom); None: memory is not
-        read, and only ``max_loaded`` binds.
+    :param free_bytes: bytes free for models now (after the headroom; negative when less than
+        the headroom is free); None: memory is not read, and only ``max_loaded`` binds.
     :param residents: the models loaded or loading now.
     :param max_loaded: models loaded at once at most (the new one included).
     """
