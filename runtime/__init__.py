@@ -48,11 +48,13 @@ if TYPE_CHECKING:
     from runtime.core.registry import ModelRegistry, ModelSpec
     from runtime.core.residency import LoadedModel
     from runtime.core.ticket import ResponseStream
+    from runtime.core.tools import FunctionCall, NamedTool, Tool, ToolCall
     from runtime.metrics import metrics_app
     from runtime.runtime import Runtime
 
 _ERRORS = "runtime.core.errors"
 _MESSAGES = "runtime.core.messages"
+_TOOLS = "runtime.core.tools"
 _HOMES = {
     "ChatMessage": _MESSAGES,
     "ChatRequest": _MESSAGES,
@@ -65,6 +67,7 @@ _HOMES = {
     "EmbedRequest": _MESSAGES,
     "Embeddings": _MESSAGES,
     "EmbeddingsUnsupportedError": _ERRORS,
+    "FunctionCall": _TOOLS,
     "GenerateRequest": _MESSAGES,
     "GenerationError": _ERRORS,
     "InvalidRequestError": _ERRORS,
@@ -74,6 +77,7 @@ _HOMES = {
     "ModelNotFoundError": _ERRORS,
     "ModelRegistry": "runtime.core.registry",
     "ModelSpec": "runtime.core.registry",
+    "NamedTool": _TOOLS,
     "QueueFullError": _ERRORS,
     "RequestStats": _MESSAGES,
     "ResizeFailedError": _ERRORS,
@@ -86,6 +90,8 @@ _HOMES = {
     "SlotFailedError": _ERRORS,
     "SlotserveError": _ERRORS,
     "TokenLogprob": _MESSAGES,
+    "Tool": _TOOLS,
+    "ToolCall": _TOOLS,
     "TopLogprob": _MESSAGES,
     "decode_request": _MESSAGES,
     "metrics_app": "runtime.metrics",
@@ -104,6 +110,7 @@ __all__ = [
     "EmbedRequest",
     "Embeddings",
     "EmbeddingsUnsupportedError",
+    "FunctionCall",
     "GenerateRequest",
     "GenerationError",
     "InvalidRequestError",
@@ -113,6 +120,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelRegistry",
     "ModelSpec",
+    "NamedTool",
     "QueueFullError",
     "RequestStats",
     "ResizeFailedError",
@@ -125,6 +133,8 @@ __all__ = [
     "SlotFailedError",
     "SlotserveError",
     "TokenLogprob",
+    "Tool",
+    "ToolCall",
     "TopLogprob",
     "decode_request",
     "metrics_app",

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runtime.backends.base import MetadataValue
+from runtime.backends.base import Backend, MetadataValue
 from runtime.backends.gguf_metadata import read_gguf_metadata
 from runtime.core.errors import InvalidRequestError, ModelLoadError
 from runtime.core.messages import GenerateRequest
@@ -52,14 +52,20 @@ _DEFAULTS = GenerateRequest(prompt="x")
 _PARAMETERS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
 
 
-def capabilities(embedding_length: int = 0) -> list[str]:
+def capabilities(embedding_length: int = 0, *, tools: bool = False) -> list[str]:
     """Ollama's ``capabilities`` of the served model: what the server can do with it.
 
-    ``completion``, and ``embedding`` where the backend embeds (``embedding_length`` above 0);
-    ``tools`` joins once tool calls are parsed, ``insert`` once a ``suffix`` (fill-in-the-middle)
-    is; ``vision`` never here.
+    ``completion``; ``tools`` where the backend constrains output and the model has a chat
+    template (tool calls: runtime.core.tools); ``embedding`` where the backend embeds
+    (``embedding_length`` above 0); ``insert`` once a ``suffix`` (fill-in-the-middle) is
+    supported; ``vision`` never here.
     """
-    return ["completion", "embedding"] if embedding_length > 0 else ["completion"]
+    return ["completion"] + (["tools"] if tools else []) + (["embedding"] if embedding_length > 0 else [])
+
+
+def calls_tools(backend: Backend) -> bool:
+    """Whether the served model can call tools: the backend constrains output and it has a chat template."""
+    return backend.info.constraints and backend.chat_template is not None
 
 
 def _iso(unix_s: float) -> str:
@@ -181,10 +187,10 @@ class OllamaModelsApi:
         s.host.check_ready()
         routed = s.names.route(name)
         if routed is not None:  # a registry model: read from its file, loaded or not
-            meta, width, path, modified = await self._registry_facts(routed, verbose=body.verbose)
+            meta, backend, path, modified = await self._registry_facts(routed, verbose=body.verbose)
         else:
             meta = await s.facts.metadata(verbose=body.verbose) or {}
-            width, path = s.runtime.backend.info.embedding_length, s.facts.file()
+            backend, path = s.runtime.backend, s.facts.file()
             modified = s.facts.modified_at(s.created_s)
         answer = {
             "license": _text(meta.get("general.license")),
@@ -193,15 +199,18 @@ class OllamaModelsApi:
             "template": _text(meta.get("tokenizer.chat_template")),
             "details": details(meta, s.runtime.config.backend),
             "model_info": {k: meta[k] for k in sorted(meta) if k not in _HIDDEN_KEYS},
-            "capabilities": capabilities(width),
+            "capabilities": capabilities(
+                backend.info.embedding_length if backend else 0,
+                tools=calls_tools(backend) if backend else False,
+            ),
             "modified_at": modified,
         }
         return Response(_encode(answer), media_type="application/json")
 
     async def _registry_facts(
         self, name: str, *, verbose: bool
-    ) -> tuple[dict[str, MetadataValue], int, Path | None, str]:
-        """(metadata, embedding length if loaded, file, modified_at) of a registry model."""
+    ) -> tuple[dict[str, MetadataValue], Backend | None, Path | None, str]:
+        """(metadata, its backend if loaded, file, modified_at) of a registry model."""
         s = self._server
         path: Path | None = Path(s.runtime.models.get(name).path)
         listing = await registry_listing(
@@ -214,8 +223,7 @@ class OllamaModelsApi:
             )
         except ModelLoadError:  # not a file here (a fake backend's name)
             meta, path = {}, None
-        backend = s.runtime.loaded_backend(name)
-        return meta, backend.info.embedding_length if backend else 0, path, str(listing["modified_at"])
+        return meta, s.runtime.loaded_backend(name), path, str(listing["modified_at"])
 
     def _parameters(self, n_ctx: int) -> list[tuple[str, str]]:
         """The slot's context and the sampling defaults a request without options gets."""
