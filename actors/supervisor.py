@@ -49,6 +49,8 @@ class Supervisor:
     :param reading: the reading the start was sized from, shown until the first new one.
     :param resizes: resizes made before it started (the ``startup`` reduction).
     :param on_failed: called once when the restart intensity is exceeded, with the reason.
+    :param budget_lock: shared by every model of one Runtime; a growing resize holds it (and
+        reads memory again under it), so two models never grow into the same free bytes.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class Supervisor:
         probe: MemoryProbe | None = None,
         reading: MemoryReading | None = None,
         resizes: tuple[ResizeRecord, ...] = (),
+        budget_lock: anyio.Lock | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -84,6 +87,7 @@ class Supervisor:
         self._reading = reading
         self._rng = random.Random()
         self._tg: anyio.abc.TaskGroup | None = None
+        self._budget_lock = budget_lock
         self.failure: str | None = None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -289,9 +293,25 @@ class Supervisor:
             now = time.monotonic()
             if resize_due(target, self._n, self._last_resize_s, now, self.config.resize_cooldown_s):
                 try:
-                    await self.resize(target, "memory_low" if target < self._n else "memory_available")
+                    if target > self._n and self._budget_lock is not None:
+                        await self._grow_within_budget()
+                    else:
+                        await self.resize(target, "memory_low" if target < self._n else "memory_available")
                 except Exception:  # the runtime has failed (see resize); the watch ends, nothing escapes
                     return
+
+    async def _grow_within_budget(self) -> None:
+        """Grow to what a fresh reading allows, holding the shared budget lock: another model
+        loading or growing meanwhile is seen in the reading, not raced."""
+        assert self._budget_lock is not None and self._probe is not None
+        async with self._budget_lock:
+            reading = await anyio.to_thread.run_sync(self._probe.read)
+            if reading is None or reading.free_bytes is None or reading.total_bytes is None:
+                return
+            self._reading = reading
+            target = self.fit(reading.free_bytes, reading.total_bytes)
+            if target > self._n:
+                await self.resize(target, "memory_available")
 
     def statistics(self) -> SupervisorStatistics:
         """A snapshot of the slots, restarts, resizes and the last memory reading."""

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
         GenerationError,
         InvalidRequestError,
         ModelLoadError,
+        ModelMemoryError,
+        ModelNotFoundError,
         QueueFullError,
         ResizeFailedError,
         RuntimeClosedError,
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
         decode_request,
     )
     from runtime.core.records import RuntimeStatus
+    from runtime.core.registry import ModelRegistry, ModelSpec
+    from runtime.core.residency import LoadedModel
     from runtime.core.ticket import ResponseStream
     from runtime.core.tools import FunctionCall, NamedTool, Tool, ToolCall
     from runtime.metrics import metrics_app
@@ -67,7 +71,12 @@ _HOMES = {
     "GenerateRequest": _MESSAGES,
     "GenerationError": _ERRORS,
     "InvalidRequestError": _ERRORS,
+    "LoadedModel": "runtime.core.residency",
     "ModelLoadError": _ERRORS,
+    "ModelMemoryError": _ERRORS,
+    "ModelNotFoundError": _ERRORS,
+    "ModelRegistry": "runtime.core.registry",
+    "ModelSpec": "runtime.core.registry",
     "NamedTool": _TOOLS,
     "QueueFullError": _ERRORS,
     "RequestStats": _MESSAGES,
@@ -105,7 +114,12 @@ __all__ = [
     "GenerateRequest",
     "GenerationError",
     "InvalidRequestError",
+    "LoadedModel",
     "ModelLoadError",
+    "ModelMemoryError",
+    "ModelNotFoundError",
+    "ModelRegistry",
+    "ModelSpec",
     "NamedTool",
     "QueueFullError",
     "RequestStats",

@@ -17,9 +17,10 @@ import anyio
 import msgspec
 
 from runtime.bench.options import add_arguments as add_bench_arguments
-from runtime.core.config import RuntimeConfig
+from runtime.core.config import RuntimeConfig, read_toml
 from runtime.core.errors import SlotserveError
 from runtime.core.messages import ChatMessage, ChatRequest, GenerateRequest
+from runtime.core.registry import ModelRegistry
 from runtime.main_job import DEFAULT_PROMPTS, run_job
 from runtime.runtime import Runtime
 from runtime.server.settings import ServerSettings
@@ -37,12 +38,31 @@ def _config_options(p: argparse.ArgumentParser, slots_default: int | None = None
     p.add_argument("--n-ctx-per-slot", type=int, dest="n_ctx_per_slot", help="[SLOTSERVE_N_CTX_PER_SLOT]")
     p.add_argument("--threads", type=int, help="CPU threads, 0 = all [SLOTSERVE_THREADS]")
     p.add_argument("--config", type=Path, help="a TOML file of settings (the runtime's and the server's)")
+    p.add_argument(
+        "--models-dir",
+        dest="models_dir",
+        help="serve every GGUF in this folder by its stem [SLOTSERVE_MODELS_DIR]",
+    )
+    p.add_argument(
+        "--max-loaded-models", type=int, dest="max_loaded_models", help="[SLOTSERVE_MAX_LOADED_MODELS]"
+    )
+    p.add_argument(
+        "--keep-alive", dest="keep_alive", help="idle time before a model unloads [SLOTSERVE_KEEP_ALIVE]"
+    )
 
 
 def _config(args: argparse.Namespace) -> RuntimeConfig:
-    keys = ("model", "backend", "slots", "max_queue", "n_ctx_per_slot", "threads")
+    keys = ("model", "backend", "slots", "max_queue", "n_ctx_per_slot", "threads", "models_dir",
+            "max_loaded_models", "keep_alive")  # fmt: skip
     overrides = {k: getattr(args, k) for k in keys}
-    return RuntimeConfig.load(args.config, others=ServerSettings.__struct_fields__, **overrides)
+    return RuntimeConfig.load(args.config, others=(*ServerSettings.__struct_fields__, "models"), **overrides)
+
+
+def _runtime(args: argparse.Namespace) -> Runtime:
+    """The Runtime of the options: the default model, ``--models-dir`` and the TOML file's
+    ``[models.NAME]`` tables."""
+    config = _config(args)
+    return Runtime(config, models=ModelRegistry.load(config, read_toml(args.config).get("models")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +113,7 @@ async def _generate(args: argparse.Namespace) -> None:
         request = GenerateRequest(prompt=args.prompt, **sampling)
     else:
         request = ChatRequest(messages=(ChatMessage(role="user", content=args.prompt),), **sampling)
-    async with Runtime(_config(args)) as rt, rt.generate(request) as stream:
+    async with _runtime(args) as rt, rt.generate(request) as stream:
         async for chunk in stream:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
@@ -111,7 +131,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
     keys = ("host", "port", "max_body_bytes", "model_name")
     settings = ServerSettings.load(args.config, **{k: getattr(args, k) for k in keys})
-    await serve(_config(args), settings)
+    await serve(_runtime(args), settings)
 
 
 async def _bench(args: argparse.Namespace) -> None:

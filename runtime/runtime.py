@@ -1,87 +1,79 @@
-"""Runtime: the public entry point that loads one model and runs its actors.
+"""Runtime: the public entry point. It serves the default model and every model of the
+registry, routing each request by the model it names.
 
 ::
 
-    async with Runtime(RuntimeConfig(slots=4)) as rt:
+    async with Runtime(RuntimeConfig(slots=4, models_dir="/models")) as rt:
         result = await rt.complete(GenerateRequest(prompt="Hello", max_tokens=32))
+        other = await rt.complete(GenerateRequest(prompt="Hello"), model="qwen2.5-0.5b")
 
-Entering loads the weights (in a worker thread) and starts the Supervisor, which starts the
-ModelActor and the slots. Leaving cancels what is still running (done_reason ``cancel``), fails
-what still waits in the mailbox with RuntimeClosedError, and frees the model.
+Each model is a ModelUnit (runtime.model_unit): its weights, ModelActor, Supervisor, slots and
+mailbox. Entering loads the default model and starts its Supervisor; any other model loads on
+its first request and unloads after its keep_alive (runtime.loaded). Leaving cancels what is
+still running (done_reason ``cancel``), fails what still waits with RuntimeClosedError, and
+frees every model.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Literal
 
 import anyio
 import anyio.abc
-import msgspec
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from actors.embedder import Embedder
 from actors.model import ModelActor
-from actors.prompt import check_prompt_size
-from actors.supervisor import Supervisor
 from runtime.backends import Backend, load_backend
-from runtime.core.channel import ChannelReceiver, ChannelSender, channel
-from runtime.core.choices import MAX_CHOICES, ChoiceGroup, ChoiceStream
+from runtime.backends.footprint import estimate_model_bytes
+from runtime.core.choices import ChoiceStream
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import (
-    ConfigError,
-    ContextOverflowError,
-    InvalidRequestError,
-    QueueFullError,
-    ResizeFailedError,
-    RuntimeClosedError,
-    RuntimeFailedError,
-)
-from runtime.core.events import Observer, Observers, ResizeDirection
-from runtime.core.mailbox import Mailbox
-from runtime.core.messages import (
-    SEED_LIMIT,
-    ChatRequest,
-    Completion,
-    DoneReason,
-    Embeddings,
-    EmbedRequest,
-    GenerateRequest,
-    RequestStats,
-)
-from runtime.core.records import (
-    EmbeddingStatistics,
-    ResizeRecord,
-    RuntimeState,
-    RuntimeStatistics,
-    RuntimeStatus,
-)
-from runtime.core.sizing import initial_slots, probe_for
-from runtime.core.telemetry import MemoryProbe, memory_text
-from runtime.core.ticket import Reply, ResponseStream, Ticket
-from runtime.metrics import RuntimeMetrics
+from runtime.core.durations import parse_keep_alive
+from runtime.core.errors import RuntimeClosedError, SlotserveError
+from runtime.core.events import Observer, Observers
+from runtime.core.messages import ChatRequest, Completion, Embeddings, EmbedRequest, GenerateRequest
+from runtime.core.records import ResizeRecord, RuntimeState, RuntimeStatistics, RuntimeStatus
+from runtime.core.registry import DEFAULT_NAME, ModelRegistry, ModelSpec
+from runtime.core.residency import LoadedModel
+from runtime.core.telemetry import MemoryProbe
+from runtime.core.ticket import ResponseStream
+from runtime.loaded import LoadedModels, ModelEntry
+from runtime.model_unit import BackendLoad, ModelUnit
 
 __all__ = ["Runtime"]
 
-log = logging.getLogger("slotserve")
+KeepAlive = str | float | int | None
+"""Ollama's keep_alive: a duration (``"5m"``), seconds, 0 (unload when idle), negative (never)."""
+
+
+def _load_backend(config: RuntimeConfig, n_seq: int) -> Backend:
+    return load_backend(config, n_seq)  # looked up when called: a test may replace it here
 
 
 class Runtime:
-    """One model served by slots. Use as ``async with Runtime(config) as rt``.
+    """The default model and the registry's others, served by slots. Use as
+    ``async with Runtime(config) as rt``.
+
+    Every request method takes ``model``: a registry name (None or ``default``: the default
+    model); the others load on first use. Without ``model`` everything is about the default
+    model, as when only one is served.
 
     :param config: settings; ``RuntimeConfig.load()`` reads them from the environment.
-    :param backend: an already loaded backend (tests pass a FakeBackend); by default the
-        model of ``config`` is loaded with ``config.backend``.
+    :param backend: an already loaded backend of the default model (tests pass a FakeBackend);
+        by default the model of ``config`` is loaded with ``config.backend``.
     :param registry: the prometheus-client registry for this runtime's metrics (default: the
         global one); pass your own to run two runtimes in one process.
     :param observers: receivers of runtime events: objects with any of the methods of
-        runtime.core.events.Observer.
-    :param probe: the memory probe for sizing (tests pass a ScriptedProbe); by default the one
-        ``config.memory_source`` names; None turns memory-driven sizing off.
-    :raises ModelLoadError: on entering, if the model cannot be loaded.
+        runtime.core.events.Observer (every model's events).
+    :param probe: the memory probe for sizing and placement (tests pass a ScriptedProbe); by
+        default the one ``config.memory_source`` names; None turns memory-driven sizing off.
+    :param models: the servable models (default: ``ModelRegistry.load(config)``: the default
+        model and ``config.models_dir``).
+    :param load: loads a model's backend (default: runtime.backends.load_backend; tests pass one
+        that makes FakeBackends).
+    :param estimate_bytes: the bytes a model's config will take once loaded, before loading it.
+    :raises ModelLoadError: on entering, if the default model cannot be loaded.
     """
 
     def __init__(
@@ -92,282 +84,185 @@ class Runtime:
         registry: CollectorRegistry | None = None,
         observers: Sequence[Observer | object] = (),
         probe: MemoryProbe | Literal["config"] | None = "config",
+        models: ModelRegistry | None = None,
+        load: BackendLoad | None = None,
+        estimate_bytes: Callable[[RuntimeConfig], int] = estimate_model_bytes,
     ) -> None:
         self.config = config or RuntimeConfig()
         self.registry = REGISTRY if registry is None else registry
         """The prometheus-client registry this runtime's metrics live on."""
         self.observers = Observers(*observers)
         """Receivers of runtime events (see runtime.core.events); ``observers.add`` adds one."""
-        self._backend = backend
-        self._state: RuntimeState = "loading"
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._model: ModelActor | None = None
-        self._embedder: Embedder | None = None
-        self._mailbox: Mailbox[Ticket] = Mailbox(self.config.max_queue)
-        self._supervisor: Supervisor | None = None
+        self.models = ModelRegistry.load(self.config) if models is None else models
+        """The servable models, by name."""
         self._probe = probe
-        self._slots_configured = 0
-        self._in_flight: set[Ticket] = set()
-        self._drained: anyio.Event | None = None  # set when the last request in flight ends
-        self._outcomes: dict[DoneReason, int] = {"stop": 0, "length": 0, "cancel": 0, "error": 0}
-        self.load_seconds = 0.0
+        self._load = load or _load_backend
+        self._budget_lock = anyio.Lock()
+        self._default = ModelUnit(
+            self.config, backend=backend, registry=self.registry, observers=(self.observers,),
+            probe=probe, load=self._load, budget_lock=self._budget_lock,
+        )  # fmt: skip
+        self._loaded = LoadedModels(
+            self.config, self._default, self._make_unit, estimate_bytes, self._shared_probe, self._budget_lock
+        )
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def _shared_probe(self) -> MemoryProbe | None:
+        """The probe every model shares: the default model's, once it has chosen one."""
+        probe = self._default._probe
+        return None if probe == "config" else probe
+
+    def _make_unit(self, spec: ModelSpec, on_idle: Callable[[], None]) -> ModelUnit:
+        probe = self._shared_probe() if self._probe == "config" else self._probe
+        return ModelUnit(
+            spec.config(self.config), registry=self.registry, observers=(self.observers,), probe=probe,
+            name=spec.name, load=self._load, budget_lock=self._budget_lock, on_idle=on_idle,
+        )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Runtime:
+        await self._default.__aenter__()
         try:
-            return await self._start()
+            self._tg = anyio.create_task_group()
+            await self._tg.__aenter__()
+            await self._tg.start(self._loaded.run)
+            for spec in self.models:  # pinned models load at start and stay
+                if spec.pinned and spec.name != DEFAULT_NAME:
+                    self._loaded.entry(spec, None)
         except BaseException:
-            self._state = "closed"
-            self._mailbox.close(lambda: RuntimeClosedError("the runtime did not start"))
-            if self._backend is not None:
-                await anyio.to_thread.run_sync(self._backend.close)
+            await self._default.__aexit__(None, None, None)
             raise
-
-    async def _start(self) -> Runtime:
-        start = time.perf_counter()
-        self.observers.add(RuntimeMetrics(self))  # counters, histograms and gauges on self.registry
-        cfg = self.config
-        if self._backend is None:
-            # One sequence first: the real count is chosen once the KV bytes per slot are known.
-            self._backend = await anyio.to_thread.run_sync(load_backend, cfg, 1)
-        self.load_seconds = time.perf_counter() - start
-        backend = self._backend
-        if self._probe == "config":
-            self._probe = probe_for(cfg, backend.info.gpu_layers)
-        probe = self._probe
-        reading = None if probe is None else await anyio.to_thread.run_sync(probe.read)
-        per_slot = backend.info.kv_bytes_per_slot + backend.info.instance_bytes  # a slot's whole cost
-        slots = initial_slots(cfg, reading, backend.info.n_seq_max, per_slot)
-        pause_s = 0.0
-        start_failed: ResizeDirection | None = None
-        if slots != backend.info.n_seq_max:
-            resized = time.perf_counter()
-            try:
-                await anyio.to_thread.run_sync(backend.resize, slots)
-            except ResizeFailedError as exc:  # memory said yes, the device said no: serve what was built
-                log.warning("a context of %d slots could not be built (%s); starting with %d", slots, exc,
-                            backend.info.n_seq_max)  # fmt: skip
-                start_failed = "grow" if slots > backend.info.n_seq_max else "shrink"
-                slots = backend.info.n_seq_max
-            pause_s = time.perf_counter() - resized
-        self._slots_configured = slots if cfg.slots == "auto" else cfg.slots
-        startup: tuple[ResizeRecord, ...] = ()
-        if slots < self._slots_configured:  # memory did not fit the count asked for: never silent
-            startup = (ResizeRecord(from_slots=self._slots_configured, to_slots=slots, reason="startup",
-                                    pause_s=pause_s, drain_s=0.0, carried_bytes=0),)  # fmt: skip
-        self._model = ModelActor(backend, n_batch=cfg.n_batch, on_step=self.observers.step)
-        self._embedder = Embedder(
-            self._model, max_tokens=cfg.n_ctx_per_slot, on_batch=self.observers.embedding_batch
-        )
-        self._supervisor = Supervisor(
-            cfg, self._model, self._mailbox, self._failed, self.observers,
-            slots=slots, probe=probe, reading=reading, resizes=startup,
-        )  # fmt: skip
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        try:
-            await self._tg.start(self._supervisor.run)
-        except BaseException:
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
-            raise
-        self._state = "ready"
-        if startup:
-            self.observers.resize("shrink", "startup", pause_s)  # counted once the series are bound
-        if start_failed is not None:
-            self.observers.resize_failed(start_failed, "startup")
-        info = backend.info
-        log.log(
-            logging.WARNING if slots < self._slots_configured else logging.INFO,
-            "ready: %s, slots configured %s, effective %d, x %d tokens; weights %d bytes, KV %d bytes per slot; "
-            "loaded in %.2f s; %s",
-            info.name, cfg.slots, slots, info.n_ctx_per_slot, info.weights_bytes, info.kv_bytes_per_slot,
-            self.load_seconds, memory_text(reading),
-        )  # fmt: skip
         return self
 
     async def __aexit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._state != "failed":
-            self._state = "closed"
-        for ticket in self._mailbox.close(lambda: RuntimeClosedError("the runtime is closed")):
-            ticket.finish("error", error=RuntimeClosedError("the runtime closed before this request started"))
-        for ticket in list(self._in_flight):
-            ticket.cancel()
-        assert self._tg is not None and self._backend is not None
-        with anyio.move_on_after(5):  # the cancels take effect at the next step
-            await self._wait_drained()
-        self._tg.cancel_scope.cancel()
-        await self._tg.__aexit__(None, None, None)  # the body's own exception propagates as is
-        for ticket in list(self._in_flight):  # a slot cancelled mid-request, a retry never made
-            ticket.finish(
-                "error", error=RuntimeClosedError("the runtime closed while this request was served")
-            )
-        await anyio.to_thread.run_sync(self._backend.close)
+        assert self._tg is not None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._loaded.close()
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+        finally:
+            await self._default.__aexit__(t, e, tb)
 
     async def drain(self, timeout_s: float, *, cancel_wait_s: float = 5.0) -> int:
-        """Stop admitting and let the running requests finish (a graceful shutdown): new
-        requests and those still in the mailbox are refused with RuntimeClosedError (a 503 with
-        Retry-After over HTTP); the running ones get up to ``timeout_s`` seconds, then are
-        cancelled (their streams end with done_reason ``cancel``, an in-band error over HTTP),
-        and whatever has not ended ``cancel_wait_s`` seconds later is ended with
-        RuntimeClosedError. The runtime stays up (``draining``) until it is left.
+        """Stop admitting and let the running requests of every model finish (a graceful
+        shutdown); see ModelUnit.drain. :returns: how many requests were cut short."""
+        units = [self._default, *(m.unit for m in self._loaded_entries())]
+        cut = 0
 
-        :returns: how many requests were cut short (cancelled or ended).
+        async def one(unit: ModelUnit) -> None:
+            nonlocal cut
+            cut += await unit.drain(timeout_s, cancel_wait_s=cancel_wait_s)
+
+        async with anyio.create_task_group() as tg:
+            for unit in units:
+                tg.start_soon(one, unit)
+        return cut
+
+    def _loaded_entries(self) -> list[ModelEntry]:
+        return [e for e in (self._loaded.get(n.name) for n in self.models) if e is not None]
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def unit(self, model: str | None = None, keep_alive: KeepAlive = None) -> tuple[ModelUnit, bool]:
+        """The unit serving ``model`` and whether it is ready now (else its load has begun).
+
+        :raises ModelNotFoundError: if ``model`` is not in the registry.
+        :raises ModelMemoryError: if it cannot fit whatever is evicted (known at once).
+        :raises ConfigError: if ``keep_alive`` is malformed.
+        :raises RuntimeClosedError: for a registry model while the runtime is not ready
+            (RuntimeFailedError if it failed).
         """
-        if self._state != "ready":
-            return 0
-        self._state = "draining"
-        error = RuntimeClosedError("the server is shutting down; retry on another instance or later")
-        for ticket in self._mailbox.close(lambda: error):
-            ticket.finish("error", error=error)
-        log.warning("draining: %d request(s) running, up to %g s", len(self._in_flight), timeout_s)
-        with anyio.move_on_after(timeout_s):
-            await self._wait_drained()
-        cut = list(self._in_flight)
-        for ticket in cut:
-            ticket.cancel()
-        with anyio.move_on_after(cancel_wait_s):
-            await self._wait_drained()
-        for ticket in list(self._in_flight):
-            ticket.finish("error", error=RuntimeClosedError("the server shut down while this request ran"))
-        return len(cut)
-
-    async def _wait_drained(self) -> None:
-        while self._in_flight:
-            drained = self._drained = anyio.Event()
-            await drained.wait()
-
-    # -- requests ------------------------------------------------------------------------------
+        keep_s = None if keep_alive is None else parse_keep_alive(keep_alive)
+        spec = None if model is None else self.models.get(model)
+        if spec is None or spec.name == DEFAULT_NAME:
+            return self._default, True
+        self._default.check_ready()  # draining, failed or closed: no model loads, none serves
+        entry = self._loaded.entry(spec, keep_s)
+        return entry.unit, entry.serving
 
     def generate(
-        self, request: GenerateRequest | ChatRequest, *, admission_timeout_s: float | None = None
+        self,
+        request: GenerateRequest | ChatRequest,
+        *,
+        model: str | None = None,
+        keep_alive: KeepAlive = None,
+        admission_timeout_s: float | None = None,
     ) -> ResponseStream:
-        """Admit ``request`` and return the stream of its chunks.
+        """Admit ``request`` for ``model`` and return the stream of its chunks (ModelUnit.generate).
 
-        With ``admission_timeout_s`` None the request is admitted now or refused now; with a
-        number, a full mailbox is waited on for up to that many seconds when the stream is
-        first read.
+        A model not loaded yet starts loading; the request waits for it when its stream is
+        first read (within ``max_queue``), and raises there what the load raised.
+        ``keep_alive`` sets how long the model stays loaded once idle after it (Ollama's).
 
+        :raises ModelNotFoundError: if ``model`` is not in the registry.
+        :raises ModelMemoryError: if the model cannot fit whatever is evicted (at once, or when
+            the stream is first read if that is known only then).
         :raises QueueFullError: if the mailbox is full (at once, or after the timeout).
-        :raises InvalidRequestError: if max_tokens exceeds ``max_tokens_cap`` (with overflow
-            ``refuse``), or it asks for log-probabilities of a backend without them.
-        :raises ContextOverflowError: if the prompt's text is too long to fit the slot whatever
-            it tokenizes to, or max_tokens leaves no room for a prompt (with overflow
-            ``refuse``): refused before any tokenizing.
-        :raises RuntimeClosedError: if the runtime is not ready (RuntimeFailedError if failed).
+        :raises InvalidRequestError, ContextOverflowError, RuntimeClosedError: as ModelUnit.generate.
         """
-        try:
-            self._check_ready()
-        except RuntimeFailedError:
-            self.observers.request_rejected("failed")
-            raise
-        except RuntimeClosedError:
-            self.observers.request_rejected("closed")
-            raise
-        try:
-            self._check_request(request)
-        except InvalidRequestError:
-            self.observers.request_rejected("invalid")
-            raise
-        send: ChannelSender[Reply]
-        receive: ChannelReceiver[Reply]
-        send, receive = channel(self.config.stream_buffer)
-        ticket = Ticket(request=request, reply=send, on_finish=self._request_done)
-        if admission_timeout_s is None:
-            try:
-                self._mailbox.put_nowait(ticket)
-            except BaseException as exc:
-                send.close()
-                receive.close()
-                self._rejected(exc)
-                raise
-            self._admitted(ticket)
-            return ResponseStream(ticket, receive)
+        unit, ready = self.unit(model, keep_alive)
+        if ready:
+            return unit.generate(request, admission_timeout_s=admission_timeout_s)
+        entry = self._loaded.get(unit.name or "")
+        assert entry is not None
+        return unit.generate_when_ready(request, entry.ready, admission_timeout_s=admission_timeout_s)
 
-        async def admit() -> None:
-            try:
-                await self._mailbox.put(ticket, admission_timeout_s)
-            except BaseException as exc:
-                send.close()
-                self._rejected(exc)
-                raise
-            if not ticket.finished:  # the mailbox may have closed (and refused it) meanwhile
-                self._admitted(ticket)
+    def generate_choices(
+        self, request: GenerateRequest | ChatRequest, n: int, *, model: str | None = None
+    ) -> ChoiceStream:
+        """Admit ``n`` choices of ``request`` together (ModelUnit.generate_choices); the model
+        must be loaded.
 
-        return ResponseStream(ticket, receive, admit=admit)
-
-    def generate_choices(self, request: GenerateRequest | ChatRequest, n: int) -> ChoiceStream:
-        """Admit ``n`` choices of ``request`` together (OpenAI's ``n``) and return their one
-        stream (chunks with their ``index``; read it inside ``async with``).
-
-        Each choice takes a slot. The n tickets enter the mailbox at once, or none does; they
-        wait there for free slots like any request. The first choice to reach a slot evaluates
-        the prompt, and the others share it: their sequences get copies of its KV cells, so
-        the prompt is evaluated once (runtime.core.choices). With a ``seed``, choice i samples
-        with ``seed + i``; at temperature 0 every choice is the same answer.
-
-        :raises InvalidRequestError: if ``n`` is below 1, above 128, or above the slots the
-            runtime has now (the choices run side by side); or as :meth:`generate`.
-        :raises QueueFullError: if the mailbox has no room for all ``n`` tickets.
-        :raises ContextOverflowError: as :meth:`generate`.
-        :raises RuntimeClosedError: if the runtime is not ready (RuntimeFailedError if failed).
+        :raises RuntimeClosedError: if ``model`` is still loading (its load has begun).
         """
-        self._check_ready()
-        assert self._supervisor is not None
-        slots = self._supervisor.statistics().slots_effective
-        if not 1 <= n <= min(MAX_CHOICES, slots):
-            self.observers.request_rejected("invalid")
-            raise InvalidRequestError(
-                f"n is {n}; it must be 1 to {min(MAX_CHOICES, slots)}: each choice takes a slot, "
-                f"and this runtime has {slots}"
-            )
-        try:
-            self._check_request(request)
-        except InvalidRequestError:
-            self.observers.request_rejected("invalid")
-            raise
-        group: ChoiceGroup[object] = ChoiceGroup(n)
-        tickets: list[Ticket] = []
-        receivers: list[ChannelReceiver[Reply]] = []
-        for i in range(n):
-            choice = request
-            if i and request.seed is not None:
-                choice = msgspec.structs.replace(request, seed=(request.seed + i) & SEED_LIMIT)
-            send, receive = channel(self.config.stream_buffer)
-            tickets.append(
-                Ticket(request=choice, reply=send, on_finish=self._request_done, group=group, index=i)
-            )
-            receivers.append(receive)
-        try:
-            self._mailbox.put_all_nowait(tickets)
-        except BaseException as exc:
-            for ticket, receive in zip(tickets, receivers, strict=True):
-                ticket.reply.close()
-                receive.close()
-            self._rejected(exc)
-            raise
-        for ticket in tickets:
-            self._admitted(ticket)
-        return ChoiceStream([ResponseStream(t, r) for t, r in zip(tickets, receivers, strict=True)])
+        unit, ready = self.unit(model)
+        if not ready:
+            raise RuntimeClosedError(f"model {model!r} is loading; try again shortly")
+        return unit.generate_choices(request, n)
 
-    def chat(self, request: ChatRequest, *, admission_timeout_s: float | None = None) -> ResponseStream:
+    def chat(
+        self,
+        request: ChatRequest,
+        *,
+        model: str | None = None,
+        keep_alive: KeepAlive = None,
+        admission_timeout_s: float | None = None,
+    ) -> ResponseStream:
         """:meth:`generate` for a chat: the messages go through the model's chat template."""
-        return self.generate(request, admission_timeout_s=admission_timeout_s)
+        return self.generate(
+            request, model=model, keep_alive=keep_alive, admission_timeout_s=admission_timeout_s
+        )
 
     async def complete(
-        self, request: GenerateRequest | ChatRequest, *, admission_timeout_s: float | None = None
+        self,
+        request: GenerateRequest | ChatRequest,
+        *,
+        model: str | None = None,
+        keep_alive: KeepAlive = None,
+        admission_timeout_s: float | None = None,
     ) -> Completion:
         """Generate and return the whole answer; raises what :meth:`generate` and streaming do."""
-        return await self.generate(request, admission_timeout_s=admission_timeout_s).collect()
+        stream = self.generate(
+            request, model=model, keep_alive=keep_alive, admission_timeout_s=admission_timeout_s
+        )
+        return await stream.collect()
 
     async def complete_chat(
-        self, request: ChatRequest, *, admission_timeout_s: float | None = None
+        self,
+        request: ChatRequest,
+        *,
+        model: str | None = None,
+        keep_alive: KeepAlive = None,
+        admission_timeout_s: float | None = None,
     ) -> Completion:
         """:meth:`complete` for a chat."""
-        return await self.complete(request, admission_timeout_s=admission_timeout_s)
+        return await self.complete(
+            request, model=model, keep_alive=keep_alive, admission_timeout_s=admission_timeout_s
+        )
 
     async def embed(
         self,
@@ -375,179 +270,105 @@ class Runtime:
         *,
         truncate: bool = True,
         dimensions: int | None = None,
+        model: str | None = None,
+        keep_alive: KeepAlive = None,
     ) -> Embeddings:
-        """Embed each input: a text, or token ids (OpenAI's token arrays). Inputs waiting at the
-        same time share one decode; the vectors are L2-normalised (Ollama's /api/embed, OpenAI).
+        """Embed each input with ``model`` (ModelUnit.embed), waiting for its load if it is not
+        loaded.
 
-        :param inputs: one text, a list of texts or token lists, or an EmbedRequest (then the
-            keyword arguments are not used).
-        :param truncate: cut an input longer than ``n_ctx_per_slot`` tokens to that many;
-            False refuses it (Ollama's ``truncate``).
-        :param dimensions: keep the first ``dimensions`` values and normalise again (1 to the
-            model's ``embedding_length``); None keeps them all.
-        :returns: one vector per input, with the tokens embedded and the time taken.
-        :raises InvalidRequestError: if inputs is empty, an input is empty, a token id is not in
-            the vocabulary, or dimensions is out of range.
-        :raises ContextOverflowError: if an input is too long and ``truncate`` is False.
-        :raises EmbeddingsUnsupportedError: if the model or its backend cannot embed.
-        :raises RuntimeClosedError: if the runtime is not ready (RuntimeFailedError if failed).
-        :raises GenerationError: if the decode failed.
+        :raises ModelNotFoundError, ModelMemoryError: as :meth:`generate`.
         """
-        n_inputs = 0
-        try:
-            if isinstance(inputs, EmbedRequest):
-                request = inputs
-            else:
-                items = (inputs,) if isinstance(inputs, str) else tuple(
-                    item if isinstance(item, str) else tuple(item) for item in inputs
-                )  # fmt: skip
-                request = EmbedRequest(inputs=items, truncate=truncate, dimensions=dimensions)
-            n_inputs = len(request.inputs)
-            self._check_ready()
-            assert self._embedder is not None
-            result = await self._embedder.run(request, self.config.n_ctx_per_slot)
-        except BaseException as exc:
-            self.observers.embedding_finished(n_inputs, 0, exc)
-            raise
-        self.observers.embedding_finished(n_inputs, result.prompt_tokens, None)
-        return result
+        unit, ready = self.unit(model, keep_alive)
+        if not ready:
+            entry = self._loaded.get(unit.name or "")
+            assert entry is not None
+            await entry.ready()
+        return await unit.embed(inputs, truncate=truncate, dimensions=dimensions)
 
-    def _check_request(self, request: GenerateRequest | ChatRequest) -> None:
-        cap, n_ctx, wanted = self.config.max_tokens_limit, self.config.n_ctx_per_slot, request.max_tokens
-        if wanted is not None and request.overflow == "refuse":
-            if wanted >= n_ctx:  # no room for a prompt besides
-                raise ContextOverflowError(1, wanted, n_ctx, at_least="any prompt is one or more")
-            if wanted > cap:
-                raise InvalidRequestError(f"max_tokens is {wanted:,}; the limit is {cap:,} (max_tokens_cap)")
-        if request.logprobs and not self.backend.info.logprobs:
-            raise InvalidRequestError(
-                f"logprobs is true; the {self.backend.info.backend} backend does not give log-probabilities"
-            )
-        if not self.backend.info.constraints and request.constraint() is not None:
-            raise InvalidRequestError(
-                f"the {self.backend.info.backend} backend cannot constrain output (format, grammar, "
-                "tool_choice other than none)"
-            )
-        check_prompt_size(request, self.config.n_ctx_per_slot, self.backend.max_token_bytes)
+    async def load(self, model: str, keep_alive: KeepAlive = None) -> None:
+        """Load ``model`` now if it is not loaded (Ollama's request with an empty prompt).
 
-    def _check_ready(self) -> None:
-        if self._state == "failed":
-            assert self._supervisor is not None
-            raise RuntimeFailedError(f"the runtime failed: {self._supervisor.failure}")
-        if self._state != "ready":
-            raise RuntimeClosedError(f"the runtime is {self._state}; requests need it ready")
+        :raises ModelNotFoundError, ModelMemoryError, ModelLoadError: if it cannot be loaded.
+        """
+        unit, ready = self.unit(model, keep_alive)
+        if not ready:
+            entry = self._loaded.get(unit.name or "")
+            assert entry is not None
+            await entry.ready()
 
-    def _admitted(self, ticket: Ticket) -> None:
-        self._in_flight.add(ticket)
-        self.observers.request_admitted()
+    async def unload(self, model: str) -> bool:
+        """Unload ``model`` as soon as it is idle (Ollama's keep_alive 0); waits for it if it is
+        idle now.
 
-    def _rejected(self, exc: BaseException) -> None:
-        if isinstance(exc, QueueFullError):
-            self.observers.request_rejected("queue_full")
-        elif isinstance(exc, RuntimeFailedError):
-            self.observers.request_rejected("failed")
-        elif isinstance(exc, RuntimeClosedError):
-            self.observers.request_rejected("closed")
-
-    def _request_done(
-        self, ticket: Ticket, reason: DoneReason, stats: RequestStats | None, error: BaseException | None
-    ) -> None:
-        self._in_flight.discard(ticket)
-        if not self._in_flight and self._drained is not None:
-            self._drained.set()
-        self._outcomes[reason] += 1
-        self.observers.request_finished(reason, stats, error)
-
-    def _failed(self, reason: str) -> None:
-        self._state = "failed"
-        error = RuntimeFailedError(f"the runtime failed: {reason}")
-        for ticket in self._mailbox.close(lambda: RuntimeFailedError(f"the runtime failed: {reason}")):
-            ticket.finish("error", error=error)
-        for ticket in list(self._in_flight):  # in a slot: nothing steps for it any more
-            ticket.finish("error", error=error)
+        :returns: False if it is not loaded, or is pinned (the default model is).
+        :raises ModelNotFoundError: if ``model`` is not in the registry.
+        """
+        spec = self.models.get(model)
+        return await self._loaded.unload(spec.name)
 
     # -- status --------------------------------------------------------------------------------
 
     @property
     def backend(self) -> Backend:
-        """The loaded backend.
+        """The default model's loaded backend.
 
         :raises RuntimeClosedError: before the runtime was entered.
         """
-        if self._backend is None:
-            raise RuntimeClosedError("the runtime has not been started")
-        return self._backend
+        return self._default.backend
 
-    def statistics(self) -> RuntimeStatistics:
-        """The actors' own statistics records (more detail than :meth:`status`).
+    def loaded_backend(self, model: str | None) -> Backend | None:
+        """The backend of ``model`` (None: the default model) if it is loaded now, else None;
+        looking never starts a load."""
+        try:
+            unit = self._status_unit(model)
+        except SlotserveError:
+            return None
+        return unit.backend if unit.state != "loading" else None
 
-        :raises RuntimeClosedError: before the runtime was entered.
+    @property
+    def load_seconds(self) -> float:
+        """Seconds the default model's weights took to load."""
+        return self._default.load_seconds
+
+    @property
+    def _model(self) -> ModelActor | None:
+        """The default model's ModelActor (tests reach the step loop through it)."""
+        return self._default._model
+
+    def statistics(self, model: str | None = None) -> RuntimeStatistics:
+        """The actors' own statistics records of ``model`` (more detail than :meth:`status`).
+
+        :raises RuntimeClosedError: before the model was loaded.
         """
-        if self._model is None or self._supervisor is None:
-            raise RuntimeClosedError("the runtime has not been started")
-        return RuntimeStatistics(
-            mailbox=self._mailbox.statistics(),
-            model=self._model.statistics(),
-            supervisor=self._supervisor.statistics(),
-            embeddings=self._embedder.statistics() if self._embedder else EmbeddingStatistics(),
-        )
+        return self._status_unit(model).statistics()
 
     @property
     def state(self) -> RuntimeState:
-        """What ``status().state`` says, without the rest of the snapshot."""
-        return self._state
+        """What ``status().state`` says of the default model, without the rest of the snapshot."""
+        return self._default.state
 
-    def status(self) -> RuntimeStatus:
-        """A frozen snapshot: model, memory (bytes), slots, queue and request counts."""
-        mailbox = self._mailbox.statistics()
-        sup = self._supervisor.statistics() if self._supervisor else None
-        model = self._model.statistics() if self._model else None
-        info = self._backend.info if self._backend else None
-        o = self._outcomes
-        return RuntimeStatus(
-            state=self._state,
-            failure=sup.failure if sup else None,
-            model=info.name if info else self.config.model,
-            backend=self.config.backend if info is None else info.backend,
-            weights_bytes=info.weights_bytes if info else 0,
-            kv_bytes_per_slot=info.kv_bytes_per_slot if info else 0,
-            n_ctx_per_slot=self.config.n_ctx_per_slot,
-            slots_configured=self._slots_configured,
-            slots_auto=self.config.slots == "auto",
-            slots_effective=sup.slots_effective if sup else 0,
-            slots_target=sup.slots_target if sup else 0,
-            slots_busy=sup.slots_busy if sup else 0,
-            queue_depth=mailbox.depth,
-            queue_capacity=mailbox.capacity,
-            requests_admitted=mailbox.admitted,
-            requests_in_flight=len(self._in_flight),
-            requests_completed=o["stop"] + o["length"],
-            requests_cancelled=o["cancel"],
-            requests_failed=o["error"],
-            requests_rejected=mailbox.rejected,
-            restarts=(sup.slot_restarts + sup.model_restarts) if sup else 0,
-            steps=model.steps if model else 0,
-            kv_cache_type=self.config.kv_cache_type,
-            resizes=len(sup.resizes) if sup else 0,
-            last_resize=sup.resizes[-1] if sup and sup.resizes else None,
-            memory=sup.memory if sup else None,
-            batched=info.batched if info else True,
-            model_instances=info.instances if info else 0,
-            weights_resident_bytes=info.weights_bytes * info.weights_copies if info else 0,
-        )
+    def status(self, model: str | None = None) -> RuntimeStatus:
+        """A frozen snapshot of ``model`` (default: the default model): memory (bytes), slots,
+        queue and request counts.
 
-    async def resize(self, slots: int) -> ResizeRecord | None:
-        """Change the slot count by hand, live: weights kept, no request dropped or changed.
-
-        Shrinking waits for the retired slots to finish the requests they hold.
-        :returns: what was done (pause and drain in seconds), or None if ``slots`` is current;
-            if no context of ``slots`` could be built, a record whose ``error`` says why (the old
-            count serves on).
-        :raises ConfigError: if ``slots`` is outside 1..1,024.
-        :raises RuntimeClosedError: if the runtime is not ready.
+        :raises ModelNotFoundError: if ``model`` is not in the registry.
+        :raises RuntimeClosedError: if it is not loading or loaded.
         """
-        if not 1 <= slots <= 1024:
-            raise ConfigError(f"slots is {slots}; it must be between 1 and 1,024")
-        self._check_ready()
-        assert self._supervisor is not None
-        return await self._supervisor.resize(slots, "manual")
+        return self._status_unit(model).status()
+
+    def _status_unit(self, model: str | None) -> ModelUnit:
+        spec = None if model is None else self.models.get(model)
+        if spec is None or spec.name == DEFAULT_NAME:
+            return self._default
+        entry = self._loaded.get(spec.name)
+        if entry is None:
+            raise RuntimeClosedError(f"model {spec.name!r} is not loaded")
+        return entry.unit
+
+    def loaded_models(self) -> list[LoadedModel]:
+        """Every model loading or loaded (the default first): size, slots, keep_alive, expiry."""
+        return self._loaded.listing()
+
+    async def resize(self, slots: int, *, model: str | None = None) -> ResizeRecord | None:
+        """Change the slot count of ``model`` by hand, live (ModelUnit.resize)."""
+        return await self._status_unit(model).resize(slots)

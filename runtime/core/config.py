@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from runtime.core.durations import parse_keep_alive
 from runtime.core.errors import ConfigError
 
 __all__ = [
@@ -102,6 +103,15 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Longest wait before a restart, in seconds."""
     stream_buffer: int = 8
     """Chunks a slot may run ahead of a caller who is not reading, before it pauses itself."""
+    models_dir: str = ""
+    """A folder whose every ``*.gguf`` is served too, under its file stem (runtime.core.registry);
+    loaded on its first request. Empty: the default model only (and ``[models.NAME]`` tables)."""
+    max_loaded_models: int = 3
+    """Models loaded at once at most (Ollama's OLLAMA_MAX_LOADED_MODELS); loading one more first
+    unloads the least recently used idle one."""
+    keep_alive: str = "5m"
+    """How long a model other than the default stays loaded once idle (Ollama's keep_alive: a
+    duration, 0 unloads when idle, negative keeps it loaded); a request's keep_alive overrides it."""
 
     def __post_init__(self) -> None:
         limits = {
@@ -116,6 +126,7 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "main_gpu": (0, MAX_GPUS - 1),
             "restart_intensity": (0, 1_000_000),
             "stream_buffer": (1, 1 << 16),
+            "max_loaded_models": (1, 1024),
         }
         for name, (low, high) in limits.items():
             value = getattr(self, name)
@@ -144,6 +155,7 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} is {getattr(self, name)}; it must be >= 0")
         parse_tensor_split(self.tensor_split)
+        parse_keep_alive(self.keep_alive)
         if not 0 <= self.memory_headroom_fraction < 1:
             raise ConfigError(
                 f"memory_headroom_fraction is {self.memory_headroom_fraction}; it must be in [0, 1)"

@@ -8,6 +8,8 @@
     │   ├── ContextOverflowError  prompt + max_tokens do not fit the slot's context
     │   └── EmbeddingsUnsupportedError  the model or backend cannot embed text
     ├── QueueFullError            the mailbox is full (admission refused)
+    ├── ModelNotFoundError        a request names a model the registry does not hold
+    ├── ModelMemoryError          a model does not fit in memory, whatever is evicted
     ├── ModelLoadError            the weights could not be found or loaded
     │   └── ResizeFailedError     a new context could not be built; the old count serves on
     ├── RuntimeClosedError        the runtime is not running (not started, closing or closed)
@@ -27,6 +29,8 @@ __all__ = [
     "GenerationError",
     "InvalidRequestError",
     "ModelLoadError",
+    "ModelMemoryError",
+    "ModelNotFoundError",
     "QueueFullError",
     "ResizeFailedError",
     "RuntimeClosedError",
@@ -110,6 +114,38 @@ class QueueFullError(SlotserveError):
         self.waited_s = waited_s
         waited = "" if waited_s is None else f" after waiting {waited_s:g} s"
         super().__init__(f"mailbox is full ({capacity} queued, max_queue={capacity}){waited}")
+
+
+class ModelNotFoundError(SlotserveError):
+    """A request names a model that is not in the registry (no request can name a path).
+
+    :ivar name: the name asked for.
+    """
+
+    def __init__(self, name: str, served: list[str]) -> None:
+        self.name = name
+        listed = ", ".join(served[:8]) + (", ..." if len(served) > 8 else "")
+        super().__init__(f"model {preview(name)} not found; this server serves: {listed}")
+
+
+class ModelMemoryError(SlotserveError):
+    """A model cannot be loaded: even with every idle, unpinned model evicted and idle slots
+    shrunk, memory has no room for it (refused at once, never waited on).
+
+    :ivar needed_bytes: bytes the model needs (weights and its starting slots' KV cache).
+    :ivar free_bytes: bytes free for models now (after the headroom).
+    :ivar reclaimable_bytes: bytes that evicting and shrinking could free at most.
+    """
+
+    def __init__(self, model: str, needed_bytes: int, free_bytes: int, reclaimable_bytes: int) -> None:
+        self.model = model
+        self.needed_bytes = needed_bytes
+        self.free_bytes = free_bytes = max(0, free_bytes)
+        self.reclaimable_bytes = reclaimable_bytes
+        super().__init__(
+            f"model {model!r} needs {needed_bytes:,} bytes; {free_bytes:,} bytes are free and evicting "
+            f"idle models could free {reclaimable_bytes:,} more"
+        )
 
 
 class ModelLoadError(SlotserveError):

@@ -4,7 +4,8 @@ POST /v1/embeddings, over ``rt.embed`` (inputs waiting together share one decode
 - /api/embed: ``input`` a string or a list of strings, ``truncate`` (default true: an input
   longer than the slot's context is cut to it; false: 400), ``dimensions`` (0 or at least the
   model's width: every dimension; fewer: the first ``dimensions``, normalised again, as Ollama
-  does), ``keep_alive`` validated (the model stays loaded), ``options`` ignored. Answers
+  does), ``keep_alive`` as for generating (how long a registry model stays loaded once idle),
+  ``options`` ignored. Answers
   ``{model, embeddings, total_duration, load_duration, prompt_eval_count}``, the vectors
   L2-normalised. An empty ``input`` ("" or []) answers no embeddings, as Ollama does (a client's
   way to load the model); an empty string in a list is a 400.
@@ -115,8 +116,13 @@ class EmbeddingsApi:
             Route("/v1/embeddings", s.guarded(OPENAI_ERRORS, self.openai_embeddings), methods=["POST"]),
         ]
 
-    def _width(self) -> int:
-        return self._server.runtime.backend.info.embedding_length
+    async def _width(self, model: str | None, keep_alive: float | None) -> int:
+        """The embedding length of ``model`` (None: the default model), loading it first."""
+        rt = self._server.runtime
+        if model is not None:
+            await rt.load(model, keep_alive)
+        backend = rt.loaded_backend(model)
+        return backend.info.embedding_length if backend is not None else 0
 
     async def ollama_embed(self, request: Request) -> Response:
         """POST /api/embed (see the module docstring).
@@ -125,17 +131,18 @@ class EmbeddingsApi:
         """
         s = self._server
         body = await s.read(request, OllamaEmbedBody)
-        s.check(body.model)
-        keep_alive_s(body.keep_alive)
+        model = s.check(body.model)
+        keep = keep_alive_s(body.keep_alive)
         texts = [body.input] if isinstance(body.input, str) else body.input
         if body.dimensions < 0:
             raise InvalidRequestError(f"dimensions is {body.dimensions}; it must be 0 (all) or more")
         if not any(texts) and len(texts) <= 1:  # "" or []: Ollama loads the model and answers none
             return _json({"model": body.model, "embeddings": []})
-        dimensions = body.dimensions if 0 < body.dimensions < self._width() else None
+        dimensions = body.dimensions if 0 < body.dimensions < await self._width(model, keep) else None
         result = await s.runtime.embed(
-            EmbedRequest(inputs=tuple(texts), truncate=body.truncate, dimensions=dimensions)
-        )
+            EmbedRequest(inputs=tuple(texts), truncate=body.truncate, dimensions=dimensions),
+            model=model, keep_alive=keep,
+        )  # fmt: skip
         return _json(
             {
                 "model": body.model,
@@ -150,21 +157,22 @@ class EmbeddingsApi:
         """POST /api/embeddings, the legacy form (see the module docstring)."""
         s = self._server
         body = await s.read(request, OllamaEmbeddingsBody)
-        s.check(body.model)
-        keep_alive_s(body.keep_alive)
+        model = s.check(body.model)
+        keep = keep_alive_s(body.keep_alive)
         if not body.prompt:
             return _json({"embedding": []})
-        result = await s.runtime.embed(EmbedRequest(inputs=(body.prompt,), normalize=False))
+        request_ = EmbedRequest(inputs=(body.prompt,), normalize=False)
+        result = await s.runtime.embed(request_, model=model, keep_alive=keep)
         return _json({"embedding": result.vectors[0]})
 
     async def openai_embeddings(self, request: Request) -> Response:
         """POST /v1/embeddings (see the module docstring)."""
         s = self._server
         body = await s.read(request, OpenAIEmbeddingBody)
-        s.check(body.model)
+        model = s.check(body.model)
         inputs = openai_inputs(body.input)
         result = await s.runtime.embed(
-            EmbedRequest(inputs=inputs, truncate=False, dimensions=body.dimensions)
+            EmbedRequest(inputs=inputs, truncate=False, dimensions=body.dimensions), model=model
         )
         return _json(
             {

@@ -10,6 +10,8 @@ EmbeddingsUnsupportedError                         400, code ``embeddings_unsupp
 HTTPException raised by the server (unknown        its own (404, 413)
 model, body too large)
 QueueFullError                                     503 with Retry-After
+ModelMemoryError (a model that cannot fit)         503, code ``insufficient_memory``
+ModelNotFoundError                                 404, code ``model_not_found``
 RuntimeClosedError (loading, closing)              503 with Retry-After
 RuntimeFailedError                                 503
 GenerationError (a slot crashed mid-request)       500
@@ -33,6 +35,8 @@ from runtime.core.errors import (
     EmbeddingsUnsupportedError,
     GenerationError,
     InvalidRequestError,
+    ModelMemoryError,
+    ModelNotFoundError,
     QueueFullError,
     RuntimeClosedError,
     RuntimeFailedError,
@@ -81,6 +85,10 @@ def http_error(exc: BaseException, retry_after_s: int) -> HttpError:
         )
     if isinstance(exc, QueueFullError):
         return HttpError(status=503, message=f"server busy: {exc}", code="queue_full", headers=retry)
+    if isinstance(exc, ModelMemoryError):
+        return HttpError(status=503, message=str(exc), code="insufficient_memory")
+    if isinstance(exc, ModelNotFoundError):
+        return HttpError(status=404, message=str(exc), code="model_not_found")
     if isinstance(exc, RuntimeFailedError):
         return HttpError(status=503, message=str(exc), code="runtime_failed")
     if isinstance(exc, RuntimeClosedError):

@@ -25,11 +25,19 @@ from pathlib import Path
 import anyio
 
 from runtime.backends.base import MetadataValue
+from runtime.backends.gguf_metadata import read_gguf_metadata
 from runtime.backends.model_files import resolve_model
 from runtime.core.errors import ModelLoadError, RuntimeClosedError
 from runtime.runtime import Runtime
 
-__all__ = ["SHOWN_ARRAY_ITEMS", "ModelFacts", "details", "file_type_name", "parameter_size"]
+__all__ = [
+    "SHOWN_ARRAY_ITEMS",
+    "ModelFacts",
+    "details",
+    "file_type_name",
+    "parameter_size",
+    "registry_listing",
+]
 
 SHOWN_ARRAY_ITEMS = 5
 """Arrays longer than this are shown empty unless verbose (Ollama's /api/show)."""
@@ -177,3 +185,28 @@ class ModelFacts:
                 lambda: backend.metadata(max_array_items=SHOWN_ARRAY_ITEMS)
             )
         return self._metadata
+
+
+def _file_facts(name: str, path: str) -> tuple[int, float | None, str, dict[str, MetadataValue] | None]:
+    """(size on disk, mtime, SHA-256, metadata) of a registry model's file; for a file that is
+    not there (a fake backend's name), (0, None, the SHA-256 of the name, None)."""
+    file = Path(path)
+    try:
+        stat = file.stat()
+        meta = read_gguf_metadata(file, max_array_items=SHOWN_ARRAY_ITEMS)
+    except (OSError, ModelLoadError):
+        return 0, None, hashlib.sha256(name.encode()).hexdigest(), None
+    return stat.st_size, stat.st_mtime, _sha256(file), meta
+
+
+async def registry_listing(name: str, path: str, backend: str, fallback_s: float) -> dict[str, object]:
+    """A registry model as /api/tags and /api/ps list it (the file read in a worker thread; its
+    digest kept per file version)."""
+    size, mtime, digest, meta = await anyio.to_thread.run_sync(
+        _file_facts, name, path, abandon_on_cancel=True
+    )
+    when = dt.datetime.fromtimestamp(fallback_s if mtime is None else mtime, dt.UTC)
+    return {
+        "name": name, "model": name, "modified_at": when.isoformat().replace("+00:00", "Z"), "size": size,
+        "digest": digest, "details": details(meta, backend),
+    }  # fmt: skip

@@ -1,11 +1,13 @@
-"""The names the one model is served under. A request names a model; nothing is ever loaded
-from that name: it must be one of these, or the request gets 404.
+"""The names the models are served under. A request names a model; nothing is ever loaded
+from a path: the name must be one of the default model's names below or a registry model's
+(runtime.core.registry: ``--models-dir`` and ``[models.NAME]``), or the request gets 404.
 
 The primary name is ``ServerSettings.model_name`` or the GGUF file's name without ``.gguf``
 (``SmolLM2-135M-Instruct.Q4_1`` for the embedded model). Also accepted: the file's name,
 ``default``, ``slotserve`` and the GGUF's ``general.name``; each with or without Ollama's
 ``:latest`` tag, in any letter case (Ollama's names are case-insensitive). /api/tags lists
-each but ``general.name`` as ``name:latest``, the way Ollama lists its models.
+each but ``general.name`` as ``name:latest``, the way Ollama lists its models, then every
+registry model as ``NAME:latest``. A default-model name wins over a registry model of the same.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from runtime.backends.model_files import resolve_model
 from runtime.core.errors import ModelLoadError, RuntimeClosedError
+from runtime.core.registry import DEFAULT_NAME
 from runtime.runtime import Runtime
 from runtime.server.errors import model_not_found
 
@@ -71,12 +74,32 @@ class ModelNames:
         return frozenset(n.casefold() for n in names)
 
     def check(self, name: str) -> None:
-        """Accept ``name`` if it names the served model.
+        """Accept ``name`` if it names a served model.
 
         :raises HTTPException: 404 if it names any other model (or a file path).
+        """
+        self.route(name)
+
+    def route(self, name: str) -> str | None:
+        """The registry name ``name`` routes to: None for the default model.
+
+        :raises HTTPException: 404 if it names no served model (or a file path).
         """
         key = name.casefold()
         if key.endswith(_TAG):
             key = key[: -len(_TAG)]
-        if key not in self.accepted():
-            raise model_not_found(name, self.primary)
+        if key in self.accepted():
+            return None
+        models = self._runtime.models
+        if key in models and key != DEFAULT_NAME:
+            return models.get(key).name
+        raise model_not_found(name, self.primary)
+
+    def registry_listed(self) -> list[str]:
+        """The registry models besides the default, each as ``NAME:latest`` (for /api/tags)."""
+        accepted = self.accepted()
+        return [
+            f"{n}{_TAG}"
+            for n in self._runtime.models.names()
+            if n != DEFAULT_NAME and n.casefold() not in accepted
+        ]

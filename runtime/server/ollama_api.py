@@ -26,9 +26,15 @@ from starlette.routing import Route
 
 from runtime.core.messages import ChatRequest, Chunk, Completion, GenerateRequest, RequestStats, TokenLogprob
 from runtime.core.tools import ToolCall
-from runtime.server.context import ServerContext
+from runtime.server.context import ModelAction, ServerContext
 from runtime.server.errors import HttpError
-from runtime.server.ollama_wire import OllamaChatBody, OllamaGenerateBody, chat_request, generate_request
+from runtime.server.ollama_wire import (
+    OllamaChatBody,
+    OllamaGenerateBody,
+    chat_request,
+    generate_request,
+    keep_alive_s,
+)
 from runtime.server.tool_calls import CallHoldback, ollama_call
 
 __all__ = ["OLLAMA_ERRORS", "LogOnce", "OllamaApi", "OllamaFraming"]
@@ -127,9 +133,10 @@ class OllamaFraming:
         _with_calls(out, completion.tool_calls)
         return _encode(self._with_logprobs(out, completion.logprobs))
 
-    def loaded(self) -> bytes:
-        """Ollama's answer to an empty prompt: the model is loaded (it always is here)."""
-        return _encode(self._object("", done=True, done_reason="load"))
+    def loaded(self, done_reason: str = "load") -> bytes:
+        """Ollama's answer to an empty prompt: the model is loaded (``load``), or will unload
+        once idle (``unload``, for keep_alive 0)."""
+        return _encode(self._object("", done=True, done_reason=done_reason))
 
     def error(self, error: HttpError) -> bytes:
         """``{"error": message}``."""
@@ -147,7 +154,7 @@ def _framing(
     server: ServerContext, *, chat: bool
 ) -> Callable[[OllamaGenerateBody | OllamaChatBody], OllamaFraming]:
     return lambda body: OllamaFraming(
-        body.model, chat=chat, pieces=server.runtime.backend.pieces,
+        body.model, chat=chat, pieces=server.pieces(body.model),
         tools=isinstance(body, OllamaChatBody) and bool(body.tools) and body.tool_choice != "none",
     )  # fmt: skip
 
@@ -188,15 +195,29 @@ class OllamaApi:
             Route("/api/chat", s.guarded(OLLAMA_ERRORS, chat), methods=["POST"]),
         ]
 
-    def _generate_request(self, body: OllamaGenerateBody) -> GenerateRequest | ChatRequest | Response:
+    def _generate_request(self, body: OllamaGenerateBody) -> GenerateRequest | ChatRequest | ModelAction:
         """POST /api/generate: complete a prompt (templated unless ``raw``); an empty prompt
-        only asks that the model be loaded."""
-        req = generate_request(body, self._server.runtime.config.n_ctx_per_slot, self._notice)
-        if req is None:
-            loaded = OllamaFraming(body.model, chat=False).loaded()
+        only asks that the model be loaded, or with keep_alive 0 unloaded (Ollama's idiom)."""
+        req = generate_request(body, self._server.n_ctx_per_slot(body.model), self._notice)
+        if req is not None:
+            return req
+        keep = keep_alive_s(body.keep_alive)
+        rt = self._server.runtime
+
+        async def load_or_unload(model: str | None) -> Response:
+            if keep == 0:
+                if model is not None:
+                    await rt.unload(model)
+                reason = "unload" if model is not None else "load"  # the default model stays
+            else:
+                if model is not None:
+                    await rt.load(model, keep)
+                reason = "load"
+            loaded = OllamaFraming(body.model, chat=False).loaded(reason)
             return Response(loaded, media_type="application/json")
-        return req
+
+        return load_or_unload
 
     def _chat_request(self, body: OllamaChatBody) -> ChatRequest:
         """POST /api/chat: answer the messages through the model's chat template."""
-        return chat_request(body, self._server.runtime.config.n_ctx_per_slot, self._notice)
+        return chat_request(body, self._server.n_ctx_per_slot(body.model), self._notice)

@@ -23,18 +23,21 @@ written as Ollama writes them (its ``api/types.go`` and ``server/routes.go``).
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from runtime.backends.base import Backend, MetadataValue
-from runtime.core.errors import InvalidRequestError
+from runtime.backends.gguf_metadata import read_gguf_metadata
+from runtime.core.errors import InvalidRequestError, ModelLoadError
 from runtime.core.messages import GenerateRequest
 from runtime.server.context import ServerContext
-from runtime.server.model_facts import details
+from runtime.server.model_facts import SHOWN_ARRAY_ITEMS, details, registry_listing
 from runtime.server.ollama_api import OLLAMA_ERRORS
 from runtime.server.versions import OLLAMA_VERSION, slotserve_version
 
@@ -125,8 +128,14 @@ class OllamaModelsApi:
         }
 
     async def tags(self, request: Request) -> Response:
-        """GET /api/tags: the one model under each of its names."""
-        models = [await self._listing(name) for name in self._server.names.listed()]
+        """GET /api/tags: the default model under each of its names, then every registry
+        model, loaded or not."""
+        names = self._server.names
+        models = [await self._listing(name) for name in names.listed()]
+        backend = self._server.runtime.config.backend
+        for name in names.registry_listed():
+            spec = self._server.runtime.models.get(name)
+            models.append(await registry_listing(name, spec.path, backend, self._server.created_s))
         return Response(_encode({"models": models}), media_type="application/json")
 
     async def ps(self, request: Request) -> Response:
@@ -144,7 +153,21 @@ class OllamaModelsApi:
             "context_length": status.n_ctx_per_slot,
             "slotserve": {k: getattr(status, k) for k in _PS_FIELDS},
         }
-        return Response(_encode({"models": [model]}), media_type="application/json")
+        models = [model]
+        for loaded in rt.loaded_models()[1:]:  # the registry's, loading or loaded
+            listing = await registry_listing(
+                f"{loaded.name}:latest", loaded.path, rt.config.backend, self._server.created_s
+            )
+            expires = loaded.expires_at_unix_s
+            models.append(listing | {
+                "size": loaded.size_bytes,
+                "size_vram": loaded.size_vram_bytes,
+                "expires_at": _iso(self._server.created_s + _GO_MAX_DURATION_S if expires is None else expires),
+                "context_length": loaded.n_ctx_per_slot,
+                "slotserve": {"state": loaded.state, "slots_effective": loaded.slots, "slots_busy": loaded.slots_busy,
+                              "pinned": loaded.pinned, "n_ctx_per_slot": loaded.n_ctx_per_slot},
+            })  # fmt: skip
+        return Response(_encode({"models": models}), media_type="application/json")
 
     async def show(self, request: Request) -> Response:
         """/api/show: what the model is (see the module docstring).
@@ -162,33 +185,55 @@ class OllamaModelsApi:
             body = await s.read(request, OllamaShowBody)
         name = body.model_name
         s.host.check_ready()
-        s.names.check(name)
-        meta = await s.facts.metadata(verbose=body.verbose) or {}
+        routed = s.names.route(name)
+        if routed is not None:  # a registry model: read from its file, loaded or not
+            meta, backend, path, modified = await self._registry_facts(routed, verbose=body.verbose)
+        else:
+            meta = await s.facts.metadata(verbose=body.verbose) or {}
+            backend, path = s.runtime.backend, s.facts.file()
+            modified = s.facts.modified_at(s.created_s)
         answer = {
             "license": _text(meta.get("general.license")),
-            "modelfile": self._modelfile(),
-            "parameters": "\n".join(f"{k:<30} {v}" for k, v in self._parameters()),
+            "modelfile": self._modelfile(path, s.n_ctx_per_slot(name)),
+            "parameters": "\n".join(f"{k:<30} {v}" for k, v in self._parameters(s.n_ctx_per_slot(name))),
             "template": _text(meta.get("tokenizer.chat_template")),
             "details": details(meta, s.runtime.config.backend),
             "model_info": {k: meta[k] for k in sorted(meta) if k not in _HIDDEN_KEYS},
             "capabilities": capabilities(
-                s.runtime.backend.info.embedding_length, tools=calls_tools(s.runtime.backend)
+                backend.info.embedding_length if backend else 0,
+                tools=calls_tools(backend) if backend else False,
             ),
-            "modified_at": s.facts.modified_at(s.created_s),
+            "modified_at": modified,
         }
         return Response(_encode(answer), media_type="application/json")
 
-    def _parameters(self) -> list[tuple[str, str]]:
+    async def _registry_facts(
+        self, name: str, *, verbose: bool
+    ) -> tuple[dict[str, MetadataValue], Backend | None, Path | None, str]:
+        """(metadata, its backend if loaded, file, modified_at) of a registry model."""
+        s = self._server
+        path: Path | None = Path(s.runtime.models.get(name).path)
+        listing = await registry_listing(
+            name, s.runtime.models.get(name).path, s.runtime.config.backend, s.created_s
+        )
+        items = None if verbose else SHOWN_ARRAY_ITEMS
+        try:
+            meta = await anyio.to_thread.run_sync(
+                lambda: read_gguf_metadata(str(path), max_array_items=items)
+            )
+        except ModelLoadError:  # not a file here (a fake backend's name)
+            meta, path = {}, None
+        return meta, s.runtime.loaded_backend(name), path, str(listing["modified_at"])
+
+    def _parameters(self, n_ctx: int) -> list[tuple[str, str]]:
         """The slot's context and the sampling defaults a request without options gets."""
-        n_ctx = self._server.runtime.config.n_ctx_per_slot
         return [("num_ctx", str(n_ctx)), *((k, _value(getattr(_DEFAULTS, k))) for k in _PARAMETERS)]
 
-    def _modelfile(self) -> str:
+    def _modelfile(self, path: Path | None, n_ctx: int) -> str:
         """An Ollama Modelfile that would build this model (Ollama reads the chat template from
         the GGUF itself)."""
-        path = self._server.facts.file()
         lines = ["# Modelfile generated by slotserve", f"FROM {path or self._server.names.primary}"]
-        lines += [f"PARAMETER {k} {v}" for k, v in self._parameters()]
+        lines += [f"PARAMETER {k} {v}" for k, v in self._parameters(n_ctx)]
         return "\n".join(lines) + "\n"
 
     async def version(self, request: Request) -> Response:

@@ -28,7 +28,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runtime.core.errors import RuntimeClosedError
 from runtime.core.messages import Chunk, Completion, RequestStats, TokenLogprob
 from runtime.core.tools import ToolCall
 from runtime.server.context import ServerContext
@@ -268,7 +267,7 @@ class OpenAIApi:
         fingerprint, server = self._fingerprint, self._server
         return lambda body: OpenAIFraming(
             body.model, chat=chat, include_usage=body.include_usage, system_fingerprint=fingerprint,
-            pieces=server.runtime.backend.pieces,
+            pieces=server.pieces(body.model),
             tools=isinstance(body, OpenAIChatBody) and body.calls_tools,
         )  # fmt: skip
 
@@ -289,24 +288,26 @@ class OpenAIApi:
         ]
 
     def _object(self, name: str) -> dict[str, Any]:
-        """OpenAI's model object, with Ollama's ``capabilities`` of the model added (as /api/show)
-        once it is loaded."""
+        """OpenAI's model object, with Ollama's ``capabilities`` of the model ``name`` names added
+        (as /api/show) once it is loaded."""
         out: dict[str, Any] = {
             "id": name,
             "object": "model",
             "created": self._server.created_s,
             "owned_by": "slotserve",
         }
-        try:
-            backend = self._server.runtime.backend
-        except RuntimeClosedError:  # still loading
+        backend = self._server.runtime.loaded_backend(self._server.names.route(name))
+        if backend is None:  # still loading, or a registry model not loaded
             return out
         out["capabilities"] = capabilities(backend.info.embedding_length, tools=calls_tools(backend))
         return out
 
     async def models(self, request: Request) -> Response:
-        """GET /v1/models: the one model this server serves, under its primary name."""
-        body = {"object": "list", "data": [self._object(self._server.names.primary)]}
+        """GET /v1/models: every model this server serves: the default under its primary name,
+        then the registry's, loaded or not."""
+        names = self._server.names
+        listed = [names.primary, *(n.removesuffix(":latest") for n in names.registry_listed())]
+        body = {"object": "list", "data": [self._object(name) for name in listed]}
         return Response(_encode(body), media_type="application/json")
 
     async def model(self, request: Request) -> Response:

@@ -40,6 +40,7 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from runtime.core.config import RuntimeConfig
+from runtime.runtime import Runtime
 from runtime.server.app import create_app
 from runtime.server.origins import binds_loopback
 from runtime.server.settings import ServerSettings
@@ -228,8 +229,11 @@ async def _stop_on_signals(stop: anyio.Event, force: anyio.Event) -> None:
             (force if stop.is_set() else stop).set()
 
 
-async def serve(config: RuntimeConfig, settings: ServerSettings, *, log_level: str = "info") -> None:
-    """Serve ``config``'s model on ``settings.host``:``settings.port`` until SIGINT or SIGTERM.
+async def serve(
+    config: RuntimeConfig | Runtime, settings: ServerSettings, *, log_level: str = "info"
+) -> None:
+    """Serve ``config``'s models (or a Runtime not yet entered: the server runs it) on
+    ``settings.host``:``settings.port`` until SIGINT or SIGTERM.
 
     :raises OSError: if the address cannot be bound (in use, or not an address of this host).
     """
