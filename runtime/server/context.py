@@ -18,13 +18,12 @@ from starlette.responses import Response
 from runtime.core.choices import ChoiceStream
 from runtime.core.errors import RuntimeClosedError
 from runtime.core.messages import ChatRequest, GenerateRequest
-from runtime.core.ticket import ResponseStream
-from runtime.runtime import Runtime
 from runtime.server.body import decode_body, read_body
 from runtime.server.host import RuntimeHost
 from runtime.server.model_facts import ModelFacts
 from runtime.server.names import ModelNames
 from runtime.server.reply import Framing, ReplyResponse, error_response
+from runtime.server.served import ChunkStream, ServedRuntime
 from runtime.server.settings import ServerSettings
 
 __all__ = ["ServerContext"]
@@ -63,7 +62,7 @@ class ServerContext:
     _stopping: bool = False
 
     @property
-    def runtime(self) -> Runtime:
+    def runtime(self) -> ServedRuntime:
         """The served runtime."""
         return self.host.runtime
 
@@ -122,7 +121,7 @@ class ServerContext:
         :raises InvalidRequestError: if max_tokens is over ``max_tokens_cap``, or ``n`` is over
             the slots.
         """
-        stream: ResponseStream | ChoiceStream
+        stream: ChunkStream | ChoiceStream
         stream = self.runtime.generate(request) if n == 1 else self.runtime.generate_choices(request, n)
         return ReplyResponse(stream, framing, streaming=streaming, retry_after_s=self.settings.retry_after_s)
 

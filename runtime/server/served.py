@@ -1,0 +1,133 @@
+"""What the HTTP app needs of the runtime it serves: a small protocol that a Runtime satisfies,
+and that a runtime elsewhere (replicas on Ray Serve, runtime.ray_serve) can satisfy too, so the
+routes are written once.
+
+::
+
+    ServedRuntime       config, registry, state, status(), backend (info, pieces, metadata),
+                        generate(), generate_choices(), embed(), async with
+    ReplicatedRuntime   a ServedRuntime of several replicas: replicas() for /health and /api/ps
+    ChunkStream         what generate() returns: an async iterator of Chunks (ResponseStream)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+import msgspec
+from prometheus_client import CollectorRegistry
+
+from runtime.backends.base import ModelInfo
+from runtime.backends.gguf_metadata import MetadataValue
+from runtime.core.choices import ChoiceStream
+from runtime.core.config import RuntimeConfig
+from runtime.core.messages import ChatRequest, Chunk, EmbedRequest, Embeddings, GenerateRequest
+from runtime.core.records import RuntimeState, RuntimeStatus
+
+__all__ = ["ChunkStream", "ReplicaStatus", "ReplicatedRuntime", "ServedBackend", "ServedRuntime"]
+
+
+class ChunkStream(Protocol):
+    """One request's chunks (a ResponseStream is one): leaving ``async with`` cancels it."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    def __aiter__(self) -> Self: ...
+
+    async def __anext__(self) -> Chunk:
+        """The next chunk; raises the request's error, if it failed."""
+        ...
+
+    def available(self) -> list[Chunk]:
+        """The chunks that have arrived, without waiting."""
+        ...
+
+
+class ServedBackend(Protocol):
+    """The loaded model as the app sees it."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def pieces(self) -> Sequence[bytes]:
+        """Token id -> its bytes (the text of log-probabilities)."""
+        ...
+
+    def metadata(self, *, max_array_items: int | None = None) -> dict[str, MetadataValue]:
+        """The model's GGUF metadata (blocking: the app calls it in a worker thread)."""
+        ...
+
+
+class ServedRuntime(Protocol):
+    """A runtime as the HTTP app sees it (a Runtime is one)."""
+
+    @property
+    def config(self) -> RuntimeConfig: ...
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """What /metrics exposes."""
+        ...
+
+    @property
+    def state(self) -> RuntimeState: ...
+
+    @property
+    def backend(self) -> ServedBackend:
+        """:raises RuntimeClosedError: while nothing is loaded."""
+        ...
+
+    def status(self) -> RuntimeStatus: ...
+
+    def generate(self, request: GenerateRequest | ChatRequest) -> ChunkStream:
+        """Admit ``request``; raises as Runtime.generate."""
+        ...
+
+    def generate_choices(self, request: GenerateRequest | ChatRequest, n: int) -> ChoiceStream:
+        """Admit ``n`` choices of ``request``; raises as Runtime.generate_choices."""
+        ...
+
+    async def embed(self, inputs: EmbedRequest) -> Embeddings:
+        """Embed; raises as Runtime.embed."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+class ReplicaStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One replica of a replicated runtime, as /health and /api/ps list it; counts in slots and
+    requests."""
+
+    id: str
+    """The replica's id (Ray Serve's replica id)."""
+    state: RuntimeState
+    node: str = ""
+    """Where it runs (a node id or host name)."""
+    slots: int = 0
+    """Slots running now (slots_effective)."""
+    busy: int = 0
+    """Slots serving a request."""
+    queue: int = 0
+    """Requests waiting in its mailbox."""
+    queue_capacity: int = 0
+    failure: str | None = None
+
+
+@runtime_checkable
+class ReplicatedRuntime(ServedRuntime, Protocol):
+    """A runtime made of replicas: each one's figures for /health and /api/ps."""
+
+    def replicas(self) -> list[ReplicaStatus]:
+        """Every replica known now, in a stable order."""
+        ...
