@@ -70,6 +70,7 @@ def build_app(
     ingress_replicas: int = 1,
     graceful_shutdown_timeout_s: float = 120.0,
     health_check_period_s: float = 10.0,
+    version: str | None = None,
 ) -> Application:
     """The Serve application of ``replicas`` Engine replicas behind one Ingress deployment.
 
@@ -80,6 +81,11 @@ def build_app(
     :param gpus: GPUs per Engine replica (None: :func:`gpus_per_replica`).
     :param cpus_per_replica: logical CPUs each Engine replica reserves (the Ingress and the
         Board reserve a tenth of that).
+    :param version: the deployments' version. Run again with the same version and another
+        ``replicas``, the application scales without restarting the replicas it keeps (as a
+        Serve config file does); None (Serve's way for the Python API): each ``serve.run``
+        replaces every replica, gracefully. Serve marks this option internal
+        (``Deployment.options(version=..., _internal=True)``); ray is pinned to 2.60.
     """
     config = options.config
     capacity = replica_capacity(config)
@@ -110,6 +116,8 @@ def build_app(
         max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": small_cpus},
     )
+    if version is not None:
+        board, engine, ingress = (d.options(version=version, _internal=True) for d in (board, engine, ingress))
     bound_board = board.bind(options.report_period_s)
     return ingress.bind(
         engine.bind(options, bound_board), bound_board, config, settings or ServerSettings(host="0.0.0.0")

@@ -159,7 +159,7 @@ class Engine:
         replica = ReplicaStatus(
             id=self.replica_id, state=status.state, node=self._node, slots=status.slots_effective,
             busy=status.slots_busy, queue=status.queue_depth, queue_capacity=status.queue_capacity,
-            failure=status.failure,
+            admitted=status.requests_admitted, failure=status.failure,
         )  # fmt: skip
         return ReplicaReport(replica=replica, status=status, metrics=generate_latest(self._registry), at_s=time.time())
 

@@ -66,8 +66,10 @@ _LOST = (RayActorError, RayServeException)
 
 
 def _backpressure(exc: BackPressureError) -> QueueFullError:
-    error = QueueFullError(exc.max_queued_requests)
-    error.args = (f"every replica is busy and {exc.num_queued_requests} requests wait for one (max_queued_requests={exc.max_queued_requests})",)
+    """Serve's caller queue is full: our QueueFullError (a 503 with Retry-After)."""
+    queued, limit = exc.args[0], exc.args[1]  # (num_queued_requests, max_queued_requests, ...)
+    error = QueueFullError(limit)
+    error.args = (f"every replica is busy and {queued} requests wait for one (max_queued_requests={limit})",)
     return error
 
 

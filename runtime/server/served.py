@@ -121,6 +121,8 @@ class ReplicaStatus(msgspec.Struct, frozen=True, kw_only=True):
     queue: int = 0
     """Requests waiting in its mailbox."""
     queue_capacity: int = 0
+    admitted: int = 0
+    """Requests it has admitted since it started."""
     failure: str | None = None
 
 
