@@ -74,7 +74,7 @@ def url() -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
 
 
@@ -106,7 +106,9 @@ def deploy(url: str, replicas: int, config: RuntimeConfig = FAKE) -> dict[str, A
     """Run the application with ``replicas`` Engine replicas and wait until /health lists them."""
     options = EngineOptions(config=config, fake_step_delay_s=STEP_S, report_period_s=0.5)
     version = hashlib.sha256(msgspec.json.encode(options)).hexdigest()[:16]  # scale without restarts
-    app = build_app(options, replicas=replicas, cpus_per_replica=0.1, health_check_period_s=2.0, version=version)
+    app = build_app(
+        options, replicas=replicas, cpus_per_replica=0.1, health_check_period_s=2.0, version=version
+    )
     serve.run(app, name=APP, route_prefix="/")
     return wait_for(url, f"{replicas} ready replicas", lambda b: len(ready_replicas(b)) == replicas)
 
@@ -121,7 +123,9 @@ def ollama(prompt: str, max_tokens: int, stream: bool = False) -> dict[str, Any]
     return {"model": "fake", "prompt": prompt, "stream": stream, "options": {"num_predict": max_tokens}}
 
 
-async def ndjson(client: httpx.AsyncClient, body: dict[str, Any], first: asyncio.Event | None = None) -> list[Any]:
+async def ndjson(
+    client: httpx.AsyncClient, body: dict[str, Any], first: asyncio.Event | None = None
+) -> list[Any]:
     """A streamed /api/generate: its status and frames; ``first`` is set at the first frame."""
     frames: list[Any] = []
     async with client.stream("POST", "/api/generate", json=body) as response:
@@ -160,7 +164,7 @@ def test_rank_puts_free_slots_first_and_memory_pressure_last() -> None:
         _Replica("queued", _stats(0, 1)), _Replica("one", _stats(1, 0)), _Replica("new", {}),
         _Replica("two", _stats(2, 0)), _Replica("queued3", _stats(0, 3)),
     ]  # fmt: skip
-    tiers = [[r.name for r in tier] for tier in rank(replicas)]  # type: ignore[arg-type]
+    tiers = [[r.name for r in tier] for tier in rank(replicas)]  # type: ignore[arg-type, attr-defined]
     assert tiers == [["two", "one", "new"], ["queued", "queued3"], ["full"], ["pressed"]]
 
 
@@ -199,7 +203,10 @@ async def test_busy_replica_gets_no_new_requests_and_a_cancel_frees_its_slots(
 ) -> None:
     first_id = (await asyncio.to_thread(deploy, url, 1))["replicas"][0]["id"]
     started = [asyncio.Event(), asyncio.Event()]
-    long = [asyncio.create_task(ndjson(client, ollama(f"long {i}", 400, stream=True), started[i])) for i in range(2)]
+    long = [
+        asyncio.create_task(ndjson(client, ollama(f"long {i}", 400, stream=True), started[i]))
+        for i in range(2)
+    ]
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
     body = await asyncio.to_thread(deploy, url, 2)
     other_id = next(r["id"] for r in body["replicas"] if r["id"] != first_id)
@@ -218,7 +225,9 @@ async def test_busy_replica_gets_no_new_requests_and_a_cancel_frees_its_slots(
         r["busy"] == 0 for r in b["replicas"]), timeout_s=5)  # fmt: skip
 
 
-async def test_40_concurrent_over_2_replicas_of_2_slots_and_4_queued(url: str, client: httpx.AsyncClient) -> None:
+async def test_40_concurrent_over_2_replicas_of_2_slots_and_4_queued(
+    url: str, client: httpx.AsyncClient
+) -> None:
     body = await asyncio.to_thread(deploy, url, 2)
     assert body["slots"] == 4
     before = await asyncio.to_thread(admitted, url)
@@ -268,7 +277,9 @@ async def test_a_killed_replica_fails_its_streams_in_band_and_its_queue_moves_to
                                    and victim_id not in {r["id"] for r in b["replicas"]}, timeout_s=90)  # fmt: skip
     (new_id,) = {r["id"] for r in body["replicas"]} - ids
     before = await asyncio.to_thread(admitted, url)
-    answers = await asyncio.gather(*(client.post("/api/generate", json=ollama(f"n{i}", 30)) for i in range(8)))
+    answers = await asyncio.gather(
+        *(client.post("/api/generate", json=ollama(f"n{i}", 30)) for i in range(8))
+    )
     assert [r.status_code for r in answers] == [200] * 8
     after = await asyncio.to_thread(admitted, url)
     assert after[new_id] - before.get(new_id, 0) > 0  # the replacement takes traffic
@@ -277,7 +288,9 @@ async def test_a_killed_replica_fails_its_streams_in_band_and_its_queue_moves_to
 async def test_scaling_2_to_1_loses_no_request_in_flight(url: str, client: httpx.AsyncClient) -> None:
     await asyncio.to_thread(deploy, url, 2)
     tasks = [asyncio.create_task(ndjson(client, ollama(f"d{i}", 100, stream=True))) for i in range(10)]
-    await asyncio.to_thread(wait_for, url, "every replica busy", lambda b: all(r["busy"] == 2 for r in b["replicas"]))
+    await asyncio.to_thread(
+        wait_for, url, "every replica busy", lambda b: all(r["busy"] == 2 for r in b["replicas"])
+    )
     await asyncio.to_thread(deploy, url, 1)
     results = await asyncio.gather(*tasks)
     assert [f[0] for f in results] == [200] * 10

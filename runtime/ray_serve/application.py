@@ -18,6 +18,7 @@ import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
+from ray.serve.deployment import Deployment
 
 from runtime.core.config import RuntimeConfig
 from runtime.ray_serve.engine import Board, Engine
@@ -56,7 +57,7 @@ def gpus_per_replica(config: RuntimeConfig) -> float:
     cluster has GPUs; else 0."""
     if config.backend == "fake" or config.n_gpu_layers == 0:
         return 0.0
-    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0  # type: ignore[no-untyped-call]
     return 1.0 if gpus > 0 else 0.0
 
 
@@ -90,10 +91,11 @@ def build_app(
     config = options.config
     capacity = replica_capacity(config)
     small_cpus = max(0.01, cpus_per_replica / 10)
-    board = serve.deployment(Board, name="Board", num_replicas=1, max_ongoing_requests=1024,
-                             ray_actor_options={"num_cpus": small_cpus})  # fmt: skip
-    engine = serve.deployment(
-        Engine,
+    board: Deployment = serve.deployment(
+        name="Board", num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": small_cpus}
+    )(Board)
+    router = RequestRouterConfig(request_router_class=FreeSlotsRouter, request_routing_stats_period_s=1.0)  # type: ignore[arg-type]  # pydantic
+    engine: Deployment = serve.deployment(
         name="Engine",
         num_replicas=replicas,
         max_ongoing_requests=capacity,
@@ -105,23 +107,23 @@ def build_app(
         health_check_period_s=health_check_period_s,
         graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=0.5,
-        request_router_config=RequestRouterConfig(
-            request_router_class=FreeSlotsRouter, request_routing_stats_period_s=1.0
-        ),
-    )
-    ingress = serve.deployment(
-        serve.ingress()(Ingress),
+        request_router_config=router,
+    )(Engine)
+    ingress: Deployment = serve.deployment(
         name="Ingress",
         num_replicas=ingress_replicas,
         max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": small_cpus},
-    )
+    )(serve.ingress()(Ingress))
     if version is not None:
-        board, engine, ingress = (d.options(version=version, _internal=True) for d in (board, engine, ingress))
+        board, engine, ingress = (
+            d.options(version=version, _internal=True) for d in (board, engine, ingress)
+        )
     bound_board = board.bind(options.report_period_s)
-    return ingress.bind(
+    app: Application = ingress.bind(
         engine.bind(options, bound_board), bound_board, config, settings or ServerSettings(host="0.0.0.0")
     )
+    return app
 
 
 def app_builder(args: dict[str, Any]) -> Application:

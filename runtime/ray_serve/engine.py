@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from runtime.backends.base import ModelInfo
 from runtime.backends.gguf_metadata import MetadataValue
 from runtime.core.errors import RuntimeClosedError, RuntimeFailedError
-from runtime.core.messages import ChatRequest, Chunk, EmbedRequest, Embeddings, GenerateRequest
+from runtime.core.messages import ChatRequest, Chunk, Embeddings, EmbedRequest, GenerateRequest
 from runtime.ray_serve.wire import EngineOptions, ReplicaReport, RoutingStats, WireError, error_to_wire
 from runtime.runtime import Runtime
 from runtime.server.served import ReplicaStatus
@@ -56,7 +56,7 @@ class Engine:
     :param board: the Board deployment's handle (None: no reports, as in a bare test).
     """
 
-    async def __init__(self, options: EngineOptions, board: DeploymentHandle | None = None) -> None:
+    async def __init__(self, options: EngineOptions, board: DeploymentHandle[Any] | None = None) -> None:  # type: ignore[misc]  # Serve awaits it
         self._options = options
         self._board = board
         context = serve.get_replica_context()
@@ -93,7 +93,9 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest | ChatRequest) -> AsyncIterator[list[Chunk] | WireError]:
+    async def generate(
+        self, request: GenerateRequest | ChatRequest
+    ) -> AsyncIterator[list[Chunk] | WireError]:
         """Stream ``request``'s chunks, in batches; an error is the last item (a WireError)."""
         try:
             async with self._rt.generate(request) as stream:
@@ -146,7 +148,7 @@ class Engine:
                 log.warning("replica %s: %d request(s) cut short at shutdown", self.replica_id, cut)
         if self._board is not None:
             with contextlib.suppress(Exception):
-                await self._board.leave.remote(self.replica_id)
+                await asyncio.wait_for(self._board.leave.remote(self.replica_id), timeout=2.0)  # gone too?
         self._stop.set()
         with contextlib.suppress(Exception):
             await self._task
@@ -161,7 +163,9 @@ class Engine:
             busy=status.slots_busy, queue=status.queue_depth, queue_capacity=status.queue_capacity,
             admitted=status.requests_admitted, failure=status.failure,
         )  # fmt: skip
-        return ReplicaReport(replica=replica, status=status, metrics=generate_latest(self._registry), at_s=time.time())
+        return ReplicaReport(
+            replica=replica, status=status, metrics=generate_latest(self._registry), at_s=time.time()
+        )
 
     async def _report_forever(self) -> None:
         if self._board is None:

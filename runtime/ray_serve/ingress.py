@@ -4,6 +4,8 @@ request; it holds no model (CPU only)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 
@@ -22,8 +24,12 @@ class Ingress:
     :param settings: the server's settings (body limit, Retry-After, model name).
     """
 
-    async def __init__(
-        self, engine: DeploymentHandle, board: DeploymentHandle, config: RuntimeConfig, settings: ServerSettings
+    async def __init__(  # type: ignore[misc]  # Serve awaits it
+        self,
+        engine: DeploymentHandle[Any],
+        board: DeploymentHandle[Any],
+        config: RuntimeConfig,
+        settings: ServerSettings,
     ) -> None:
         self.remote = RemoteRuntime(engine, board, config)
         self._app = create_app(self.remote, settings)

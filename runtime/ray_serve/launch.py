@@ -43,6 +43,7 @@ async def serve_on_ray(
     """Serve ``config``'s model from ``replicas`` Engine replicas until a signal.
 
     :param address: the Ray cluster (``auto``, ``ray://host:10001``); None starts a local one.
+    :param cpus_per_replica: logical CPUs each Engine replica reserves.
     :raises ConfigError: if a setting is out of range.
     """
     start_ray(address)
@@ -50,10 +51,26 @@ async def serve_on_ray(
     app = build_app(EngineOptions(config=config), replicas=replicas, settings=settings,
                     cpus_per_replica=cpus_per_replica)  # fmt: skip
     await anyio.to_thread.run_sync(lambda: serve.run(app, name=APP_NAME, route_prefix="/", blocking=False))
-    log.warning("serving on Ray Serve at http://%s:%d with %d Engine replica(s)", settings.host, settings.port, replicas)
+    log.warning(
+        "serving on Ray Serve at http://%s:%d with %d Engine replica(s)",
+        settings.host,
+        settings.port,
+        replicas,
+    )
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signals, stop)  # listens until the end: a second signal is not fatal
+        await stop.wait()
+        log.warning("stopping: Serve drains the replicas")
+        await anyio.to_thread.run_sync(lambda: serve.delete(APP_NAME))
+        serve.shutdown()  # type: ignore[no-untyped-call]
+        if address is None:
+            ray.shutdown()  # type: ignore[no-untyped-call]
+        tg.cancel_scope.cancel()
+
+
+async def _stop_on_signals(stop: anyio.Event) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            break
-    log.warning("stopping: Serve drains the replicas")
-    await anyio.to_thread.run_sync(lambda: serve.delete(APP_NAME))
-    serve.shutdown()
+        async for signum in signals:
+            log.warning("%s: shutting down", signal.Signals(signum).name)
+            stop.set()

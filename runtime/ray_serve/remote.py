@@ -44,7 +44,7 @@ from runtime.core.errors import (
     RuntimeClosedError,
     RuntimeFailedError,
 )
-from runtime.core.messages import ChatRequest, Chunk, EmbedRequest, Embeddings, GenerateRequest
+from runtime.core.messages import ChatRequest, Chunk, Embeddings, EmbedRequest, GenerateRequest
 from runtime.core.records import RuntimeState, RuntimeStatus
 from runtime.ray_serve.engine import EngineFacts
 from runtime.ray_serve.wire import ReplicaReport, WireError, error_from_wire
@@ -86,8 +86,8 @@ class RemoteRuntime:
 
     def __init__(
         self,
-        engine: DeploymentHandle,
-        board: DeploymentHandle,
+        engine: DeploymentHandle[Any],
+        board: DeploymentHandle[Any],
         config: RuntimeConfig,
         *,
         refresh_s: float = 0.5,
@@ -178,7 +178,9 @@ class RemoteRuntime:
     def capacity(self) -> int:
         """Requests the ready replicas hold at most: slots plus mailbox, summed."""
         return sum(
-            r.status.slots_effective + r.status.queue_capacity for r in self._reports if r.status.state == "ready"
+            r.status.slots_effective + r.status.queue_capacity
+            for r in self._reports
+            if r.status.state == "ready"
         )
 
     def status(self) -> RuntimeStatus:
@@ -217,7 +219,8 @@ class RemoteRuntime:
         self._in_flight -= 1
 
     def _stream_call(self, request: GenerateRequest | ChatRequest) -> DeploymentResponseGenerator[Any]:
-        return self._stream_engine.generate.remote(request)
+        call: DeploymentResponseGenerator[Any] = self._stream_engine.generate.remote(request)  # type: ignore[assignment]  # stream=True
+        return call
 
     def generate_choices(self, request: GenerateRequest | ChatRequest, n: int) -> ChoiceStream:
         """Not served over Ray Serve for ``n`` above 1 (a request's choices share one prompt
@@ -255,7 +258,7 @@ class RemoteRuntime:
 class RemoteBackend:
     """The model's facts as an Engine replica reported them (a ServedBackend)."""
 
-    def __init__(self, facts: EngineFacts, engine: DeploymentHandle) -> None:
+    def __init__(self, facts: EngineFacts, engine: DeploymentHandle[Any]) -> None:
         self._facts = facts
         self._engine = engine
 
@@ -306,7 +309,7 @@ class RemoteStream:
         self._done = True
         self._remote._released()
         if self._call is not None:
-            self._call.cancel()  # a no-op once the replica's generator has ended
+            self._call.cancel()  # type: ignore[no-untyped-call]  # a no-op once the replica's generator has ended
 
     def __del__(self) -> None:
         if not self._done:
@@ -355,8 +358,13 @@ class RemoteStream:
                 raise _backpressure(exc) from None
             except (*_LOST, RayTaskError) as exc:
                 if self._received or self.tries > self._remote.retries or isinstance(exc, RayTaskError):
-                    raise ReplicaLostError(f"the replica serving this request went away: {type(exc).__name__}") from None
-                log.warning("a replica went away before the first chunk (%s); sending the request again", type(exc).__name__)
+                    raise ReplicaLostError(
+                        f"the replica serving this request went away: {type(exc).__name__}"
+                    ) from None
+                log.warning(
+                    "a replica went away before the first chunk (%s); sending the request again",
+                    type(exc).__name__,
+                )
                 self._call = None
                 await asyncio.sleep(0.05 * self.tries)
                 continue
@@ -367,8 +375,9 @@ class RemoteStream:
                     self._call = None  # that replica is draining: another one takes it
                     continue
                 raise error
-            self._received += len(item)
-            return item
+            batch: list[Chunk] = item
+            self._received += len(batch)
+            return batch
 
 
 class _ReplicaSeries:
@@ -402,7 +411,9 @@ class _ReplicaSeries:
             for family in self._families(report):
                 into = merged.get(family.name)
                 if into is None:
-                    into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                    into = merged[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit
+                    )
                 into.samples.extend(family.samples)
         live = {r.replica.id for r in reports}
         for rid in list(self._parsed):
@@ -421,4 +432,3 @@ def _empty_status(config: RuntimeConfig, state: RuntimeState) -> RuntimeStatus:
         requests_cancelled=0, requests_failed=0, requests_rejected=0, restarts=0, steps=0,
         kv_cache_type="", resizes=0, last_resize=None, memory=None,
     )  # fmt: skip
-

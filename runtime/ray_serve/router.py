@@ -58,7 +58,7 @@ def rank(replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
     return [tiers[t] for t in sorted(tiers)]
 
 
-class FreeSlotsRouter(FIFOMixin, RequestRouter):  # type: ignore[misc]
+class FreeSlotsRouter(FIFOMixin, RequestRouter):
     """Ranks Engine replicas by free slots and mailbox depth (see the module docstring)."""
 
     async def choose_replicas(

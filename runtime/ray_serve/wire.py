@@ -94,7 +94,9 @@ def error_to_wire(exc: BaseException) -> WireError:
     kind = type(exc).__name__
     if not isinstance(exc, errors.SlotserveError) or getattr(errors, kind, None) is not type(exc):
         return WireError(kind="GenerationError", message=f"{kind}: {exc}")
-    fields = {k: v for k, v in vars(exc).items() if isinstance(v, int | float | str | None)}
+    fields: dict[str, object] = {
+        k: v for k, v in vars(exc).items() if isinstance(v, int | float | str | None)
+    }
     return WireError(kind=kind, message=str(exc), fields=fields)
 
 

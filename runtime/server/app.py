@@ -45,7 +45,6 @@ from runtime.core.config import RuntimeConfig
 from runtime.core.errors import preview
 from runtime.metrics import metrics_app
 from runtime.runtime import Runtime
-
 from runtime.server.context import ServerContext
 from runtime.server.embeddings import EmbeddingsApi
 from runtime.server.errors import HttpError

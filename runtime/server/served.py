@@ -23,7 +23,7 @@ from runtime.backends.base import ModelInfo
 from runtime.backends.gguf_metadata import MetadataValue
 from runtime.core.choices import ChoiceStream
 from runtime.core.config import RuntimeConfig
-from runtime.core.messages import ChatRequest, Chunk, EmbedRequest, Embeddings, GenerateRequest
+from runtime.core.messages import ChatRequest, Chunk, Embeddings, EmbedRequest, GenerateRequest
 from runtime.core.records import RuntimeState, RuntimeStatus
 
 __all__ = ["ChunkStream", "ReplicaStatus", "ReplicatedRuntime", "ServedBackend", "ServedRuntime"]
