@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from runtime.cli import main
 from tests.helpers import require_backend
 
 ROOT = Path(__file__).resolve().parent.parent

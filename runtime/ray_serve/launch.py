@@ -65,7 +65,7 @@ async def serve_on_ray(
         await anyio.to_thread.run_sync(lambda: serve.delete(APP_NAME))
         serve.shutdown()  # type: ignore[no-untyped-call]
         if address is None:
-            ray.shutdown()  # type: ignore[no-untyped-call]
+            ray.shutdown()
         tg.cancel_scope.cancel()
 
 
