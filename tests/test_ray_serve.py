@@ -29,15 +29,17 @@ import pytest
 
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import ContextOverflowError, QueueFullError, ReplicaLostError
-from tests.helpers import missing, require_backend
+from tests.helpers import require_backend
 
 with warnings.catch_warnings():  # Ray's pydantic models warn as they are defined
     warnings.simplefilter("ignore")
     try:
         import ray
         from ray import serve
-    except ImportError:  # the ray extra is not installed
-        missing("ray[serve] (the ray extra) is")
+    except ImportError:  # the ray extra is not installed: under CI=true that is a failure
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("ray[serve] (the ray extra) is not installed", allow_module_level=True)
 
     from runtime.ray_serve.application import app_builder, build_app
     from runtime.ray_serve.router import rank
