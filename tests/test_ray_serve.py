@@ -104,9 +104,13 @@ def ready_replicas(body: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in body.get("replicas", []) if r["state"] == "ready"]
 
 
-def deploy(url: str, replicas: int, config: RuntimeConfig = FAKE) -> dict[str, Any]:
+def deploy(
+    url: str, replicas: int, config: RuntimeConfig = FAKE, faults: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Run the application with ``replicas`` Engine replicas and wait until /health lists them."""
-    options = EngineOptions(config=config, fake_step_delay_s=STEP_S, report_period_s=0.5)
+    options = EngineOptions(
+        config=config, fake_step_delay_s=STEP_S, fake_fault_prompts=faults, report_period_s=0.5
+    )
     version = hashlib.sha256(msgspec.json.encode(options)).hexdigest()[:16]  # scale without restarts
     app = build_app(
         options, replicas=replicas, cpus_per_replica=0.1, health_check_period_s=2.0, version=version
@@ -306,6 +310,24 @@ async def test_metrics_label_every_replica_and_ps_lists_them(url: str, client: h
     assert sum(float(line.rsplit(" ", 1)[1]) for line in slots) == 4
     ps = (await client.get("/api/ps")).json()["models"][0]["slotserve"]
     assert sorted(r["id"] for r in ps["replicas"]) == ids and ps["slots_effective"] == 4
+
+
+async def test_a_failed_runtime_fails_its_health_check_and_its_replica_is_replaced(
+    url: str, client: httpx.AsyncClient
+) -> None:
+    config = msgspec.structs.replace(FAKE, restart_intensity=0)  # one slot crash fails the runtime
+    body = await asyncio.to_thread(deploy, url, 2, config, ("boom",))
+    ids = {r["id"] for r in body["replicas"]}
+    crash = await client.post("/api/generate", json={**ollama("boom", 10), "raw": True})
+    assert crash.status_code in (500, 503) and "failed" in crash.json()["error"]  # slot or runtime
+    body = await asyncio.to_thread(wait_for, url, "a failed replica", lambda b: any(
+        r["state"] == "failed" for r in b["replicas"]))  # fmt: skip
+    failed = next(r["id"] for r in body["replicas"] if r["state"] == "failed")
+    answers = await asyncio.gather(*(client.post("/api/generate", json=ollama(f"f{i}", 5)) for i in range(6)))
+    assert [r.status_code for r in answers] == [200] * 6  # the other replica (or a retry) serves
+    body = await asyncio.to_thread(wait_for, url, "the failed replica replaced", lambda b: len(ready_replicas(b)) == 2
+                                   and failed not in {r["id"] for r in b["replicas"]}, timeout_s=90)  # fmt: skip
+    assert len({r["id"] for r in body["replicas"]} - ids) == 1
 
 
 def test_backpressure_and_a_lost_replica_read_as_our_errors() -> None:

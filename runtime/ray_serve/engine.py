@@ -72,6 +72,7 @@ class Engine:
                 n_seq_max=config.initial_slots,
                 n_ctx_per_slot=config.n_ctx_per_slot,
                 step_delay_s=options.fake_step_delay_s,
+                fault_prompts=options.fake_fault_prompts,
             )
         self._rt = Runtime(config, backend=backend, registry=self._registry)
         self._stop = asyncio.Event()

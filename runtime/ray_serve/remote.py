@@ -42,7 +42,6 @@ from runtime.core.errors import (
     QueueFullError,
     ReplicaLostError,
     RuntimeClosedError,
-    RuntimeFailedError,
 )
 from runtime.core.messages import ChatRequest, Chunk, Embeddings, EmbedRequest, GenerateRequest
 from runtime.core.records import RuntimeState, RuntimeStatus
@@ -61,6 +60,9 @@ _SUMMED = (
     "requests_rejected", "restarts", "steps", "resizes",
 )  # fmt: skip
 """RuntimeStatus fields that add up over the replicas (the rest are the first replica's)."""
+_RETRY_BACKOFF_S = 0.25
+"""A request sent again waits this long times its tries so far (0.25, 0.5, 0.75 s: past the
+routing figures' 1 s period, so the router has seen the replica go)."""
 _LOST = (RayActorError, RayServeException)
 """What a handle raises when the replica is gone (died, unreachable, or none left)."""
 
@@ -244,7 +246,7 @@ class RemoteRuntime:
             except _LOST as exc:
                 if attempt == self.retries:
                     raise ReplicaLostError(f"no replica answered after {attempt + 1} tries: {exc}") from None
-                await anyio.sleep(0.1 * (attempt + 1))
+                await anyio.sleep(_RETRY_BACKOFF_S * (attempt + 1))
                 continue
             except RayTaskError as exc:
                 raise GenerationError(f"the replica failed: {exc}") from None
@@ -366,13 +368,14 @@ class RemoteStream:
                     type(exc).__name__,
                 )
                 self._call = None
-                await asyncio.sleep(0.05 * self.tries)
+                await asyncio.sleep(_RETRY_BACKOFF_S * self.tries)
                 continue
             if isinstance(item, WireError):
                 error = error_from_wire(item)
-                retry = isinstance(error, RuntimeClosedError) and not isinstance(error, RuntimeFailedError)
+                retry = isinstance(error, RuntimeClosedError)  # that replica drains, or failed
                 if retry and not self._received and self.tries <= self._remote.retries:
-                    self._call = None  # that replica is draining: another one takes it
+                    self._call = None  # another replica takes it, once the router's figures (1 s) say so
+                    await asyncio.sleep(_RETRY_BACKOFF_S * self.tries)
                     continue
                 raise error
             batch: list[Chunk] = item

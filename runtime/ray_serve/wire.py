@@ -32,6 +32,8 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True):
     config: RuntimeConfig
     fake_step_delay_s: float = 0.0
     """With ``config.backend == "fake"``: seconds each fake step sleeps (tests, the benchmark)."""
+    fake_fault_prompts: tuple[str, ...] = ()
+    """With ``config.backend == "fake"``: prompts whose sequence fails (FakeBackend's faults)."""
     report_period_s: float = 1.0
     """How often a replica sends its figures and metrics to the Board."""
 
