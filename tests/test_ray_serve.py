@@ -333,9 +333,9 @@ async def test_a_failed_runtime_fails_its_health_check_and_its_replica_is_replac
 def test_backpressure_and_a_lost_replica_read_as_our_errors() -> None:
     from ray.serve.exceptions import BackPressureError
 
-    from runtime.ray_serve.remote import _backpressure
+    from runtime.ray_serve.stream import backpressure_error
 
-    error = _backpressure(BackPressureError(num_queued_requests=6, max_queued_requests=6))
+    error = backpressure_error(BackPressureError(num_queued_requests=6, max_queued_requests=6))
     assert isinstance(error, QueueFullError) and "max_queued_requests=6" in str(error)
     assert issubclass(ReplicaLostError, Exception)
 

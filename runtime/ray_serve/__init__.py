@@ -6,7 +6,9 @@ Every Ray import of slotserve is in this package; nothing else imports it.
   gathers the replicas' figures and metrics.
 - ``router``: FreeSlotsRouter, Serve's RequestRouter ranking replicas by free slots and mailbox
   depth (pickled into every caller: it imports no backend).
-- ``remote``: RemoteRuntime, the replicas as one ServedRuntime for the HTTP app.
+- ``remote``: RemoteRuntime, the replicas as one ServedRuntime for the HTTP app; ``stream``:
+  RemoteStream, a request's chunks from a replica (sent again if it went away before the
+  first); ``series``: the replicas' Prometheus series with a ``replica`` label.
 - ``ingress``: Ingress, the deployment serving runtime.server's app over RemoteRuntime.
 - ``application``: build_app and app_builder (``serve run``), ``launch``: ``slotserve serve --ray``.
 - ``wire``: the records that cross between them (no Ray).

@@ -14,10 +14,8 @@ serves them with its own routes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -25,10 +23,7 @@ import anyio
 import anyio.abc
 import msgspec
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -43,9 +38,11 @@ from runtime.core.errors import (
     ReplicaLostError,
     RuntimeClosedError,
 )
-from runtime.core.messages import ChatRequest, Chunk, Embeddings, EmbedRequest, GenerateRequest
+from runtime.core.messages import ChatRequest, Embeddings, EmbedRequest, GenerateRequest
 from runtime.core.records import RuntimeState, RuntimeStatus
 from runtime.ray_serve.engine import EngineFacts
+from runtime.ray_serve.series import ReplicaSeries
+from runtime.ray_serve.stream import LOST, RETRY_BACKOFF_S, RemoteStream, backpressure_error
 from runtime.ray_serve.wire import ReplicaReport, WireError, error_from_wire
 from runtime.server.model_facts import SHOWN_ARRAY_ITEMS
 from runtime.server.served import ReplicaStatus
@@ -60,19 +57,6 @@ _SUMMED = (
     "requests_rejected", "restarts", "steps", "resizes",
 )  # fmt: skip
 """RuntimeStatus fields that add up over the replicas (the rest are the first replica's)."""
-_RETRY_BACKOFF_S = 0.25
-"""A request sent again waits this long times its tries so far (0.25, 0.5, 0.75 s: past the
-routing figures' 1 s period, so the router has seen the replica go)."""
-_LOST = (RayActorError, RayServeException)
-"""What a handle raises when the replica is gone (died, unreachable, or none left)."""
-
-
-def _backpressure(exc: BackPressureError) -> QueueFullError:
-    """Serve's caller queue is full: our QueueFullError (a 503 with Retry-After)."""
-    queued, limit = exc.args[0], exc.args[1]  # (num_queued_requests, max_queued_requests, ...)
-    error = QueueFullError(limit)
-    error.args = (f"every replica is busy and {queued} requests wait for one (max_queued_requests={limit})",)
-    return error
 
 
 class RemoteRuntime:
@@ -97,7 +81,7 @@ class RemoteRuntime:
     ) -> None:
         self.config = config
         self.registry = CollectorRegistry()
-        self.registry.register(_ReplicaSeries(self))
+        self.registry.register(ReplicaSeries(self.reports))
         self._engine = engine
         self._stream_engine = engine.options(stream=True)
         self._board = board
@@ -217,10 +201,12 @@ class RemoteRuntime:
         self._in_flight += 1
         return RemoteStream(self, request)
 
-    def _released(self) -> None:
+    def release(self) -> None:
+        """A request admitted by :meth:`generate` has ended (its stream closed)."""
         self._in_flight -= 1
 
-    def _stream_call(self, request: GenerateRequest | ChatRequest) -> DeploymentResponseGenerator[Any]:
+    def stream_call(self, request: GenerateRequest | ChatRequest) -> DeploymentResponseGenerator[Any]:
+        """Send ``request`` to a replica Serve's router picks; its stream of batches."""
         call: DeploymentResponseGenerator[Any] = self._stream_engine.generate.remote(request)  # type: ignore[assignment]  # stream=True
         return call
 
@@ -242,11 +228,11 @@ class RemoteRuntime:
             try:
                 result = await self._engine.embed.remote(inputs)
             except BackPressureError as exc:
-                raise _backpressure(exc) from None
-            except _LOST as exc:
+                raise backpressure_error(exc) from None
+            except LOST as exc:
                 if attempt == self.retries:
                     raise ReplicaLostError(f"no replica answered after {attempt + 1} tries: {exc}") from None
-                await anyio.sleep(_RETRY_BACKOFF_S * (attempt + 1))
+                await anyio.sleep(RETRY_BACKOFF_S * (attempt + 1))
                 continue
             except RayTaskError as exc:
                 raise GenerationError(f"the replica failed: {exc}") from None
@@ -279,150 +265,6 @@ class RemoteBackend:
             return self._facts.metadata
         facts: EngineFacts = self._engine.facts.remote(max_array_items).result()
         return facts.metadata
-
-
-class RemoteStream:
-    """One request's chunks from an Engine replica (a ChunkStream)."""
-
-    def __init__(self, remote: RemoteRuntime, request: GenerateRequest | ChatRequest) -> None:
-        self._remote = remote
-        self._request = request
-        self._call: DeploymentResponseGenerator[Any] | None = None
-        self._ready: deque[Chunk] = deque()
-        self._received = 0
-        self._done = False
-        self.tries = 0
-        """Calls made for this request (1 unless a replica went away before its first chunk)."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._close()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    def _close(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._remote._released()
-        if self._call is not None:
-            self._call.cancel()  # type: ignore[no-untyped-call]  # a no-op once the replica's generator has ended
-
-    def __del__(self) -> None:
-        if not self._done:
-            self._done = True
-            self._remote._released()
-
-    async def __anext__(self) -> Chunk:
-        if not self._ready:
-            if self._done:
-                raise StopAsyncIteration
-            try:
-                self._ready.extend(await self._next_batch())
-            except BaseException:
-                self._close()
-                raise
-        chunk = self._ready.popleft()
-        if chunk.done:
-            self._close()
-        return chunk
-
-    def available(self) -> list[Chunk]:
-        """The chunks of the batch that came with the last read."""
-        chunks = list(self._ready)
-        self._ready.clear()
-        if chunks and chunks[-1].done:
-            self._close()
-        return chunks
-
-    async def _next_batch(self) -> list[Chunk]:
-        """The next batch from the replica; before the first chunk a lost replica (or one that
-        is draining) is replaced by a call that Serve routes anew.
-
-        :raises ReplicaLostError: if the replica went away after the first chunk, or before it
-            ``retries`` times over.
-        :raises QueueFullError: on Serve's back-pressure.
-        """
-        while True:
-            if self._call is None:
-                self.tries += 1
-                self._call = self._remote._stream_call(self._request)
-            try:
-                item = await self._call.__anext__()
-            except StopAsyncIteration:
-                raise ReplicaLostError("the replica's stream ended without a final chunk") from None
-            except BackPressureError as exc:
-                raise _backpressure(exc) from None
-            except (*_LOST, RayTaskError) as exc:
-                if self._received or self.tries > self._remote.retries or isinstance(exc, RayTaskError):
-                    raise ReplicaLostError(
-                        f"the replica serving this request went away: {type(exc).__name__}"
-                    ) from None
-                log.warning(
-                    "a replica went away before the first chunk (%s); sending the request again",
-                    type(exc).__name__,
-                )
-                self._call = None
-                await asyncio.sleep(_RETRY_BACKOFF_S * self.tries)
-                continue
-            if isinstance(item, WireError):
-                error = error_from_wire(item)
-                retry = isinstance(error, RuntimeClosedError)  # that replica drains, or failed
-                if retry and not self._received and self.tries <= self._remote.retries:
-                    self._call = None  # another replica takes it, once the router's figures (1 s) say so
-                    await asyncio.sleep(_RETRY_BACKOFF_S * self.tries)
-                    continue
-                raise error
-            batch: list[Chunk] = item
-            self._received += len(batch)
-            return batch
-
-
-class _ReplicaSeries:
-    """A prometheus-client collector: every replica's series from its last report, with a
-    ``replica`` label (sum them away with ``sum without (replica)``)."""
-
-    def __init__(self, remote: RemoteRuntime) -> None:
-        self._remote = remote
-        self._parsed: dict[str, tuple[float, list[Metric]]] = {}
-
-    def _families(self, report: ReplicaReport) -> list[Metric]:
-        rid = report.replica.id
-        cached = self._parsed.get(rid)
-        if cached is not None and cached[0] == report.at_s:
-            return cached[1]
-        families = []
-        for family in text_string_to_metric_families(report.metrics.decode()):
-            metric = Metric(family.name, family.documentation, family.type, family.unit)
-            metric.samples = [
-                Sample(s.name, {**s.labels, "replica": rid}, s.value, s.timestamp, s.exemplar)
-                for s in family.samples
-            ]
-            families.append(metric)
-        self._parsed[rid] = (report.at_s, families)
-        return families
-
-    def collect(self) -> Iterator[Metric]:
-        merged: dict[str, Metric] = {}
-        reports = self._remote.reports()
-        for report in reports:
-            for family in self._families(report):
-                into = merged.get(family.name)
-                if into is None:
-                    into = merged[family.name] = Metric(
-                        family.name, family.documentation, family.type, family.unit
-                    )
-                into.samples.extend(family.samples)
-        live = {r.replica.id for r in reports}
-        for rid in list(self._parsed):
-            if rid not in live:
-                del self._parsed[rid]
-        yield from merged.values()
 
 
 def _empty_status(config: RuntimeConfig, state: RuntimeState) -> RuntimeStatus:
