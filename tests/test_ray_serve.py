@@ -330,6 +330,15 @@ async def test_a_failed_runtime_fails_its_health_check_and_its_replica_is_replac
     assert len({r["id"] for r in body["replicas"]} - ids) == 1
 
 
+def test_an_engine_replica_takes_a_gpu_where_the_layers_go_to_one(url: str) -> None:
+    from runtime.ray_serve.application import gpus_per_replica
+
+    assert ray.cluster_resources().get("GPU") == 2  # type: ignore[no-untyped-call]  # the fixture's fake GPUs
+    assert gpus_per_replica(RuntimeConfig(n_gpu_layers=-1)) == 1.0
+    assert gpus_per_replica(RuntimeConfig(n_gpu_layers=0)) == 0.0
+    assert gpus_per_replica(RuntimeConfig(backend="fake")) == 0.0
+
+
 def test_backpressure_and_a_lost_replica_read_as_our_errors() -> None:
     from ray.serve.exceptions import BackPressureError
 
