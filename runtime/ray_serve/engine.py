@@ -54,6 +54,8 @@ class Engine:
 
     :param options: the runtime's config and the fake backend's step delay.
     :param board: the Board deployment's handle (None: no reports, as in a bare test).
+    :raises ModelLoadError: (from ``__init__``) if the model cannot be loaded; Serve then
+        retries the replica and reports the deployment unhealthy.
     """
 
     async def __init__(self, options: EngineOptions, board: DeploymentHandle[Any] | None = None) -> None:  # type: ignore[misc]  # Serve awaits it
@@ -80,6 +82,7 @@ class Engine:
         self._task = asyncio.create_task(self._own(started))  # the Runtime's task group lives in one task
         await started.wait()
         if self._rt.state != "ready":
+            await self._task  # raises why it did not start (ModelLoadError, ...): Serve retries the replica
             raise RuntimeFailedError(f"replica {self.replica_id}: the runtime did not start")
         self._reporter = asyncio.create_task(self._report_forever())
         log.info("replica %s ready (pid %d)", self.replica_id, os.getpid())

@@ -55,7 +55,7 @@ from runtime.server.ollama_api import OLLAMA_ERRORS, OllamaApi
 from runtime.server.ollama_models import OllamaModelsApi
 from runtime.server.openai_api import OPENAI_ERRORS, OpenAIApi
 from runtime.server.origins import OriginPolicy, binds_loopback
-from runtime.server.served import ReplicatedRuntime, ServedRuntime
+from runtime.server.served import ServedRuntime, replicas_of
 from runtime.server.settings import ServerSettings
 from runtime.server.versions import slotserve_version
 
@@ -96,8 +96,8 @@ def create_app(
                 "slots": status.slots_effective, "slots_busy": status.slots_busy,
                 "queue_depth": status.queue_depth,
             }  # fmt: skip
-            if isinstance(rt, ReplicatedRuntime):
-                body["replicas"] = msgspec.to_builtins(rt.replicas())
+            if (replicas := replicas_of(rt)) is not None:
+                body["replicas"] = replicas
             return Response(msgspec.json.encode(body), media_type="application/json")
         state, _, reason = problem.partition(": ")
         headers = {"Retry-After": str(settings.retry_after_s)} if state in ("loading", "draining") else {}

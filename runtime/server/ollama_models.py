@@ -36,7 +36,7 @@ from runtime.core.messages import GenerateRequest
 from runtime.server.context import ServerContext
 from runtime.server.model_facts import details
 from runtime.server.ollama_api import OLLAMA_ERRORS
-from runtime.server.served import ReplicatedRuntime
+from runtime.server.served import replicas_of
 from runtime.server.versions import OLLAMA_VERSION, slotserve_version
 
 __all__ = ["OllamaModelsApi", "OllamaShowBody", "capabilities"]
@@ -139,8 +139,8 @@ class OllamaModelsApi:
             "context_length": status.n_ctx_per_slot,
             "slotserve": {k: getattr(status, k) for k in _PS_FIELDS},
         }
-        if isinstance(rt, ReplicatedRuntime):  # the application's replicas, each with its figures
-            model["slotserve"]["replicas"] = msgspec.to_builtins(rt.replicas())
+        if (replicas := replicas_of(rt)) is not None:  # the application's replicas, each with its figures
+            model["slotserve"]["replicas"] = replicas
         return Response(_encode({"models": [model]}), media_type="application/json")
 
     async def show(self, request: Request) -> Response:

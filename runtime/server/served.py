@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Protocol, Self
 
 import msgspec
 from prometheus_client import CollectorRegistry
@@ -26,7 +26,14 @@ from runtime.core.config import RuntimeConfig
 from runtime.core.messages import ChatRequest, Chunk, Embeddings, EmbedRequest, GenerateRequest
 from runtime.core.records import RuntimeState, RuntimeStatus
 
-__all__ = ["ChunkStream", "ReplicaStatus", "ReplicatedRuntime", "ServedBackend", "ServedRuntime"]
+__all__ = [
+    "ChunkStream",
+    "ReplicaStatus",
+    "ReplicatedRuntime",
+    "ServedBackend",
+    "ServedRuntime",
+    "replicas_of",
+]
 
 
 class ChunkStream(Protocol):
@@ -126,10 +133,20 @@ class ReplicaStatus(msgspec.Struct, frozen=True, kw_only=True):
     failure: str | None = None
 
 
-@runtime_checkable
 class ReplicatedRuntime(ServedRuntime, Protocol):
     """A runtime made of replicas: each one's figures for /health and /api/ps."""
 
     def replicas(self) -> list[ReplicaStatus]:
         """Every replica known now, in a stable order."""
         ...
+
+
+def replicas_of(runtime: ServedRuntime) -> list[dict[str, object]] | None:
+    """The replicas of a ReplicatedRuntime as JSON objects; None for a runtime alone. (Not an
+    isinstance check: on Python 3.11 that reads every property, and ``backend`` raises while
+    loading.)"""
+    replicas = getattr(runtime, "replicas", None)
+    if replicas is None:
+        return None
+    listed: list[dict[str, object]] = msgspec.to_builtins(replicas())
+    return listed
