@@ -4,7 +4,8 @@ Ray, Serve and two Engine replicas take to start and hold in memory.
 
 Both servers run at once as subprocesses on free loopback ports; the clients stream greedy
 completions from each in turns, the order reversed every round. The hop's cost is the TTFT p50
-difference (ms) and the throughput ratio. Start-up is timed from the command's start to /health
+difference (ms) and the throughput ratio, on the workload's model and then on the fake backend
+(no compute: what is left is the serving paths' own cost). Start-up is timed from the command's start to /health
 listing both replicas ready; memory is the resident set (RSS) of the command's whole process
 tree then (Ray's GCS, raylet, dashboard-less agents, Serve's controller and proxy, the Board,
 the Ingress and the Engines). Needs the ray extra; nothing here imports Ray.
@@ -26,7 +27,7 @@ from runtime.bench.http_load import run_clients
 from runtime.bench.servers import MODEL_NAME, _free_port, running, slotserve_command
 from runtime.bench.workload import PassFigures, Workload, median_pass, prompts
 
-__all__ = ["RayHopFigures", "measure_ray_hop", "print_ray_hop"]
+__all__ = ["HopPair", "RayHopFigures", "measure_ray_hop", "print_ray_hop"]
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
@@ -38,14 +39,8 @@ class RayHopFigures(msgspec.Struct, frozen=True, kw_only=True):
     requests_per_client: int
     threads: int
     rounds: int
-    alone: PassFigures
-    """``slotserve serve``."""
-    ray: PassFigures
-    """``slotserve serve --ray --replicas 1``."""
-    ttft_p50_overhead_s: float
-    """The Ray path's TTFT p50 less the server's alone, the median of the rounds."""
-    tokens_per_s_ratio: float
-    """The Ray path's tok/s over the server's alone, the median of the rounds."""
+    pairs: list[HopPair]
+    """The workload's model, then the fake backend (no compute: the paths' own cost)."""
     startup_s: float
     """From ``slotserve serve --ray --replicas 2`` starting to both replicas ready."""
     rss_bytes: int
@@ -116,26 +111,35 @@ def _pid_on(port: int) -> int:
     raise RuntimeError(f"no slotserve serve --ray child on port {port}")
 
 
-async def measure_ray_hop(
-    workload: Workload, clients: int = 4, requests_per_client: int = 2, log_dir: Path | None = None
-) -> RayHopFigures:
-    """Load ``slotserve serve`` and ``slotserve serve --ray --replicas 1`` with ``clients``
-    clients of ``requests_per_client`` requests, ``workload.repeats`` rounds; then time and
-    weigh the start of two replicas.
+class HopPair(msgspec.Struct, frozen=True, kw_only=True):
+    """One backend's two paths under the same clients (median rounds)."""
 
-    :raises RuntimeError: if a server does not start.
-    """
-    startup_s, rss, count = await _startup(workload, clients, log_dir)
+    backend: str
+    alone: PassFigures
+    """``slotserve serve``."""
+    ray: PassFigures
+    """``slotserve serve --ray --replicas 1``."""
+    ttft_p50_overhead_s: float
+    """The Ray path's TTFT p50 less the server's alone, the median of the rounds."""
+    tokens_per_s_ratio: float
+    """The Ray path's tok/s over the server's alone, the median of the rounds."""
+
+
+async def _pair(
+    workload: Workload, backend: str, clients: int, requests_per_client: int, log_dir: Path | None
+) -> HopPair:
+    """Both paths on ``backend`` (``fake``: no compute, the serving paths' own cost), in turns."""
     ports = {"alone": _free_port(), "ray": _free_port()}
+    extra = ["--backend", "fake"] if backend == "fake" else []
     commands = {
-        "alone": slotserve_command(workload, ports["alone"], clients),
-        "ray": _ray_command(workload, ports["ray"], clients, 1),
+        "alone": [*slotserve_command(workload, ports["alone"], clients), *extra],
+        "ray": [*_ray_command(workload, ports["ray"], clients, 1), *extra],
     }
     passes: dict[str, list[PassFigures]] = {"alone": [], "ray": []}
     overheads: list[float] = []
     ratios: list[float] = []
-    async with running(commands["alone"], ports["alone"], "/health", _log(log_dir, "alone"), {}, "slotserve serve") as alone, \
-            running(commands["ray"], ports["ray"], "/health", _log(log_dir, "ray"), RAY_ENV, "slotserve serve --ray") as ray:  # fmt: skip
+    async with running(commands["alone"], ports["alone"], "/health", _log(log_dir, f"alone-{backend}"), {}, "slotserve serve") as alone, \
+            running(commands["ray"], ports["ray"], "/health", _log(log_dir, f"ray-{backend}"), RAY_ENV, "slotserve serve --ray") as ray:  # fmt: skip
         urls = {"alone": alone, "ray": ray}
         await _replicas_ready(ray, 1)
         for url in urls.values():
@@ -149,11 +153,26 @@ async def measure_ray_hop(
                 passes[name].append(got[name])
             overheads.append(got["ray"].ttft_p50_s - got["alone"].ttft_p50_s)
             ratios.append(got["ray"].tokens_per_s / got["alone"].tokens_per_s)
+    return HopPair(
+        backend=backend, alone=median_pass(passes["alone"]), ray=median_pass(passes["ray"]),
+        ttft_p50_overhead_s=median(overheads), tokens_per_s_ratio=median(ratios),
+    )  # fmt: skip
+
+
+async def measure_ray_hop(
+    workload: Workload, clients: int = 4, requests_per_client: int = 2, log_dir: Path | None = None
+) -> RayHopFigures:
+    """Load ``slotserve serve`` and ``slotserve serve --ray --replicas 1`` with ``clients``
+    clients of ``requests_per_client`` requests, ``workload.repeats`` rounds, on the workload's
+    model and on the fake backend; then time and weigh the start of two replicas.
+
+    :raises RuntimeError: if a server does not start.
+    """
+    startup_s, rss, count = await _startup(workload, clients, log_dir)
+    pairs = [await _pair(workload, b, clients, requests_per_client, log_dir) for b in ("llama_cpp", "fake")]
     return RayHopFigures(
         clients=clients, requests_per_client=requests_per_client, threads=workload.n_threads,
-        rounds=len(ratios), alone=median_pass(passes["alone"]), ray=median_pass(passes["ray"]),
-        ttft_p50_overhead_s=median(overheads), tokens_per_s_ratio=median(ratios), startup_s=startup_s,
-        rss_bytes=rss, processes=count,
+        rounds=max(workload.repeats, 1), pairs=pairs, startup_s=startup_s, rss_bytes=rss, processes=count,
     )  # fmt: skip
 
 
@@ -165,13 +184,16 @@ def print_ray_hop(f: dict[str, Any], out: TextIO) -> None:
     """Section 7's table (TTFT in milliseconds)."""
     out.write(f"\nsection 7: the Ray hop, one replica, {f['clients']} concurrent streaming clients, "
               f"{f['requests_per_client']} requests each, {f['threads']} threads\n")  # fmt: skip
-    out.write(f"{'path':<30} {'tokens':>6} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8}\n")
-    for key, label in (("alone", "slotserve serve"), ("ray", "slotserve serve --ray")):
-        p = f[key]
-        out.write(f"{label:<30} {p['completion_tokens']:>6} {p['tokens_per_s']:>8.1f} {p['ttft_p50_s'] * 1e3:>7.1f}ms "
-                  f"{p['ttft_p99_s'] * 1e3:>7.1f}ms {p['itl_p50_s'] * 1e3:>6.1f}ms\n")  # fmt: skip
-    out.write(f"Ray hop: TTFT p50 +{f['ttft_p50_overhead_s'] * 1e3:.1f} ms, tok/s x{f['tokens_per_s_ratio']:.2f} "
-              f"(medians of {f['rounds']} rounds)\n")  # fmt: skip
+    out.write(
+        f"{'backend':<10} {'path':<24} {'tokens':>6} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8}\n"
+    )
+    for pair in f["pairs"]:
+        for key, label in (("alone", "slotserve serve"), ("ray", "slotserve serve --ray")):
+            p = pair[key]
+            out.write(f"{pair['backend']:<10} {label:<24} {p['completion_tokens']:>6} {p['tokens_per_s']:>8.1f} "
+                      f"{p['ttft_p50_s'] * 1e3:>7.1f}ms {p['ttft_p99_s'] * 1e3:>7.1f}ms {p['itl_p50_s'] * 1e3:>6.1f}ms\n")  # fmt: skip
+        out.write(f"{pair['backend']:<10} Ray hop: TTFT p50 {pair['ttft_p50_overhead_s'] * 1e3:+.1f} ms, "
+                  f"tok/s x{pair['tokens_per_s_ratio']:.2f} (medians of {f['rounds']} rounds)\n")  # fmt: skip
     out.write(f"Ray + Serve + 2 replicas: ready in {f['startup_s']:.1f} s, RSS {f['rss_bytes'] / 2**20:.0f} MiB "
               f"in {f['processes']} processes\n")  # fmt: skip
     out.flush()
