@@ -310,6 +310,11 @@ async def test_metrics_label_every_replica_and_ps_lists_them(url: str, client: h
     assert sum(float(line.rsplit(" ", 1)[1]) for line in slots) == 4
     ps = (await client.get("/api/ps")).json()["models"][0]["slotserve"]
     assert sorted(r["id"] for r in ps["replicas"]) == ids and ps["slots_effective"] == 4
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 600}
+    too_long = await client.post("/v1/chat/completions", json=chat)  # refused by a replica, as data
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    assert "512 tokens" in too_long.json()["error"]["message"]
 
 
 async def test_a_failed_runtime_fails_its_health_check_and_its_replica_is_replaced(
