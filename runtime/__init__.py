@@ -45,11 +45,13 @@ if TYPE_CHECKING:
     )
     from runtime.core.records import RuntimeStatus
     from runtime.core.ticket import ResponseStream
+    from runtime.core.tools import FunctionCall, NamedTool, Tool, ToolCall
     from runtime.metrics import metrics_app
     from runtime.runtime import Runtime
 
 _ERRORS = "runtime.core.errors"
 _MESSAGES = "runtime.core.messages"
+_TOOLS = "runtime.core.tools"
 _HOMES = {
     "ChatMessage": _MESSAGES,
     "ChatRequest": _MESSAGES,
@@ -62,10 +64,12 @@ _HOMES = {
     "EmbedRequest": _MESSAGES,
     "Embeddings": _MESSAGES,
     "EmbeddingsUnsupportedError": _ERRORS,
+    "FunctionCall": _TOOLS,
     "GenerateRequest": _MESSAGES,
     "GenerationError": _ERRORS,
     "InvalidRequestError": _ERRORS,
     "ModelLoadError": _ERRORS,
+    "NamedTool": _TOOLS,
     "QueueFullError": _ERRORS,
     "ReplicaLostError": _ERRORS,
     "RequestStats": _MESSAGES,
@@ -79,6 +83,8 @@ _HOMES = {
     "SlotFailedError": _ERRORS,
     "SlotserveError": _ERRORS,
     "TokenLogprob": _MESSAGES,
+    "Tool": _TOOLS,
+    "ToolCall": _TOOLS,
     "TopLogprob": _MESSAGES,
     "decode_request": _MESSAGES,
     "metrics_app": "runtime.metrics",
@@ -97,10 +103,12 @@ __all__ = [
     "EmbedRequest",
     "Embeddings",
     "EmbeddingsUnsupportedError",
+    "FunctionCall",
     "GenerateRequest",
     "GenerationError",
     "InvalidRequestError",
     "ModelLoadError",
+    "NamedTool",
     "QueueFullError",
     "ReplicaLostError",
     "RequestStats",
@@ -114,6 +122,8 @@ __all__ = [
     "SlotFailedError",
     "SlotserveError",
     "TokenLogprob",
+    "Tool",
+    "ToolCall",
     "TopLogprob",
     "decode_request",
     "metrics_app",

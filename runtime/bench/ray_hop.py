@@ -1,4 +1,4 @@
-"""Section 7, the Ray hop: ``slotserve serve --ray`` (Serve's proxy -> Ingress -> one Engine
+"""Section 8, the Ray hop: ``slotserve serve --ray`` (Serve's proxy -> Ingress -> one Engine
 replica) against ``slotserve serve`` alone, same model, slots, threads and clients; then what
 Ray, Serve and two Engine replicas take to start and hold in memory.
 
@@ -181,8 +181,8 @@ def _log(log_dir: Path | None, name: str) -> Path | None:
 
 
 def print_ray_hop(f: dict[str, Any], out: TextIO) -> None:
-    """Section 7's table (TTFT in milliseconds)."""
-    out.write(f"\nsection 7: the Ray hop, one replica, {f['clients']} concurrent streaming clients, "
+    """Section 8's table (TTFT in milliseconds)."""
+    out.write(f"\nsection 8: the Ray hop, one replica, {f['clients']} concurrent streaming clients, "
               f"{f['requests_per_client']} requests each, {f['threads']} threads\n")  # fmt: skip
     out.write(
         f"{'backend':<10} {'path':<24} {'tokens':>6} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8}\n"

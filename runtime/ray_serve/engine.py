@@ -47,6 +47,8 @@ class EngineFacts(msgspec.Struct, frozen=True, kw_only=True):
     info: ModelInfo
     pieces: list[bytes]
     metadata: dict[str, MetadataValue]
+    chat_template: bool = False
+    """Whether the model has a chat template (it renders on the replicas)."""
 
 
 class Engine:
@@ -122,7 +124,8 @@ class Engine:
         """The model's info, pieces and metadata (arrays cut to ``max_array_items``; None: whole)."""
         backend = self._rt.backend
         metadata = await asyncio.to_thread(backend.metadata, max_array_items=max_array_items)
-        return EngineFacts(info=backend.info, pieces=list(backend.pieces), metadata=metadata)
+        return EngineFacts(info=backend.info, pieces=list(backend.pieces), metadata=metadata,
+                           chat_template=backend.chat_template is not None)  # fmt: skip
 
     # -- Serve's hooks -----------------------------------------------------------------------
 

@@ -47,7 +47,10 @@ from runtime.ray_serve.wire import ReplicaReport, WireError, error_from_wire
 from runtime.server.model_facts import SHOWN_ARRAY_ITEMS
 from runtime.server.served import ReplicaStatus
 
-__all__ = ["RemoteRuntime"]
+__all__ = ["TEMPLATE_ON_REPLICAS", "RemoteBackend", "RemoteRuntime"]
+
+TEMPLATE_ON_REPLICAS = "the chat template renders on the Engine replicas"
+"""RemoteBackend.chat_template where the model has one: the app only asks whether it has."""
 
 log = logging.getLogger("slotserve.ray")
 
@@ -257,6 +260,11 @@ class RemoteBackend:
     @property
     def pieces(self) -> Sequence[bytes]:
         return self._facts.pieces
+
+    @property
+    def chat_template(self) -> object | None:
+        """A stand-in when the replicas' model has a chat template (it renders there), else None."""
+        return TEMPLATE_ON_REPLICAS if self._facts.chat_template else None
 
     def metadata(self, *, max_array_items: int | None = None) -> dict[str, MetadataValue]:
         """The metadata (blocking: the app calls it in a worker thread; arrays cut to

@@ -64,6 +64,11 @@ class RemoteStream:
     async def __aenter__(self) -> Self:
         return self
 
+    @property
+    def request(self) -> GenerateRequest | ChatRequest:
+        """The request this stream answers."""
+        return self._request
+
     async def __aexit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:

@@ -36,7 +36,7 @@ from runtime.core.messages import GenerateRequest
 from runtime.server.context import ServerContext
 from runtime.server.model_facts import details
 from runtime.server.ollama_api import OLLAMA_ERRORS
-from runtime.server.served import replicas_of
+from runtime.server.served import ServedBackend, replicas_of
 from runtime.server.versions import OLLAMA_VERSION, slotserve_version
 
 __all__ = ["OllamaModelsApi", "OllamaShowBody", "capabilities"]
@@ -50,14 +50,20 @@ _DEFAULTS = GenerateRequest(prompt="x")
 _PARAMETERS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
 
 
-def capabilities(embedding_length: int = 0) -> list[str]:
+def capabilities(embedding_length: int = 0, *, tools: bool = False) -> list[str]:
     """Ollama's ``capabilities`` of the served model: what the server can do with it.
 
-    ``completion``, and ``embedding`` where the backend embeds (``embedding_length`` above 0);
-    ``tools`` joins once tool calls are parsed, ``insert`` once a ``suffix`` (fill-in-the-middle)
-    is; ``vision`` never here.
+    ``completion``; ``tools`` where the backend constrains output and the model has a chat
+    template (tool calls: runtime.core.tools); ``embedding`` where the backend embeds
+    (``embedding_length`` above 0); ``insert`` once a ``suffix`` (fill-in-the-middle) is
+    supported; ``vision`` never here.
     """
-    return ["completion", "embedding"] if embedding_length > 0 else ["completion"]
+    return ["completion"] + (["tools"] if tools else []) + (["embedding"] if embedding_length > 0 else [])
+
+
+def calls_tools(backend: ServedBackend) -> bool:
+    """Whether the served model can call tools: the backend constrains output and it has a chat template."""
+    return backend.info.constraints and backend.chat_template is not None
 
 
 def _iso(unix_s: float) -> str:
@@ -168,7 +174,9 @@ class OllamaModelsApi:
             "template": _text(meta.get("tokenizer.chat_template")),
             "details": details(meta, s.runtime.config.backend),
             "model_info": {k: meta[k] for k in sorted(meta) if k not in _HIDDEN_KEYS},
-            "capabilities": capabilities(s.runtime.backend.info.embedding_length),
+            "capabilities": capabilities(
+                s.runtime.backend.info.embedding_length, tools=calls_tools(s.runtime.backend)
+            ),
             "modified_at": s.facts.modified_at(s.created_s),
         }
         return Response(_encode(answer), media_type="application/json")

@@ -55,6 +55,11 @@ class ChunkStream(Protocol):
         """The chunks that have arrived, without waiting."""
         ...
 
+    @property
+    def request(self) -> GenerateRequest | ChatRequest:
+        """The request this stream answers."""
+        ...
+
 
 class ServedBackend(Protocol):
     """The loaded model as the app sees it."""
@@ -69,6 +74,12 @@ class ServedBackend(Protocol):
 
     def metadata(self, *, max_array_items: int | None = None) -> dict[str, MetadataValue]:
         """The model's GGUF metadata (blocking: the app calls it in a worker thread)."""
+        ...
+
+    @property
+    def chat_template(self) -> object | None:
+        """The model's chat template (a ChatTemplate where the model runs in this process);
+        None if it has none. The app only asks whether there is one."""
         ...
 
 
