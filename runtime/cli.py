@@ -18,7 +18,7 @@ import msgspec
 
 from runtime.bench.options import add_arguments as add_bench_arguments
 from runtime.core.config import RuntimeConfig, read_toml
-from runtime.core.errors import SlotserveError
+from runtime.core.errors import ConfigError, SlotserveError
 from runtime.core.messages import ChatMessage, ChatRequest, GenerateRequest
 from runtime.core.registry import ModelRegistry
 from runtime.main_job import DEFAULT_PROMPTS, run_job
@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="TCP port (default 11434, Ollama's) [SLOTSERVE_PORT]")
     srv.add_argument("--max-body-bytes", type=int, dest="max_body_bytes", help="[SLOTSERVE_MAX_BODY_BYTES]")
     srv.add_argument("--model-name", dest="model_name", help="name to serve it as [SLOTSERVE_MODEL_NAME]")
+    srv.add_argument("--ray", action="store_true", help="serve from replicas on Ray Serve (the ray extra)")
+    srv.add_argument("--replicas", type=int, default=1, help="with --ray: Engine replicas, one per GPU")
+    srv.add_argument(
+        "--address", help="with --ray: the Ray cluster (auto, ray://host:10001); default: a local one"
+    )
+    srv.add_argument("--replica-cpus", type=float, default=1.0, dest="replica_cpus",
+                     help="with --ray: logical CPUs each replica reserves")  # fmt: skip
 
     bench = sub.add_parser(
         "bench",
@@ -131,6 +138,18 @@ async def _serve(args: argparse.Namespace) -> None:
 
     keys = ("host", "port", "max_body_bytes", "model_name")
     settings = ServerSettings.load(args.config, **{k: getattr(args, k) for k in keys})
+    if args.ray:
+        if args.replicas < 1:
+            raise ConfigError(f"--replicas is {args.replicas}; it must be 1 or more")
+        try:
+            from runtime.ray_serve.launch import serve_on_ray
+        except ImportError as exc:
+            raise ConfigError(f"--ray needs Ray Serve: pip install 'slotserve[ray]' ({exc})") from None
+        await serve_on_ray(_config(args), settings, replicas=args.replicas, address=args.address,
+                           cpus_per_replica=args.replica_cpus)  # fmt: skip
+        return
+    if args.replicas != 1 or args.address is not None:
+        raise ConfigError("--replicas and --address go with --ray")
     await serve(_runtime(args), settings)
 
 

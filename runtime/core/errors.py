@@ -15,7 +15,8 @@
     ├── RuntimeClosedError        the runtime is not running (not started, closing or closed)
     │   └── RuntimeFailedError    too many restarts within the restart period
     └── GenerationError           a request failed after admission
-        └── SlotFailedError       the slot serving the request crashed (it was restarted)
+        ├── SlotFailedError       the slot serving the request crashed (it was restarted)
+        └── ReplicaLostError      the replica serving it died after its first chunk (Ray Serve)
 
 Every message says what was wrong, the value, and the limit.
 """
@@ -32,6 +33,7 @@ __all__ = [
     "ModelMemoryError",
     "ModelNotFoundError",
     "QueueFullError",
+    "ReplicaLostError",
     "ResizeFailedError",
     "RuntimeClosedError",
     "RuntimeFailedError",
@@ -171,6 +173,11 @@ class GenerationError(SlotserveError):
 
 class SlotFailedError(GenerationError):
     """The slot serving this request crashed; the request failed, the slot was restarted."""
+
+
+class ReplicaLostError(GenerationError):
+    """The replica serving this request (runtime.ray_serve) died or went away after the
+    request's first chunk was sent; before it, the request is retried on another replica."""
 
 
 def preview(value: object, limit: int = 60) -> str:

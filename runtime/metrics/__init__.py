@@ -25,12 +25,12 @@ from prometheus_client import make_asgi_app
 from runtime.metrics.observer import RuntimeMetrics
 
 if TYPE_CHECKING:
-    from runtime.metrics.source import StatusSource
+    from runtime.metrics.source import RegistrySource
 
 __all__ = ["RuntimeMetrics", "metrics_app"]
 
 
-def metrics_app(rt: StatusSource) -> Callable[..., Any]:
+def metrics_app(rt: RegistrySource) -> Callable[..., Any]:
     """An ASGI app that serves ``rt.registry`` in the Prometheus exposition format.
 
     Mount it at ``/metrics`` (prometheus-client's ``make_asgi_app``). It collects on the event

@@ -9,16 +9,20 @@ from prometheus_client import CollectorRegistry
 
 from runtime.core.records import RuntimeStatistics, RuntimeStatus
 
-__all__ = ["StatusSource"]
+__all__ = ["RegistrySource", "StatusSource"]
 
 
-class StatusSource(Protocol):
-    """A runtime as the metrics see it."""
+class RegistrySource(Protocol):
+    """What /metrics serves: a registry (a runtime's, or one that gathers replicas' series)."""
 
     @property
     def registry(self) -> CollectorRegistry:
         """The prometheus-client registry its metrics live on."""
         ...
+
+
+class StatusSource(RegistrySource, Protocol):
+    """A runtime as the metrics see it."""
 
     @property
     def load_seconds(self) -> float:

@@ -55,6 +55,7 @@ from runtime.server.ollama_api import OLLAMA_ERRORS, OllamaApi
 from runtime.server.ollama_models import OllamaModelsApi
 from runtime.server.openai_api import OPENAI_ERRORS, OpenAIApi
 from runtime.server.origins import OriginPolicy, binds_loopback
+from runtime.server.served import ServedRuntime, replicas_of
 from runtime.server.settings import ServerSettings
 from runtime.server.versions import slotserve_version
 
@@ -62,7 +63,7 @@ __all__ = ["create_app"]
 
 
 def create_app(
-    runtime: Runtime | RuntimeConfig,
+    runtime: ServedRuntime | RuntimeConfig,
     settings: ServerSettings | None = None,
     *,
     registry: CollectorRegistry | None = None,
@@ -72,7 +73,9 @@ def create_app(
     :param runtime: a RuntimeConfig, or a Runtime. A config, or a Runtime not yet entered, is
         started by the app in a background task when the app starts (ASGI lifespan) and
         stopped when it stops; /health answers 503 ``loading`` meanwhile. A running Runtime
-        (embedding the app in a host application) is only served; its owner stops it.
+        (embedding the app in a host application) is only served; its owner stops it. Any
+        other ServedRuntime (replicas on Ray Serve: runtime.ray_serve) is served the same way;
+        a ReplicatedRuntime's /health and /api/ps list its replicas.
     :param settings: body limit, Retry-After, served model name (host and port are the ASGI
         server's business; see :func:`runtime.server.serve`).
     :param registry: for a RuntimeConfig: the prometheus-client registry of the new Runtime
@@ -93,6 +96,8 @@ def create_app(
                 "slots": status.slots_effective, "slots_busy": status.slots_busy,
                 "queue_depth": status.queue_depth,
             }  # fmt: skip
+            if (replicas := replicas_of(rt)) is not None:
+                body["replicas"] = replicas
             return Response(msgspec.json.encode(body), media_type="application/json")
         state, _, reason = problem.partition(": ")
         headers = {"Retry-After": str(settings.retry_after_s)} if state in ("loading", "draining") else {}

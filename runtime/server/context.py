@@ -18,14 +18,13 @@ from starlette.responses import Response
 from runtime.core.choices import ChoiceStream
 from runtime.core.errors import RuntimeClosedError
 from runtime.core.messages import ChatRequest, GenerateRequest
-from runtime.core.ticket import ResponseStream
-from runtime.runtime import Runtime
 from runtime.server.body import decode_body, read_body
 from runtime.server.host import RuntimeHost
 from runtime.server.model_facts import ModelFacts
 from runtime.server.names import ModelNames
 from runtime.server.ollama_wire import keep_alive_s as keep_alive_seconds
 from runtime.server.reply import Framing, ReplyResponse, error_response
+from runtime.server.served import ChunkStream, ServedRuntime
 from runtime.server.settings import ServerSettings
 
 __all__ = ["ServerContext"]
@@ -67,7 +66,7 @@ class ServerContext:
     _stopping: bool = False
 
     @property
-    def runtime(self) -> Runtime:
+    def runtime(self) -> ServedRuntime:
         """The served runtime."""
         return self.host.runtime
 
@@ -153,7 +152,7 @@ class ServerContext:
         :raises ModelMemoryError: if the model cannot fit (503).
         """
         rt = self.runtime
-        stream: ResponseStream | ChoiceStream
+        stream: ChunkStream | ChoiceStream
         if n == 1:
             stream = rt.generate(request, model=model, keep_alive=keep_alive_s)
         else:
@@ -219,7 +218,7 @@ class _Pieces(Sequence[bytes]):
     """A model's token pieces, looked up when first read (the model may still be loading when a
     reply's framing is made)."""
 
-    def __init__(self, runtime: Runtime, model: str, names: ModelNames) -> None:
+    def __init__(self, runtime: ServedRuntime, model: str, names: ModelNames) -> None:
         self._runtime = runtime
         self._model = model
         self._names = names

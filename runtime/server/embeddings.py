@@ -32,11 +32,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from runtime.core.durations import KeepAlive
 from runtime.core.errors import InvalidRequestError, preview
 from runtime.core.messages import EmbedRequest
 from runtime.server.context import ServerContext
 from runtime.server.ollama_api import OLLAMA_ERRORS
-from runtime.server.ollama_wire import KeepAlive, keep_alive_s
+from runtime.server.ollama_wire import keep_alive_s
 from runtime.server.openai_api import OPENAI_ERRORS
 
 __all__ = ["EmbeddingsApi", "OllamaEmbedBody", "OllamaEmbeddingsBody", "OpenAIEmbeddingBody", "openai_inputs"]

@@ -16,7 +16,7 @@ import anyio
 import anyio.abc
 
 from runtime.core.errors import RuntimeClosedError, RuntimeFailedError
-from runtime.runtime import Runtime
+from runtime.server.served import ServedRuntime
 
 __all__ = ["RuntimeHost"]
 
@@ -26,7 +26,7 @@ log = logging.getLogger("slotserve.server")
 class RuntimeHost:
     """Starts ``runtime`` in the background if it is not running yet, and reports readiness."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: ServedRuntime) -> None:
         self.runtime = runtime
         self.owned = runtime.status().state == "loading"
         """True when this host enters (loads) and leaves the runtime itself."""

@@ -28,7 +28,7 @@ from runtime.backends.base import MetadataValue
 from runtime.backends.gguf_metadata import read_gguf_metadata
 from runtime.backends.model_files import resolve_model
 from runtime.core.errors import ModelLoadError, RuntimeClosedError
-from runtime.runtime import Runtime
+from runtime.server.served import ServedRuntime
 
 __all__ = [
     "SHOWN_ARRAY_ITEMS",
@@ -110,7 +110,7 @@ def _sha256(path: Path) -> str:
 class ModelFacts:
     """The facts the listings show about ``runtime``'s model (see the module docstring)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: ServedRuntime) -> None:
         self._runtime = runtime
         self._digest: str | None = None
         self._digest_lock = anyio.Lock()

@@ -18,8 +18,8 @@ from pathlib import Path
 from runtime.backends.model_files import resolve_model
 from runtime.core.errors import ModelLoadError, RuntimeClosedError
 from runtime.core.registry import DEFAULT_NAME
-from runtime.runtime import Runtime
 from runtime.server.errors import model_not_found
+from runtime.server.served import ServedRuntime
 
 __all__ = ["ModelNames"]
 
@@ -35,7 +35,7 @@ def _stem(path: str) -> str:
 class ModelNames:
     """Which model names ``runtime`` answers to (see the module docstring)."""
 
-    def __init__(self, runtime: Runtime, model_name: str | None = None) -> None:
+    def __init__(self, runtime: ServedRuntime, model_name: str | None = None) -> None:
         self._runtime = runtime
         self._model_name = model_name
         config = runtime.config

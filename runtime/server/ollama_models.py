@@ -32,13 +32,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runtime.backends.base import Backend, MetadataValue
+from runtime.backends.base import MetadataValue
 from runtime.backends.gguf_metadata import read_gguf_metadata
 from runtime.core.errors import InvalidRequestError, ModelLoadError
 from runtime.core.messages import GenerateRequest
 from runtime.server.context import ServerContext
 from runtime.server.model_facts import SHOWN_ARRAY_ITEMS, details, registry_listing
 from runtime.server.ollama_api import OLLAMA_ERRORS
+from runtime.server.served import ServedBackend, replicas_of
 from runtime.server.versions import OLLAMA_VERSION, slotserve_version
 
 __all__ = ["OllamaModelsApi", "OllamaShowBody", "capabilities"]
@@ -63,7 +64,7 @@ def capabilities(embedding_length: int = 0, *, tools: bool = False) -> list[str]
     return ["completion"] + (["tools"] if tools else []) + (["embedding"] if embedding_length > 0 else [])
 
 
-def calls_tools(backend: Backend) -> bool:
+def calls_tools(backend: ServedBackend) -> bool:
     """Whether the served model can call tools: the backend constrains output and it has a chat template."""
     return backend.info.constraints and backend.chat_template is not None
 
@@ -153,6 +154,8 @@ class OllamaModelsApi:
             "context_length": status.n_ctx_per_slot,
             "slotserve": {k: getattr(status, k) for k in _PS_FIELDS},
         }
+        if (replicas := replicas_of(rt)) is not None:  # the application's replicas, each with its figures
+            model["slotserve"]["replicas"] = replicas
         models = [model]
         for loaded in rt.loaded_models()[1:]:  # the registry's, loading or loaded
             listing = await registry_listing(
@@ -209,7 +212,7 @@ class OllamaModelsApi:
 
     async def _registry_facts(
         self, name: str, *, verbose: bool
-    ) -> tuple[dict[str, MetadataValue], Backend | None, Path | None, str]:
+    ) -> tuple[dict[str, MetadataValue], ServedBackend | None, Path | None, str]:
         """(metadata, its backend if loaded, file, modified_at) of a registry model."""
         s = self._server
         path: Path | None = Path(s.runtime.models.get(name).path)

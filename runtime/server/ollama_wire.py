@@ -54,6 +54,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from runtime.core.durations import KeepAlive
 from runtime.core.errors import InvalidRequestError, preview
 from runtime.core.messages import MAX_TOKENS_LIMIT, ChatMessage, ChatRequest, GenerateRequest
 from runtime.server.tool_calls import parse_tools, tool_choice_field, wire_call
@@ -69,7 +70,6 @@ __all__ = [
 ]
 
 Role = Literal["system", "user", "assistant", "tool"]
-KeepAlive = str | int | float | None
 Notice = Callable[[str, str], None]
 """``notice(key, message)``: something worth a warning in the log, once per ``key``."""
 

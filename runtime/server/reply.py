@@ -26,8 +26,8 @@ from starlette.types import Receive, Scope, Send
 from runtime.core.choices import ChoiceStream
 from runtime.core.errors import GenerationError, RuntimeClosedError
 from runtime.core.messages import Chunk, Completion, CompletionBuilder
-from runtime.core.ticket import ResponseStream
 from runtime.server.errors import HttpError, http_error
+from runtime.server.served import ChunkStream
 
 __all__ = ["Framing", "ReplyResponse", "error_response"]
 
@@ -75,7 +75,7 @@ class ReplyResponse:
     """An ASGI response serving ``stream``; ``streaming`` selects frames or one JSON body."""
 
     def __init__(
-        self, stream: ResponseStream | ChoiceStream, framing: Framing, *, streaming: bool, retry_after_s: int
+        self, stream: ChunkStream | ChoiceStream, framing: Framing, *, streaming: bool, retry_after_s: int
     ) -> None:
         self._stream = stream
         self._framing = framing
@@ -128,7 +128,7 @@ class ReplyResponse:
         return chunk.done and (not isinstance(stream, ChoiceStream) or stream.finished)
 
 
-async def _next(stream: ResponseStream | ChoiceStream) -> Chunk:
+async def _next(stream: ChunkStream | ChoiceStream) -> Chunk:
     """The next chunk; a cancelled request (the runtime is closing) becomes an error."""
     try:
         chunk = await stream.__anext__()
@@ -137,7 +137,7 @@ async def _next(stream: ResponseStream | ChoiceStream) -> Chunk:
     return _checked(chunk)
 
 
-def _take_ready(stream: ResponseStream | ChoiceStream, into: list[Chunk]) -> None:
+def _take_ready(stream: ChunkStream | ChoiceStream, into: list[Chunk]) -> None:
     """Append the chunks that have arrived to ``into``, one by one: an error or a cancel after
     some of them raises with those already in ``into``."""
     for chunk in stream.available():
@@ -163,7 +163,7 @@ async def _all(stream: ChoiceStream, first: Chunk) -> list[Completion]:
     return [c for c in done if c is not None]
 
 
-async def _rest(stream: ResponseStream, first: Chunk) -> Completion:
+async def _rest(stream: ChunkStream, first: Chunk) -> Completion:
     """Read the rest of the answer after ``first``."""
     answer, chunk = CompletionBuilder.for_request(stream.request), first
     while (completion := answer.add(chunk)) is None:

@@ -1,0 +1,155 @@
+"""RemoteStream: one request's chunks from an Engine replica, as the HTTP app reads a
+ResponseStream; a replica lost before the first chunk is replaced by a new call, which Serve's
+router sends to another replica."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, RayServeException
+from ray.serve.handle import DeploymentResponseGenerator
+
+from runtime.core.errors import QueueFullError, ReplicaLostError, RuntimeClosedError
+from runtime.core.messages import ChatRequest, Chunk, GenerateRequest
+from runtime.ray_serve.wire import WireError, error_from_wire
+
+__all__ = ["LOST", "RETRY_BACKOFF_S", "RemoteStream", "StreamSource", "backpressure_error"]
+
+log = logging.getLogger("slotserve.ray")
+
+RETRY_BACKOFF_S = 0.25
+"""A request sent again waits this long times its tries so far (0.25, 0.5, 0.75 s: past the
+routing figures' 1 s period, so the router has seen the replica go)."""
+LOST = (RayActorError, RayServeException)
+"""What a handle raises when the replica is gone (died, unreachable, or none left)."""
+
+
+def backpressure_error(exc: BackPressureError) -> QueueFullError:
+    """Serve's caller queue is full: our QueueFullError (a 503 with Retry-After)."""
+    queued, limit = exc.args[0], exc.args[1]  # (num_queued_requests, max_queued_requests, ...)
+    error = QueueFullError(limit)
+    error.args = (f"every replica is busy and {queued} requests wait for one (max_queued_requests={limit})",)
+    return error
+
+
+class StreamSource(Protocol):
+    """What a RemoteStream needs of its RemoteRuntime."""
+
+    @property
+    def retries(self) -> int: ...
+
+    def stream_call(self, request: GenerateRequest | ChatRequest) -> DeploymentResponseGenerator[Any]: ...
+
+    def release(self) -> None: ...
+
+
+class RemoteStream:
+    """One request's chunks from an Engine replica (a ChunkStream)."""
+
+    def __init__(self, remote: StreamSource, request: GenerateRequest | ChatRequest) -> None:
+        self._remote = remote
+        self._request = request
+        self._call: DeploymentResponseGenerator[Any] | None = None
+        self._ready: deque[Chunk] = deque()
+        self._received = 0
+        self._done = False
+        self.tries = 0
+        """Calls made for this request (1 unless a replica went away before its first chunk)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    @property
+    def request(self) -> GenerateRequest | ChatRequest:
+        """The request this stream answers."""
+        return self._request
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    def _close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._remote.release()
+        if self._call is not None:
+            self._call.cancel()  # type: ignore[no-untyped-call]  # a no-op once the replica's generator has ended
+
+    def __del__(self) -> None:
+        if not self._done:
+            self._done = True
+            self._remote.release()
+
+    async def __anext__(self) -> Chunk:
+        if not self._ready:
+            if self._done:
+                raise StopAsyncIteration
+            try:
+                self._ready.extend(await self._next_batch())
+            except BaseException:
+                self._close()
+                raise
+        chunk = self._ready.popleft()
+        if chunk.done:
+            self._close()
+        return chunk
+
+    def available(self) -> list[Chunk]:
+        """The chunks of the batch that came with the last read."""
+        chunks = list(self._ready)
+        self._ready.clear()
+        if chunks and chunks[-1].done:
+            self._close()
+        return chunks
+
+    async def _next_batch(self) -> list[Chunk]:
+        """The next batch from the replica; before the first chunk a lost replica (or one that
+        is draining) is replaced by a call that Serve routes anew.
+
+        :raises ReplicaLostError: if the replica went away after the first chunk, or before it
+            ``retries`` times over.
+        :raises QueueFullError: on Serve's back-pressure.
+        """
+        while True:
+            if self._call is None:
+                self.tries += 1
+                self._call = self._remote.stream_call(self._request)
+            try:
+                item = await self._call.__anext__()
+            except StopAsyncIteration:
+                raise ReplicaLostError("the replica's stream ended without a final chunk") from None
+            except BackPressureError as exc:
+                raise backpressure_error(exc) from None
+            except (*LOST, RayTaskError) as exc:
+                if self._received or self.tries > self._remote.retries or isinstance(exc, RayTaskError):
+                    raise ReplicaLostError(
+                        f"the replica serving this request went away: {type(exc).__name__}"
+                    ) from None
+                log.warning(
+                    "a replica went away before the first chunk (%s); sending the request again",
+                    type(exc).__name__,
+                )
+                self._call = None
+                await asyncio.sleep(RETRY_BACKOFF_S * self.tries)
+                continue
+            if isinstance(item, WireError):
+                error = error_from_wire(item)
+                retry = isinstance(error, RuntimeClosedError)  # that replica drains, or failed
+                if retry and not self._received and self.tries <= self._remote.retries:
+                    self._call = None  # another replica takes it, once the router's figures (1 s) say so
+                    await asyncio.sleep(RETRY_BACKOFF_S * self.tries)
+                    continue
+                raise error
+            batch: list[Chunk] = item
+            self._received += len(batch)
+            return batch
