@@ -292,6 +292,11 @@ class Supervisor:
                 except Exception:  # the runtime has failed (see resize); the watch ends, nothing escapes
                     return
 
+    @property
+    def slots_effective(self) -> int:
+        """The slots running now (``statistics().slots_effective``, without the snapshot)."""
+        return self._n
+
     def statistics(self) -> SupervisorStatistics:
         """A snapshot of the slots, restarts, resizes and the last memory reading."""
         slots = tuple(s.statistics() for s in self._slots.values())

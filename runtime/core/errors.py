@@ -22,6 +22,10 @@ Every message says what was wrong, the value, and the limit.
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
+AdmissionRefusal = Literal["queue_full", "tenant_cap", "deadline"]
+
 __all__ = [
     "ConfigError",
     "ContextOverflowError",
@@ -114,7 +118,7 @@ class QueueFullError(SlotserveError):
         runtime could tell (None: it could not; HTTP then says its configured Retry-After).
     """
 
-    reason = "queue_full"
+    reason: ClassVar[AdmissionRefusal] = "queue_full"
 
     def __init__(self, capacity: int, waited_s: float | None = None, *, message: str = "") -> None:
         self.capacity = capacity
@@ -128,12 +132,13 @@ class TenantQueueFullError(QueueFullError):
     """One tenant has ``tenant_max_queued`` requests waiting already (others are still
     admitted); HTTP answers 429 with Retry-After."""
 
-    reason = "tenant_cap"
+    reason: ClassVar[AdmissionRefusal] = "tenant_cap"
 
     def __init__(self, tenant: str, cap: int) -> None:
         self.tenant = tenant
         super().__init__(
-            cap, message=f"tenant {tenant!r} has {cap} requests waiting; the limit is {cap} (tenant_max_queued)"
+            cap,
+            message=f"tenant {tenant!r} has {cap} requests waiting; the limit is {cap} (tenant_max_queued)",
         )
 
 
@@ -141,7 +146,7 @@ class DeadlineUnmetError(QueueFullError):
     """The request's first token is predicted later than its ``deadline_ms``: refused at once,
     with ``retry_after_s`` from the prediction (HTTP: 503 with Retry-After)."""
 
-    reason = "deadline"
+    reason: ClassVar[AdmissionRefusal] = "deadline"
 
     def __init__(self, deadline_ms: float, predicted_ms: float, retry_after_s: float) -> None:
         self.deadline_ms = deadline_ms

@@ -19,6 +19,7 @@ No clock and no event loop here: the caller passes the time (seconds, any monoto
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -27,7 +28,7 @@ from typing import Generic, TypeVar
 
 from runtime.core.errors import TenantQueueFullError
 
-__all__ = ["FairQueue", "Held", "QueuePolicy"]
+__all__ = ["FairQueue", "Held", "Placement", "QueuePolicy"]
 
 T = TypeVar("T")
 
@@ -50,6 +51,16 @@ class QueuePolicy:
     def weight(self, tenant: str) -> float:
         """The tenant's weight (1 unless configured)."""
         return self.weights.get(tenant, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a request goes in the queue: its class, its tenant, and the work it stands for
+    (its max_tokens: a tenant's virtual time grows by cost / weight when it is served)."""
+
+    priority: int = 0
+    tenant: str = ""
+    cost: float = 1.0
 
 
 @dataclass(eq=False)
@@ -119,22 +130,17 @@ class FairQueue(Generic[T]):
 
     # -- admission -----------------------------------------------------------------------------
 
-    def push(
-        self, items: Sequence[T], *, priority: int = 0, tenant: str = "", cost: float = 1.0, now_s: float
-    ) -> None:
-        """Queue ``items`` (one request, or its choices: one entry) for ``tenant``.
+    def push(self, items: Sequence[T], placement: Placement, *, now_s: float) -> None:
+        """Queue ``items`` (one request, or its choices: one entry) as ``placement`` says.
 
-        :param cost: the work one item stands for (its max_tokens): a tenant's virtual time
-            grows by cost / weight when it is served.
         :raises TenantQueueFullError: if the tenant would have more than ``tenant_max_queued``
             (the global bound, ``max_queue``, is the mailbox's: it counts idle slots as room).
         """
-        n, p = len(items), self.policy
-        queued = self._queued.get(tenant, 0)
-        if p.tenant_max_queued and queued + n > p.tenant_max_queued:
+        n, p, tenant = len(items), self.policy, placement.tenant
+        if p.tenant_max_queued and self._queued.get(tenant, 0) + n > p.tenant_max_queued:
             raise TenantQueueFullError(tenant, p.tenant_max_queued)
         self._seq += 1
-        self._insert(_Entry(deque(items), priority, tenant, cost, self._seq, now_s))
+        self._insert(_Entry(deque(items), placement.priority, tenant, placement.cost, self._seq, now_s))
 
     def _insert(self, entry: _Entry[T]) -> None:
         cls = self._classes.get(entry.priority)
@@ -172,7 +178,9 @@ class FairQueue(Generic[T]):
         del self._where[id(item)]
         self._queued[entry.tenant] -= 1
         self._size -= 1
-        self._held[id(item)] = Held(item, entry.priority, entry.tenant, entry.cost, entry.seq, entry.admitted_s, now_s)
+        self._held[id(item)] = Held(
+            item, entry.priority, entry.tenant, entry.cost, entry.seq, entry.admitted_s, now_s
+        )
         self._running[entry.tenant] = self._running.get(entry.tenant, 0) + 1
         self._drop_empty_class(entry.priority)
         return item
@@ -308,10 +316,8 @@ class FairQueue(Generic[T]):
     def _unlink(self, entry: _Entry[T]) -> None:
         self._entries.pop(entry.seq, None)
         lane = self._classes[entry.priority].lanes[entry.tenant]
-        try:
+        with contextlib.suppress(ValueError):  # taken from the lane already
             lane.entries.remove(entry)
-        except ValueError:
-            pass
 
     def _drop_empty_class(self, priority: int) -> None:
         if self._classes[priority].size == 0:  # lanes keep their virtual times while it is in use

@@ -20,12 +20,15 @@ from typing import Generic, TypeVar
 import anyio
 
 from runtime.core.errors import QueueFullError, TenantQueueFullError
-from runtime.core.fair_queue import FairQueue, Held, QueuePolicy
+from runtime.core.fair_queue import FairQueue, Held, Placement, QueuePolicy
 from runtime.core.records import MailboxStatistics
 
 __all__ = ["Mailbox", "MailboxReceiver"]
 
 T = TypeVar("T")
+_DEFAULT = Placement()
+Check = Callable[[Sequence[T]], None]
+"""Called with items just queued, before a slot may take them; raising refuses them."""
 
 
 @dataclass(eq=False)
@@ -86,7 +89,9 @@ class MailboxReceiver(Generic[T]):
     def __enter__(self) -> MailboxReceiver[T]:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -124,34 +129,46 @@ class Mailbox(Generic[T]):
         """Whether the mailbox refuses new items."""
         return self._closed_error is not None
 
-    def put_nowait(self, item: T, *, priority: int = 0, tenant: str = "", cost: float = 1.0) -> None:
-        """Admit ``item`` at once (its class, tenant and work as :meth:`FairQueue.push` takes them).
+    def put_nowait(self, item: T, placement: Placement = _DEFAULT, *, check: Check[T] | None = None) -> None:
+        """Admit ``item`` at once, where ``placement`` puts it in the queue.
 
         :raises QueueFullError: if ``capacity`` items wait already.
         :raises TenantQueueFullError: if ``tenant`` has ``tenant_max_queued`` items waiting.
         :raises RuntimeClosedError: if the mailbox is closed.
         """
-        self.put_all_nowait([item], priority=priority, tenant=tenant, cost=cost)
+        self.put_all_nowait([item], placement, check=check)
 
     def put_all_nowait(
-        self, items: Sequence[T], *, priority: int = 0, tenant: str = "", cost: float = 1.0
+        self,
+        items: Sequence[T],
+        placement: Placement = _DEFAULT,
+        *,
+        check: Check[T] | None = None,
     ) -> None:
         """Admit every one of ``items`` at once (a request's choices, served one after the
-        other), or none of them.
+        other), or none of them. ``check`` is called once they are queued and before a slot
+        may take them: what it raises refuses them (the queue is then as it was).
 
         :raises QueueFullError: if there is not room for all (idle slots and free places).
         :raises TenantQueueFullError: if ``tenant`` would have over ``tenant_max_queued`` waiting.
         :raises RuntimeClosedError: if the mailbox is closed.
         """
         self._check_open()
-        if len(self.queue) + len(items) > self.capacity + len(self._waiters):
+        if not self._has_room(len(items)):
             self._rejected += len(items)
             raise QueueFullError(self.capacity)
         try:
-            self.queue.push(items, priority=priority, tenant=tenant, cost=cost, now_s=self._clock())
+            self.queue.push(items, placement, now_s=self._clock())
         except TenantQueueFullError:
             self._rejected += len(items)
             raise
+        if check is not None:
+            try:
+                check(items)
+            except BaseException:
+                self.queue.remove(items[0])
+                self._rejected += len(items)
+                raise
         self._dispatch()
         if len(self.queue) > self.capacity:  # idle slots there were, but a tenant cap held these back
             self.queue.remove(items[0])
@@ -159,7 +176,14 @@ class Mailbox(Generic[T]):
             raise QueueFullError(self.capacity)
         self._admitted += len(items)
 
-    async def put(self, item: T, timeout_s: float, *, priority: int = 0, tenant: str = "", cost: float = 1.0) -> None:
+    async def put(
+        self,
+        item: T,
+        timeout_s: float,
+        placement: Placement = _DEFAULT,
+        *,
+        check: Check[T] | None = None,
+    ) -> None:
         """Admit ``item``, waiting up to ``timeout_s`` seconds for room.
 
         :raises QueueFullError: if there was no room within ``timeout_s``.
@@ -171,14 +195,10 @@ class Mailbox(Generic[T]):
             with anyio.fail_after(timeout_s if math.isfinite(timeout_s) else None):
                 while True:
                     room = self._room
-                    try:
-                        self.put_nowait(item, priority=priority, tenant=tenant, cost=cost)
+                    if self._has_room(1):
+                        self.put_nowait(item, placement, check=check)
                         return
-                    except TenantQueueFullError:
-                        raise
-                    except QueueFullError:
-                        self._rejected -= 1  # not refused yet: it waits
-                    await room.wait()
+                    await room.wait()  # not refused yet: it waits
         except TimeoutError:
             self._rejected += 1
             raise QueueFullError(self.capacity, time.monotonic() - start) from None
@@ -215,6 +235,9 @@ class Mailbox(Generic[T]):
             waiter.event.set()  # not handed: the wait ends with EndOfStream
         self._freed()
         return left
+
+    def _has_room(self, n: int) -> bool:
+        return len(self.queue) + n <= self.capacity + len(self._waiters)
 
     def _check_open(self) -> None:
         if self._closed_error is not None:

@@ -30,6 +30,7 @@ from runtime.core.messages import (
     CompletionBuilder,
     DoneReason,
     GenerateRequest,
+    QueueEstimate,
     RequestStats,
 )
 
@@ -134,11 +135,18 @@ class ResponseStream:
         self,
         ticket: Ticket,
         receive: ChannelReceiver[Reply],
-        admit: Callable[[], Awaitable[None]] | None = None,
+        admit: Callable[[], Awaitable[QueueEstimate]] | None = None,
+        *,
+        estimate: QueueEstimate | None = None,
+        queue_event: bool = False,
     ) -> None:
         self._ticket = ticket
         self._receive = receive
         self._admit = admit
+        self.estimate = estimate
+        """Where the request stood in the queue at admission and its predicted start (None
+        until a timed admission is done)."""
+        self._queue_event = queue_event
         self._done = False
         self._held: BaseException | None = None
         self._thread = threading.get_ident()
@@ -152,7 +160,10 @@ class ResponseStream:
         try:
             if self._admit is not None:
                 admit, self._admit = self._admit, None
-                await admit()
+                self.estimate = await admit()
+            if self._queue_event and self.estimate is not None:
+                self._queue_event = False
+                return Chunk(text="", token_ids=(), index=self._ticket.index, queue=self.estimate)
             item: Reply
             if self._held is not None:
                 item, self._held = self._held, None
