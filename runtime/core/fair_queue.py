@@ -215,11 +215,20 @@ class FairQueue(Generic[T]):
 
     def put_back(self, item: T) -> None:
         """Return ``item``, taken by :meth:`pop` but not served (its taker was cancelled), to
-        the head of its tenant's lane with its first admission time (a no-op if not held)."""
+        the head of its tenant's lane with its first admission time, past the tenant's queue
+        cap (it was admitted before); a no-op if not held."""
         held = self._held.get(id(item))
         if held is None:
             return
         self.done(item)
+        group = self._entries.get(held.seq)
+        if group is not None:  # the rest of its choices still wait: it goes back in front of them
+            group.items.appendleft(item)
+            self._where[id(item)] = group
+            self._classes[group.priority].size += 1
+            self._queued[group.tenant] += 1
+            self._size += 1
+            return
         entry = _Entry(deque([item]), held.priority, held.tenant, held.cost, held.seq, held.admitted_s)
         self._insert(entry)
         self._entries = dict(sorted(self._entries.items()))  # oldest first again
@@ -267,14 +276,21 @@ class FairQueue(Generic[T]):
         skip = {id(e) for e in aged}
         if self._next is not None:
             skip.add(id(self._next))
+        charged: dict[tuple[int, str], float] = {}  # what serving the aged first adds to their lanes
+        for e in aged:
+            key = (e.priority, e.tenant)
+            charged[key] = charged.get(key, 0.0) + e.cost * len(e.items) / self.policy.weight(e.tenant)
         for priority in reversed(self._priorities):
             tagged: list[tuple[float, int, _Entry[T]]] = []
             for tenant, lane in self._classes[priority].lanes.items():
-                vtime, step = lane.vtime, 1.0 / self.policy.weight(tenant)
+                vtime, step = (
+                    lane.vtime + charged.get((priority, tenant), 0.0),
+                    1.0 / self.policy.weight(tenant),
+                )
                 for entry in lane.entries:
                     if id(entry) not in skip:
                         tagged.append((vtime, entry.seq, entry))
-                        vtime += entry.cost * step
+                        vtime += entry.cost * len(entry.items) * step
             tagged.sort(key=lambda t: (t[0], t[1]))
             out += [i for _, _, e in tagged for i in e.items]
         return out
