@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -158,8 +159,8 @@ POLICIES = st.builds(
 @settings(max_examples=300, deadline=None)
 @given(policy=POLICIES, ops=OPS)
 def test_every_item_is_served_or_removed_exactly_once_and_the_caps_hold(
-    policy: QueuePolicy, ops: list[tuple]
-) -> None:  # type: ignore[type-arg]
+    policy: QueuePolicy, ops: list[tuple[Any, ...]]
+) -> None:
     q: FairQueue[Req] = FairQueue(policy)
     now, pushed, taken, removed, held = 0.0, list[Req](), list[Req](), list[Req](), list[Req]()
     group_of: dict[int, list[Req]] = {}
