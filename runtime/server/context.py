@@ -20,6 +20,7 @@ from runtime.core.errors import RuntimeClosedError
 from runtime.core.messages import ChatRequest, GenerateRequest
 from runtime.core.ticket import ResponseStream
 from runtime.runtime import Runtime
+from runtime.server.admission_headers import with_admission
 from runtime.server.body import decode_body, read_body
 from runtime.server.host import RuntimeHost
 from runtime.server.model_facts import ModelFacts
@@ -147,6 +148,8 @@ class ServerContext:
             req = to_request(body)
             if isinstance(req, Response):
                 return req
+            user = getattr(body, "user", None)  # OpenAI's: it names the tenant
+            req = with_admission(req, request.headers, user, self.settings.max_client_priority)
             n = 1 if choices is None else choices(body)
             return self.reply(req, framing(body), streaming=body.stream, n=n)
 

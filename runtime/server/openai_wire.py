@@ -10,7 +10,8 @@ penalties sampler over the last ``repeat_last_n`` generated tokens. ``logprobs``
 log-probability. ``n`` (1 to 128, and at most the slots: each choice takes one) asks for n
 choices that share one prompt evaluation (Runtime.generate_choices). Fields that would change
 the answer in ways we do not implement (``logit_bias``, tools, JSON output, ``echo``, ``suffix``) are refused with 400 rather than
-ignored; fields that do not change the answer (``user``, ``metadata``, ...) are ignored.
+ignored; fields that do not change the answer (``metadata``, ...) are ignored. ``user`` names the
+request's tenant (fair shares of the slots; runtime.server.admission_headers).
 ``max_tokens`` of /v1/completions defaults to 16, as in OpenAI's reference.
 """
 
