@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from runtime.core.errors import (
         ConfigError,
         ContextOverflowError,
+        DeadlineUnmetError,
         EmbeddingsUnsupportedError,
         GenerationError,
         InvalidRequestError,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
         RuntimeFailedError,
         SlotFailedError,
         SlotserveError,
+        TenantQueueFullError,
     )
     from runtime.core.messages import (
         ChatMessage,
@@ -37,12 +39,13 @@ if TYPE_CHECKING:
         Embeddings,
         EmbedRequest,
         GenerateRequest,
+        QueueEstimate,
         RequestStats,
         TokenLogprob,
         TopLogprob,
         decode_request,
     )
-    from runtime.core.records import RuntimeStatus
+    from runtime.core.records import QueuedRequest, RuntimeStatus
     from runtime.core.ticket import ResponseStream
     from runtime.metrics import metrics_app
     from runtime.runtime import Runtime
@@ -57,6 +60,7 @@ _HOMES = {
     "Completion": _MESSAGES,
     "ConfigError": _ERRORS,
     "ContextOverflowError": _ERRORS,
+    "DeadlineUnmetError": _ERRORS,
     "DoneReason": _MESSAGES,
     "EmbedRequest": _MESSAGES,
     "Embeddings": _MESSAGES,
@@ -65,7 +69,9 @@ _HOMES = {
     "GenerationError": _ERRORS,
     "InvalidRequestError": _ERRORS,
     "ModelLoadError": _ERRORS,
+    "QueueEstimate": _MESSAGES,
     "QueueFullError": _ERRORS,
+    "QueuedRequest": "runtime.core.records",
     "RequestStats": _MESSAGES,
     "ResizeFailedError": _ERRORS,
     "ResponseStream": "runtime.core.ticket",
@@ -76,6 +82,7 @@ _HOMES = {
     "RuntimeStatus": "runtime.core.records",
     "SlotFailedError": _ERRORS,
     "SlotserveError": _ERRORS,
+    "TenantQueueFullError": _ERRORS,
     "TokenLogprob": _MESSAGES,
     "TopLogprob": _MESSAGES,
     "decode_request": _MESSAGES,
@@ -91,6 +98,7 @@ __all__ = [
     "Completion",
     "ConfigError",
     "ContextOverflowError",
+    "DeadlineUnmetError",
     "DoneReason",
     "EmbedRequest",
     "Embeddings",
@@ -99,7 +107,9 @@ __all__ = [
     "GenerationError",
     "InvalidRequestError",
     "ModelLoadError",
+    "QueueEstimate",
     "QueueFullError",
+    "QueuedRequest",
     "RequestStats",
     "ResizeFailedError",
     "ResponseStream",
@@ -110,6 +120,7 @@ __all__ = [
     "RuntimeStatus",
     "SlotFailedError",
     "SlotserveError",
+    "TenantQueueFullError",
     "TokenLogprob",
     "TopLogprob",
     "decode_request",

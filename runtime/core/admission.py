@@ -205,7 +205,9 @@ class Admission:
 
     def step(self, report: StepReport) -> None:
         """An Observer's step event: the step time at the current batch."""
-        self.predictor.observe_step(report.seconds)
+        self.predictor.observe_step(
+            report.seconds, report.n_tokens, report.n_prompt_tokens, report.n_sequences
+        )
 
     def _taken(self, ticket: Ticket, held: Held[Ticket]) -> None:
         predicted = self._predicted.pop(id(ticket), None)

@@ -1,9 +1,11 @@
 """Predicted wait, pure: from measured rates, when each queued request starts and its TTFT.
 
 The rates are moving averages of what the runtime measured: seconds per decode step at the
-batch it runs now, seconds per prompt token of prefill, characters per prompt token, and the
-share of ``max_tokens`` that requests really generate (most stop before it). A request's
-expected time in a slot is its prefill plus its expected tokens times the step time. The start
+batch it runs now, seconds per prompt token in steps that carry a prompt chunk, the steps a
+request takes from its slot to its first token besides its prompt's tokens (tokenizing, the
+step that samples it), characters per prompt token, and the share of ``max_tokens`` that
+requests really generate (most stop before it). A request's expected time in a slot is its
+prefill plus its expected tokens times the step time. The start
 of a queued request comes from playing the queue forward: each slot frees when its request's
 expected time is up, and takes the next request in the queue's order.
 
@@ -20,6 +22,8 @@ __all__ = ["WaitPredictor", "Work"]
 
 _ALPHA = 0.2
 """Weight of the newest measurement in each moving average."""
+PREFILL_STEP_TOKENS = 32
+"""A step with at least this many prompt tokens (and twice its sequences) measures prefill."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +45,9 @@ class WaitPredictor:
         self.step_s: float | None = None
         """Seconds per decode step at the current batch (None: no step measured yet)."""
         self.prefill_s_per_token = 0.0
-        """Seconds of prefill per prompt token evaluated, beyond the one step it takes."""
+        """Seconds per token of steps that carry a prompt chunk (0 until one ran)."""
+        self.prefill_steps = 1.0
+        """Steps from a slot taking a request to its first token, beyond its prompt's tokens."""
         self.chars_per_token = 4.0
         """Prompt characters per token (before any request finished: 4, English's rule of thumb)."""
         self.used_fraction = 1.0
@@ -52,9 +58,15 @@ class WaitPredictor:
         """Whether a step has been measured (before that nothing is predicted)."""
         return self.step_s is not None
 
-    def observe_step(self, seconds: float) -> None:
-        """One decode step took ``seconds``."""
-        if seconds > 0:
+    def observe_step(self, seconds: float, n_tokens: int, n_prompt_tokens: int, n_sequences: int) -> None:
+        """One step took ``seconds`` for ``n_tokens`` tokens of ``n_sequences`` sequences, of
+        which ``n_prompt_tokens`` prompt tokens: a step mostly of prompt gives the prefill rate,
+        any other the decode step time."""
+        if seconds <= 0 or n_tokens <= 0:
+            return
+        if n_prompt_tokens >= max(PREFILL_STEP_TOKENS, 2 * n_sequences):
+            self.prefill_s_per_token = _ewma(self.prefill_s_per_token or None, seconds / n_tokens)
+        else:
             self.step_s = _ewma(self.step_s, seconds)
 
     def observe_request(
@@ -71,10 +83,9 @@ class WaitPredictor:
         cached), its prefill seconds, the tokens generated and the most it could have."""
         if prompt_tokens > 0 and prompt_chars > 0:
             self.chars_per_token = _ewma(self.chars_per_token, prompt_chars / prompt_tokens)
-        if evaluated > 0 and self.step_s is not None:
-            self.prefill_s_per_token = _ewma(
-                self.prefill_s_per_token, max(0.0, prefill_s - self.step_s) / evaluated
-            )
+        if self.step_s:
+            steps = max(0.0, prefill_s - evaluated * self.prefill_s_per_token) / self.step_s
+            self.prefill_steps = _ewma(self.prefill_steps, steps)
         if max_new > 0:
             self.used_fraction = _ewma(self.used_fraction, min(1.0, generated / max_new))
 
@@ -84,7 +95,7 @@ class WaitPredictor:
 
     def prefill_s(self, work: Work) -> float:
         """Seconds from a slot taking the request to its first token."""
-        return (self.step_s or 0.0) + work.prompt_tokens * self.prefill_s_per_token
+        return self.prefill_steps * (self.step_s or 0.0) + work.prompt_tokens * self.prefill_s_per_token
 
     def duration_s(self, work: Work) -> float:
         """Seconds the request is expected to hold its slot."""
