@@ -232,6 +232,7 @@ class Admission:
             prompt_tokens=stats.prompt_tokens,
             evaluated=stats.prompt_tokens - stats.prompt_tokens_cached,
             prefill_s=stats.prefill_duration_ns / 1e9,
+            decode_s=stats.decode_duration_ns / 1e9,
             generated=stats.completion_tokens,
             max_new=request.max_tokens or self.config.max_tokens_limit,
         )

@@ -52,6 +52,9 @@ class WaitPredictor:
         """Prompt characters per token (before any request finished: 4, English's rule of thumb)."""
         self.used_fraction = 1.0
         """Tokens generated / max_tokens (1 until a request finished)."""
+        self.interval_per_step = 1.0
+        """A request's time between two tokens over the step time (above 1: the time between
+        steps, the event loop's turn; 1 until a request finished)."""
 
     @property
     def ready(self) -> bool:
@@ -76,11 +79,12 @@ class WaitPredictor:
         prompt_tokens: int,
         evaluated: int,
         prefill_s: float,
+        decode_s: float,
         generated: int,
         max_new: int,
     ) -> None:
         """A request ended: its prompt's characters and tokens, the tokens evaluated (not
-        cached), its prefill seconds, the tokens generated and the most it could have."""
+        cached), its prefill and decode seconds, the tokens generated and the most it could have."""
         if prompt_tokens > 0 and prompt_chars > 0:
             self.chars_per_token = _ewma(self.chars_per_token, prompt_chars / prompt_tokens)
         if self.step_s:
@@ -88,6 +92,9 @@ class WaitPredictor:
             self.prefill_steps = _ewma(self.prefill_steps, steps)
         if max_new > 0:
             self.used_fraction = _ewma(self.used_fraction, min(1.0, generated / max_new))
+        if generated > 1 and self.step_s:
+            ratio = decode_s / (generated - 1) / self.step_s
+            self.interval_per_step = _ewma(self.interval_per_step, min(max(ratio, 0.5), 10.0))
 
     def work(self, prompt_chars: int, max_tokens: int) -> Work:
         """The expected work of a request of ``prompt_chars`` characters and ``max_tokens``."""
@@ -99,7 +106,12 @@ class WaitPredictor:
 
     def duration_s(self, work: Work) -> float:
         """Seconds the request is expected to hold its slot."""
-        return self.prefill_s(work) + max(0.0, work.decode_tokens - 1) * (self.step_s or 0.0)
+        return self.prefill_s(work) + max(0.0, work.decode_tokens - 1) * self.token_interval_s
+
+    @property
+    def token_interval_s(self) -> float:
+        """Seconds between two tokens of one request: the step time, as requests see it."""
+        return (self.step_s or 0.0) * self.interval_per_step
 
     def remaining_s(self, work: Work, elapsed_s: float) -> float:
         """Seconds a running request is expected to hold its slot still (at least one step)."""
