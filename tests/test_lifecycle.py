@@ -55,7 +55,11 @@ async def test_closing_with_a_request_waiting_for_room_ends_it_once_and_promptly
     assert result == ["RuntimeClosedError"]
     assert status.requests_in_flight == 0 and closed_s < 2.0
     # the queued one ends with the error; the one waiting for room is refused (never admitted)
-    assert sorted(ends.seen) == [("cancel", "NoneType"), ("error", "RuntimeClosedError"), ("rejected", "closed")]
+    assert sorted(ends.seen) == [
+        ("cancel", "NoneType"),
+        ("error", "RuntimeClosedError"),
+        ("rejected", "closed"),
+    ]
 
 
 class SlowTokenize(FakeBackend):

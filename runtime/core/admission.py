@@ -148,8 +148,16 @@ class Admission:
         exc.retry_after_s = starts[min(first, len(starts) - 1)]
 
     def _expect(self, ticket: Ticket, estimate: QueueEstimate) -> None:
-        if estimate.predicted_start_s is not None and ticket.group is None:
+        if ticket.group is not None:
+            return  # a choice leaves the queue with the others (ChoiceStream closes them together)
+        if estimate.predicted_start_s is not None:
             self._predicted[id(ticket)] = self._clock() + estimate.predicted_start_s
+        if not ticket.finished:  # cancelled while it waits: out of the queue at once (its slot listens later)
+            ticket.listen(lambda: self._withdraw(ticket))
+
+    def _withdraw(self, ticket: Ticket) -> None:
+        if self.mailbox.remove(ticket):
+            ticket.finish("cancel")
 
     # -- prediction ----------------------------------------------------------------------------
 
