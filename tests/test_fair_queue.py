@@ -252,3 +252,19 @@ def test_the_projected_order_is_the_order_pops_serve_and_priority_is_strict(
 def _aged(r: Req, pushes: list[tuple[int, str, float, int]], now: float, aging_s: float) -> bool:
     i = int(r.name[1:])
     return sum(p[2] for p in pushes[: i + 1]) <= now - aging_s
+
+
+def test_tenants_that_come_and_go_are_forgotten() -> None:
+    q: FairQueue[Req] = FairQueue(QueuePolicy())
+    push(q, Req("steady", tenant="steady"))
+    push(q, Req("steady", tenant="steady"))
+    for i in range(1000):  # the class never empties; a thousand tenants send one request each
+        push(q, Req("steady", tenant="steady"))
+        push(q, Req(f"t{i}", tenant=f"t{i}"))
+        for _ in range(2):
+            x = q.pop(0.0)
+            assert x is not None
+            q.done(x)
+    assert len(q) == 2 and all(r.tenant == "steady" for r, *_ in q.waiting())
+    assert len(q._classes[0].lanes) < 10  # the idle tenants' lanes are gone
+    assert set(q._queued) == {"steady"} and not q._running  # no count is kept for a tenant with none

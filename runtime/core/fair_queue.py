@@ -105,6 +105,15 @@ class _Class(Generic[T]):
     size: int = 0
 
 
+def _lower(counts: dict[str, int], tenant: str, n: int) -> None:
+    """Take ``n`` from a tenant's count, forgetting a tenant at 0 (any name may come and go)."""
+    left = counts[tenant] - n
+    if left:
+        counts[tenant] = left
+    else:
+        del counts[tenant]
+
+
 class FairQueue(Generic[T]):
     """The waiting requests and the slots each tenant holds; see the module's docstring.
 
@@ -176,7 +185,7 @@ class FairQueue(Generic[T]):
             self._unlink(entry)
         self._classes[entry.priority].size -= 1
         del self._where[id(item)]
-        self._queued[entry.tenant] -= 1
+        _lower(self._queued, entry.tenant, 1)
         self._size -= 1
         self._held[id(item)] = Held(
             item, entry.priority, entry.tenant, entry.cost, entry.seq, entry.admitted_s, now_s
@@ -201,7 +210,7 @@ class FairQueue(Generic[T]):
             self._next = None
         self._unlink(entry)
         self._classes[entry.priority].size -= n
-        self._queued[entry.tenant] -= n
+        _lower(self._queued, entry.tenant, n)
         self._size -= n
         self._drop_empty_class(entry.priority)
         return True
@@ -211,7 +220,7 @@ class FairQueue(Generic[T]):
         for an item that was never taken, or is done already)."""
         held = self._held.pop(id(item), None)
         if held is not None:
-            self._running[held.tenant] -= 1
+            _lower(self._running, held.tenant, 1)
 
     def put_back(self, item: T) -> None:
         """Return ``item``, taken by :meth:`pop` but not served (its taker was cancelled), to
@@ -226,7 +235,7 @@ class FairQueue(Generic[T]):
             group.items.appendleft(item)
             self._where[id(item)] = group
             self._classes[group.priority].size += 1
-            self._queued[group.tenant] += 1
+            self._queued[group.tenant] = self._queued.get(group.tenant, 0) + 1
             self._size += 1
             return
         entry = _Entry(deque([item]), held.priority, held.tenant, held.cost, held.seq, held.admitted_s)
@@ -312,12 +321,20 @@ class FairQueue(Generic[T]):
 
     def _fair(self) -> _Entry[T] | None:
         for priority in reversed(self._priorities):
+            cls = self._classes[priority]
             best: _Lane[T] | None = None
-            for tenant, lane in self._classes[priority].lanes.items():
-                if not lane.entries or not self._eligible(tenant):
+            idle: list[str] = []
+            for tenant, lane in cls.lanes.items():
+                if not lane.entries:
+                    if lane.vtime <= cls.vtime:  # it would start at the class's time anyway
+                        idle.append(tenant)
+                    continue
+                if not self._eligible(tenant):
                     continue
                 if best is None or (lane.vtime, lane.entries[0].seq) < (best.vtime, best.entries[0].seq):
                     best = lane
+            for tenant in idle:  # tenants come and go: a busy class forgets the idle ones
+                del cls.lanes[tenant]
             if best is not None:
                 return best.entries[0]
         return None
