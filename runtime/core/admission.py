@@ -91,37 +91,42 @@ class Admission:
         :raises RuntimeClosedError: if the mailbox is closed.
         """
         request = tickets[0].request
-        estimate: list[QueueEstimate] = []
-
-        def check(_: Sequence[Ticket]) -> None:  # queued, not yet handed to a slot
-            estimate.append(self._estimate(tickets[0], self._clock()))
-            self._check_deadline(request, estimate[0])
-
+        estimates: list[QueueEstimate] = []
         try:
-            self.mailbox.put_all_nowait(tickets, self._placement(request), check=check)
+            self.mailbox.put_all_nowait(
+                tickets, self._placement(request), check=self._check(tickets[0], estimates)
+            )
         except QueueFullError as exc:
             self._refused(exc, request)
             raise
-        self._expect(tickets[0], estimate[0])
-        return estimate[0]
+        self._expect(tickets[0], estimates[-1])
+        return estimates[-1]
 
     async def admit(self, ticket: Ticket, timeout_s: float) -> QueueEstimate:
         """Queue ``ticket``, waiting up to ``timeout_s`` seconds for room; raises as
         :meth:`admit_nowait` (QueueFullError once the time is up)."""
         request = ticket.request
-        estimate: list[QueueEstimate] = []
-
-        def check(_: Sequence[Ticket]) -> None:
-            estimate.append(self._estimate(ticket, self._clock()))
-            self._check_deadline(request, estimate[0])
-
+        estimates: list[QueueEstimate] = []
         try:
-            await self.mailbox.put(ticket, timeout_s, self._placement(request), check=check)
+            await self.mailbox.put(
+                ticket, timeout_s, self._placement(request), check=self._check(ticket, estimates)
+            )
         except QueueFullError as exc:
             self._refused(exc, request)
             raise
-        self._expect(ticket, estimate[-1])
-        return estimate[-1]
+        self._expect(ticket, estimates[-1])
+        return estimates[-1]
+
+    def _check(self, ticket: Ticket, estimates: list[QueueEstimate]) -> Callable[[Sequence[Ticket]], None]:
+        """The mailbox's check for ``ticket``, once queued and before a slot may take it: its
+        estimate goes in ``estimates``; a deadline it misses refuses it."""
+
+        def check(_: Sequence[Ticket]) -> None:
+            estimate = self._estimate(ticket, self._clock())
+            estimates.append(estimate)
+            self._check_deadline(ticket.request, estimate)
+
+        return check
 
     def _placement(self, request: GenerateRequest | ChatRequest) -> Placement:
         cost = float(request.max_tokens or self.config.max_tokens_limit)
@@ -160,11 +165,6 @@ class Admission:
             ticket.finish("cancel")
 
     # -- prediction ----------------------------------------------------------------------------
-
-    def estimate(self, ticket: Ticket) -> QueueEstimate | None:
-        """Where ``ticket`` stands now and its predicted start (None if it is not waiting)."""
-        now = self._clock()
-        return self._estimate(ticket, now) if ticket in self.mailbox.queue.order(now) else None
 
     def _work(self, ticket: Ticket) -> Work:
         request = ticket.request
