@@ -22,6 +22,7 @@ from runtime.backends.base import Backend
 from runtime.backends.chat_template import PromptPart
 from runtime.core.errors import ContextOverflowError, InvalidRequestError
 from runtime.core.messages import ChatRequest, GenerateRequest
+from runtime.core.tool_prompt import messages_with_tools, template_tools, uses_tools
 
 __all__ = [
     "INLINE_PROMPT_CHARS",
@@ -80,7 +81,11 @@ def prompt_parts(backend: Backend, request: GenerateRequest | ChatRequest) -> li
     template = backend.chat_template
     if template is None:
         raise InvalidRequestError(f"model {backend.info.name!r} has no chat template; send a raw prompt")
-    return template.render_parts(request.messages)
+    if not uses_tools(request):
+        return template.render_parts(request.messages)
+    if template.renders_tools:
+        return template.render_parts(request.messages, template_tools(request))
+    return template.render_parts(messages_with_tools(request))
 
 
 def _pieces(parts: list[PromptPart], backend: Backend) -> Iterator[str | int]:

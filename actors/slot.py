@@ -32,8 +32,10 @@ __all__ = ["SlotActor"]
 
 
 def sampler_spec(request: GenerateRequest | ChatRequest) -> SamplerSpec | None:
-    """The sampler chain for ``request``; None when plain argmax gives the same token."""
-    if request.greedy:
+    """The sampler chain for ``request``; None when plain argmax gives the same token (never for
+    a request with an output constraint: its row is masked first)."""
+    grammar = request.constraint()
+    if request.greedy and grammar is None:
         return None
     return SamplerSpec(
         temperature=request.temperature,
@@ -45,6 +47,7 @@ def sampler_spec(request: GenerateRequest | ChatRequest) -> SamplerSpec | None:
         seed=secrets.randbits(32) if request.seed is None else request.seed,
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
+        grammar=grammar,
     )
 
 

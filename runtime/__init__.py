@@ -47,11 +47,13 @@ if TYPE_CHECKING:
     )
     from runtime.core.records import QueuedRequest, RuntimeStatus
     from runtime.core.ticket import ResponseStream
+    from runtime.core.tools import FunctionCall, NamedTool, Tool, ToolCall
     from runtime.metrics import metrics_app
     from runtime.runtime import Runtime
 
 _ERRORS = "runtime.core.errors"
 _MESSAGES = "runtime.core.messages"
+_TOOLS = "runtime.core.tools"
 _HOMES = {
     "ChatMessage": _MESSAGES,
     "ChatRequest": _MESSAGES,
@@ -65,10 +67,12 @@ _HOMES = {
     "EmbedRequest": _MESSAGES,
     "Embeddings": _MESSAGES,
     "EmbeddingsUnsupportedError": _ERRORS,
+    "FunctionCall": _TOOLS,
     "GenerateRequest": _MESSAGES,
     "GenerationError": _ERRORS,
     "InvalidRequestError": _ERRORS,
     "ModelLoadError": _ERRORS,
+    "NamedTool": _TOOLS,
     "QueueEstimate": _MESSAGES,
     "QueueFullError": _ERRORS,
     "QueuedRequest": "runtime.core.records",
@@ -84,6 +88,8 @@ _HOMES = {
     "SlotserveError": _ERRORS,
     "TenantQueueFullError": _ERRORS,
     "TokenLogprob": _MESSAGES,
+    "Tool": _TOOLS,
+    "ToolCall": _TOOLS,
     "TopLogprob": _MESSAGES,
     "decode_request": _MESSAGES,
     "metrics_app": "runtime.metrics",
@@ -103,10 +109,12 @@ __all__ = [
     "EmbedRequest",
     "Embeddings",
     "EmbeddingsUnsupportedError",
+    "FunctionCall",
     "GenerateRequest",
     "GenerationError",
     "InvalidRequestError",
     "ModelLoadError",
+    "NamedTool",
     "QueueEstimate",
     "QueueFullError",
     "QueuedRequest",
@@ -122,6 +130,8 @@ __all__ = [
     "SlotserveError",
     "TenantQueueFullError",
     "TokenLogprob",
+    "Tool",
+    "ToolCall",
     "TopLogprob",
     "decode_request",
     "metrics_app",

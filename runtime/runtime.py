@@ -438,6 +438,11 @@ class Runtime:
             raise InvalidRequestError(
                 f"logprobs is true; the {self.backend.info.backend} backend does not give log-probabilities"
             )
+        if not self.backend.info.constraints and request.constraint() is not None:
+            raise InvalidRequestError(
+                f"the {self.backend.info.backend} backend cannot constrain output (format, grammar, "
+                "tool_choice other than none)"
+            )
         check_prompt_size(request, self.config.n_ctx_per_slot, self.backend.max_token_bytes)
 
     def _check_ready(self) -> None:

@@ -157,7 +157,7 @@ async def test_the_predicted_start_is_close_to_the_actual_for_most() -> None:
                 await anyio.sleep(0.03)
     waited = [(p, a) for p, a in pairs if a > 0.05]  # those that queued for a while
     assert len(waited) >= 10, pairs
-    # the benchmark measures 80% or more within 25% (section 7); a loaded CI machine gets a wider bound
+    # the benchmark measures 80% or more within 25% (section 8); a loaded CI machine gets a wider bound
     close = [abs(p - a) <= 0.5 * a for p, a in waited]
     assert sum(close) >= 0.6 * len(close), waited
 

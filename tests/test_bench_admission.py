@@ -1,4 +1,4 @@
-"""Section 7 of the benchmarks (runtime.bench.admission) runs and reports what it measured,
+"""Section 8 of the benchmarks (runtime.bench.admission) runs and reports what it measured,
 at a small scale (the figures themselves are the benchmark's to print, not a test's to assert)."""
 
 from __future__ import annotations
@@ -18,4 +18,4 @@ async def test_the_admission_section_measures_and_prints() -> None:
     assert figures.retry_after_over_slot_free > 0
     out = io.StringIO()
     print_admission(figures, out)
-    assert "section 7: admission" in out.getvalue() and "weights 3:1" in out.getvalue()
+    assert "section 8: admission" in out.getvalue() and "weights 3:1" in out.getvalue()

@@ -96,7 +96,7 @@ async def test_ollama_list_ps_and_show_describe_the_model(kind: str) -> None:
         shown.template is not None
         and ("<|im_start|>" if kind == "llama_cpp" else "<assistant>") in shown.template
     )
-    assert shown.capabilities == ["completion", "embedding"]
+    assert shown.capabilities == ["completion", "tools", "embedding"]
     assert shown.parameters is not None and shown.parameters.splitlines()[0].split() == [
         "num_ctx",
         str(N_CTX),
@@ -115,6 +115,7 @@ async def test_openai_models_list_and_retrieve(kind: str) -> None:
             await client.models.retrieve("gpt-4o")
     assert [m.id for m in listed.data] == [primary(rt)]
     assert (named.id, named.object, named.owned_by) == (primary(rt), "model", "slotserve")
+    assert named.model_extra is not None and "tools" in named.model_extra["capabilities"]
     assert alias.id == "slotserve:latest" and alias.created == named.created == listed.data[0].created
     assert missing.value.status_code == 404
     assert missing.value.code == "model_not_found"

@@ -138,7 +138,7 @@ async def test_a_model_without_embeddings_answers_400_in_each_shape() -> None:
     assert ollama_answer.status_code == 400 and "does not support embeddings" in ollama_answer.json()["error"]
     assert openai_answer.json()["error"]["code"] == "embeddings_unsupported"
     assert raised.value.status_code == 400
-    assert shown.capabilities == ["completion"]
+    assert shown.capabilities == ["completion", "tools"]
 
 
 @BOTH

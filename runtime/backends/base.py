@@ -73,6 +73,9 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Its steps give log-probabilities for the output rows that ask (``StepPlan.logprob_outputs``)."""
     seq_copy: bool = True
     """Its steps copy a sequence's KV cells to another (``StepPlan.copies``)."""
+    constraints: bool = True
+    """Its steps mask a row's logits to what its grammar allows (``SamplerSpec.grammar``): JSON
+    output, grammars and tool calls."""
 
 
 class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +90,18 @@ class SamplerSpec(msgspec.Struct, frozen=True, kw_only=True):
     seed: int
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    grammar: str | None = None
+    """An llguidance grammar the output must match (runtime.core.structured): the row's logits
+    are masked to the tokens it allows before choosing, at any temperature."""
+
+    @property
+    def greedy(self) -> bool:
+        """True when the choice is an argmax (of the masked logits, with a grammar)."""
+        return (
+            self.temperature == 0
+            and self.repeat_penalty == 1.0
+            and not (self.presence_penalty or self.frequency_penalty)
+        )
 
 
 @dataclass(slots=True)

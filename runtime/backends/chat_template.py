@@ -65,13 +65,20 @@ class ChatTemplate:
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"the model's chat template does not compile: {exc}") from None
         self._bos, self._eos = bos_token, eos_token
+        self.renders_tools = "tools" in source
+        """Whether the template reads a ``tools`` variable (it then renders tools and calls itself)."""
 
-    def _render(self, messages: list[dict[str, Any]]) -> str:
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         import jinja2
 
+        extra = {} if tools is None else {"tools": tools}
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=True, bos_token=self._bos, eos_token=self._eos
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self._bos,
+                eos_token=self._eos,
+                **extra,
             )
         except InvalidRequestError:
             raise
@@ -85,7 +92,9 @@ class ChatTemplate:
         """
         return self._render([{"role": m.role, "content": m.content} for m in messages])
 
-    def render_parts(self, messages: Sequence[ChatMessage]) -> list[PromptPart]:
+    def render_parts(
+        self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> list[PromptPart]:
         """The prompt as parts: the template's own text (``special=True``) between the messages'
         contents (``special=False``), in order; their texts joined are :meth:`render`'s.
 
@@ -93,11 +102,14 @@ class ChatTemplate:
         either side; a side whose space the template removed (``| trim``) is stripped from the
         content, as the template would have done.
 
+        ``tools`` (OpenAI's ``tools`` objects) are handed to a template that renders them, with
+        each message's tool calls, ``tool_call_id`` and ``name``.
+
         :raises InvalidRequestError: if the template raises or fails on these messages.
         """
         nonce = secrets.token_hex(8)
-        holders = [{"role": m.role, "content": f" \ue000{nonce}{i}\ue001 "} for i, m in enumerate(messages)]
-        rendered = self._render(holders)
+        holders = [_holder(m, f" \ue000{nonce}{i}\ue001 ") for i, m in enumerate(messages)]
+        rendered = self._render(holders, tools)
         parts: list[PromptPart] = []
         last = 0
         for match in re.finditer(f"( ?)\ue000{nonce}(\\d+)\ue001( ?)", rendered):
@@ -114,3 +126,22 @@ class ChatTemplate:
         if last < len(rendered):
             parts.append(PromptPart(rendered[last:], True))
         return parts
+
+
+def _holder(message: ChatMessage, content: str) -> dict[str, Any]:
+    """A message as a template reads it, its content replaced by ``content``."""
+    held: dict[str, Any] = {"role": message.role, "content": content}
+    if message.tool_calls:
+        held["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": c.function.arguments},
+            }
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        held["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        held["name"] = message.name
+    return held

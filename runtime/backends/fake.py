@@ -16,6 +16,11 @@ own input only (the same alone and in any batch).
 A sampler with a penalty (repeat, presence or frequency) steers clear of the letters among its
 last ``repeat_last_n`` tokens: the next letter of the alphabet that is not among them is taken.
 
+A sampler with a grammar (runtime.backends.grammar) takes, among the tokens the grammar allows,
+the end of generation if allowed, else the first allowed of ``"}],:`` (so that answers close
+soon), else the letter its history's hash picks if allowed, else the allowed token of the
+lowest id: deterministic, and always a valid continuation.
+
 Log-probabilities, where asked, come from made-up logits that depend only on the sequence's
 history (a generator seeded by its hash), with the sampled token made the most likely one.
 """
@@ -33,8 +38,9 @@ import numpy.typing as npt
 from runtime.backends.base import ModelInfo, SamplerSpec, StepPlan, StepResult
 from runtime.backends.chat_template import ChatTemplate
 from runtime.backends.gguf_metadata import MetadataValue
+from runtime.backends.grammar import GrammarRows, byte_tokenizer
 from runtime.backends.logprobs import step_logprobs
-from runtime.core.errors import EmbeddingsUnsupportedError, ResizeFailedError
+from runtime.core.errors import EmbeddingsUnsupportedError, GenerationError, ResizeFailedError
 
 __all__ = ["EOS", "FakeBackend", "InjectedFault"]
 
@@ -45,6 +51,7 @@ _BYTE0 = 1
 _N_EMBD = 64
 """The embedding width its metadata reports (it has no weights; a tied 64-wide embedding)."""
 _LETTERS = np.array([_BYTE0 + c for c in b"abcdefghijklmnopqrstuvwxyz "], dtype=np.int32)
+_CLOSERS = [_BYTE0 + c for c in b'"}],:']
 
 
 class InjectedFault(RuntimeError):
@@ -114,6 +121,10 @@ class FakeBackend:
         self._samplers: dict[int, np.random.Generator | None] = {}
         self._penalized: dict[int, tuple[int, list[int]]] = {}
         """seq_id -> (repeat_last_n, tokens its sampler produced) for a sampler with a penalty."""
+        self.grammar = GrammarRows(
+            lambda: byte_tokenizer(self.pieces, EOS, lambda data: [_BYTE0 + b for b in data]),
+            len(self.pieces),
+        )
         self.fail_next_steps = 0
         """Make this many coming steps raise InjectedFault as a whole (a ModelActor fault)."""
         self.call_threads: set[int] = set()
@@ -173,6 +184,7 @@ class FakeBackend:
                 self._hashes[dst] = list(self._hashes.get(src, []))
         self.copies += len(plan.copies)
         for seq_id, spec in plan.samplers.items():
+            self.grammar.set(seq_id, None if spec is None else spec.grammar)
             self._samplers[seq_id] = self._new_sampler(spec)
             self._penalized.pop(seq_id, None)
             if spec is not None and (
@@ -205,7 +217,7 @@ class FakeBackend:
             seq_id = int(plan.seq_ids[row])
             try:
                 out[i] = self._next_token(seq_id, seq_id if samplers is None else int(samplers[i]))
-            except InjectedFault as exc:
+            except (InjectedFault, GenerationError) as exc:
                 errors[i] = exc
                 out[i] = EOS
         lp = plan.logprob_outputs
@@ -245,6 +257,10 @@ class FakeBackend:
         if rng is not None:
             h ^= int(rng.integers(0, 1 << 16))
         token = int(_LETTERS[h % len(_LETTERS)])
+        if sampler_seq in self.grammar.matchers:
+            token = self._allowed_token(sampler_seq, token)
+            self.grammar.advance(sampler_seq, token)
+            return token
         if (penalty := self._penalized.get(sampler_seq)) is not None:
             last_n, produced = penalty
             recent = set(produced[-last_n:]) if last_n > 0 else set()
@@ -254,6 +270,17 @@ class FakeBackend:
                     break
             produced.append(token)
         return token
+
+    def _allowed_token(self, seq_id: int, letter: int) -> int:
+        """The token a constrained sequence takes (see the module docstring)."""
+        allowed = self.grammar.allowed([self.grammar.matchers[seq_id]])[0]
+        for token in (EOS, *_CLOSERS, letter):
+            if allowed[token]:
+                return token
+        ids = np.flatnonzero(allowed)
+        if not len(ids):
+            raise InjectedFault(f"sequence {seq_id}: the grammar allows no token")
+        return int(ids[0])
 
     def embed(self, inputs: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
         """A hashed bag of each input's tokens (see the module docstring), shape (len(inputs), 64),

@@ -41,9 +41,10 @@ from runtime.backends.base import (
 )
 from runtime.backends.chat_template import ChatTemplate
 from runtime.backends.gguf_metadata import MetadataValue, read_gguf_metadata
+from runtime.backends.grammar import GrammarRows
 from runtime.backends.logprobs import step_logprobs
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import EmbeddingsUnsupportedError, ModelLoadError, ResizeFailedError
+from runtime.core.errors import EmbeddingsUnsupportedError, GenerationError, ModelLoadError, ResizeFailedError
 
 __all__ = ["LlamaCppBackend"]
 
@@ -174,6 +175,8 @@ class LlamaCppBackend:
     def __init__(self, path: Path, config: RuntimeConfig, n_seq: int | None = None) -> None:
         self._config = config
         self._samplers: dict[int, Any] = {}
+        self._sampler_faults: dict[int, BaseException] = {}
+        """seq_id -> why its sampler could not be made (its next output fails with it)."""
         self.sampling_seconds = 0.0
         """Time the steps spent choosing tokens from the logits (argmax and sampler chains)."""
         self._ctx: Any = None
@@ -200,6 +203,7 @@ class LlamaCppBackend:
         self.max_token_bytes = max(
             [len(p) for p in self.pieces] + [len(t.encode()) for t in self.special_tokens]
         )
+        self.grammar = GrammarRows(self._grammar_tokenizer, self._n_vocab)
         template = llama.llama_model_chat_template(self._model, None)
         self.chat_template = (
             ChatTemplate(
@@ -439,6 +443,21 @@ class LlamaCppBackend:
     def _special_text(self, token: int) -> str:
         return self._piece(token, special=True).decode(errors="replace") if token >= 0 else ""
 
+    def _grammar_tokenizer(self) -> Any:
+        """llguidance's tokenizer of this vocabulary: each token's bytes (a special token's
+        text behind a 0xff byte, llguidance's mark of special tokens) and llama.cpp's tokenizer."""
+        import llguidance
+
+        tokens = [
+            b"\xff" + self._piece(t, special=True) if _is_special(self._vocab, t) else self.pieces[t]
+            for t in range(self._n_vocab)
+        ]
+        tokenize = ctypes.cast(llama.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+        from_llamacpp = getattr(llguidance.LLTokenizer, "from_llamacpp")  # noqa: B009 (not in its stubs)
+        return from_llamacpp(
+            tokens=tokens, vocab_ptr=self._vocab, tokenize_fptr=tokenize, eos_token=sorted(self.eog_tokens)
+        )
+
     # -- text ----------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
@@ -489,31 +508,58 @@ class LlamaCppBackend:
             n_logits = len(unique_rows)
         logits = np.ctypeslib.as_array(llama.llama_get_logits(self._ctx), shape=(n_logits * self._n_vocab,))
         logits = logits.reshape(n_logits, self._n_vocab)
+        lp = plan.logprob_outputs
+        raw = None
+        if lp is not None and len(lp):  # a copy, before any grammar's mask
+            raw = logits[lp] if logit_of is None else logits[logit_of[lp]]
+        errors: dict[int, BaseException] = {}
+        constrained: list[int] = []
+        if self.grammar.matchers or self._sampler_faults:
+            constrained, errors = self._mask(seq_ids, logits, logit_of, n_out)
         chains = [self._samplers.get(int(s)) for s in seq_ids]
         greedy = np.array([c is None for c in chains], dtype=bool)
         if greedy.any():
             out[greedy] = np.argmax(logits[greedy] if logit_of is None else logits[logit_of[greedy]], axis=1)
-        errors: dict[int, BaseException] = {}
         for i in np.flatnonzero(~greedy).tolist():
             try:
                 out[i] = llama.llama_sampler_sample(chains[i], self._ctx, int(plan.output_rows[i]))
             except Exception as exc:  # one row's sampler must not fail the others
                 errors[i] = exc
                 out[i] = 0
-        lp = plan.logprob_outputs
+        for i in constrained:
+            try:
+                self.grammar.advance(int(seq_ids[i]), int(out[i]))
+            except Exception as exc:
+                errors[i] = exc
         logprobs = None
-        if lp is not None and len(lp):
-            rows = logits[lp] if logit_of is None else logits[logit_of[lp]]
-            logprobs = step_logprobs(lp, rows, out[lp], plan.top_logprobs)
+        if raw is not None and lp is not None:
+            logprobs = step_logprobs(lp, raw, out[lp], plan.top_logprobs)
         self.sampling_seconds += time.perf_counter() - sampling_from
         return StepResult(tokens=out, row_errors=errors, logprobs=logprobs)
+
+    def _mask(
+        self, seq_ids: npt.NDArray[np.int32], logits: npt.NDArray[np.float32], logit_of: Any, n_out: int
+    ) -> tuple[list[int], dict[int, BaseException]]:
+        """Mask the constrained outputs' logits in place (runtime.backends.grammar); an output
+        whose sampler could not be made fails with why."""
+        seqs = seq_ids.tolist()
+        errors = {i: self._sampler_faults.pop(s) for i, s in enumerate(seqs) if s in self._sampler_faults}
+        rows = np.arange(n_out) if logit_of is None else logit_of
+        constrained = [i for i in self.grammar.mask(seqs, logits, rows) if i not in errors]
+        return constrained, errors
 
     def _set_sampler(self, seq_id: int, spec: SamplerSpec | None) -> None:
         old = self._samplers.pop(seq_id, None)
         if old is not None:
             llama.llama_sampler_free(old)
-        if spec is None:
+        self._sampler_faults.pop(seq_id, None)
+        try:
+            self.grammar.set(seq_id, None if spec is None else spec.grammar)
+        except Exception as exc:  # this request's grammar: its first output fails, no other
+            self._sampler_faults[seq_id] = GenerationError(str(exc))
             return
+        if spec is None or (spec.grammar is not None and spec.greedy):
+            return  # an argmax (of the masked logits, with a grammar)
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = llama.llama_sampler_chain_add
         if spec.repeat_penalty != 1.0 or spec.frequency_penalty != 0 or spec.presence_penalty != 0:
@@ -547,6 +593,7 @@ class LlamaCppBackend:
         for chain in self._samplers.values():
             llama.llama_sampler_free(chain)
         self._samplers.clear()
+        self.grammar.clear()
         if self._embed_ctx:
             llama.llama_free(self._embed_ctx)
             self._embed_ctx = None

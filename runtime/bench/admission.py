@@ -1,4 +1,4 @@
-"""Section 7, admission: fairness between tenants, weighted shares, the predicted start's error
+"""Section 8, admission: fairness between tenants, weighted shares, the predicted start's error
 and how fast an unmeetable deadline is refused, on the fake backend with a step delay.
 
 - fairness: 2 slots; tenant A sends ``flood`` requests, then tenant B sends 4. B's queue-time
@@ -190,7 +190,7 @@ async def measure_admission(
 def print_admission(f: AdmissionFigures, out: TextIO = sys.stdout) -> None:
     """Section 7's table."""
     out.write(
-        f"\nsection 7: admission (fake backend, {f.step_delay_s * 1000:g} ms steps, 2 slots)\n"
+        f"\nsection 8: admission (fake backend, {f.step_delay_s * 1000:g} ms steps, 2 slots)\n"
         f"  B's queue p50: alone {f.b_queue_p50_alone_s * 1000:.0f} ms, under A's flood fair "
         f"{f.b_queue_p50_fair_s * 1000:.0f} ms ({f.b_queue_p50_fair_s / max(f.b_queue_p50_alone_s, 1e-9):.1f}x), "
         f"first come first served {f.b_queue_p50_fifo_s * 1000:.0f} ms; A completed {f.a_completed}\n"

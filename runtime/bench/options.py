@@ -15,8 +15,8 @@ from runtime.bench.workload import Workload
 
 __all__ = ["LLAMA_SERVER_ENV", "SECTIONS", "BenchOptions", "add_arguments", "options_from"]
 
-SECTIONS = ("plain", "embedded", "servers", "dispatch", "memory", "gpurate", "admission")
-"""The sections in order; on the command line each may also be given by its number (1-7)."""
+SECTIONS = ("plain", "embedded", "servers", "dispatch", "memory", "gpurate", "structured", "admission")
+"""The sections in order; on the command line each may also be given by its number (1-8)."""
 LLAMA_SERVER_ENV = "SLOTSERVE_LLAMA_SERVER"
 """``--llama-server``'s value when the option is not given (runtime.bench.llama_server)."""
 
@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sections",
         type=_sections,
         default=SECTIONS,
-        help="all, or a comma list of: plain, embedded, servers, dispatch, memory, gpurate (or 1-6)",
+        help="all, or a comma list of: plain, embedded, servers, dispatch, memory, gpurate, structured (or 1-7)",
     )
     p.add_argument("--n", type=_counts, default=(1, 2, 4, 8), dest="n_list", help="sequences, e.g. 1,2,4,8")
     p.add_argument(

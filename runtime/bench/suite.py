@@ -7,7 +7,9 @@
 4. dispatch  the runtime's own cost per token, on the fake backend (runtime.bench.dispatch)
 5. memory    weights, KV per slot and resident memory per slot count (runtime.bench.memory)
 6. gpurate   the runtime at a GPU's step rate, embedded and over HTTP (runtime.bench.gpu_rate)
-7. admission fairness between tenants, weights, the predicted start, deadlines (runtime.bench.admission)
+7. structured 4 JSON-schema-bound requests against 4 free ones, and the grammar engines compared
+             (runtime.bench.structured, runtime.bench.grammar_engines)
+8. admission fairness between tenants, weights, the predicted start, deadlines (runtime.bench.admission)
 
 Each section prints its table when it ends; at the end ``bench.json`` and ``bench.png`` are
 written to the output folder. With section 3, llama-server is found (or built: minutes) first,
@@ -124,6 +126,12 @@ async def run_bench(options: BenchOptions, out: TextIO = sys.stdout) -> dict[str
         passes = await measure_gpu_rate(options.workload.max_tokens, rounds=max(options.workload.repeats, 1))
         result["gpu_rate"] = _plain(passes)
         print_gpu_rate(result["gpu_rate"], out)
+    if "structured" in chosen:
+        from runtime.bench.structured import measure_structured, print_structured
+
+        figures = await measure_structured(options.workload, rounds=max(options.workload.repeats, 1))
+        result["structured"] = _plain(figures)
+        print_structured(result["structured"], out)
     if "admission" in chosen:
         from runtime.bench.admission import measure_admission, print_admission
 

@@ -166,7 +166,7 @@ class ChoiceStream:
         :raises GenerationError: if a choice failed after admission.
         :raises ContextOverflowError: if the prompt and max_tokens do not fit the slot.
         """
-        answers = [CompletionBuilder() for _ in self.streams]
+        answers = [CompletionBuilder.for_request(s.request) for s in self.streams]
         done: list[Completion | None] = [None] * len(self.streams)
         async with self:
             async for chunk in self:

@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from runtime.core.errors import InvalidRequestError
+from runtime.core.structured import constraint_grammar
+from runtime.core.tools import NamedTool, Tool, ToolCall, ToolChoice, split_calls
 
 __all__ = [
     "ChatMessage",
@@ -98,6 +100,13 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """Give each generated token's log-probability (``Chunk.logprobs``)."""
     top_logprobs: int = 0
     """With ``logprobs``: also this many most likely tokens at each position (0 to 20)."""
+    format: Literal["json"] | dict[str, Any] | None = None
+    """Constrain the answer to JSON: ``"json"`` any JSON object, a dict a JSON schema it must
+    match (Ollama's ``format``; runtime.core.structured). A bad schema is refused before any
+    compute."""
+    grammar: str | None = None
+    """Constrain the answer to a GBNF grammar (llama.cpp's ``grammar``) or a Lark grammar
+    (llguidance's syntax). At most one of ``format``, ``grammar`` and tools is given."""
     priority: int = 0
     """Scheduling class, higher first (-1,000 to 1,000): a waiting request of a higher class
     goes to a free slot before every lower one (until a lower one has waited ``queue_aging_s``)."""
@@ -163,6 +172,11 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
                 f"stop[{i}] is {len(text)} characters; at most {MAX_STOP_LENGTH} are allowed",
             )
 
+    def constraint(self) -> str | None:
+        """The llguidance grammar of this request's output constraint, None when it is free
+        (cached by the constraint's text; validated when the request was made)."""
+        return constraint_grammar(self.format, self.grammar)
+
     @property
     def greedy(self) -> bool:
         """True when the next token is the argmax of the logits with nothing else applied."""
@@ -177,7 +191,8 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 class GenerateRequest(_Sampling, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Complete ``prompt`` (raw text; the model's BOS is added if the model wants one).
 
-    :raises InvalidRequestError: if a field is out of range (the message names it and the limit).
+    :raises InvalidRequestError: if a field is out of range (the message names it and the limit),
+        or ``format`` / ``grammar`` does not compile (runtime.core.structured).
     """
 
     prompt: str
@@ -188,29 +203,71 @@ class GenerateRequest(_Sampling, frozen=True, kw_only=True, forbid_unknown_field
     def __post_init__(self) -> None:
         _check_text("prompt", self.prompt)
         self._validate_sampling()
+        self.constraint()
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One chat turn; ``role`` is system, user, assistant or tool (OpenAI and Ollama roles)."""
+    """One chat turn; ``role`` is system, user, assistant or tool (OpenAI and Ollama roles).
+
+    An assistant turn may carry the ``tool_calls`` it made; a tool turn is a call's result,
+    with the ``tool_call_id`` it answers (OpenAI) and the function's ``name`` (Ollama's
+    ``tool_name``) where known.
+    """
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def __post_init__(self) -> None:
         _check_text("content", self.content, allow_empty=True)
+        _check(
+            not self.tool_calls or self.role == "assistant",
+            f"a {self.role} message has tool_calls; only an assistant message makes calls",
+        )
 
 
 class ChatRequest(_Sampling, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Answer ``messages``, rendered with the model's own chat template (GGUF metadata).
 
-    :raises InvalidRequestError: if messages is empty or a field is out of range.
+    :raises InvalidRequestError: if messages is empty, a field is out of range, a tool is named
+        twice, ``tool_choice`` asks for a call without tools or names a function not among them,
+        or the output constraint does not compile (runtime.core.structured).
     """
 
     messages: tuple[ChatMessage, ...]
+    tools: tuple[Tool, ...] = ()
+    """Functions the model may call (runtime.core.tools); the calls are in ``Completion.tool_calls``."""
+    tool_choice: ToolChoice = "auto"
+    """``none``, ``auto`` (text or a call), ``required`` (one call, constrained to a valid
+    one) or a NamedTool (a call of that function)."""
 
     def __post_init__(self) -> None:
         _check(len(self.messages) > 0, "messages is empty; a chat needs at least one message")
+        names = [t.name for t in self.tools]
+        _check(len(set(names)) == len(names), f"tools names a function twice: {names}")
+        for name in names:
+            _check_text("tools[].name", name)
+        _check(
+            not isinstance(self.tool_choice, NamedTool) or bool(self.tools),
+            "tool_choice names a function but tools is empty",
+        )
+        _check(
+            self.tool_choice in ("none", "auto") or bool(self.tools),
+            "tool_choice is required but tools is empty",
+        )
         self._validate_sampling()
+        self.constraint()
+
+    def constraint(self) -> str | None:
+        """As GenerateRequest's, with the tools' call grammar when tool_choice is not none."""
+        return constraint_grammar(self.format, self.grammar, self.tools, self.tool_choice)
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer may hold tool calls (tools given, tool_choice not none)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 R = TypeVar("R", GenerateRequest, ChatRequest)
@@ -309,17 +366,27 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     stats: RequestStats
     logprobs: tuple[TokenLogprob, ...] = ()
     """As the chunks' (one per generated token when asked)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The calls the answer made (a ChatRequest with tools); ``text`` is then what it wrote
+    outside them, and ``done_reason`` stays ``stop``."""
 
 
 class CompletionBuilder:
-    """Gathers a stream's chunks into the whole answer (``Completion``)."""
+    """Gathers a stream's chunks into the whole answer (``Completion``); with ``tools``, the
+    answer's tool calls are read out of its text (runtime.core.tools.split_calls)."""
 
-    __slots__ = ("_logprobs", "_texts", "_tokens")
+    __slots__ = ("_logprobs", "_texts", "_tokens", "_tools")
 
-    def __init__(self) -> None:
+    def __init__(self, *, tools: bool = False) -> None:
+        self._tools = tools
         self._texts: list[str] = []
         self._tokens: list[int] = []
         self._logprobs: list[TokenLogprob] = []
+
+    @classmethod
+    def for_request(cls, request: GenerateRequest | ChatRequest) -> CompletionBuilder:
+        """A builder that reads tool calls where ``request`` may make them."""
+        return cls(tools=isinstance(request, ChatRequest) and request.calls_tools)
 
     def add(self, chunk: Chunk) -> Completion | None:
         """Take ``chunk``; return the Completion once ``chunk`` is the last one, else None."""
@@ -330,8 +397,13 @@ class CompletionBuilder:
         if not chunk.done:
             return None
         assert chunk.done_reason is not None and chunk.stats is not None  # a last chunk has both
+        text = "".join(self._texts)
+        calls: tuple[ToolCall, ...] = ()
+        if self._tools:
+            text, calls = split_calls(text)
         return Completion(
-            text="".join(self._texts),
+            text=text,
+            tool_calls=calls,
             token_ids=tuple(self._tokens),
             done_reason=chunk.done_reason,
             stats=chunk.stats,

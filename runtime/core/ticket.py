@@ -213,12 +213,17 @@ class ResponseStream:
             closed (the request cancelled) before it finished.
         :raises ContextOverflowError: if the prompt and max_tokens do not fit the slot.
         """
-        answer = CompletionBuilder()
+        answer = CompletionBuilder.for_request(self.request)
         async with self:
             async for chunk in self:
                 if (completion := answer.add(chunk)) is not None:
                     return completion
         raise GenerationError("the response stream was closed before the request finished (cancelled)")
+
+    @property
+    def request(self) -> GenerateRequest | ChatRequest:
+        """The request this stream answers."""
+        return self._ticket.request
 
     def _close(self) -> None:
         self._done = True

@@ -7,7 +7,8 @@ RequestStats: total_duration, load_duration, prompt_eval_count (prompt tokens),
 prompt_eval_duration (prefill), eval_count (generated tokens), eval_duration (decode).
 With ``logprobs`` asked, each object with text carries a ``logprobs`` list for its tokens
 (token, logprob, bytes, top_logprobs), as recent Ollama writes it.
-Errors are ``{"error": "..."}``, also in-band as the last line of a stream. What the option
+A chat with tools answers its calls in ``message.tool_calls`` (streamed: one line with them
+before the done line; runtime.server.tool_calls). Errors are ``{"error": "..."}``, also in-band as the last line of a stream. What the option
 mapping notices (an option Ollama does not know, a num_ctx above the slot's) is logged as a
 warning once per option key or value.
 """
@@ -24,9 +25,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from runtime.core.messages import ChatRequest, Chunk, Completion, GenerateRequest, RequestStats, TokenLogprob
+from runtime.core.tools import ToolCall
 from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
 from runtime.server.ollama_wire import OllamaChatBody, OllamaGenerateBody, chat_request, generate_request
+from runtime.server.tool_calls import CallHoldback, ollama_call
 
 __all__ = ["OLLAMA_ERRORS", "LogOnce", "OllamaApi", "OllamaFraming"]
 
@@ -49,18 +52,27 @@ def _timings(stats: RequestStats) -> dict[str, int]:
     }
 
 
+def _with_calls(out: dict[str, Any], calls: tuple[ToolCall, ...]) -> dict[str, Any]:
+    """``out`` (a chat object) with ``message.tool_calls`` where the answer made calls."""
+    if calls:
+        out["message"]["tool_calls"] = [ollama_call(c) for c in calls]
+    return out
+
+
 class OllamaFraming:
     """NDJSON frames of /api/generate (``chat=False``: ``response``) or /api/chat (``message``).
 
     :param pieces: each token id's bytes (the backend's), for the text of log-probabilities.
+    :param tools: the answer may hold tool calls (a chat with tools).
     """
 
     stream_media_type = "application/x-ndjson"
 
-    def __init__(self, model: str, *, chat: bool, pieces: Sequence[bytes] = ()) -> None:
+    def __init__(self, model: str, *, chat: bool, pieces: Sequence[bytes] = (), tools: bool = False) -> None:
         self._model = model
         self._chat = chat
         self._pieces = pieces
+        self._calls = CallHoldback(tools)
 
     def _object(self, text: str, **extra: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self._model, "created_at": _now()}
@@ -86,14 +98,25 @@ class OllamaFraming:
         out["top_logprobs"] = [self._token(t.token_id, t.logprob) for t in lp.top]
         return out
 
+    def _line(self, text: str, logprobs: tuple[TokenLogprob, ...]) -> bytes:
+        return _encode(self._with_logprobs(self._object(text, done=False), logprobs)) + b"\n"
+
     def piece(self, chunk: Chunk) -> bytes:
-        """One line: the chunk's text (and log-probabilities), ``done: false``."""
-        return _encode(self._with_logprobs(self._object(chunk.text, done=False), chunk.logprobs)) + b"\n"
+        """One line: the chunk's text (and log-probabilities), ``done: false``; nothing while
+        the text may be a tool call."""
+        text = self._calls.take(chunk.index, chunk.text)
+        if self._calls.active and not text:
+            return b""
+        return self._line(text, chunk.logprobs)
 
     def last(self, chunk: Chunk) -> bytes:
-        """The last chunk's text (if any) on its own line, then the ``done`` line with counts."""
+        """The last chunk's text (if any) on its own line, the tool calls' line (if any), then
+        the ``done`` line with counts."""
         assert chunk.stats is not None
-        head = self.piece(chunk) if chunk.text or chunk.logprobs else b""
+        text, calls = self._calls.finish(chunk.index, chunk.text)
+        head = self._line(text, chunk.logprobs) if text or chunk.logprobs else b""
+        if calls:
+            head += _encode(_with_calls(self._object("", done=False), calls)) + b"\n"
         end = self._object("", done=True, done_reason=chunk.done_reason, **_timings(chunk.stats))
         return head + _encode(end) + b"\n"
 
@@ -101,6 +124,7 @@ class OllamaFraming:
         """The one object of ``"stream": false``."""
         fields = _timings(completion.stats)
         out = self._object(completion.text, done=True, done_reason=completion.done_reason, **fields)
+        _with_calls(out, completion.tool_calls)
         return _encode(self._with_logprobs(out, completion.logprobs))
 
     def loaded(self) -> bytes:
@@ -122,7 +146,10 @@ OLLAMA_ERRORS = OllamaFraming("", chat=False)
 def _framing(
     server: ServerContext, *, chat: bool
 ) -> Callable[[OllamaGenerateBody | OllamaChatBody], OllamaFraming]:
-    return lambda body: OllamaFraming(body.model, chat=chat, pieces=server.runtime.backend.pieces)
+    return lambda body: OllamaFraming(
+        body.model, chat=chat, pieces=server.runtime.backend.pieces,
+        tools=isinstance(body, OllamaChatBody) and bool(body.tools) and body.tool_choice != "none",
+    )  # fmt: skip
 
 
 class LogOnce:

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runtime.backends.base import MetadataValue
+from runtime.backends.base import Backend, MetadataValue
 from runtime.core.errors import InvalidRequestError
 from runtime.core.messages import GenerateRequest
 from runtime.server.context import ServerContext
@@ -49,14 +49,20 @@ _DEFAULTS = GenerateRequest(prompt="x")
 _PARAMETERS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
 
 
-def capabilities(embedding_length: int = 0) -> list[str]:
+def capabilities(embedding_length: int = 0, *, tools: bool = False) -> list[str]:
     """Ollama's ``capabilities`` of the served model: what the server can do with it.
 
-    ``completion``, and ``embedding`` where the backend embeds (``embedding_length`` above 0);
-    ``tools`` joins once tool calls are parsed, ``insert`` once a ``suffix`` (fill-in-the-middle)
-    is; ``vision`` never here.
+    ``completion``; ``tools`` where the backend constrains output and the model has a chat
+    template (tool calls: runtime.core.tools); ``embedding`` where the backend embeds
+    (``embedding_length`` above 0); ``insert`` once a ``suffix`` (fill-in-the-middle) is
+    supported; ``vision`` never here.
     """
-    return ["completion", "embedding"] if embedding_length > 0 else ["completion"]
+    return ["completion"] + (["tools"] if tools else []) + (["embedding"] if embedding_length > 0 else [])
+
+
+def calls_tools(backend: Backend) -> bool:
+    """Whether the served model can call tools: the backend constrains output and it has a chat template."""
+    return backend.info.constraints and backend.chat_template is not None
 
 
 def _iso(unix_s: float) -> str:
@@ -165,7 +171,9 @@ class OllamaModelsApi:
             "template": _text(meta.get("tokenizer.chat_template")),
             "details": details(meta, s.runtime.config.backend),
             "model_info": {k: meta[k] for k in sorted(meta) if k not in _HIDDEN_KEYS},
-            "capabilities": capabilities(s.runtime.backend.info.embedding_length),
+            "capabilities": capabilities(
+                s.runtime.backend.info.embedding_length, tools=calls_tools(s.runtime.backend)
+            ),
             "modified_at": s.facts.modified_at(s.created_s),
         }
         return Response(_encode(answer), media_type="application/json")

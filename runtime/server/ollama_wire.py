@@ -27,6 +27,12 @@ load-time options  (num_gpu, num_thread, num_batch, use_mmap, ...) accepted and
                    ignored: in slotserve they are server settings (RuntimeConfig)
 =================  ==============================================================
 
+``format`` (``"json"`` or a JSON schema) constrains the answer (runtime.core.structured);
+/api/chat's ``tools`` may be called (the answer's ``message.tool_calls``; runtime.core.tools;
+the model chooses, as in Ollama, unless the body has slotserve's extension ``tool_choice``, as
+OpenAI's),
+and the history's assistant ``tool_calls`` and ``tool`` turns (with ``tool_name``) are kept.
+
 The body's ``logprobs`` (true) and ``top_logprobs`` (0 to 20; ignored without ``logprobs``) add
 a ``logprobs`` list to each answer object: token, logprob, bytes and top_logprobs per token.
 
@@ -50,6 +56,7 @@ import msgspec
 
 from runtime.core.errors import InvalidRequestError, preview
 from runtime.core.messages import MAX_TOKENS_LIMIT, ChatMessage, ChatRequest, GenerateRequest
+from runtime.server.tool_calls import parse_tools, tool_choice_field, wire_call
 
 __all__ = [
     "Notice",
@@ -150,6 +157,8 @@ class OllamaChatBody(msgspec.Struct, kw_only=True):
     options: dict[str, Any] | None = None
     keep_alive: KeepAlive = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    """slotserve's extension (Ollama has none: the model chooses): OpenAI's tool_choice."""
     format: Any = None
     think: Any = None
     logprobs: bool = False
@@ -253,6 +262,18 @@ def sampling_fields(
     return fields
 
 
+def format_field(value: Any) -> dict[str, Any]:
+    """Our ``format`` from Ollama's: ``"json"``, a JSON schema, or unset (``""`` or null).
+
+    :raises InvalidRequestError: if it is another string or not an object.
+    """
+    if value in (None, ""):
+        return {}
+    if value == "json" or isinstance(value, dict):
+        return {"format": value}
+    raise InvalidRequestError(f'format is {preview(value)}; give "json" or a JSON schema (an object)')
+
+
 def _logprob_fields(logprobs: bool, top_logprobs: int) -> dict[str, Any]:
     return {"logprobs": True, "top_logprobs": top_logprobs} if logprobs else {}
 
@@ -273,10 +294,9 @@ def generate_request(
     _refuse_unsupported("template", body.template)
     _refuse_unsupported("context", body.context)
     _refuse_unsupported("images", body.images)
-    _refuse_unsupported("format", body.format)
     _refuse_unsupported("think", body.think)
     fields = sampling_fields(body.options, n_ctx_per_slot, notice)
-    fields |= _logprob_fields(body.logprobs, body.top_logprobs)
+    fields |= _logprob_fields(body.logprobs, body.top_logprobs) | format_field(body.format)
     if not body.prompt:
         return None
     if body.raw:
@@ -290,17 +310,27 @@ def generate_request(
 def chat_request(body: OllamaChatBody, n_ctx_per_slot: int, notice: Notice = _no_notice) -> ChatRequest:
     """The request for an /api/chat body.
 
-    :raises InvalidRequestError: if messages is empty, a field is out of range, or it asks for
-        what we do not support (images, tools, structured output, thinking).
+    :raises InvalidRequestError: if messages is empty, a field is out of range, a tool or a
+        call is malformed, or it asks for what we do not support (images, thinking).
     """
     keep_alive_s(body.keep_alive)
-    _refuse_unsupported("tools", body.tools)
-    _refuse_unsupported("format", body.format)
     _refuse_unsupported("think", body.think)
     for i, m in enumerate(body.messages):
         _refuse_unsupported(f"messages[{i}].images", m.images)
-        _refuse_unsupported(f"messages[{i}].tool_calls", m.tool_calls)
     fields = sampling_fields(body.options, n_ctx_per_slot, notice)
-    fields |= _logprob_fields(body.logprobs, body.top_logprobs)
-    messages = tuple(ChatMessage(role=m.role, content=m.content) for m in body.messages)
+    fields |= _logprob_fields(body.logprobs, body.top_logprobs) | format_field(body.format)
+    if body.tools:
+        fields["tools"] = parse_tools("tools", body.tools)
+        fields["tool_choice"] = tool_choice_field(body.tool_choice)
+    messages = tuple(
+        ChatMessage(
+            role=m.role,
+            content=m.content,
+            tool_calls=tuple(
+                wire_call(f"messages[{i}].tool_calls[{j}]", c) for j, c in enumerate(m.tool_calls or ())
+            ),
+            name=m.tool_name,
+        )
+        for i, m in enumerate(body.messages)
+    )
     return ChatRequest(messages=messages, **fields)

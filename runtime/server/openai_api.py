@@ -4,7 +4,9 @@
 With ``"stream": true`` the answer is server-sent events, ``data: {json}`` each, ending with
 ``data: [DONE]``; ``finish_reason`` is null on every chunk but the last, and with
 ``stream_options.include_usage`` one more chunk with empty ``choices`` carries ``usage``.
-Errors are OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``, also
+A chat whose answer made tool calls has ``message.tool_calls`` (``content`` null when
+it wrote nothing else) and ``finish_reason: "tool_calls"``; streamed, one chunk carries
+``delta.tool_calls`` whole (runtime.server.tool_calls). Errors are OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``, also
 in-band as the last event before ``[DONE]``; a prompt plus max_tokens over the slot's context
 is code ``context_length_exceeded``. Asked for, each choice's ``logprobs`` holds OpenAI's
 records of its tokens (chat: ``content`` with token, logprob, bytes, top_logprobs; completions:
@@ -26,9 +28,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from runtime.core.errors import RuntimeClosedError
 from runtime.core.messages import Chunk, Completion, RequestStats, TokenLogprob
+from runtime.core.tools import ToolCall
 from runtime.server.context import ServerContext
 from runtime.server.errors import HttpError
+from runtime.server.ollama_models import calls_tools, capabilities
 from runtime.server.openai_wire import (
     OpenAIChatBody,
     OpenAICompletionBody,
@@ -36,6 +41,7 @@ from runtime.server.openai_wire import (
     choice_count,
     completion_request,
 )
+from runtime.server.tool_calls import CallHoldback, openai_call
 from runtime.server.versions import slotserve_version
 
 __all__ = ["OPENAI_ERRORS", "OpenAIApi", "OpenAIFraming"]
@@ -60,6 +66,11 @@ def usage(first: RequestStats, *others: RequestStats) -> dict[str, Any]:
     }
 
 
+def _finish(completion: Completion) -> str:
+    """OpenAI's finish_reason of an answer: ``tool_calls`` when it made calls."""
+    return "tool_calls" if completion.tool_calls else completion.done_reason
+
+
 class OpenAIFraming:
     """Objects and SSE frames of /v1/chat/completions (``chat=True``) or /v1/completions.
 
@@ -76,7 +87,9 @@ class OpenAIFraming:
         include_usage: bool = False,
         system_fingerprint: str = "",
         pieces: Sequence[bytes] = (),
+        tools: bool = False,
     ) -> None:
+        self._calls = CallHoldback(tools)
         self._model = model
         self._chat = chat
         self._fingerprint = system_fingerprint
@@ -113,17 +126,25 @@ class OpenAIFraming:
         logprobs: tuple[TokenLogprob, ...],
         *,
         streamed: bool,
+        calls: tuple[ToolCall, ...] = (),
     ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index}
         if not self._chat:
             choice["text"] = text
         elif streamed:
-            choice["delta"] = {} if finish_reason and not text else {"content": text}
+            choice["delta"] = {} if (finish_reason or calls) and not text else {"content": text}
             if index not in self._role_sent:
                 choice["delta"]["role"] = "assistant"
                 self._role_sent.add(index)
         else:
             choice["message"] = {"role": "assistant", "content": text}
+        if calls:
+            key = "delta" if streamed else "message"
+            choice.setdefault(key, {})["tool_calls"] = [
+                openai_call(c, i if streamed else None) for i, c in enumerate(calls)
+            ]
+            if not streamed and not text:
+                choice["message"]["content"] = None
         choice["logprobs"] = self._logprobs(index, logprobs) if logprobs else None
         choice["finish_reason"] = finish_reason
         return choice
@@ -161,28 +182,36 @@ class OpenAIFraming:
         }
 
     def _chunk(
-        self, index: int, text: str, finish_reason: str | None, logprobs: tuple[TokenLogprob, ...] = ()
+        self,
+        index: int,
+        text: str,
+        finish_reason: str | None,
+        logprobs: tuple[TokenLogprob, ...] = (),
+        calls: tuple[ToolCall, ...] = (),
     ) -> bytes:
         extra = {"usage": None} if self._include_usage else {}
-        choice = self._choice(index, text, finish_reason, logprobs, streamed=True)
+        choice = self._choice(index, text, finish_reason, logprobs, streamed=True, calls=calls)
         return _event(self._object([choice], streamed=True, **extra))
 
     def piece(self, chunk: Chunk) -> bytes:
-        """One event with the chunk's text (and log-probabilities) and ``finish_reason: null``;
-        the last chunk of one of n choices adds its event with ``finish_reason``."""
-        if not chunk.done:
-            return self._chunk(chunk.index, chunk.text, None, chunk.logprobs)
-        return self._ending(chunk)
+        """One event with the chunk's text (and log-probabilities) and ``finish_reason: null``
+        (none while the text may be a tool call); the last chunk of one of n choices adds its
+        event with ``finish_reason``."""
+        if chunk.done:
+            return self._ending(chunk)
+        text = self._calls.take(chunk.index, chunk.text)
+        if self._calls.active and not text:
+            return b""
+        return self._chunk(chunk.index, text, None, chunk.logprobs)
 
     def _ending(self, chunk: Chunk) -> bytes:
         assert chunk.stats is not None
         self._stats.append(chunk.stats)
-        frames = (
-            [self._chunk(chunk.index, chunk.text, None, chunk.logprobs)]
-            if chunk.text or chunk.logprobs
-            else []
-        )
-        frames.append(self._chunk(chunk.index, "", chunk.done_reason))
+        text, calls = self._calls.finish(chunk.index, chunk.text)
+        frames = [self._chunk(chunk.index, text, None, chunk.logprobs)] if text or chunk.logprobs else []
+        if calls:
+            frames.append(self._chunk(chunk.index, "", None, calls=calls))
+        frames.append(self._chunk(chunk.index, "", "tool_calls" if calls else chunk.done_reason))
         return b"".join(frames)
 
     def last(self, chunk: Chunk) -> bytes:
@@ -201,7 +230,7 @@ class OpenAIFraming:
     def whole_choices(self, completions: list[Completion]) -> bytes:
         """The completion object of n choices, indexed 0 to n - 1, not streamed."""
         choices = [
-            self._choice(i, c.text, c.done_reason, c.logprobs, streamed=False)
+            self._choice(i, c.text, _finish(c), c.logprobs, streamed=False, calls=c.tool_calls)
             for i, c in enumerate(completions)
         ]
         return _encode(self._object(choices, streamed=False, usage=usage(*(c.stats for c in completions))))
@@ -240,6 +269,7 @@ class OpenAIApi:
         return lambda body: OpenAIFraming(
             body.model, chat=chat, include_usage=body.include_usage, system_fingerprint=fingerprint,
             pieces=server.runtime.backend.pieces,
+            tools=isinstance(body, OpenAIChatBody) and body.calls_tools,
         )  # fmt: skip
 
     def routes(self) -> list[Route]:
@@ -259,7 +289,20 @@ class OpenAIApi:
         ]
 
     def _object(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self._server.created_s, "owned_by": "slotserve"}
+        """OpenAI's model object, with Ollama's ``capabilities`` of the model added (as /api/show)
+        once it is loaded."""
+        out: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "created": self._server.created_s,
+            "owned_by": "slotserve",
+        }
+        try:
+            backend = self._server.runtime.backend
+        except RuntimeClosedError:  # still loading
+            return out
+        out["capabilities"] = capabilities(backend.info.embedding_length, tools=calls_tools(backend))
+        return out
 
     async def models(self, request: Request) -> Response:
         """GET /v1/models: the one model this server serves, under its primary name."""

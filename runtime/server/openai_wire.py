@@ -8,10 +8,15 @@ accepted, as llama.cpp's server and vLLM do: ``top_k``, ``min_p``, ``repeat_pena
 penalties sampler over the last ``repeat_last_n`` generated tokens. ``logprobs`` (chat: true with
 ``top_logprobs`` 0 to 20; completions: an integer 0 to 20, the top count) gives each token's
 log-probability. ``n`` (1 to 128, and at most the slots: each choice takes one) asks for n
-choices that share one prompt evaluation (Runtime.generate_choices). Fields that would change
-the answer in ways we do not implement (``logit_bias``, tools, JSON output, ``echo``, ``suffix``) are refused with 400 rather than
-ignored; fields that do not change the answer (``metadata``, ...) are ignored. ``user`` names the
-request's tenant (fair shares of the slots; runtime.server.admission_headers).
+choices that share one prompt evaluation (Runtime.generate_choices). ``response_format``
+``json_object`` and ``json_schema`` constrain the answer (always enforced, ``strict`` or not;
+runtime.core.structured); ``tools`` with ``tool_choice`` none, auto, required or a named
+function may be called (runtime.core.tools; one call per answer, whatever
+``parallel_tool_calls`` says), and the history's ``tool_calls`` and ``tool`` messages (with
+``tool_call_id``) are kept. The legacy ``functions`` and ``function_call`` are refused (use
+tools). Fields that would change the answer in ways we do not implement (``logit_bias``,
+``echo``, ``suffix``) are refused with 400 rather than ignored; fields that do not change the answer (``metadata``, ...) are ignored.
+``user`` names the request's tenant (fair shares of the slots; runtime.server.admission_headers).
 ``max_tokens`` of /v1/completions defaults to 16, as in OpenAI's reference.
 """
 
@@ -24,6 +29,7 @@ import msgspec
 from runtime.core.choices import MAX_CHOICES
 from runtime.core.errors import InvalidRequestError, preview
 from runtime.core.messages import MAX_TOP_LOGPROBS, ChatMessage, ChatRequest, GenerateRequest
+from runtime.server.tool_calls import parse_tools, tool_choice_field, wire_call
 
 __all__ = ["OpenAIChatBody", "OpenAICompletionBody", "chat_request", "choice_count", "completion_request"]
 
@@ -88,7 +94,15 @@ class OpenAIChatBody(_Body, kw_only=True):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer may hold tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 class OpenAICompletionBody(_Body, kw_only=True):
@@ -145,22 +159,57 @@ def _content(i: int, content: str | list[ContentPart] | None) -> str:
     return "\n".join(texts)
 
 
+def _response_format(value: dict[str, Any] | None) -> dict[str, Any]:
+    """Our ``format`` from ``response_format``: text (none), json_object or json_schema."""
+    kind = "text" if value is None else value.get("type", "text")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"format": "json"}
+    if kind == "json_schema":
+        assert value is not None
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError(
+                f"response_format.json_schema.schema is {preview(schema)}; it must be a JSON schema (an object)"
+            )
+        return {"format": schema}
+    _refuse("response_format.type", kind, "'text', 'json_object' and 'json_schema'")
+    return {}
+
+
+def _message(i: int, m: OpenAIMessage) -> ChatMessage:
+    calls = tuple(wire_call(f"messages[{i}].tool_calls[{j}]", c) for j, c in enumerate(m.tool_calls or ()))
+    if m.role == "tool" and not m.tool_call_id:
+        raise InvalidRequestError(f"messages[{i}] is a tool message without tool_call_id")
+    return ChatMessage(
+        role="system" if m.role == "developer" else m.role,
+        content=_content(i, m.content),
+        tool_calls=calls,
+        tool_call_id=m.tool_call_id,
+        name=m.name if m.role == "tool" else None,
+    )
+
+
 def chat_request(body: OpenAIChatBody) -> ChatRequest:
     """The request for a /v1/chat/completions body.
 
-    :raises InvalidRequestError: if messages is empty, a field is out of range, or it asks for
-        what we do not support.
+    :raises InvalidRequestError: if messages is empty, a field is out of range, a tool or a
+        call is malformed, or it asks for what we do not support (the legacy functions).
     """
+    if body.functions or body.function_call is not None:
+        _refuse("functions", "<the legacy functions / function_call>", "tools and tool_choice")
+    fields = _sampling(body) | _response_format(body.response_format)
     if body.tools:
-        _refuse("tools", f"<{len(body.tools)} tools>", "no tools")
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        _refuse("response_format.type", body.response_format.get("type"), "'text'")
-    fields = _sampling(body)
+        fields |= {
+            "tools": parse_tools("tools", body.tools),
+            "tool_choice": tool_choice_field(body.tool_choice),
+        }
+    elif body.tool_choice not in (None, "none", "auto"):
+        _refuse("tool_choice", body.tool_choice, "'none' or 'auto' without tools")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    messages = tuple(
-        ChatMessage(role="system" if m.role == "developer" else m.role, content=_content(i, m.content))
-        for i, m in enumerate(body.messages)
-    )
+    messages = tuple(_message(i, m) for i, m in enumerate(body.messages))
     if body.logprobs:
         fields["logprobs"] = True
     if body.top_logprobs is not None:

@@ -155,7 +155,7 @@ def _checked(chunk: Chunk) -> Chunk:
 
 async def _all(stream: ChoiceStream, first: Chunk) -> list[Completion]:
     """Read the rest of every choice after ``first``; the completions in index order."""
-    answers = [CompletionBuilder() for _ in stream.streams]
+    answers = [CompletionBuilder.for_request(s.request) for s in stream.streams]
     done: list[Completion | None] = [None] * len(answers)
     chunk = first
     while True:
@@ -168,7 +168,7 @@ async def _all(stream: ChoiceStream, first: Chunk) -> list[Completion]:
 
 async def _rest(stream: ResponseStream, first: Chunk) -> Completion:
     """Read the rest of the answer after ``first``."""
-    answer, chunk = CompletionBuilder(), first
+    answer, chunk = CompletionBuilder.for_request(stream.request), first
     while (completion := answer.add(chunk)) is None:
         chunk = await _next(stream)
     return completion

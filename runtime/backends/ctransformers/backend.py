@@ -160,6 +160,7 @@ class CTransformersBackend:
             instance_bytes=0 if shared else self._file.weights_bytes,
             isolated=True,
             logprobs=False,
+            constraints=False,
             seq_copy=False,
         )
 
