@@ -82,8 +82,9 @@ class Ticket:
         return self.reply.sent
 
     def listen(self, on_cancel: Callable[[], None] | None) -> None:
-        """Have ``on_cancel`` called on a cancel from now on (None: nobody listens). The slot
-        serving the ticket listens; a late cancel then never reaches its next request."""
+        """Have ``on_cancel`` called on a cancel from now on (None: nobody listens). While the
+        ticket waits, the admission listens (a cancel takes it out of the queue); then the slot
+        serving it; a late cancel never reaches the slot's next request."""
         self._on_cancel = None if self._finished else on_cancel
 
     def cancel(self) -> None:
