@@ -214,3 +214,22 @@ async def test_the_queue_event_comes_first_when_asked_and_carries_no_text() -> N
     assert event.queue is not None and event.queue.position == 0
     assert (event.text, event.token_ids, event.done) == ("", (), False)
     assert all(c.queue is None for c in chunks[1:]) and chunks[-1].done
+
+
+async def test_a_timed_admission_waits_for_room_then_has_its_estimate_and_its_deadline() -> None:
+    async with open_runtime("fake", slots=1, max_queue=1, fake={"step_delay_s": STEP_S}) as rt:
+        running = rt.generate(greedy("running", 30))
+        await wait_until(lambda: rt.status().steps >= 2)
+        queued = rt.generate(greedy("queued", 4))
+        waiting = rt.generate(greedy("waiting", 4), admission_timeout_s=30, queue_event=True)
+        late = rt.generate(greedy("late", 4, deadline_ms=1), admission_timeout_s=30)
+        done: list[Completion] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_collect, running, done)
+            tg.start_soon(_collect, queued, done)
+            event = await waiting.__anext__()  # admitted once "queued" took the slot
+            with pytest.raises(DeadlineUnmetError):
+                await late.__anext__()
+        assert event.queue is not None and waiting.estimate is event.queue
+        assert (await waiting.collect()).done_reason == "length"
+    assert len(done) == 2
