@@ -13,7 +13,6 @@ import secrets
 import time
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from actors.model import ModelActor
 from actors.prompt import INLINE_PROMPT_CHARS, PromptCancelled, prompt_chars, prompt_parts, tokenize_parts
@@ -25,6 +24,7 @@ from runtime.core.choices import ChoiceGroup
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import ContextOverflowError, GenerationError, InvalidRequestError
 from runtime.core.events import Observers
+from runtime.core.mailbox import MailboxReceiver
 from runtime.core.messages import ChatRequest, Chunk, GenerateRequest, RequestStats
 from runtime.core.records import SlotStatistics
 from runtime.core.ticket import Ticket
@@ -70,7 +70,7 @@ class SlotActor:
         self,
         slot: int,
         model: ModelActor,
-        receiver: MemoryObjectReceiveStream[Ticket],
+        receiver: MailboxReceiver[Ticket],
         config: RuntimeConfig,
         observers: Observers,
     ) -> None:

@@ -23,14 +23,13 @@ from collections.abc import Callable
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from actors.model import ModelActor
 from actors.slot import SlotActor
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import ResizeFailedError, SlotFailedError
 from runtime.core.events import Observers
-from runtime.core.mailbox import Mailbox
+from runtime.core.mailbox import Mailbox, MailboxReceiver
 from runtime.core.policies import backoff_s, headroom_bytes, resize_due, restart_allowed, target_slots
 from runtime.core.records import MemoryReading, ResizeReason, ResizeRecord, SupervisorStatistics
 from runtime.core.telemetry import MemoryProbe, memory_text
@@ -76,7 +75,7 @@ class Supervisor:
         self._n = slots
         self._target = slots
         self._slots: dict[int, SlotActor] = {}
-        self._receivers: dict[int, MemoryObjectReceiveStream[Ticket]] = {}
+        self._receivers: dict[int, MailboxReceiver[Ticket]] = {}
         self._stopped: dict[int, anyio.Event] = {}
         self._restarts: list[float] = []
         self._slot_restarts = 0
@@ -312,6 +311,11 @@ class Supervisor:
             target = self.fit(reading.free_bytes, reading.total_bytes)
             if target > self._n:
                 await self.resize(target, "memory_available")
+
+    @property
+    def slots_effective(self) -> int:
+        """The slots running now (``statistics().slots_effective``, without the snapshot)."""
+        return self._n
 
     def statistics(self) -> SupervisorStatistics:
         """A snapshot of the slots, restarts, resizes and the last memory reading."""

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from runtime.core.errors import (
         ConfigError,
         ContextOverflowError,
+        DeadlineUnmetError,
         EmbeddingsUnsupportedError,
         GenerationError,
         InvalidRequestError,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
         RuntimeFailedError,
         SlotFailedError,
         SlotserveError,
+        TenantQueueFullError,
     )
     from runtime.core.messages import (
         ChatMessage,
@@ -40,12 +42,13 @@ if TYPE_CHECKING:
         Embeddings,
         EmbedRequest,
         GenerateRequest,
+        QueueEstimate,
         RequestStats,
         TokenLogprob,
         TopLogprob,
         decode_request,
     )
-    from runtime.core.records import RuntimeStatus
+    from runtime.core.records import QueuedRequest, RuntimeStatus
     from runtime.core.registry import ModelRegistry, ModelSpec
     from runtime.core.residency import LoadedModel
     from runtime.core.ticket import ResponseStream
@@ -64,6 +67,7 @@ _HOMES = {
     "Completion": _MESSAGES,
     "ConfigError": _ERRORS,
     "ContextOverflowError": _ERRORS,
+    "DeadlineUnmetError": _ERRORS,
     "DoneReason": _MESSAGES,
     "EmbedRequest": _MESSAGES,
     "Embeddings": _MESSAGES,
@@ -79,8 +83,10 @@ _HOMES = {
     "ModelRegistry": "runtime.core.registry",
     "ModelSpec": "runtime.core.registry",
     "NamedTool": _TOOLS,
+    "QueueEstimate": _MESSAGES,
     "QueueFullError": _ERRORS,
     "ReplicaLostError": _ERRORS,
+    "QueuedRequest": "runtime.core.records",
     "RequestStats": _MESSAGES,
     "ResizeFailedError": _ERRORS,
     "ResponseStream": "runtime.core.ticket",
@@ -91,6 +97,7 @@ _HOMES = {
     "RuntimeStatus": "runtime.core.records",
     "SlotFailedError": _ERRORS,
     "SlotserveError": _ERRORS,
+    "TenantQueueFullError": _ERRORS,
     "TokenLogprob": _MESSAGES,
     "Tool": _TOOLS,
     "ToolCall": _TOOLS,
@@ -108,6 +115,7 @@ __all__ = [
     "Completion",
     "ConfigError",
     "ContextOverflowError",
+    "DeadlineUnmetError",
     "DoneReason",
     "EmbedRequest",
     "Embeddings",
@@ -123,7 +131,9 @@ __all__ = [
     "ModelRegistry",
     "ModelSpec",
     "NamedTool",
+    "QueueEstimate",
     "QueueFullError",
+    "QueuedRequest",
     "ReplicaLostError",
     "RequestStats",
     "ResizeFailedError",
@@ -135,6 +145,7 @@ __all__ = [
     "RuntimeStatus",
     "SlotFailedError",
     "SlotserveError",
+    "TenantQueueFullError",
     "TokenLogprob",
     "Tool",
     "ToolCall",

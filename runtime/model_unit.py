@@ -24,6 +24,7 @@ from actors.model import ModelActor
 from actors.prompt import check_prompt_size
 from actors.supervisor import Supervisor
 from runtime.backends import Backend, load_backend
+from runtime.core.admission import Admission
 from runtime.core.channel import ChannelReceiver, ChannelSender, channel
 from runtime.core.choices import MAX_CHOICES, ChoiceGroup, ChoiceStream
 from runtime.core.config import RuntimeConfig
@@ -37,7 +38,6 @@ from runtime.core.errors import (
     RuntimeFailedError,
 )
 from runtime.core.events import Observer, Observers, ResizeDirection
-from runtime.core.mailbox import Mailbox
 from runtime.core.messages import (
     SEED_LIMIT,
     ChatRequest,
@@ -46,6 +46,7 @@ from runtime.core.messages import (
     Embeddings,
     EmbedRequest,
     GenerateRequest,
+    QueueEstimate,
     RequestStats,
 )
 from runtime.core.records import (
@@ -115,7 +116,9 @@ class ModelUnit:
         self._tg: anyio.abc.TaskGroup | None = None
         self._model: ModelActor | None = None
         self._embedder: Embedder | None = None
-        self._mailbox: Mailbox[Ticket] = Mailbox(self.config.max_queue)
+        self._admission = Admission(self.config, self.observers)  # the mailbox, and the predicted waits
+        self.observers.add(self._admission)  # it measures the steps
+        self._mailbox = self._admission.mailbox
         self._supervisor: Supervisor | None = None
         self._probe = probe
         self._slots_configured = 0
@@ -188,6 +191,7 @@ class ModelUnit:
             cfg, self._model, self._mailbox, self._failed, self.observers,
             slots=slots, probe=probe, reading=reading, resizes=startup, budget_lock=self._budget_lock,
         )  # fmt: skip
+        self._admission.bind(lambda: self._supervisor.slots_effective if self._supervisor else 0)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         try:
@@ -267,15 +271,25 @@ class ModelUnit:
     # -- requests ------------------------------------------------------------------------------
 
     def generate(
-        self, request: GenerateRequest | ChatRequest, *, admission_timeout_s: float | None = None
+        self,
+        request: GenerateRequest | ChatRequest,
+        *,
+        admission_timeout_s: float | None = None,
+        queue_event: bool = False,
     ) -> ResponseStream:
         """Admit ``request`` and return the stream of its chunks.
 
         With ``admission_timeout_s`` None the request is admitted now or refused now; with a
         number, a full mailbox is waited on for up to that many seconds when the stream is
-        first read.
+        first read. The mailbox serves by ``priority``, fairly between tenants
+        (runtime.core.fair_queue); the stream's ``estimate`` says where the request stood and
+        when it is predicted to start, and with ``queue_event`` the stream begins with a chunk
+        that carries only that (``Chunk.queue``; no text).
 
         :raises QueueFullError: if the mailbox is full (at once, or after the timeout).
+        :raises TenantQueueFullError: if the request's tenant has ``tenant_max_queued`` waiting.
+        :raises DeadlineUnmetError: if its first token is predicted after its ``deadline_ms``
+            (``retry_after_s`` says when a retry is predicted to meet it).
         :raises InvalidRequestError: if max_tokens exceeds ``max_tokens_cap`` (with overflow
             ``refuse``), or it asks for log-probabilities of a backend without them.
         :raises ContextOverflowError: if the prompt's text is too long to fit the slot whatever
@@ -302,26 +316,27 @@ class ModelUnit:
         ticket = Ticket(request=request, reply=send, on_finish=self._request_done)
         if admission_timeout_s is None:
             try:
-                self._mailbox.put_nowait(ticket)
+                estimate = self._admission.admit_nowait([ticket])
             except BaseException as exc:
                 send.close()
                 receive.close()
                 self._rejected(exc)
                 raise
             self._admitted(ticket)
-            return ResponseStream(ticket, receive)
+            return ResponseStream(ticket, receive, estimate=estimate, queue_event=queue_event)
 
-        async def admit() -> None:
+        async def admit() -> QueueEstimate:
             try:
-                await self._mailbox.put(ticket, admission_timeout_s)
+                estimate = await self._admission.admit(ticket, admission_timeout_s)
             except BaseException as exc:
                 send.close()
                 self._rejected(exc)
                 raise
             if not ticket.finished:  # the mailbox may have closed (and refused it) meanwhile
                 self._admitted(ticket)
+            return estimate
 
-        return ResponseStream(ticket, receive, admit=admit)
+        return ResponseStream(ticket, receive, admit=admit, queue_event=queue_event)
 
     def generate_when_ready(
         self,
@@ -329,6 +344,7 @@ class ModelUnit:
         ready: Callable[[], Awaitable[None]],
         *,
         admission_timeout_s: float | None = None,
+        queue_event: bool = False,
     ) -> ResponseStream:
         """:meth:`generate` for a model still loading: the request waits for ``ready`` (the
         load) when its stream is first read, then is admitted as :meth:`generate` admits it.
@@ -356,7 +372,7 @@ class ModelUnit:
 
         ticket.listen(stop_waiting)  # a stream closed (or collected) before it is read
 
-        async def admit() -> None:
+        async def admit() -> QueueEstimate:
             ticket.listen(None)
             try:
                 try:
@@ -366,17 +382,18 @@ class ModelUnit:
                 self._check_ready()
                 self._check_request(request)
                 if admission_timeout_s is None:
-                    self._mailbox.put_nowait(ticket)
+                    estimate = self._admission.admit_nowait([ticket])
                 else:
-                    await self._mailbox.put(ticket, admission_timeout_s)
+                    estimate = await self._admission.admit(ticket, admission_timeout_s)
             except BaseException as exc:
                 send.close()
                 self._rejected(exc)
                 raise
             if not ticket.finished:
                 self._admitted(ticket)
+            return estimate
 
-        return ResponseStream(ticket, receive, admit=admit)
+        return ResponseStream(ticket, receive, admit=admit, queue_event=queue_event)
 
     @property
     def busy(self) -> bool:
@@ -440,7 +457,7 @@ class ModelUnit:
             )
             receivers.append(receive)
         try:
-            self._mailbox.put_all_nowait(tickets)
+            self._admission.admit_nowait(tickets)
         except BaseException as exc:
             for ticket, receive in zip(tickets, receivers, strict=True):
                 ticket.reply.close()
@@ -550,7 +567,7 @@ class ModelUnit:
 
     def _rejected(self, exc: BaseException) -> None:
         if isinstance(exc, QueueFullError):
-            self.observers.request_rejected("queue_full")
+            self.observers.request_rejected(exc.reason)
         elif isinstance(exc, RuntimeFailedError):
             self.observers.request_rejected("failed")
         elif isinstance(exc, RuntimeClosedError):
@@ -560,6 +577,7 @@ class ModelUnit:
         self, ticket: Ticket, reason: DoneReason, stats: RequestStats | None, error: BaseException | None
     ) -> None:
         self._in_flight.discard(ticket)
+        self._admission.ended(ticket, stats)
         if not self._in_flight and self._drained is not None:
             self._drained.set()
         self._outcomes[reason] += 1
@@ -610,6 +628,7 @@ class ModelUnit:
     def status(self) -> RuntimeStatus:
         """A frozen snapshot: model, memory (bytes), slots, queue and request counts."""
         mailbox = self._mailbox.statistics()
+        queue, depths = self._admission.queued()
         sup = self._supervisor.statistics() if self._supervisor else None
         model = self._model.statistics() if self._model else None
         info = self._backend.info if self._backend else None
@@ -644,6 +663,8 @@ class ModelUnit:
             batched=info.batched if info else True,
             model_instances=info.instances if info else 0,
             weights_resident_bytes=info.weights_bytes * info.weights_copies if info else 0,
+            queue=queue,
+            queue_depths=depths,
         )
 
     async def shrink_to(self, slots: int) -> ResizeRecord | None:

@@ -188,6 +188,7 @@ class Runtime:
         model: str | None = None,
         keep_alive: KeepAlive = None,
         admission_timeout_s: float | None = None,
+        queue_event: bool = False,
     ) -> ResponseStream:
         """Admit ``request`` for ``model`` and return the stream of its chunks (ModelUnit.generate).
 
@@ -198,15 +199,18 @@ class Runtime:
         :raises ModelNotFoundError: if ``model`` is not in the registry.
         :raises ModelMemoryError: if the model cannot fit whatever is evicted (at once, or when
             the stream is first read if that is known only then).
-        :raises QueueFullError: if the mailbox is full (at once, or after the timeout).
+        :raises QueueFullError: if the mailbox is full (at once, or after the timeout); its
+            subclasses TenantQueueFullError and DeadlineUnmetError as ModelUnit.generate.
         :raises InvalidRequestError, ContextOverflowError, RuntimeClosedError: as ModelUnit.generate.
         """
         unit, ready = self.unit(model, keep_alive)
         if ready:
-            return unit.generate(request, admission_timeout_s=admission_timeout_s)
+            return unit.generate(request, admission_timeout_s=admission_timeout_s, queue_event=queue_event)
         entry = self._loaded.get(unit.name or "")
         assert entry is not None
-        return unit.generate_when_ready(request, entry.ready, admission_timeout_s=admission_timeout_s)
+        return unit.generate_when_ready(
+            request, entry.ready, admission_timeout_s=admission_timeout_s, queue_event=queue_event
+        )
 
     def generate_choices(
         self, request: GenerateRequest | ChatRequest, n: int, *, model: str | None = None

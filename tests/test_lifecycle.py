@@ -24,6 +24,9 @@ class Ends:
     def request_finished(self, reason: str, stats: Any, error: BaseException | None) -> None:
         self.seen.append((reason, type(error).__name__))
 
+    def request_rejected(self, reason: str) -> None:
+        self.seen.append(("rejected", reason))
+
 
 async def _read(stream: Any, out: list[str]) -> None:
     try:
@@ -51,7 +54,12 @@ async def test_closing_with_a_request_waiting_for_room_ends_it_once_and_promptly
         del running, queued
     assert result == ["RuntimeClosedError"]
     assert status.requests_in_flight == 0 and closed_s < 2.0
-    assert len(ends.seen) == 3 and ("error", "RuntimeClosedError") in ends.seen
+    # the queued one ends with the error; the one waiting for room is refused (never admitted)
+    assert sorted(ends.seen) == [
+        ("cancel", "NoneType"),
+        ("error", "RuntimeClosedError"),
+        ("rejected", "closed"),
+    ]
 
 
 class SlowTokenize(FakeBackend):

@@ -31,6 +31,9 @@ class Recorder:
     def request_rejected(self, reason: Any) -> None:
         self._seen("request_rejected")
 
+    def request_started(self, priority: str, tenant: str, wait_s: float, error_s: float | None) -> None:
+        self._seen("request_started")
+
     def request_finished(self, reason: Any, stats: Any, error: Any) -> None:
         self._seen("request_finished")
 

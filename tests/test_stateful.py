@@ -1,6 +1,6 @@
-"""A hypothesis state machine over the whole runtime on the fake backend: random submits,
-cancels, slot faults, memory changes and manual resizes, with the invariants checked after
-every step."""
+"""A hypothesis state machine over the whole runtime on the fake backend: random submits (of
+several priorities and tenants, with per-tenant caps), cancels, slot faults, memory changes and
+manual resizes, with the invariants checked after every step."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from tests.helpers import greedy
 
 KV = 1 << 20
 MAX_QUEUE = 3
+TENANT_MAX_QUEUED = 2
+TENANT_MAX_SLOTS = 2
 
 
 class Ends:
@@ -47,7 +49,8 @@ class RuntimeMachine(RuleBasedStateMachine):
         cfg = RuntimeConfig(
             backend="fake", slots="auto", min_slots=1, max_slots=6, max_queue=MAX_QUEUE, prefix_cache=False,
             memory_headroom_fraction=0.0, memory_headroom_bytes=0, resize_interval_s=0.005, resize_cooldown_s=0.0,
-            restart_intensity=10_000, restart_backoff_s=0.0,
+            restart_intensity=10_000, restart_backoff_s=0.0, tenant_weights="a=3,b=1",
+            tenant_max_queued=TENANT_MAX_QUEUED, tenant_max_slots=TENANT_MAX_SLOTS, queue_aging_s=0.05,
         )  # fmt: skip
         backend = FakeBackend(n_seq_max=1, fault_prompts=["boom"], fault_after=1, step_delay_s=0.0005)
         self.rt_cm = self.portal.wrap_async_context_manager(
@@ -74,11 +77,17 @@ class RuntimeMachine(RuleBasedStateMachine):
 
         self.portal.start_task_soon(read)
 
-    @rule(prompt=st.sampled_from(["alpha", "beta", "gamma", "boom"]), max_tokens=st.integers(1, 30))
-    def submit(self, prompt: str, max_tokens: int) -> None:
+    @rule(
+        prompt=st.sampled_from(["alpha", "beta", "gamma", "boom"]),
+        max_tokens=st.integers(1, 30),
+        priority=st.integers(-1, 1),
+        tenant=st.sampled_from(["", "a", "b"]),
+    )
+    def submit(self, prompt: str, max_tokens: int, priority: int, tenant: str) -> None:
+        request = greedy(prompt, max_tokens=max_tokens, priority=priority, tenant=tenant)
         try:
-            stream = self.portal.call(lambda: self.rt.generate(greedy(prompt, max_tokens=max_tokens)))
-        except QueueFullError:
+            stream = self.portal.call(lambda: self.rt.generate(request))
+        except QueueFullError:  # the mailbox, or the tenant's share of it
             return
         i = len(self.streams)
         self.streams.append(stream)
@@ -122,6 +131,9 @@ class RuntimeMachine(RuleBasedStateMachine):
             stats = self.rt.statistics()
             assert status.slots_busy <= max(status.slots_effective, len(stats.supervisor.slots))
             assert status.queue_depth <= MAX_QUEUE
+            for tenant in ("", "a", "b"):
+                assert sum(q.tenant == tenant for q in status.queue) <= TENANT_MAX_QUEUED
+            assert [q.position for q in status.queue] == list(range(status.queue_depth))
             ended = status.requests_completed + status.requests_cancelled + status.requests_failed
             assert status.requests_admitted == self.admitted
             assert status.requests_admitted == ended + status.requests_in_flight

@@ -15,7 +15,7 @@ from runtime.bench.workload import Workload
 
 __all__ = ["LLAMA_SERVER_ENV", "SECTIONS", "BenchOptions", "add_arguments", "options_from"]
 
-SECTIONS = ("plain", "embedded", "servers", "dispatch", "memory", "gpurate", "structured", "ray")
+SECTIONS = ("plain", "embedded", "servers", "dispatch", "memory", "gpurate", "structured", "ray", "admission")
 """The sections in order; on the command line each may also be given by its number (1-8)."""
 LLAMA_SERVER_ENV = "SLOTSERVE_LLAMA_SERVER"
 """``--llama-server``'s value when the option is not given (runtime.bench.llama_server)."""

@@ -11,6 +11,7 @@
              (runtime.bench.structured, runtime.bench.grammar_engines)
 8. ray       ``slotserve serve --ray`` against ``slotserve serve``, and Ray's start-up and memory
              (runtime.bench.ray_hop; the ray extra)
+9. admission fairness between tenants, weights, the predicted start, deadlines (runtime.bench.admission)
 
 Each section prints its table when it ends; at the end ``bench.json`` and ``bench.png`` are
 written to the output folder. With section 3, llama-server is found (or built: minutes) first,
@@ -144,6 +145,12 @@ async def run_bench(options: BenchOptions, out: TextIO = sys.stdout) -> dict[str
             )
             result["ray_hop"] = _plain(hop)
             print_ray_hop(result["ray_hop"], out)
+    if "admission" in chosen:
+        from runtime.bench.admission import measure_admission, print_admission
+
+        admission = await measure_admission()
+        result["admission"] = _plain(admission)
+        print_admission(admission, out)
     result["load_average_1m_after"] = machine()["load_average_1m"]
     print_targets(result, out)
     write_json(result, options.out_dir / "bench.json")

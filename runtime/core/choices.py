@@ -118,7 +118,8 @@ class ChoiceStream:
         try:
             async with stream:
                 async for chunk in stream:
-                    self._send.send_nowait(chunk)
+                    if chunk.queue is None:  # the choices' stream has no queue events
+                        self._send.send_nowait(chunk)
         except Exception as exc:  # handed to the reader, which raises it
             self._send.send_nowait(exc)
 

@@ -20,7 +20,8 @@ from runtime.core.durations import parse_keep_alive
 from runtime.core.errors import ConfigError
 
 __all__ = [
-    "ENV_PREFIX", "MAX_GPUS", "RuntimeConfig", "SplitMode", "load_settings", "parse_tensor_split", "read_toml",
+    "ENV_PREFIX", "MAX_GPUS", "RuntimeConfig", "SplitMode", "load_settings", "parse_tensor_split", "parse_weights",
+    "read_toml",
 ]  # fmt: skip
 
 ENV_PREFIX = "SLOTSERVE_"
@@ -112,6 +113,20 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     keep_alive: str = "5m"
     """How long a model other than the default stays loaded once idle (Ollama's keep_alive: a
     duration, 0 unloads when idle, negative keeps it loaded); a request's keep_alive overrides it."""
+    tenant_weights: str = ""
+    """Tenants' shares of the slots within a priority class, comma-separated ``name=weight``
+    (``batch=1,web=3``); a tenant not named weighs 1 (runtime.core.fair_queue)."""
+    tenant_max_queued: int = 0
+    """Requests one tenant may have waiting; more are refused (TenantQueueFullError, HTTP 429
+    with Retry-After) while others are still admitted. 0: only max_queue bounds them."""
+    tenant_max_slots: int = 0
+    """Slots one tenant may hold at once; its other requests wait. 0: no cap."""
+    queue_aging_s: float = 30.0
+    """Seconds after which a waiting request goes before every other, whatever its priority
+    (nothing waits for ever); 0 turns aging off."""
+    metrics_tenants: str = ""
+    """Tenants (comma-separated) that get their own ``tenant`` label in the metrics; the rest
+    are counted as ``other`` (bounded label sets)."""
 
     def __post_init__(self) -> None:
         limits = {
@@ -127,6 +142,8 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "restart_intensity": (0, 1_000_000),
             "stream_buffer": (1, 1 << 16),
             "max_loaded_models": (1, 1024),
+            "tenant_max_queued": (0, 1 << 20),
+            "tenant_max_slots": (0, 1024),
         }
         for name, (low, high) in limits.items():
             value = getattr(self, name)
@@ -147,6 +164,7 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "resize_interval_s",
             "resize_cooldown_s",
             "resize_hysteresis",
+            "queue_aging_s",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -156,6 +174,7 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                 raise ConfigError(f"{name} is {getattr(self, name)}; it must be >= 0")
         parse_tensor_split(self.tensor_split)
         parse_keep_alive(self.keep_alive)
+        parse_weights(self.tenant_weights)
         if not 0 <= self.memory_headroom_fraction < 1:
             raise ConfigError(
                 f"memory_headroom_fraction is {self.memory_headroom_fraction}; it must be in [0, 1)"
@@ -170,6 +189,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     def tensor_shares(self) -> tuple[float, ...]:
         """``tensor_split`` as numbers, one per GPU in CUDA's order; () when unset."""
         return parse_tensor_split(self.tensor_split)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """``tenant_weights`` as a mapping, tenant -> weight."""
+        return parse_weights(self.tenant_weights)
 
     @property
     def max_tokens_limit(self) -> int:
@@ -214,6 +238,27 @@ def parse_tensor_split(text: str) -> tuple[float, ...]:
             "at least one of them above 0 (such as '3,1')"
         )
     return shares
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"web=3,batch=1"`` as {"web": 3.0, "batch": 1.0}; {} for an empty text.
+
+    :raises ConfigError: if an item is not ``name=weight`` with a weight > 0 (at most 1,000,000).
+    """
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not name.strip() or not 0 < weight <= 1e6:
+            raise ConfigError(
+                f"tenant_weights has {part[:60]!r}; each item must be name=weight with a weight > 0 and "
+                "at most 1,000,000 (such as 'web=3,batch=1')"
+            )
+        weights[name.strip()] = weight
+    return weights
 
 
 def read_toml(path: str | Path | None) -> dict[str, Any]:

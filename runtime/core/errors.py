@@ -8,6 +8,8 @@
     │   ├── ContextOverflowError  prompt + max_tokens do not fit the slot's context
     │   └── EmbeddingsUnsupportedError  the model or backend cannot embed text
     ├── QueueFullError            the mailbox is full (admission refused)
+    │   ├── TenantQueueFullError  one tenant has its most requests waiting (tenant_max_queued)
+    │   └── DeadlineUnmetError    the predicted first token is later than the request's deadline
     ├── ModelNotFoundError        a request names a model the registry does not hold
     ├── ModelMemoryError          a model does not fit in memory, whatever is evicted
     ├── ModelLoadError            the weights could not be found or loaded
@@ -23,9 +25,14 @@ Every message says what was wrong, the value, and the limit.
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
+AdmissionRefusal = Literal["queue_full", "tenant_cap", "deadline"]
+
 __all__ = [
     "ConfigError",
     "ContextOverflowError",
+    "DeadlineUnmetError",
     "EmbeddingsUnsupportedError",
     "GenerationError",
     "InvalidRequestError",
@@ -39,6 +46,7 @@ __all__ = [
     "RuntimeFailedError",
     "SlotFailedError",
     "SlotserveError",
+    "TenantQueueFullError",
 ]
 
 
@@ -109,13 +117,52 @@ class EmbeddingsUnsupportedError(InvalidRequestError):
 
 
 class QueueFullError(SlotserveError):
-    """The mailbox holds ``capacity`` requests already and every slot is busy."""
+    """The mailbox holds ``capacity`` requests already and every slot is busy.
 
-    def __init__(self, capacity: int, waited_s: float | None = None) -> None:
+    :ivar reason: why admission refused (``queue_full``, ``tenant_cap``, ``deadline``).
+    :ivar retry_after_s: seconds after which a retry is predicted to be admitted, where the
+        runtime could tell (None: it could not; HTTP then says its configured Retry-After).
+    """
+
+    reason: ClassVar[AdmissionRefusal] = "queue_full"
+
+    def __init__(self, capacity: int, waited_s: float | None = None, *, message: str = "") -> None:
         self.capacity = capacity
         self.waited_s = waited_s
+        self.retry_after_s: float | None = None
         waited = "" if waited_s is None else f" after waiting {waited_s:g} s"
-        super().__init__(f"mailbox is full ({capacity} queued, max_queue={capacity}){waited}")
+        super().__init__(message or f"mailbox is full ({capacity} queued, max_queue={capacity}){waited}")
+
+
+class TenantQueueFullError(QueueFullError):
+    """One tenant has ``tenant_max_queued`` requests waiting already (others are still
+    admitted); HTTP answers 429 with Retry-After."""
+
+    reason: ClassVar[AdmissionRefusal] = "tenant_cap"
+
+    def __init__(self, tenant: str, cap: int) -> None:
+        self.tenant = tenant
+        super().__init__(
+            cap,
+            message=f"tenant {tenant!r} has {cap} requests waiting; the limit is {cap} (tenant_max_queued)",
+        )
+
+
+class DeadlineUnmetError(QueueFullError):
+    """The request's first token is predicted later than its ``deadline_ms``: refused at once,
+    with ``retry_after_s`` from the prediction (HTTP: 503 with Retry-After)."""
+
+    reason: ClassVar[AdmissionRefusal] = "deadline"
+
+    def __init__(self, deadline_ms: float, predicted_ms: float, retry_after_s: float) -> None:
+        self.deadline_ms = deadline_ms
+        self.predicted_ms = predicted_ms
+        super().__init__(
+            0,
+            message=f"the first token is predicted in {predicted_ms:,.0f} ms; the request's deadline_ms is "
+            f"{deadline_ms:,.0f}; retry in {retry_after_s:.3g} s",
+        )
+        self.retry_after_s = retry_after_s
 
 
 class ModelNotFoundError(SlotserveError):

@@ -21,7 +21,7 @@ __all__ = ["EVENTS", "Observer", "Observers", "RejectReason", "ResizeDirection",
 
 log = logging.getLogger("slotserve.events")
 
-RejectReason = Literal["queue_full", "invalid", "closed", "failed"]
+RejectReason = Literal["queue_full", "tenant_cap", "deadline", "invalid", "closed", "failed"]
 RestartedActor = Literal["slot", "model"]
 ResizeDirection = Literal["grow", "shrink"]
 
@@ -35,6 +35,13 @@ class Observer(Protocol):
 
     def request_rejected(self, reason: RejectReason) -> None:
         """A request was refused before admission."""
+
+    def request_started(
+        self, priority: str, tenant: str, wait_s: float, prediction_error_s: float | None
+    ) -> None:
+        """A slot took a request after ``wait_s`` seconds in the queue (labels bounded: priority
+        high, default or low; the tenant or ``other``); the predicted start was
+        ``prediction_error_s`` seconds off (None: nothing was predicted)."""
 
     def request_finished(
         self, reason: DoneReason, stats: RequestStats | None, error: BaseException | None
@@ -64,7 +71,7 @@ class Observer(Protocol):
 
 
 EVENTS = (
-    "request_admitted", "request_rejected", "request_finished", "inter_token", "step", "restart", "resize",
+    "request_admitted", "request_rejected", "request_started", "request_finished", "inter_token", "step", "restart", "resize",
     "resize_failed", "embedding_batch", "embedding_finished",
 )  # fmt: skip
 """The Observer methods, in the protocol's order."""
@@ -112,6 +119,11 @@ class Observers:
 
     def request_rejected(self, reason: RejectReason) -> None:
         self._emit("request_rejected", reason)
+
+    def request_started(
+        self, priority: str, tenant: str, wait_s: float, prediction_error_s: float | None
+    ) -> None:
+        self._emit("request_started", priority, tenant, wait_s, prediction_error_s)
 
     def request_finished(
         self, reason: DoneReason, stats: RequestStats | None, error: BaseException | None

@@ -27,6 +27,7 @@ __all__ = [
     "EmbedRequest",
     "Embeddings",
     "GenerateRequest",
+    "QueueEstimate",
     "RequestStats",
     "TokenLogprob",
     "TopLogprob",
@@ -42,6 +43,9 @@ SEED_LIMIT = (1 << 32) - 1  # llama.cpp seeds are uint32
 MAX_EMBED_INPUTS = 2048  # OpenAI's limit of inputs per embeddings request
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit (and Ollama's)
 PENALTY_LIMIT = 2.0  # presence and frequency penalties: OpenAI's range is -2 to 2
+PRIORITY_LIMIT = 1000  # priority classes run -1,000 to 1,000
+MAX_TENANT_LENGTH = 256  # characters of a tenant's name
+MAX_DEADLINE_MS = 86_400_000.0  # a day
 
 
 def _check(ok: bool, message: str) -> None:
@@ -103,8 +107,33 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     grammar: str | None = None
     """Constrain the answer to a GBNF grammar (llama.cpp's ``grammar``) or a Lark grammar
     (llguidance's syntax). At most one of ``format``, ``grammar`` and tools is given."""
+    priority: int = 0
+    """Scheduling class, higher first (-1,000 to 1,000): a waiting request of a higher class
+    goes to a free slot before every lower one (until a lower one has waited ``queue_aging_s``)."""
+    tenant: str = ""
+    """Whom the request is for (OpenAI's ``user``; up to 256 characters): within a class, the
+    slots are shared between tenants by weight (``tenant_weights``), with per-tenant caps."""
+    deadline_ms: float | None = None
+    """Refuse the request at once (DeadlineUnmetError) if its first token is predicted later
+    than this many milliseconds after admission (0 to 86,400,000); None: no deadline."""
+
+    def _validate_admission(self) -> None:
+        p = self.priority
+        _check(
+            -PRIORITY_LIMIT <= p <= PRIORITY_LIMIT,
+            f"priority is {p}; it must be -{PRIORITY_LIMIT:,} to {PRIORITY_LIMIT:,}",
+        )
+        _check_text("tenant", self.tenant, allow_empty=True)
+        n = len(self.tenant)
+        _check(n <= MAX_TENANT_LENGTH, f"tenant is {n} characters; at most {MAX_TENANT_LENGTH} are allowed")
+        d = self.deadline_ms
+        _check(
+            d is None or (math.isfinite(d) and 0 <= d <= MAX_DEADLINE_MS),
+            f"deadline_ms is {d}; it must be 0 to {MAX_DEADLINE_MS:,.0f} (a day)",
+        )
 
     def _validate_sampling(self) -> None:
+        self._validate_admission()
         m = self.max_tokens
         _check(
             m is None or 1 <= m <= MAX_TOKENS_LIMIT,
@@ -305,10 +334,23 @@ class TokenLogprob(msgspec.Struct, frozen=True, kw_only=True):
     top: tuple[TopLogprob, ...] = ()
 
 
+class QueueEstimate(msgspec.Struct, frozen=True, kw_only=True):
+    """Where an admitted request stands in the queue, and when it is predicted to start."""
+
+    position: int
+    """Requests the queue would give a slot before this one (0: it is next)."""
+    predicted_start_s: float | None
+    """Seconds from admission until a slot is predicted to take it (0: at once); None before
+    the runtime has measured a step."""
+    predicted_ttft_s: float | None
+    """Seconds from admission until its first token is predicted; None as above."""
+
+
 class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     """A piece of the streamed answer: whole UTF-8 characters only, never part of a stop string.
 
-    The last chunk has ``done=True`` with ``done_reason`` and ``stats`` set.
+    The last chunk has ``done=True`` with ``done_reason`` and ``stats`` set. A stream opened with
+    ``queue_event=True`` begins with one chunk that carries no text, only ``queue``.
     """
 
     text: str
@@ -321,6 +363,8 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     done: bool = False
     done_reason: DoneReason | None = None
     stats: RequestStats | None = None
+    queue: QueueEstimate | None = None
+    """Only on the queue event (no text, no tokens): the request's place and predicted start."""
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):

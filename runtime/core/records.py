@@ -19,6 +19,8 @@ __all__ = [
     "MemoryReading",
     "MemorySource",
     "ModelStatistics",
+    "QueueDepth",
+    "QueuedRequest",
     "ResizeReason",
     "ResizeRecord",
     "RuntimeState",
@@ -183,6 +185,27 @@ class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     embeddings: EmbeddingStatistics = EmbeddingStatistics()
 
 
+class QueuedRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One request waiting in the mailbox (``status().queue``, in the order it would be served)."""
+
+    position: int
+    """Requests the queue would give a slot before this one (0: it is next)."""
+    priority: int
+    tenant: str
+    waited_s: float
+    """Seconds since it was admitted."""
+    predicted_start_s: float | None
+    """Seconds from now until a slot is predicted to take it; None before a step was measured."""
+
+
+class QueueDepth(msgspec.Struct, frozen=True, kw_only=True):
+    """Requests waiting of one priority label (high, default, low) and tenant label."""
+
+    priority: str
+    tenant: str
+    depth: int
+
+
 class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of the runtime (``rt.status()``); sizes in bytes, counts in requests."""
 
@@ -223,3 +246,7 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True):
     """Library instances of the model: 1 shared context, or one per slot (ctransformers)."""
     weights_resident_bytes: int = 0
     """weights_bytes times the copies held: once where instances share them, else per instance."""
+    queue: tuple[QueuedRequest, ...] = ()
+    """The first 100 waiting requests in the order the queue would serve them."""
+    queue_depths: tuple[QueueDepth, ...] = ()
+    """Waiting requests by priority and tenant label (tenants beyond metrics_tenants: other)."""

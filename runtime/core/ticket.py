@@ -30,6 +30,7 @@ from runtime.core.messages import (
     CompletionBuilder,
     DoneReason,
     GenerateRequest,
+    QueueEstimate,
     RequestStats,
 )
 
@@ -81,8 +82,9 @@ class Ticket:
         return self.reply.sent
 
     def listen(self, on_cancel: Callable[[], None] | None) -> None:
-        """Have ``on_cancel`` called on a cancel from now on (None: nobody listens). The slot
-        serving the ticket listens; a late cancel then never reaches its next request."""
+        """Have ``on_cancel`` called on a cancel from now on (None: nobody listens). While the
+        ticket waits, the admission listens (a cancel takes it out of the queue); then the slot
+        serving it; a late cancel never reaches the slot's next request."""
         self._on_cancel = None if self._finished else on_cancel
 
     def cancel(self) -> None:
@@ -134,11 +136,18 @@ class ResponseStream:
         self,
         ticket: Ticket,
         receive: ChannelReceiver[Reply],
-        admit: Callable[[], Awaitable[None]] | None = None,
+        admit: Callable[[], Awaitable[QueueEstimate]] | None = None,
+        *,
+        estimate: QueueEstimate | None = None,
+        queue_event: bool = False,
     ) -> None:
         self._ticket = ticket
         self._receive = receive
         self._admit = admit
+        self.estimate = estimate
+        """Where the request stood in the queue at admission and its predicted start (None
+        until a timed admission is done)."""
+        self._queue_event = queue_event
         self._done = False
         self._held: BaseException | None = None
         self._thread = threading.get_ident()
@@ -152,7 +161,10 @@ class ResponseStream:
         try:
             if self._admit is not None:
                 admit, self._admit = self._admit, None
-                await admit()
+                self.estimate = await admit()
+            if self._queue_event and self.estimate is not None:
+                self._queue_event = False
+                return Chunk(text="", token_ids=(), index=self._ticket.index, queue=self.estimate)
             item: Reply
             if self._held is not None:
                 item, self._held = self._held, None

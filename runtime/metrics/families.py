@@ -37,7 +37,14 @@ __all__ = [
     "families_for",
 ]
 
-REJECT_REASONS: tuple[RejectReason, ...] = ("queue_full", "invalid", "closed", "failed")
+REJECT_REASONS: tuple[RejectReason, ...] = (
+    "queue_full",
+    "tenant_cap",
+    "deadline",
+    "invalid",
+    "closed",
+    "failed",
+)
 """The ``reason`` of ``outcome="rejected"``: why admission refused the request."""
 FAILURE_REASONS = (
     "context_overflow", "invalid", "slot_failed", "generation", "runtime_failed", "runtime_closed", "other",
@@ -140,6 +147,17 @@ class Families:
         self.queue = histogram(
             "slotserve_request_queue_time_seconds",
             "Time a completed request waited in the mailbox.",
+            buckets.QUEUE_SECONDS,
+        )
+        self.queue_wait = Histogram(
+            "slotserve_queue_wait_seconds",
+            "Time a request waited in the mailbox before a slot took it, by priority (high, default, low) "
+            "and tenant (those metrics_tenants names; the rest: other).",
+            ("model", "priority", "tenant"), buckets=buckets.QUEUE_SECONDS, registry=registry,
+        )  # fmt: skip
+        self.prediction_error = histogram(
+            "slotserve_queue_prediction_error_seconds",
+            "How far a waiting request's predicted start was from its actual start (absolute).",
             buckets.QUEUE_SECONDS,
         )
         self.prefill = histogram(

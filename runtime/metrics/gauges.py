@@ -76,6 +76,8 @@ class _Reading:
     values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PER_MODEL, 0.0))
     devices: dict[str, DeviceMemory] = field(default_factory=dict)
     """device label -> its memory, as the Supervisor last read it."""
+    queued: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(priority label, tenant label) -> requests waiting."""
 
     def add(self, rt: StatusSource, status: RuntimeStatus) -> None:
         if status.state in self.states:
@@ -104,6 +106,9 @@ class _Reading:
         self.values[load] = max(self.values[load], rt.load_seconds)
         if status.memory is not None:
             self.devices.update((d.device, d) for d in status.memory.devices)
+        for depth in status.queue_depths:
+            key = (depth.priority, depth.tenant)
+            self.queued[key] = self.queued.get(key, 0) + depth.depth
 
 
 class Gauges(Collector):
@@ -148,6 +153,15 @@ def _families(readings: dict[str, _Reading]) -> Iterator[Metric]:
         for model, r in readings.items():
             family.add_metric([model], r.values[name])
         yield family
+    queued = GaugeMetricFamily(
+        "slotserve_queue_requests",
+        "Requests waiting in the mailbox by priority (high, default, low) and tenant (metrics_tenants; the rest: other).",
+        labels=["model", "priority", "tenant"],
+    )
+    for model, r in readings.items():
+        for (priority, tenant), n in sorted(r.queued.items()):
+            queued.add_metric([model, priority, tenant], n)
+    yield queued
     for name, (doc, figure) in _DEVICE_MEMORY.items():
         family = GaugeMetricFamily(name, doc, labels=["model", "device"])
         for model, r in readings.items():

@@ -76,6 +76,8 @@ class _Series:
         self.itl = f.itl.labels(m)
         self.e2e = f.e2e.labels(m)
         self.queue = f.queue.labels(m)
+        self.queue_wait: dict[tuple[str, str], Any] = {}
+        self.prediction_error = f.prediction_error.labels(m)
         self.prefill = f.prefill.labels(m)
         self.decode = f.decode.labels(m)
         self.request_prompt = f.request_prompt.labels(m)
@@ -136,6 +138,21 @@ class RuntimeMetrics:
             s.requests["rejected", reason].inc()
         elif (rt := self._rt()) is not None:
             self._f.requests.labels(rt.status().model, "rejected", reason).inc()
+
+    def request_started(
+        self, priority: str, tenant: str, wait_s: float, prediction_error_s: float | None
+    ) -> None:
+        """Observe a request's wait in the queue (by its bounded labels) and how far its
+        predicted start was off."""
+        s = self._s or self._series()
+        if s is None:
+            return
+        child = s.queue_wait.get((priority, tenant))
+        if child is None:
+            child = s.queue_wait[priority, tenant] = s.f.queue_wait.labels(s.model, priority, tenant)
+        child.observe(wait_s)
+        if prediction_error_s is not None:
+            s.prediction_error.observe(prediction_error_s)
 
     def request_finished(
         self, reason: DoneReason, stats: RequestStats | None, error: BaseException | None

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from runtime.core.choices import ChoiceStream
 from runtime.core.errors import RuntimeClosedError
 from runtime.core.messages import ChatRequest, GenerateRequest
+from runtime.server.admission_headers import with_admission
 from runtime.server.body import decode_body, read_body
 from runtime.server.host import RuntimeHost
 from runtime.server.model_facts import ModelFacts
@@ -186,6 +187,8 @@ class ServerContext:
                 return req
             if not isinstance(req, GenerateRequest | ChatRequest):
                 return await req(model)
+            user = getattr(body, "user", None)  # OpenAI's: it names the tenant
+            req = with_admission(req, request.headers, user, self.settings.max_client_priority)
             n = 1 if choices is None else choices(body)
             keep_alive_s = keep_alive_seconds(getattr(body, "keep_alive", None))
             return self.reply(

@@ -9,7 +9,9 @@ ContextOverflowError                               400, code ``context_length_ex
 EmbeddingsUnsupportedError                         400, code ``embeddings_unsupported``
 HTTPException raised by the server (unknown        its own (404, 413)
 model, body too large)
-QueueFullError                                     503 with Retry-After
+QueueFullError                                     503 with Retry-After (predicted where measured)
+TenantQueueFullError (tenant_max_queued)           429 with Retry-After, code ``tenant_queue_full``
+DeadlineUnmetError (deadline_ms missed)            503 with the predicted Retry-After, code ``deadline_unmet``
 ModelMemoryError (a model that cannot fit)         503, code ``insufficient_memory``
 ModelNotFoundError                                 404, code ``model_not_found``
 RuntimeClosedError (loading, closing)              503 with Retry-After
@@ -25,6 +27,7 @@ Bad input never gives 500: it is refused as InvalidRequestError before it reache
 from __future__ import annotations
 
 import logging
+import math
 
 import msgspec
 from starlette.exceptions import HTTPException
@@ -32,6 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from runtime.core.errors import (
     ContextOverflowError,
+    DeadlineUnmetError,
     EmbeddingsUnsupportedError,
     GenerationError,
     InvalidRequestError,
@@ -40,6 +44,7 @@ from runtime.core.errors import (
     QueueFullError,
     RuntimeClosedError,
     RuntimeFailedError,
+    TenantQueueFullError,
     preview,
 )
 
@@ -83,7 +88,13 @@ def http_error(exc: BaseException, retry_after_s: int) -> HttpError:
         return HttpError(
             status=exc.status_code, message=exc.detail, code=code, headers=dict(exc.headers or {})
         )
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, QueueFullError):  # Retry-After is whole seconds (RFC 9110): the prediction rounded up
+        if exc.retry_after_s is not None:
+            retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        if isinstance(exc, TenantQueueFullError):
+            return HttpError(status=429, message=str(exc), code="tenant_queue_full", headers=retry)
+        if isinstance(exc, DeadlineUnmetError):
+            return HttpError(status=503, message=str(exc), code="deadline_unmet", headers=retry)
         return HttpError(status=503, message=f"server busy: {exc}", code="queue_full", headers=retry)
     if isinstance(exc, ModelMemoryError):
         return HttpError(status=503, message=str(exc), code="insufficient_memory")

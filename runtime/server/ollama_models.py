@@ -252,6 +252,7 @@ def _text(value: MetadataValue | None) -> str:
 _PS_FIELDS = (
     "state", "failure", "backend", "n_ctx_per_slot", "kv_bytes_per_slot", "slots_configured", "slots_effective",
     "slots_busy", "queue_depth", "queue_capacity", "requests_admitted", "requests_completed",
-    "requests_cancelled", "requests_failed", "requests_rejected", "restarts",
+    "requests_cancelled", "requests_failed", "requests_rejected", "restarts", "queue",
 )  # fmt: skip
-"""RuntimeStatus fields /api/ps adds under ``slotserve``: our slots and queue."""
+"""RuntimeStatus fields /api/ps adds under ``slotserve``: our slots and queue (``queue``: each
+waiting request's position, priority, tenant, seconds waited and predicted start)."""

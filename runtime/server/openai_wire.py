@@ -15,7 +15,8 @@ function may be called (runtime.core.tools; one call per answer, whatever
 ``parallel_tool_calls`` says), and the history's ``tool_calls`` and ``tool`` messages (with
 ``tool_call_id``) are kept. The legacy ``functions`` and ``function_call`` are refused (use
 tools). Fields that would change the answer in ways we do not implement (``logit_bias``,
-``echo``, ``suffix``) are refused with 400 rather than ignored; fields that do not change the answer (``user``, ``metadata``, ...) are ignored.
+``echo``, ``suffix``) are refused with 400 rather than ignored; fields that do not change the answer (``metadata``, ...) are ignored.
+``user`` names the request's tenant (fair shares of the slots; runtime.server.admission_headers).
 ``max_tokens`` of /v1/completions defaults to 16, as in OpenAI's reference.
 """
 

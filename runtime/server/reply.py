@@ -130,18 +130,21 @@ class ReplyResponse:
 
 async def _next(stream: ChunkStream | ChoiceStream) -> Chunk:
     """The next chunk; a cancelled request (the runtime is closing) becomes an error."""
-    try:
-        chunk = await stream.__anext__()
-    except StopAsyncIteration:
-        raise GenerationError("the reply ended without a final chunk") from None
-    return _checked(chunk)
+    while True:
+        try:
+            chunk = await stream.__anext__()
+        except StopAsyncIteration:
+            raise GenerationError("the reply ended without a final chunk") from None
+        if chunk.queue is None:  # a queue event has no text: HTTP has nothing to say of it
+            return _checked(chunk)
 
 
 def _take_ready(stream: ChunkStream | ChoiceStream, into: list[Chunk]) -> None:
     """Append the chunks that have arrived to ``into``, one by one: an error or a cancel after
     some of them raises with those already in ``into``."""
     for chunk in stream.available():
-        into.append(_checked(chunk))
+        if chunk.queue is None:
+            into.append(_checked(chunk))
 
 
 def _checked(chunk: Chunk) -> Chunk:

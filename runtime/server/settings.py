@@ -47,6 +47,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_connections: int = 1000
     """Open connections at most; more are answered 503 and closed. Lowered to the process's
     open-file limit less 64 when that is smaller."""
+    max_client_priority: int = 1000
+    """Highest priority an HTTP caller may ask for (``X-Slotserve-Priority``); a higher one gets
+    400. 0 keeps callers from going ahead of the default class (they may still go behind it)."""
     origins: str = ""
     """Web origins allowed besides localhost's (comma-separated patterns, ``*`` a wildcard:
     ``https://app.example.com,chrome-extension://*``); see runtime.server.origins."""
@@ -55,7 +58,7 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         limits = {
             "port": (0, 65_535), "max_body_bytes": (1, 1 << 30), "retry_after_s": (0, 3600),
             "drain_timeout_s": (0, 86_400), "header_timeout_s": (0.1, 3600), "body_timeout_s": (0.1, 3600), "idle_timeout_s": (1, 3600),
-            "max_connections": (1, 1 << 20),
+            "max_connections": (1, 1 << 20), "max_client_priority": (-1000, 1000),
         }  # fmt: skip
         for name, (low, high) in limits.items():
             value = getattr(self, name)
