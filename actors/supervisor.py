@@ -26,6 +26,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from actors.model import ModelActor
+from actors.placement import Placement
 from actors.slot import SlotActor
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import ResizeFailedError, SlotFailedError
@@ -73,6 +74,8 @@ class Supervisor:
         self._n = slots
         self._target = slots
         self._slots: dict[int, SlotActor] = {}
+        self.placement: Placement[Ticket] = Placement(config.min_prefix_share)
+        """Which idle slot takes each request (by the prompt's prefix in its cells)."""
         self._receivers: dict[int, MemoryObjectReceiveStream[Ticket]] = {}
         self._stopped: dict[int, anyio.Event] = {}
         self._restarts: list[float] = []
@@ -125,7 +128,9 @@ class Supervisor:
         try:
             with receiver:
                 while True:
-                    actor = SlotActor(slot, self.model, receiver, self.config, self._observers)
+                    actor = SlotActor(
+                        slot, self.model, receiver, self.config, self._observers, placement=self.placement
+                    )
                     self._slots[slot] = actor
                     try:
                         await actor.run(first=retry)
@@ -306,4 +311,5 @@ class Supervisor:
             memory=self._reading,
             failure=self.failure,
             slots=slots,
+            placement=self.placement.statistics(),
         )
