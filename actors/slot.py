@@ -83,6 +83,8 @@ class SlotActor:
         tokens: list[int] | None = None
         while True:
             if ticket is None:
+                if self.retiring:  # retired while a crashed predecessor restarted
+                    return
                 got = await self._placement.take(self, self._receiver.receive, self._prepare)
                 if got is None:
                     return

@@ -128,9 +128,11 @@ class Supervisor:
         try:
             with receiver:
                 while True:
+                    retiring = slot in self._slots and self._slots[slot].retiring  # retired mid-restart
                     actor = SlotActor(
                         slot, self.model, receiver, self.config, self._observers, placement=self.placement
                     )
+                    actor.retiring = retiring
                     self._slots[slot] = actor
                     try:
                         await actor.run(first=retry)
