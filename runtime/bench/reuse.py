@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from runtime.core.config import RuntimeConfig
+from runtime.core.config import BackendName, RuntimeConfig
 from runtime.core.messages import ChatMessage, ChatRequest
 from runtime.runtime import Runtime
 
@@ -89,7 +89,7 @@ def _figures(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 async def run_reuse(
-    backend: str = "fake",
+    backend: BackendName = "fake",
     *,
     slots: int = 4,
     chats: int = 8,
