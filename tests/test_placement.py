@@ -35,7 +35,7 @@ def test_no_idle_slot_is_an_error() -> None:
 async def test_a_request_goes_to_the_slot_that_holds_its_prefix() -> None:
     """Four slots, four different prompts served; each prompt again, one at a time, goes back to
     the slot that served it (LRU order would send each to another), with its prompt cached."""
-    prompts = [f"prompt number {i}: " + "x" * 40 for i in range(4)]
+    prompts = [f"{i} is the number of this prompt: " + "x" * 40 for i in range(4)]  # nothing shared
     async with open_runtime("fake", slots=4) as rt:
         async with anyio.create_task_group() as tg:  # all four at once: each slot takes one
             first: dict[int, int] = {}
@@ -64,7 +64,9 @@ async def test_a_chat_turn_reuses_the_whole_last_turn_and_answers_as_without_cac
             history = [ChatMessage(role="user", content="hello there")]
             answers[cache] = []
             for turn in range(3):
-                done = await rt.complete_chat(ChatRequest(messages=tuple(history), max_tokens=8, temperature=0))
+                done = await rt.complete_chat(
+                    ChatRequest(messages=tuple(history), max_tokens=8, temperature=0)
+                )
                 answers[cache].append(done.text)
                 if cache:
                     cached.append(done.stats.prompt_tokens_cached)
