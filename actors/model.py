@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from actors.budget import PrefillBudget
 from actors.scheduler import Delivery, Scheduler, SequenceJob, StepBatch
 from actors.worker import WorkerThread, call_into
 from runtime.backends.base import Backend
@@ -46,15 +47,26 @@ class ModelActor:
     """Runs the step loop over one backend; slots call :meth:`begin` and :meth:`end`.
 
     :param n_batch: tokens one step decodes at most.
+    :param prefill_budget_s: seconds a step with decoding sequences should take at most
+        (actors.budget; 0: no cap by time).
+    :param prefill_budget_tokens: prompt tokens such a step carries at most (0: no cap by count).
     :param on_step: called on the event loop after each decode step with its report
         (:meth:`runtime.core.events.Observer.step`); it must not raise.
     """
 
     def __init__(
-        self, backend: Backend, *, n_batch: int, on_step: Callable[[StepReport], None] | None = None
+        self,
+        backend: Backend,
+        *,
+        n_batch: int,
+        prefill_budget_s: float = 0.0,
+        prefill_budget_tokens: int = 0,
+        on_step: Callable[[StepReport], None] | None = None,
     ) -> None:
         self.backend = backend
-        self.scheduler = Scheduler(n_batch, share_prompts=backend.info.seq_copy)
+        self.budget = PrefillBudget(n_batch, budget_s=prefill_budget_s, budget_tokens=prefill_budget_tokens)
+        """The step loop's own, as the scheduler: the steps' timings teach it."""
+        self.scheduler = Scheduler(n_batch, share_prompts=backend.info.seq_copy, budget=self.budget)
         """The step loop's own: the event loop reads its counters and changes it by commands."""
         self._on_step = on_step
         self._worker = WorkerThread("slotserve-model")
@@ -257,6 +269,7 @@ class ModelActor:
         self._last_sequences = n
         self._steps_by_sequences[n] = self._steps_by_sequences.get(n, 0) + 1
         self._step_seconds += seconds
+        self.budget.observe(plan.n_prompt_tokens, plan.n_tokens - plan.n_prompt_tokens, seconds)
         return StepReport(
             n_tokens=plan.n_tokens, n_sequences=n, n_prompt_tokens=plan.n_prompt_tokens, seconds=seconds
         )
@@ -276,4 +289,5 @@ class ModelActor:
             pending_trims=s.pending_trims,
             kv_cells_active=s.kv_cells_active,
             stepping=self._in_step or bool(self._inbox) or bool(self._outbox),
+            prefill_capped_steps=self.budget.capped_steps,
         )

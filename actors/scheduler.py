@@ -4,7 +4,8 @@ A pure unit, with no event loop, thread or model (vLLM tests its Scheduler the s
 holds the sequences being served (:class:`SequenceJob`), the KV trims and sampler changes
 queued since the last step, and turns them into a :class:`StepBatch`. Every step carries one
 token for each generating sequence first, then prompt chunks in arrival order within the
-``n_batch`` token budget. Sequences continue by themselves: :meth:`Scheduler.advance` makes
+``n_batch`` token budget, and beside decoding sequences within the prefill budget
+(actors.budget: a long prompt spreads over steps instead of stalling the decoders). Sequences continue by themselves: :meth:`Scheduler.advance` makes
 each sampled token the sequence's next input, until end of generation or ``max_tokens``.
 
 A request's n choices share one prefill: a job whose ``leader`` (another choice of the same
@@ -23,6 +24,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from actors.budget import PrefillBudget
 from runtime.backends.base import SamplerSpec, StepLogprobs, StepPlan, StepResult
 from runtime.core.messages import TokenLogprob, TopLogprob
 
@@ -133,11 +135,16 @@ class Scheduler:
     :param n_batch: tokens one step decodes at most.
     :param share_prompts: whether the backend copies KV cells between sequences (else every job
         evaluates its own prompt).
+    :param budget: caps the prompt tokens of a step with decoding sequences (None: only
+        ``n_batch`` does).
     """
 
-    def __init__(self, n_batch: int, *, share_prompts: bool = True) -> None:
+    def __init__(
+        self, n_batch: int, *, share_prompts: bool = True, budget: PrefillBudget | None = None
+    ) -> None:
         self.n_batch = n_batch
         self.share_prompts = share_prompts
+        self.budget = budget if budget is not None and budget.active else None
         self._jobs: dict[int, SequenceJob] = {}
         self._trims: list[tuple[int, int]] = []
         self._samplers: dict[int, SamplerSpec | None] = {}
@@ -252,6 +259,11 @@ class Scheduler:
 
     def _plan_prefill(self, decoding: list[SequenceJob], prefilling: list[SequenceJob]) -> StepBatch:
         budget = self.n_batch - len(decoding)
+        if decoding and self.budget is not None:
+            limit = self.budget.limit(len(decoding))
+            if limit < budget and sum(len(job.prompt) - job.fed for job in prefilling) > limit:
+                self.budget.capped_steps += 1
+            budget = min(budget, limit)
         parts: list[tuple[SequenceJob, int]] = [(job, 0) for job in decoding]  # 0: its next token
         for job in prefilling:
             if budget <= 0:

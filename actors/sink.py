@@ -55,6 +55,8 @@ class RequestSink:
         self.pending_logprobs: list[TokenLogprob] = []
         """Their log-probabilities, where the request asked for them."""
         self.taken = 0
+        self.generated: list[int] = []
+        """Every token this request got, in order."""
         """Tokens this request got (the step loop may have sampled more before it heard of an end)."""
         self.first_ns: int | None = None
         """When the step that made the first token ended (``time.perf_counter_ns``)."""
@@ -84,6 +86,7 @@ class RequestSink:
             self._observers.inter_token((at_ns - self.last_ns) / 1e9)
         self.last_ns = at_ns
         self.taken += 1
+        self.generated.append(token)
         self.pending.append(token)
         if finish != "stop":  # an end-of-generation token has no text (nor a log-probability)
             self.out += self._text.push(self._pieces[token])

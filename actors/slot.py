@@ -15,6 +15,7 @@ import time
 import anyio
 
 from actors.model import ModelActor
+from actors.placement import Placement, common_prefix
 from actors.prompt import INLINE_PROMPT_CHARS, PromptCancelled, prompt_chars, prompt_parts, tokenize_parts
 from actors.scheduler import SequenceJob
 from actors.sink import RequestSink
@@ -52,15 +53,6 @@ def sampler_spec(request: GenerateRequest | ChatRequest) -> SamplerSpec | None:
     )
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of ``a`` and ``b``."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 class SlotActor:
     """Serves tickets from ``receiver`` on sequence ``slot`` of ``model``'s context; finishes
     each ticket it serves (:meth:`Ticket.finish`), except on a fault of its own: then it raises
@@ -73,8 +65,11 @@ class SlotActor:
         receiver: MailboxReceiver[Ticket],
         config: RuntimeConfig,
         observers: Observers,
+        *,
+        placement: Placement[Ticket] | None = None,
     ) -> None:
         self.slot = slot
+        self._placement: Placement[Ticket] = placement or Placement(config.min_prefix_share)
         self._observers = observers
         self.model = model
         self.config = config
@@ -88,16 +83,19 @@ class SlotActor:
     async def run(self, first: Ticket | None = None) -> None:
         """Serve ``first`` (a request retried after a crash), then tickets from the mailbox
         until it closes or the slot is retired. Raises only on a fault in this slot."""
-        ticket = first
+        ticket: Ticket | None = first
+        tokens: list[int] | None = None
         while True:
             if ticket is None:
-                try:
-                    ticket = await self._receiver.receive()
-                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                if self.retiring:  # retired while a crashed predecessor restarted
                     return
+                got = await self._placement.take(self, self._receiver.receive, self._prepare)
+                if got is None:
+                    return
+                ticket, tokens = got
             self.current = ticket
             try:
-                await self._serve(ticket)  # on a fault, ``current`` stays set for the Supervisor
+                await self._serve(ticket, tokens)  # on a fault, ``current`` stays set for the Supervisor
             finally:
                 ticket.listen(None)  # a late cancel must not reach this slot's next request
             self.current = None
@@ -114,15 +112,33 @@ class SlotActor:
         """
         self.retiring = True
         self._receiver.close()
+        self._placement.stop(self)
 
-    async def _serve(self, ticket: Ticket) -> None:
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The tokens this slot's sequence holds between requests (a finished conversation)."""
+        return self._cached
+
+    async def _prepare(self, ticket: Ticket) -> list[int] | None:
+        """The prompt's tokens, for the choice of slot (actors.placement); None when there is
+        no prefix to look for or the prompt cannot be tokenized (:meth:`_serve` then tries and
+        reports why)."""
+        if not self.config.prefix_cache or ticket.cancelled:
+            return None
+        try:
+            return await self._tokenize(ticket)
+        except Exception:
+            return None
+
+    async def _serve(self, ticket: Ticket, tokens: list[int] | None = None) -> None:
         picked_ns = time.perf_counter_ns()
         if ticket.cancelled:
             ticket.finish("cancel")
             return
         request = ticket.request
         try:
-            tokens = await self._tokenize(ticket)
+            if tokens is None:
+                tokens = await self._tokenize(ticket)
             await self._prepare_constraint(request)
             max_new = self._max_new(len(tokens), request.max_tokens, stop=request.overflow == "stop")
         except PromptCancelled:
@@ -182,7 +198,9 @@ class SlotActor:
         finished = reason != "cancel" and first_ns is not None
         out = sink.out + sink.finish_text() if finished else ""
         if finished and self.config.prefix_cache:
-            self._cached = tokens  # the prompt's cells stay for the next request; the rest go
+            # The whole conversation stays: the prompt and each answer token that was fed back
+            # (all but the last one taken); cells past it (steps run ahead) are trimmed.
+            self._cached = tokens + sink.generated[:-1]
         self.model.end(seq, keep=len(self._cached))
         end_ns = time.perf_counter_ns()
         stats = RequestStats(

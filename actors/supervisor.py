@@ -25,6 +25,7 @@ import anyio
 import anyio.abc
 
 from actors.model import ModelActor
+from actors.placement import Placement
 from actors.slot import SlotActor
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import ResizeFailedError, SlotFailedError
@@ -75,6 +76,8 @@ class Supervisor:
         self._n = slots
         self._target = slots
         self._slots: dict[int, SlotActor] = {}
+        self.placement: Placement[Ticket] = Placement(config.min_prefix_share)
+        """Which idle slot takes each request (by the prompt's prefix in its cells)."""
         self._receivers: dict[int, MailboxReceiver[Ticket]] = {}
         self._stopped: dict[int, anyio.Event] = {}
         self._restarts: list[float] = []
@@ -128,7 +131,11 @@ class Supervisor:
         try:
             with receiver:
                 while True:
-                    actor = SlotActor(slot, self.model, receiver, self.config, self._observers)
+                    retiring = slot in self._slots and self._slots[slot].retiring  # retired mid-restart
+                    actor = SlotActor(
+                        slot, self.model, receiver, self.config, self._observers, placement=self.placement
+                    )
+                    actor.retiring = retiring
                     self._slots[slot] = actor
                     try:
                         await actor.run(first=retry)
@@ -330,4 +337,5 @@ class Supervisor:
             memory=self._reading,
             failure=self.failure,
             slots=slots,
+            placement=self.placement.statistics(),
         )

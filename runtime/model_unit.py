@@ -183,7 +183,13 @@ class ModelUnit:
         if slots < self._slots_configured:  # memory did not fit the count asked for: never silent
             startup = (ResizeRecord(from_slots=self._slots_configured, to_slots=slots, reason="startup",
                                     pause_s=pause_s, drain_s=0.0, carried_bytes=0),)  # fmt: skip
-        self._model = ModelActor(backend, n_batch=cfg.n_batch, on_step=self.observers.step)
+        self._model = ModelActor(
+            backend,
+            n_batch=cfg.n_batch,
+            prefill_budget_s=cfg.prefill_budget_s,
+            prefill_budget_tokens=cfg.prefill_budget_tokens,
+            on_step=self.observers.step,
+        )
         self._embedder = Embedder(
             self._model, max_tokens=cfg.n_ctx_per_slot, on_batch=self.observers.embedding_batch
         )

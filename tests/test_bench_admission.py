@@ -18,4 +18,4 @@ async def test_the_admission_section_measures_and_prints() -> None:
     assert figures.retry_after_over_slot_free > 0
     out = io.StringIO()
     print_admission(figures, out)
-    assert "section 8: admission" in out.getvalue() and "weights 3:1" in out.getvalue()
+    assert "section 9: admission" in out.getvalue() and "weights 3:1" in out.getvalue()

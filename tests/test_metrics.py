@@ -206,7 +206,8 @@ async def test_slot_and_runtime_gauges() -> None:
         assert value(reg, "slotserve_kv_cache_allocated_bytes") == 3 * (3 << 20)
         assert value(reg, "slotserve_model_load_duration_seconds") == rt.load_seconds
         await rt.complete(greedy("keep this prefix", max_tokens=3))
-        assert value(reg, "slotserve_prefix_cache_tokens") == len("keep this prefix")
+        # the whole conversation stays: the prompt and the answer's 3 tokens but the last
+        assert value(reg, "slotserve_prefix_cache_tokens") == len("keep this prefix") + 2
 
 
 async def test_restarts_failures_and_the_failed_state() -> None:

@@ -93,7 +93,16 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Upper bound on one request's max_tokens, and its value when a request leaves it unset;
     None: the slot's context (n_ctx_per_slot), the most any request can generate."""
     prefix_cache: bool = True
-    """Keep a finished prompt's KV cells and reuse the common prefix for the slot's next one."""
+    """Keep a finished conversation's KV cells (prompt and answer) and reuse the common prefix
+    for a later request; the idle slot whose cells share the most of a prompt takes it."""
+    min_prefix_share: float = 0.1
+    """Least part of a prompt an idle slot's cells must share for the prefix to choose that slot
+    (llama.cpp's ``--slot-prompt-similarity``); else the least recently used idle slot takes it."""
+    prefill_budget_s: float = 0.05
+    """With sequences decoding, a step's prompt tokens are capped so that the step is predicted
+    to take at most this many seconds (from measured steps); 0: no cap by time."""
+    prefill_budget_tokens: int = 0
+    """With sequences decoding, at most this many prompt tokens a step; 0: no cap by count."""
     restart_intensity: int = 3
     """Restarts allowed within ``restart_period_s`` before the runtime fails (Erlang/OTP)."""
     restart_period_s: float = 5.0
@@ -136,6 +145,7 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "max_queue": (0, 1 << 20),
             "n_ctx_per_slot": (16, 1 << 20),
             "n_batch": (1, 1 << 16),
+            "prefill_budget_tokens": (0, 1 << 16),
             "threads": (0, 1024),
             "n_gpu_layers": (-1, 100_000),
             "main_gpu": (0, MAX_GPUS - 1),
@@ -165,6 +175,8 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "resize_cooldown_s",
             "resize_hysteresis",
             "queue_aging_s",
+            "min_prefix_share",
+            "prefill_budget_s",
         )
         for name in positive:
             if not getattr(self, name) > 0:

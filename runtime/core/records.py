@@ -19,6 +19,7 @@ __all__ = [
     "MemoryReading",
     "MemorySource",
     "ModelStatistics",
+    "PlacementStatistics",
     "QueueDepth",
     "QueuedRequest",
     "ResizeReason",
@@ -115,6 +116,8 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     stepping: bool
     """Whether the step loop is busy now (applying commands, planning, decoding, or handing a
     step's tokens over), or has commands or tokens not yet taken."""
+    prefill_capped_steps: int = 0
+    """Steps whose prompt tokens the prefill budget cut (actors.budget)."""
 
 
 class SlotStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,6 +127,15 @@ class SlotStatistics(msgspec.Struct, frozen=True, kw_only=True):
     busy: bool
     served: int
     cached_tokens: int
+
+
+class PlacementStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Which idle slot took each request (actors.placement): the one whose cells shared most of
+    its prompt (``by_prefix``), or the least recently used one; ``idle``: slots waiting now."""
+
+    idle: int = 0
+    by_prefix: int = 0
+    least_recently_used: int = 0
 
 
 class ResizeRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -152,6 +164,7 @@ class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
     memory: MemoryReading | None
     failure: str | None
     slots: tuple[SlotStatistics, ...]
+    placement: PlacementStatistics = PlacementStatistics()
 
 
 class EmbeddingBatchReport(msgspec.Struct, frozen=True, kw_only=True):

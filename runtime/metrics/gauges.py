@@ -46,7 +46,7 @@ _PER_MODEL = {
     "slotserve_slots_busy": "Slots serving a request.",
     "slotserve_model_weights_bytes": "Bytes of the loaded weights.",
     "slotserve_kv_cache_allocated_bytes": "KV cache bytes allocated: effective slots x KV bytes per slot.",
-    "slotserve_prefix_cache_tokens": "Prompt tokens idle slots keep in their sequences for prefix reuse.",
+    "slotserve_prefix_cache_tokens": "Tokens (prompts and answers) idle slots keep in their sequences for prefix reuse.",
     "slotserve_kv_cache_used_bytes": "KV cache bytes holding tokens: cells of running sequences and kept prefixes.",
     "slotserve_model_load_duration_seconds": "Seconds the weights took to load.",
 }
