@@ -93,6 +93,7 @@ def families_of(registry: CollectorRegistry) -> dict[str, tuple[str, set[str]]]:
     for family in registry.collect():
         name = family.name + "_total" if family.type == "counter" else family.name
         labels = {k for s in family.samples for k in s.labels if k != "le"}
+        labels |= set(getattr(family, "_labelnames", ())) - {"le"}  # a gauge with no sample now
         out[name] = (family.type, labels)
     return out
 
