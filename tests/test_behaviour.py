@@ -50,7 +50,10 @@ async def test_decode_steps_carry_every_busy_slot(kind: str) -> None:
     steps = after.steps - before.steps
     four = after.steps_by_sequences.get(4, 0) - before.steps_by_sequences.get(4, 0)
     assert steps < 4 * 24  # not one decode per sequence per token
-    assert four >= 20  # at least 20 of the 24 decode steps carried all four sequences
+    # At least 18 of the 24 decode steps carried all four sequences: the requests start one by
+    # one through the placement door (it tokenizes each prompt before handing it to a slot), so
+    # where tokenizing is a hop (ctransformers' worker process) the starts stagger by a step or two.
+    assert four >= 18
     assert after.tokens_sampled - before.tokens_sampled == 4 * 24
 
 
