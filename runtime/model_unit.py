@@ -407,6 +407,11 @@ class ModelUnit:
         return ResponseStream(ticket, receive, admit=admit, queue_event=queue_event)
 
     @property
+    def waiting_for_load(self) -> int:
+        """Requests waiting for the load (:meth:`generate_when_ready`), not queued yet."""
+        return self._waiting
+
+    @property
     def busy(self) -> bool:
         """Whether it is loading, or requests are in flight, queued or waiting for the load."""
         return (

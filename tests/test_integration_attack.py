@@ -14,8 +14,10 @@ from runtime import DeadlineUnmetError, Runtime
 from runtime.backends.fake import FakeBackend
 from runtime.core.config import RuntimeConfig
 from runtime.core.registry import ModelSpec
+from runtime.server import create_app, serving
 from tests.helpers import greedy, open_runtime, wait_until
 from tests.model_fleet import Device, Fleet, fleet_runtime
+from tests.test_server_clients import http_client
 
 MiB = 1 << 20
 A = ModelSpec(name="a", path="a.gguf")
@@ -53,3 +55,91 @@ async def test_a_deadline_counts_the_wait_for_the_models_load() -> None:
                 await stream.collect()
             assert time.perf_counter() - start >= 0.25
             assert (await late.collect()).text  # the model serves on
+
+
+async def _one(rt: Runtime, i: int, ends: dict[int, str], running: dict[str, int], peak: dict[str, int]) -> None:
+    """Request ``i`` of the mixed load: record how it ended (once) and its tenant's concurrency."""
+    tenant = "abc"[i % 3]
+    kw: dict[str, Any] = {"tenant": tenant, "priority": (i % 4) * 3}
+    if i % 5 == 0:
+        kw["format"] = "json"
+    prompt = "boom" if i % 11 == 0 else f"a shared system prompt, then {i % 4} and {i}"
+    stream = rt.generate(greedy(prompt, 12, **kw), admission_timeout_s=30)
+    started = False
+    try:
+        async for chunk in stream:
+            if not started and chunk.queue is None:
+                started = True
+                running[tenant] += 1
+                peak[tenant] = max(peak[tenant], running[tenant])
+            if i % 7 == 0 and started:
+                break  # a caller that goes away mid-answer
+            await anyio.sleep(0)
+        outcome = "cancel" if i % 7 == 0 and started else "done"
+    except Exception as exc:
+        outcome = type(exc).__name__
+    finally:
+        if started:
+            running[tenant] -= 1
+        await stream.aclose()
+    assert i not in ends
+    ends[i] = outcome
+
+
+async def test_a_mixed_load_through_the_door_with_resizes_ends_every_request_once() -> None:
+    """Tenants (capped at one slot each), priorities, prefix placement, JSON constraints, slot
+    crashes, callers that leave, and a shrink and grow meanwhile: every request ends exactly once,
+    no tenant ever runs on two slots, and nothing is left queued, running or counted after."""
+    n = 60
+    async with open_runtime(
+        "fake", slots=4, max_queue=256, tenant_max_slots=1, restart_intensity=1000, restart_backoff_s=0.001,
+        fake={"step_delay_s": 0.001, "fault_prompts": ["boom"]},
+    ) as rt:  # fmt: skip
+        ends: dict[int, str] = {}
+        running = {t: 0 for t in "abc"}
+        peak = {t: 0 for t in "abc"}
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(_one, rt, i, ends, running, peak)
+            await wait_until(lambda: len(ends) >= 10)
+            assert await rt.resize(2) is not None
+            await wait_until(lambda: len(ends) >= 30)
+            assert await rt.resize(4) is not None
+        assert sorted(ends) == list(range(n))
+        await wait_until(lambda: rt.status().requests_in_flight == 0, timeout_s=5)
+        status = rt.status()
+        assert (status.slots_busy, status.queue_depth) == (0, 0)
+        assert peak["a"] == peak["b"] == peak["c"] == 1
+        assert (await rt.complete(greedy("still serving", 4))).text
+    bad = {i: e for i, e in ends.items() if e not in ("done", "cancel") and i % 11}
+    assert bad == {}
+
+
+async def test_api_ps_lists_each_models_queue_and_the_requests_waiting_for_a_load() -> None:
+    """/api/ps (and loaded_models) give every model's queue, not only the default's: the
+    requests queued on a busy registry model, and those waiting for a model still loading."""
+    f = SlowFleet()
+    b = ModelSpec(name="b", path="b.gguf")
+    f.weights["b.gguf"] = 10 * MiB
+    f.step_delay_s = 0.01
+    async with fleet_runtime(f, [A, b], slots=1) as rt, serving(create_app(rt)) as url:
+        f.gate.set()
+        await rt.load("a")
+        f.gate.clear()
+        streams = [rt.generate(greedy(f"long {i}", 200, tenant=f"t{i}"), model="a") for i in range(3)]
+        waiting = [rt.generate(greedy("hi", 4), model="b") for _ in range(2)]
+        async with anyio.create_task_group() as tg:
+            for s in streams + waiting:
+                tg.start_soon(s.collect)
+            await wait_until(lambda: {m.name: m.state for m in rt.loaded_models()}.get("b") == "loading")
+            await wait_until(lambda: {m.name: m.slots_busy for m in rt.loaded_models()}.get("a") == 1)
+            listed = {m.name: m for m in rt.loaded_models()}
+            async with await http_client(url) as client:
+                ps = (await client.get("/api/ps")).json()
+            f.gate.set()
+            tg.cancel_scope.cancel()  # the callers leave
+    assert (listed["a"].queue_depth, listed["b"].queue_depth) == (2, 2)
+    assert [q.tenant for q in listed["a"].queue] == ["t1", "t2"]
+    by_name = {m["name"]: m["slotserve"] for m in ps["models"]}
+    assert by_name["a:latest"]["queue_depth"] == 2 and by_name["b:latest"]["queue_depth"] == 2
+    assert [q["tenant"] for q in by_name["a:latest"]["queue"]] == ["t1", "t2"]
