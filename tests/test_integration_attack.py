@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from runtime import DeadlineUnmetError, Runtime
@@ -143,3 +144,38 @@ async def test_api_ps_lists_each_models_queue_and_the_requests_waiting_for_a_loa
     by_name = {m["name"]: m["slotserve"] for m in ps["models"]}
     assert by_name["a:latest"]["queue_depth"] == 2 and by_name["b:latest"]["queue_depth"] == 2
     assert [q["tenant"] for q in by_name["a:latest"]["queue"]] == ["t1", "t2"]
+
+
+async def test_http_deadline_on_a_loading_model_is_503_deadline_unmet_in_each_apis_shape() -> None:
+    """X-Slotserve-Deadline-Ms on a model still loading: once the load has used the deadline up,
+    each API answers its own 503 with Retry-After (streamed or not), and the model then serves."""
+    f = SlowFleet()
+    async with fleet_runtime(f, [A]) as rt, serving(create_app(rt)) as url:
+        msgs = [{"role": "user", "content": "hi"}]
+        headers = {"X-Slotserve-Deadline-Ms": "50", "X-Slotserve-Tenant": "t1", "X-Slotserve-Priority": "1"}
+        async with await http_client(url) as client:
+
+            async def ask(path: str, body: dict[str, Any]) -> httpx.Response:
+                return await client.post(path, json=body, headers=headers)
+
+            async with anyio.create_task_group() as tg:
+                answers: dict[str, httpx.Response] = {}
+
+                async def one(path: str, body: dict[str, Any]) -> None:
+                    answers[path + str(body.get("stream"))] = await ask(path, body)
+
+                tg.start_soon(one, "/api/chat", {"model": "a", "messages": msgs, "stream": False})
+                tg.start_soon(one, "/api/generate", {"model": "a", "prompt": "hi", "stream": True})
+                tg.start_soon(one, "/v1/chat/completions", {"model": "a", "messages": msgs})
+                tg.start_soon(one, "/v1/completions", {"model": "a", "prompt": "hi", "stream": True})
+                await wait_until(lambda: len(rt.loaded_models()) == 2 and rt.loaded_models()[1].queue_depth == 4)
+                await anyio.sleep(0.1)
+                f.gate.set()
+            after = await client.post("/api/generate", json={"model": "a", "prompt": "hi", "stream": False})
+    assert {k: r.status_code for k, r in answers.items()} == dict.fromkeys(answers, 503)
+    assert all(r.headers["retry-after"] == "1" for r in answers.values())
+    assert "deadline_ms is 50" in answers["/api/chatFalse"].json()["error"]
+    assert "deadline_ms is 50" in answers["/api/generateTrue"].json()["error"]
+    for key in ("/v1/chat/completionsNone", "/v1/completionsTrue"):
+        assert answers[key].json()["error"]["code"] == "deadline_unmet"
+    assert after.status_code == 200 and after.json()["done"] is True
