@@ -112,6 +112,7 @@ class ModelUnit:
         """The prometheus-client registry this runtime's metrics live on."""
         self.observers = Observers(*observers)
         """Receivers of runtime events (see runtime.core.events); ``observers.add`` adds one."""
+        self._metrics: RuntimeMetrics | None = None
         self._backend = backend
         self._state: RuntimeState = "loading"
         self._tg: anyio.abc.TaskGroup | None = None
@@ -146,6 +147,12 @@ class ModelUnit:
                 await anyio.to_thread.run_sync(self._backend.close)
             raise
 
+    def _count(self) -> None:
+        """Add this unit's metrics (counters, histograms and gauges on ``registry``), once."""
+        if self._metrics is None:
+            self._metrics = RuntimeMetrics(self)
+            self.observers.add(self._metrics)
+
     def abandon(self, error: BaseException) -> None:
         """It will never be entered (its load was refused): close its mailbox as a failed
         start does."""
@@ -154,7 +161,7 @@ class ModelUnit:
 
     async def _start(self) -> ModelUnit:
         start = time.perf_counter()
-        self.observers.add(RuntimeMetrics(self))  # counters, histograms and gauges on self.registry
+        self._count()
         cfg = self.config
         if self._backend is None:
             # One sequence first: the real count is chosen once the KV bytes per slot are known.
@@ -363,6 +370,7 @@ class ModelUnit:
         :raises DeadlineUnmetError: if the load took longer than ``deadline_ms`` (when read).
         :raises BaseException: what ``ready`` raises (the load failed, no memory), when read.
         """
+        self._count()  # not entered yet (it may wait for memory): its refusals count already
         depth = self._waiting + self._mailbox.statistics().depth
         if depth >= self.config.max_queue:
             self.observers.request_rejected("queue_full")

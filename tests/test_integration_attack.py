@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 
-from runtime import DeadlineUnmetError, Runtime
+from runtime import DeadlineUnmetError, QueueFullError, Runtime
 from runtime.backends.fake import FakeBackend
 from runtime.core.config import RuntimeConfig
 from runtime.core.registry import ModelSpec
@@ -179,3 +179,25 @@ async def test_http_deadline_on_a_loading_model_is_503_deadline_unmet_in_each_ap
     for key in ("/v1/chat/completionsNone", "/v1/completionsTrue"):
         assert answers[key].json()["error"]["code"] == "deadline_unmet"
     assert after.status_code == 200 and after.json()["done"] is True
+
+
+def _rejected(rt: Runtime, model: str, reason: str) -> float | None:
+    return rt.registry.get_sample_value(
+        "slotserve_requests_total", {"model": model, "outcome": "rejected", "reason": reason}
+    )
+
+
+async def test_a_refusal_while_a_model_loads_is_counted_under_its_name() -> None:
+    """max_queue full of requests waiting for a load: the next is refused, and
+    slotserve_requests_total counts it under the model's label (not lost, not the default's)."""
+    f = SlowFleet()
+    async with fleet_runtime(f, [A], max_queue=2) as rt:
+        waiting = [rt.generate(greedy("hi", 4), model="a") for _ in range(2)]
+        with pytest.raises(QueueFullError):
+            rt.generate(greedy("hi", 4), model="a")
+        f.gate.set()
+        texts = [(await s.collect()).text for s in waiting]
+        counted = _rejected(rt, "a", "queue_full")
+        default = _rejected(rt, "default", "queue_full")
+    assert texts == ["ocrx", "ocrx"]
+    assert counted == 1.0 and default in (None, 0.0)
