@@ -448,8 +448,9 @@ class ModelUnit:
         the prompt is evaluated once (runtime.core.choices). With a ``seed``, choice i samples
         with ``seed + i``; at temperature 0 every choice is the same answer.
 
-        :raises InvalidRequestError: if ``n`` is below 1, above 128, or above the slots the
-            runtime has now (the choices run side by side); or as :meth:`generate`.
+        :raises InvalidRequestError: if ``n`` is below 1, above 128, above the slots the
+            runtime has now or above ``tenant_max_slots`` (the choices run side by side); or
+            as :meth:`generate`.
         :raises QueueFullError: if the mailbox has no room for all ``n`` tickets.
         :raises ContextOverflowError: as :meth:`generate`.
         :raises RuntimeClosedError: if the runtime is not ready (RuntimeFailedError if failed).
@@ -462,6 +463,12 @@ class ModelUnit:
             raise InvalidRequestError(
                 f"n is {n}; it must be 1 to {min(MAX_CHOICES, slots)}: each choice takes a slot, "
                 f"and this runtime has {slots}"
+            )
+        cap = self.config.tenant_max_slots
+        if cap and n > cap:
+            self.observers.request_rejected("invalid")
+            raise InvalidRequestError(
+                f"n is {n}; tenant_max_slots is {cap}: the choices run side by side, each in a slot"
             )
         try:
             self._check_request(request)

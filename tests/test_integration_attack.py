@@ -11,9 +11,10 @@ import anyio
 import httpx
 import pytest
 
-from runtime import DeadlineUnmetError, QueueFullError, Runtime
+from runtime import DeadlineUnmetError, InvalidRequestError, QueueFullError, Runtime
 from runtime.backends.fake import FakeBackend
 from runtime.core.config import RuntimeConfig
+from runtime.core.messages import GenerateRequest
 from runtime.core.registry import ModelSpec
 from runtime.server import create_app, serving
 from tests.helpers import greedy, open_runtime, wait_until
@@ -201,3 +202,29 @@ async def test_a_refusal_while_a_model_loads_is_counted_under_its_name() -> None
         default = _rejected(rt, "default", "queue_full")
     assert texts == ["ocrx", "ocrx"]
     assert counted == 1.0 and default in (None, 0.0)
+
+
+async def test_n_choices_never_take_a_tenant_past_tenant_max_slots() -> None:
+    """The n choices of one request run side by side, so they start together only where the
+    tenant's cap has room for all n; n above the cap is refused at once, naming the limit."""
+    async with open_runtime("fake", slots=4, tenant_max_slots=2, fake={"step_delay_s": 0.002}) as rt:
+        with pytest.raises(InvalidRequestError, match="n is 3; tenant_max_slots is 2"):
+            rt.generate_choices(GenerateRequest(prompt="hi", max_tokens=4, tenant="x", temperature=0.8), 3)
+        first = rt.generate(greedy("one", 60, tenant="x"))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first.collect)
+            await wait_until(lambda: rt.status().slots_busy == 1)
+            pair = rt.generate_choices(GenerateRequest(prompt="hi", max_tokens=4, tenant="x", temperature=0.8), 2)
+            peak = 0
+
+            async def watch() -> None:
+                nonlocal peak
+                while True:
+                    peak = max(peak, rt.status().slots_busy)
+                    await anyio.sleep(0.001)
+
+            tg.start_soon(watch)
+            choices = await pair.collect()
+            tg.cancel_scope.cancel()
+    assert len(choices) == 2 and peak <= 2  # the pair waited for the first request's slot
+    assert min(c.stats.queue_duration_ns for c in choices) > 0
