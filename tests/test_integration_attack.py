@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
@@ -59,7 +60,9 @@ async def test_a_deadline_counts_the_wait_for_the_models_load() -> None:
             assert (await late.collect()).text  # the model serves on
 
 
-async def _one(rt: Runtime, i: int, ends: dict[int, str], running: dict[str, int], peak: dict[str, int]) -> None:
+async def _one(
+    rt: Runtime, i: int, ends: dict[int, str], running: dict[str, int], peak: dict[str, int]
+) -> None:
     """Request ``i`` of the mixed load: record how it ended (once) and its tenant's concurrency."""
     tenant = "abc"[i % 3]
     kw: dict[str, Any] = {"tenant": tenant, "priority": (i % 4) * 3}
@@ -76,7 +79,7 @@ async def _one(rt: Runtime, i: int, ends: dict[int, str], running: dict[str, int
                 peak[tenant] = max(peak[tenant], running[tenant])
             if i % 7 == 0 and started:
                 break  # a caller that goes away mid-answer
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
         outcome = "cancel" if i % 7 == 0 and started else "done"
     except Exception as exc:
         outcome = type(exc).__name__
@@ -98,8 +101,8 @@ async def test_a_mixed_load_through_the_door_with_resizes_ends_every_request_onc
         fake={"step_delay_s": 0.001, "fault_prompts": ["boom"]},
     ) as rt:  # fmt: skip
         ends: dict[int, str] = {}
-        running = {t: 0 for t in "abc"}
-        peak = {t: 0 for t in "abc"}
+        running = dict.fromkeys("abc", 0)
+        peak = dict.fromkeys("abc", 0)
         async with anyio.create_task_group() as tg:
             for i in range(n):
                 tg.start_soon(_one, rt, i, ends, running, peak)
@@ -169,7 +172,9 @@ async def test_http_deadline_on_a_loading_model_is_503_deadline_unmet_in_each_ap
                 tg.start_soon(one, "/api/generate", {"model": "a", "prompt": "hi", "stream": True})
                 tg.start_soon(one, "/v1/chat/completions", {"model": "a", "messages": msgs})
                 tg.start_soon(one, "/v1/completions", {"model": "a", "prompt": "hi", "stream": True})
-                await wait_until(lambda: len(rt.loaded_models()) == 2 and rt.loaded_models()[1].queue_depth == 4)
+                await wait_until(
+                    lambda: len(rt.loaded_models()) == 2 and rt.loaded_models()[1].queue_depth == 4
+                )
                 await anyio.sleep(0.1)
                 f.gate.set()
             after = await client.post("/api/generate", json={"model": "a", "prompt": "hi", "stream": False})
@@ -214,7 +219,9 @@ async def test_n_choices_never_take_a_tenant_past_tenant_max_slots() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(first.collect)
             await wait_until(lambda: rt.status().slots_busy == 1)
-            pair = rt.generate_choices(GenerateRequest(prompt="hi", max_tokens=4, tenant="x", temperature=0.8), 2)
+            pair = rt.generate_choices(
+                GenerateRequest(prompt="hi", max_tokens=4, tenant="x", temperature=0.8), 2
+            )
             peak = 0
 
             async def watch() -> None:
