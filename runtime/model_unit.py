@@ -31,7 +31,6 @@ from runtime.core.config import RuntimeConfig
 from runtime.core.errors import (
     ConfigError,
     ContextOverflowError,
-    DeadlineUnmetError,
     InvalidRequestError,
     QueueFullError,
     ResizeFailedError,
@@ -399,7 +398,6 @@ class ModelUnit:
                     stop_waiting()
                 self._check_ready()
                 self._check_request(request)
-                ticket.request = _deadline_left(request, ticket.admitted_ns)
                 if admission_timeout_s is None:
                     estimate = self._admission.admit_nowait([ticket])
                 else:
@@ -722,16 +720,3 @@ class ModelUnit:
         self._check_ready()
         assert self._supervisor is not None
         return await self._supervisor.resize(slots, "manual")
-
-
-def _deadline_left(request: GenerateRequest | ChatRequest, asked_ns: int) -> GenerateRequest | ChatRequest:
-    """``request`` with what is left of its ``deadline_ms`` after waiting since ``asked_ns``.
-
-    :raises DeadlineUnmetError: if the wait took all of it (a retry may meet it now: 0 s).
-    """
-    if request.deadline_ms is None:
-        return request
-    waited_ms = (time.perf_counter_ns() - asked_ns) / 1e6
-    if waited_ms > request.deadline_ms:
-        raise DeadlineUnmetError(request.deadline_ms, waited_ms, 0.0)
-    return msgspec.structs.replace(request, deadline_ms=request.deadline_ms - waited_ms)

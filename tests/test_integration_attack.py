@@ -235,3 +235,21 @@ async def test_n_choices_never_take_a_tenant_past_tenant_max_slots() -> None:
             tg.cancel_scope.cancel()
     assert len(choices) == 2 and peak <= 2  # the pair waited for the first request's slot
     assert min(c.stats.queue_duration_ns for c in choices) > 0
+
+
+async def test_a_deadline_counts_the_wait_for_room_in_the_queue() -> None:
+    """With admission_timeout_s a request waits for room in a full queue; that wait spends its
+    deadline_ms too: once it is spent, the request is refused, not served late."""
+    async with open_runtime("fake", slots=1, max_queue=1, fake={"step_delay_s": 0.005}) as rt:
+        long = rt.generate(greedy("long", 40))
+        queued = rt.generate(greedy("queued", 4))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long.collect)
+            tg.start_soon(queued.collect)
+            await wait_until(lambda: rt.status().queue_depth == 1)
+            late = rt.generate(greedy("late", 4, deadline_ms=30), admission_timeout_s=10)
+            start = time.perf_counter()
+            with pytest.raises(DeadlineUnmetError, match="deadline_ms is 30"):
+                await late.collect()
+            waited_s = time.perf_counter() - start
+    assert waited_s >= 0.03
