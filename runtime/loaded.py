@@ -363,4 +363,5 @@ def _loaded(
         slots=status.slots_effective, slots_busy=status.slots_busy, n_ctx_per_slot=unit.config.n_ctx_per_slot,
         pinned=pinned, keep_alive_s=keep_alive_s,
         expires_at_unix_s=wall + expires_s if math.isfinite(expires_s) else None,
+        queue_depth=status.queue_depth + unit.waiting_for_load, queue=status.queue,
     )  # fmt: skip

@@ -111,6 +111,7 @@ class ModelUnit:
         """The prometheus-client registry this runtime's metrics live on."""
         self.observers = Observers(*observers)
         """Receivers of runtime events (see runtime.core.events); ``observers.add`` adds one."""
+        self._metrics: RuntimeMetrics | None = None
         self._backend = backend
         self._state: RuntimeState = "loading"
         self._tg: anyio.abc.TaskGroup | None = None
@@ -145,6 +146,12 @@ class ModelUnit:
                 await anyio.to_thread.run_sync(self._backend.close)
             raise
 
+    def _count(self) -> None:
+        """Add this unit's metrics (counters, histograms and gauges on ``registry``), once."""
+        if self._metrics is None:
+            self._metrics = RuntimeMetrics(self)
+            self.observers.add(self._metrics)
+
     def abandon(self, error: BaseException) -> None:
         """It will never be entered (its load was refused): close its mailbox as a failed
         start does."""
@@ -153,7 +160,7 @@ class ModelUnit:
 
     async def _start(self) -> ModelUnit:
         start = time.perf_counter()
-        self.observers.add(RuntimeMetrics(self))  # counters, histograms and gauges on self.registry
+        self._count()
         cfg = self.config
         if self._backend is None:
             # One sequence first: the real count is chosen once the KV bytes per slot are known.
@@ -356,9 +363,13 @@ class ModelUnit:
         load) when its stream is first read, then is admitted as :meth:`generate` admits it.
         Waiting requests count against the mailbox bound, so at most ``max_queue`` wait.
 
+        A ``deadline_ms`` counts from this call: the wait for the load uses it up.
+
         :raises QueueFullError: if ``max_queue`` requests wait already (at once).
+        :raises DeadlineUnmetError: if the load took longer than ``deadline_ms`` (when read).
         :raises BaseException: what ``ready`` raises (the load failed, no memory), when read.
         """
+        self._count()  # not entered yet (it may wait for memory): its refusals count already
         depth = self._waiting + self._mailbox.statistics().depth
         if depth >= self.config.max_queue:
             self.observers.request_rejected("queue_full")
@@ -402,6 +413,11 @@ class ModelUnit:
         return ResponseStream(ticket, receive, admit=admit, queue_event=queue_event)
 
     @property
+    def waiting_for_load(self) -> int:
+        """Requests waiting for the load (:meth:`generate_when_ready`), not queued yet."""
+        return self._waiting
+
+    @property
     def busy(self) -> bool:
         """Whether it is loading, or requests are in flight, queued or waiting for the load."""
         return (
@@ -430,8 +446,9 @@ class ModelUnit:
         the prompt is evaluated once (runtime.core.choices). With a ``seed``, choice i samples
         with ``seed + i``; at temperature 0 every choice is the same answer.
 
-        :raises InvalidRequestError: if ``n`` is below 1, above 128, or above the slots the
-            runtime has now (the choices run side by side); or as :meth:`generate`.
+        :raises InvalidRequestError: if ``n`` is below 1, above 128, above the slots the
+            runtime has now or above ``tenant_max_slots`` (the choices run side by side); or
+            as :meth:`generate`.
         :raises QueueFullError: if the mailbox has no room for all ``n`` tickets.
         :raises ContextOverflowError: as :meth:`generate`.
         :raises RuntimeClosedError: if the runtime is not ready (RuntimeFailedError if failed).
@@ -444,6 +461,12 @@ class ModelUnit:
             raise InvalidRequestError(
                 f"n is {n}; it must be 1 to {min(MAX_CHOICES, slots)}: each choice takes a slot, "
                 f"and this runtime has {slots}"
+            )
+        cap = self.config.tenant_max_slots
+        if cap and n > cap:
+            self.observers.request_rejected("invalid")
+            raise InvalidRequestError(
+                f"n is {n}; tenant_max_slots is {cap}: the choices run side by side, each in a slot"
             )
         try:
             self._check_request(request)

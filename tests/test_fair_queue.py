@@ -112,13 +112,18 @@ def test_a_tenant_over_its_queue_cap_is_refused_while_others_are_admitted() -> N
     assert len(q) == 4 and q.queued("a") == 3
 
 
-def test_a_choice_group_is_served_together_past_the_caps() -> None:
-    q: FairQueue[Req] = FairQueue(QueuePolicy(tenant_max_slots=1))
+def test_a_choice_group_starts_when_the_cap_has_room_for_all_then_goes_together() -> None:
+    q: FairQueue[Req] = FairQueue(QueuePolicy(tenant_max_slots=3))
+    single = push(q, Req("a", tenant="a"), now_s=0.0)
+    assert q.pop(0.0) is single  # a holds 1 of its 3 slots
     group = [Req(f"g{i}", tenant="a") for i in range(3)]
     q.push(group, Placement(tenant="a"), now_s=0.0)
     other = push(q, Req("b", tenant="b"), now_s=0.0)
-    assert [q.pop(0.0) for _ in range(3)] == group  # the rest of a group goes next, cap or not
-    assert q.pop(0.0) is other
+    assert q.pop(0.0) is other  # the 3 choices do not fit in a's 2 free slots: b goes first
+    assert q.pop(0.0) is None
+    q.done(single)
+    assert [q.pop(0.0) for _ in range(3)] == group  # now all 3 fit: the whole group goes
+    assert q.running("a") == 3
 
 
 def test_removing_one_choice_removes_the_group_and_put_back_restores_the_head() -> None:

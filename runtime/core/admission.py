@@ -124,7 +124,8 @@ class Admission:
         def check(_: Sequence[Ticket]) -> None:
             estimate = self._estimate(ticket, self._clock())
             estimates.append(estimate)
-            self._check_deadline(ticket.request, estimate)
+            waited_s = max(0.0, (time.perf_counter_ns() - ticket.admitted_ns) / 1e9)
+            self._check_deadline(ticket.request, estimate, waited_s)
 
         return check
 
@@ -132,11 +133,20 @@ class Admission:
         cost = float(request.max_tokens or self.config.max_tokens_limit)
         return Placement(priority=request.priority, tenant=request.tenant, cost=cost)
 
-    def _check_deadline(self, request: GenerateRequest | ChatRequest, estimate: QueueEstimate) -> None:
-        ttft = estimate.predicted_ttft_s
-        if request.deadline_ms is None or ttft is None or ttft * 1000 <= request.deadline_ms:
+    def _check_deadline(
+        self, request: GenerateRequest | ChatRequest, estimate: QueueEstimate, waited_s: float
+    ) -> None:
+        """Refuse ``request`` if its first token is predicted past its deadline, counted from
+        when it was asked for: ``waited_s`` (for its model's load, for room in the queue) is
+        spent already. A retry waits neither, so its Retry-After is the prediction's excess."""
+        deadline_ms = request.deadline_ms
+        if deadline_ms is None:
             return
-        raise DeadlineUnmetError(request.deadline_ms, ttft * 1000, ttft - request.deadline_ms / 1000)
+        ttft = estimate.predicted_ttft_s or 0.0  # no prediction yet: only the wait can miss it
+        first_s = waited_s + ttft
+        if first_s * 1000 <= deadline_ms:
+            return
+        raise DeadlineUnmetError(deadline_ms, first_s * 1000, max(0.0, ttft - deadline_ms / 1000))
 
     def _refused(self, exc: QueueFullError, request: GenerateRequest | ChatRequest) -> None:
         """Put the predicted wait in a refusal that has none: when the tenant's first waiting

@@ -129,7 +129,8 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Requests one tenant may have waiting; more are refused (TenantQueueFullError, HTTP 429
     with Retry-After) while others are still admitted. 0: only max_queue bounds them."""
     tenant_max_slots: int = 0
-    """Slots one tenant may hold at once; its other requests wait. 0: no cap."""
+    """Slots one tenant may hold at once; its other requests wait (a request's n choices start
+    together, so n above it is refused). 0: no cap."""
     queue_aging_s: float = 30.0
     """Seconds after which a waiting request goes before every other, whatever its priority
     (nothing waits for ever); 0 turns aging off."""

@@ -306,16 +306,17 @@ class FairQueue(Generic[T]):
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _eligible(self, tenant: str) -> bool:
+    def _eligible(self, tenant: str, n: int = 1) -> bool:
+        """Whether ``tenant`` may take ``n`` more slots (a request's choices start together)."""
         cap = self.policy.tenant_max_slots
-        return not cap or self._running.get(tenant, 0) < cap
+        return not cap or self._running.get(tenant, 0) + n <= cap
 
     def _aged(self, now_s: float) -> _Entry[T] | None:
         before = now_s - self.policy.aging_s
         for entry in self._entries.values():  # oldest first
             if entry.admitted_s > before:
                 return None
-            if self._eligible(entry.tenant):
+            if self._eligible(entry.tenant, len(entry.items)):
                 return entry
         return None
 
@@ -329,7 +330,7 @@ class FairQueue(Generic[T]):
                     if lane.vtime <= cls.vtime:  # it would start at the class's time anyway
                         idle.append(tenant)
                     continue
-                if not self._eligible(tenant):
+                if not self._eligible(tenant, len(lane.entries[0].items)):
                     continue
                 if best is None or (lane.vtime, lane.entries[0].seq) < (best.vtime, best.entries[0].seq):
                     best = lane

@@ -115,7 +115,8 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     slots are shared between tenants by weight (``tenant_weights``), with per-tenant caps."""
     deadline_ms: float | None = None
     """Refuse the request at once (DeadlineUnmetError) if its first token is predicted later
-    than this many milliseconds after admission (0 to 86,400,000); None: no deadline."""
+    than this many milliseconds after it was asked for: a wait for its model's load or for room
+    in the queue counts (0 to 86,400,000); None: no deadline."""
 
     def _validate_admission(self) -> None:
         p = self.priority

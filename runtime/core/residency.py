@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from runtime.core.records import RuntimeState
+from runtime.core.records import QueuedRequest, RuntimeState
 
 __all__ = ["Fits", "LoadedModel", "NoRoom", "Resident", "Wait", "plan_room"]
 
@@ -69,6 +69,10 @@ class LoadedModel(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds it stays loaded once idle (``math.inf``: for good)."""
     expires_at_unix_s: float | None
     """When it unloads if it stays idle (Unix seconds); None: never."""
+    queue_depth: int = 0
+    """Requests waiting: queued for a slot, or for its load."""
+    queue: tuple[QueuedRequest, ...] = ()
+    """The first 100 queued for a slot, in the order they would be served (``status().queue``)."""
 
 
 class Fits(msgspec.Struct, frozen=True, kw_only=True):

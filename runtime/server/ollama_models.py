@@ -168,7 +168,8 @@ class OllamaModelsApi:
                 "expires_at": _iso(self._server.created_s + _GO_MAX_DURATION_S if expires is None else expires),
                 "context_length": loaded.n_ctx_per_slot,
                 "slotserve": {"state": loaded.state, "slots_effective": loaded.slots, "slots_busy": loaded.slots_busy,
-                              "pinned": loaded.pinned, "n_ctx_per_slot": loaded.n_ctx_per_slot},
+                              "pinned": loaded.pinned, "n_ctx_per_slot": loaded.n_ctx_per_slot,
+                              "queue_depth": loaded.queue_depth, "queue": loaded.queue},
             })  # fmt: skip
         return Response(_encode({"models": models}), media_type="application/json")
 
