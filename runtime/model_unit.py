@@ -49,6 +49,7 @@ from runtime.core.messages import (
     QueueEstimate,
     RequestStats,
 )
+from runtime.core.nvml import NvmlProbe
 from runtime.core.records import (
     EmbeddingStatistics,
     ResizeRecord,
@@ -56,8 +57,8 @@ from runtime.core.records import (
     RuntimeStatistics,
     RuntimeStatus,
 )
-from runtime.core.sizing import initial_slots, probe_for
-from runtime.core.telemetry import MemoryProbe, memory_text
+from runtime.core.sizing import host_cache_bound, host_cache_reserve, initial_slots, probe_for
+from runtime.core.telemetry import CgroupHostProbe, MemoryProbe, memory_text
 from runtime.core.ticket import Reply, ResponseStream, Ticket
 from runtime.metrics import RuntimeMetrics
 
@@ -151,6 +152,14 @@ class ModelUnit:
         self._state = "closed"
         self._mailbox.close(lambda: RuntimeClosedError(f"the model was not loaded: {error}"))
 
+    @staticmethod
+    def _host_probe(probe: MemoryProbe | None) -> MemoryProbe | None:
+        """What reads host memory for the prompt cache's bound: the unit's probe unless it reads
+        GPUs (then the host's own, cgroup-aware); None where memory is not read at all."""
+        if probe is None:
+            return None
+        return CgroupHostProbe() if isinstance(probe, NvmlProbe) else probe
+
     async def _start(self) -> ModelUnit:
         start = time.perf_counter()
         self.observers.add(RuntimeMetrics(self))  # counters, histograms and gauges on self.registry
@@ -165,7 +174,12 @@ class ModelUnit:
         probe = self._probe
         reading = None if probe is None else await anyio.to_thread.run_sync(probe.read)
         per_slot = backend.info.kv_bytes_per_slot + backend.info.instance_bytes  # a slot's whole cost
-        slots = initial_slots(cfg, reading, backend.info.n_seq_max, per_slot)
+        cache_bytes = 0 if not cfg.prefix_cache else host_cache_bound(cfg, reading, self._host_probe(probe))
+        sized = reading  # the slots do not grow into the prompt cache's bound
+        if reading is not None and reading.free_bytes is not None:
+            free = reading.free_bytes - host_cache_reserve(reading, cache_bytes, 0)
+            sized = msgspec.structs.replace(reading, free_bytes=free)
+        slots = initial_slots(cfg, sized, backend.info.n_seq_max, per_slot)
         pause_s = 0.0
         start_failed: ResizeDirection | None = None
         if slots != backend.info.n_seq_max:
@@ -188,6 +202,7 @@ class ModelUnit:
             n_batch=cfg.n_batch,
             prefill_budget_s=cfg.prefill_budget_s,
             prefill_budget_tokens=cfg.prefill_budget_tokens,
+            host_cache_bytes=cache_bytes,
             on_step=self.observers.step,
         )
         self._embedder = Embedder(
