@@ -50,6 +50,7 @@ from runtime.core.messages import (
     RequestStats,
 )
 from runtime.core.nvml import NvmlProbe
+from runtime.core.policies import headroom_bytes
 from runtime.core.records import (
     EmbeddingStatistics,
     ResizeRecord,
@@ -174,12 +175,24 @@ class ModelUnit:
         probe = self._probe
         reading = None if probe is None else await anyio.to_thread.run_sync(probe.read)
         per_slot = backend.info.kv_bytes_per_slot + backend.info.instance_bytes  # a slot's whole cost
-        cache_bytes = 0 if not cfg.prefix_cache else host_cache_bound(cfg, reading, self._host_probe(probe))
-        sized = reading  # the slots do not grow into the prompt cache's bound
-        if reading is not None and reading.free_bytes is not None:
-            free = reading.free_bytes - host_cache_reserve(reading, cache_bytes, 0)
+        sized = reading  # a set host_cache_bytes is kept from the slots; auto takes what they leave
+        if (
+            reading is not None
+            and reading.free_bytes is not None
+            and cfg.prefix_cache
+            and cfg.host_cache_bytes > 0
+        ):
+            free = reading.free_bytes - host_cache_reserve(reading, cfg.host_cache_bytes, 0)
             sized = msgspec.structs.replace(reading, free_bytes=free)
         slots = initial_slots(cfg, sized, backend.info.n_seq_max, per_slot)
+        cache_bytes = 0
+        if cfg.prefix_cache:
+            taken = (slots - backend.info.n_seq_max) * per_slot
+            if reading is not None and reading.total_bytes is not None:
+                taken += headroom_bytes(
+                    reading.total_bytes, cfg.memory_headroom_fraction, cfg.memory_headroom_bytes
+                )
+            cache_bytes = host_cache_bound(cfg, reading, self._host_probe(probe), taken)
         pause_s = 0.0
         start_failed: ResizeDirection | None = None
         if slots != backend.info.n_seq_max:

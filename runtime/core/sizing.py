@@ -38,17 +38,21 @@ HOST_CACHE_FREE_SHARE = 0.1
 """Of the host memory free when a model loads, the part its prompt cache may hold by default."""
 
 
-def host_cache_bound(config: RuntimeConfig, reading: MemoryReading | None, host: MemoryProbe | None) -> int:
+def host_cache_bound(
+    config: RuntimeConfig, reading: MemoryReading | None, host: MemoryProbe | None, slots_bytes: int = 0
+) -> int:
     """Bytes the host-RAM prompt cache may hold: ``host_cache_bytes``, or for -1 a tenth of the
-    free host memory (cgroup limits counted): ``reading`` where it is the host's, else what
-    ``host`` reads (the model's KV is on a GPU); 0 (off) when it cannot be read."""
+    free host memory (cgroup limits counted) that the slots leave: ``reading`` less
+    ``slots_bytes`` (what the starting slots take of it beyond the context there now, and the
+    headroom) where it is the host's, else what ``host`` reads (the model's KV is on a GPU); 0
+    (off) when it cannot be read. The slots come first; the cache takes a part of the rest."""
     if config.host_cache_bytes >= 0:
         return config.host_cache_bytes
     if reading is None or reading.source == "nvml":
-        reading = None if host is None else host.read()
+        reading, slots_bytes = (None if host is None else host.read()), 0
     if reading is None or reading.free_bytes is None or reading.source == "nvml":
         return 0
-    return int(reading.free_bytes * HOST_CACHE_FREE_SHARE)
+    return int(max(0, reading.free_bytes - slots_bytes) * HOST_CACHE_FREE_SHARE)
 
 
 def host_cache_rebound(
