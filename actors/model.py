@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import anyio
 
 from actors.budget import PrefillBudget
+from actors.host_cache import HostPromptCache
 from actors.scheduler import Delivery, Scheduler, SequenceJob, StepBatch
 from actors.worker import WorkerThread, call_into
 from runtime.backends.base import Backend
@@ -50,6 +51,7 @@ class ModelActor:
     :param prefill_budget_s: seconds a step with decoding sequences should take at most
         (actors.budget; 0: no cap by time).
     :param prefill_budget_tokens: prompt tokens such a step carries at most (0: no cap by count).
+    :param host_cache_bytes: bound of the host-RAM prompt cache (actors.host_cache); 0: none.
     :param on_step: called on the event loop after each decode step with its report
         (:meth:`runtime.core.events.Observer.step`); it must not raise.
     """
@@ -61,6 +63,7 @@ class ModelActor:
         n_batch: int,
         prefill_budget_s: float = 0.0,
         prefill_budget_tokens: int = 0,
+        host_cache_bytes: int = 0,
         on_step: Callable[[StepReport], None] | None = None,
     ) -> None:
         self.backend = backend
@@ -68,6 +71,8 @@ class ModelActor:
         """The step loop's own, as the scheduler: the steps' timings teach it."""
         self.scheduler = Scheduler(n_batch, share_prompts=backend.info.seq_copy, budget=self.budget)
         """The step loop's own: the event loop reads its counters and changes it by commands."""
+        self.host_cache = HostPromptCache(host_cache_bytes) if host_cache_bytes > 0 else None
+        """Saved sequence states (actors.state_swap); the event loop's own."""
         self._on_step = on_step
         self._worker = WorkerThread("slotserve-model")
         self._inbox: deque[_Command] = deque()
@@ -290,4 +295,5 @@ class ModelActor:
             kv_cells_active=s.kv_cells_active,
             stepping=self._in_step or bool(self._inbox) or bool(self._outbox),
             prefill_capped_steps=self.budget.capped_steps,
+            host_cache=None if self.host_cache is None else self.host_cache.statistics(),
         )

@@ -209,6 +209,10 @@ class Scheduler:
         self._waiting.clear()
         return jobs
 
+    def forget_trims(self, seq_id: int) -> None:
+        """Discard the sequence's queued trims (its cells were just replaced by a restored state)."""
+        self._trims = [(s, p) for s, p in self._trims if s != seq_id]
+
     def forget_above(self, n_seq: int) -> None:
         """Discard queued trims of sequences ``n_seq`` and up (they leave with a resize)."""
         self._trims = [(s, p) for s, p in self._trims if s < n_seq]

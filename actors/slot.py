@@ -19,6 +19,7 @@ from actors.placement import Placement, common_prefix
 from actors.prompt import INLINE_PROMPT_CHARS, PromptCancelled, prompt_chars, prompt_parts, tokenize_parts
 from actors.scheduler import SequenceJob
 from actors.sink import RequestSink
+from actors.state_swap import swap_states
 from runtime.backends.base import SamplerSpec
 from runtime.backends.grammar import GrammarRows
 from runtime.core.choices import ChoiceGroup
@@ -155,6 +156,8 @@ class SlotActor:
         seq = self.slot
         keep = common_prefix(self._cached, tokens) if self.config.prefix_cache else 0
         keep = min(keep, len(tokens) - 1)
+        if self.model.host_cache is not None and self.config.prefix_cache:
+            keep = await swap_states(self.model, self.model.host_cache, seq, self._cached, tokens, keep)
         self._cached = []
         sink = RequestSink(
             ticket.reply, request.stop, self.model.backend.pieces, self._observers, ticket.index

@@ -33,6 +33,7 @@ from runtime.core.events import Observers
 from runtime.core.mailbox import Mailbox, MailboxReceiver
 from runtime.core.policies import backoff_s, headroom_bytes, resize_due, restart_allowed, target_slots
 from runtime.core.records import MemoryReading, ResizeReason, ResizeRecord, SupervisorStatistics
+from runtime.core.sizing import host_cache_rebound, host_cache_reserve
 from runtime.core.telemetry import MemoryProbe, memory_text
 from runtime.core.ticket import Ticket
 
@@ -284,6 +285,15 @@ class Supervisor:
             cfg.resize_hysteresis,
         )
 
+    def _host_reserve(self, reading: MemoryReading) -> int:
+        """Free bytes of ``reading`` kept for the host-RAM prompt cache (runtime.core.sizing),
+        after its bound follows the reading down."""
+        cache = self.model.host_cache
+        if cache is None:
+            return 0
+        cache.set_bound(host_cache_rebound(self.config, reading, cache.bound_bytes, cache.held_bytes))
+        return host_cache_reserve(reading, cache.bound_bytes, cache.held_bytes)
+
     async def _watch_memory(self) -> None:
         assert self._probe is not None
         while True:
@@ -294,7 +304,7 @@ class Supervisor:
             self._reading = reading  # shown in status(), known or not
             if reading.free_bytes is None or reading.total_bytes is None:
                 continue  # a device that holds KV is unknown: it may be the tightest
-            target = self.fit(reading.free_bytes, reading.total_bytes)
+            target = self.fit(reading.free_bytes - self._host_reserve(reading), reading.total_bytes)
             self._target = target if not self._resize_lock.locked() else self._target
             now = time.monotonic()
             if resize_due(target, self._n, self._last_resize_s, now, self.config.resize_cooldown_s):
@@ -315,7 +325,7 @@ class Supervisor:
             if reading is None or reading.free_bytes is None or reading.total_bytes is None:
                 return
             self._reading = reading
-            target = self.fit(reading.free_bytes, reading.total_bytes)
+            target = self.fit(reading.free_bytes - self._host_reserve(reading), reading.total_bytes)
             if target > self._n:
                 await self.resize(target, "memory_available")
 

@@ -49,6 +49,8 @@ from runtime.core.messages import (
     QueueEstimate,
     RequestStats,
 )
+from runtime.core.nvml import NvmlProbe
+from runtime.core.policies import headroom_bytes
 from runtime.core.records import (
     EmbeddingStatistics,
     ResizeRecord,
@@ -56,8 +58,8 @@ from runtime.core.records import (
     RuntimeStatistics,
     RuntimeStatus,
 )
-from runtime.core.sizing import initial_slots, probe_for
-from runtime.core.telemetry import MemoryProbe, memory_text
+from runtime.core.sizing import host_cache_bound, host_cache_reserve, initial_slots, probe_for
+from runtime.core.telemetry import CgroupHostProbe, MemoryProbe, memory_text
 from runtime.core.ticket import Reply, ResponseStream, Ticket
 from runtime.metrics import RuntimeMetrics
 
@@ -158,6 +160,14 @@ class ModelUnit:
         self._state = "closed"
         self._mailbox.close(lambda: RuntimeClosedError(f"the model was not loaded: {error}"))
 
+    @staticmethod
+    def _host_probe(probe: MemoryProbe | None) -> MemoryProbe | None:
+        """What reads host memory for the prompt cache's bound: the unit's probe unless it reads
+        GPUs (then the host's own, cgroup-aware); None where memory is not read at all."""
+        if probe is None:
+            return None
+        return CgroupHostProbe() if isinstance(probe, NvmlProbe) else probe
+
     async def _start(self) -> ModelUnit:
         start = time.perf_counter()
         self._count()
@@ -172,7 +182,24 @@ class ModelUnit:
         probe = self._probe
         reading = None if probe is None else await anyio.to_thread.run_sync(probe.read)
         per_slot = backend.info.kv_bytes_per_slot + backend.info.instance_bytes  # a slot's whole cost
-        slots = initial_slots(cfg, reading, backend.info.n_seq_max, per_slot)
+        sized = reading  # a set host_cache_bytes is kept from the slots; auto takes what they leave
+        if (
+            reading is not None
+            and reading.free_bytes is not None
+            and cfg.prefix_cache
+            and cfg.host_cache_bytes > 0
+        ):
+            free = reading.free_bytes - host_cache_reserve(reading, cfg.host_cache_bytes, 0)
+            sized = msgspec.structs.replace(reading, free_bytes=free)
+        slots = initial_slots(cfg, sized, backend.info.n_seq_max, per_slot)
+        cache_bytes = 0
+        if cfg.prefix_cache:
+            taken = (slots - backend.info.n_seq_max) * per_slot
+            if reading is not None and reading.total_bytes is not None:
+                taken += headroom_bytes(
+                    reading.total_bytes, cfg.memory_headroom_fraction, cfg.memory_headroom_bytes
+                )
+            cache_bytes = host_cache_bound(cfg, reading, self._host_probe(probe), taken)
         pause_s = 0.0
         start_failed: ResizeDirection | None = None
         if slots != backend.info.n_seq_max:
@@ -195,6 +222,7 @@ class ModelUnit:
             n_batch=cfg.n_batch,
             prefill_budget_s=cfg.prefill_budget_s,
             prefill_budget_tokens=cfg.prefill_budget_tokens,
+            host_cache_bytes=cache_bytes,
             on_step=self.observers.step,
         )
         self._embedder = Embedder(

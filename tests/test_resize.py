@@ -104,7 +104,12 @@ async def test_auto_on_this_machine_reads_host_memory_and_the_cgroup_limit(tmp_p
     test into a cgroup v2 folder of its own) lowers it."""
     require_backend("llama_cpp")
     cfg = RuntimeConfig(
-        slots="auto", max_slots=6, n_ctx_per_slot=1024, resize_interval_s=0.05, resize_cooldown_s=0
+        slots="auto",
+        max_slots=6,
+        n_ctx_per_slot=1024,
+        resize_interval_s=0.05,
+        resize_cooldown_s=0,
+        host_cache_bytes=0,  # the slots alone (a prompt cache would keep a tenth of the free memory)
     )
     (tmp_path / "memory.max").write_text("max\n")
     (tmp_path / "memory.current").write_text("0\n")

@@ -26,6 +26,7 @@ __all__ = [
     "MetadataValue",
     "ModelInfo",
     "SamplerSpec",
+    "SequenceStates",
     "StepLogprobs",
     "StepPlan",
     "StepResult",
@@ -245,6 +246,23 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Free the context and the weights."""
+
+
+@runtime_checkable
+class SequenceStates(Protocol):
+    """A backend whose sequences' KV state can be saved to host memory and restored into any
+    sequence (``info.state_export``): the host-RAM prompt cache (actors.host_cache). Called on
+    the step loop's thread only, between two steps."""
+
+    def save_seq(self, seq_id: int) -> bytes:
+        """The KV state of the sequence's cells (llama_state_seq_get_data)."""
+
+    def load_seq(self, seq_id: int, state: bytes) -> None:
+        """Replace the sequence's cells by those ``state`` (from :meth:`save_seq` of any
+        sequence) holds.
+
+        :raises RuntimeError: if the state could not be restored.
+        """
 
 
 def special_token_pattern(texts: Iterable[str]) -> re.Pattern[str] | None:

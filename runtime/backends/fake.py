@@ -319,6 +319,25 @@ class FakeBackend:
         self.resizes.append(n_seq)
         return sum(4 * len(c) for c in self._cells.values())
 
+    def save_seq(self, seq_id: int) -> bytes:
+        """The sequence's state (its cells and their history hashes, int64 each), as
+        llama_state_seq_get_data gives it: restored by :meth:`load_seq` into any sequence."""
+        self._touch()
+        cells, hashes = self._cells.get(seq_id, []), self._hashes.get(seq_id, [])
+        return np.asarray(cells + hashes, dtype="<i8").tobytes()
+
+    def load_seq(self, seq_id: int, state: bytes) -> None:
+        """Make the sequence's cells those ``state`` (from :meth:`save_seq`) holds.
+
+        :raises RuntimeError: if ``state`` is not such a state.
+        """
+        self._touch()
+        values = np.frombuffer(state, dtype="<i8").tolist()
+        if len(state) % 16:
+            raise RuntimeError(f"a sequence state of {len(state)} bytes is not the fake's")
+        half = len(values) // 2
+        self._cells[seq_id], self._hashes[seq_id] = values[:half], values[half:]
+
     def seq_cells(self, seq_id: int) -> int:
         """Cells the sequence holds."""
         self._touch()

@@ -320,6 +320,27 @@ class LlamaCppBackend:
             carried += len(state)
         return carried
 
+    def save_seq(self, seq_id: int) -> bytes:
+        """The sequence's KV state (llama_state_seq_get_data); :meth:`load_seq` restores it."""
+        size = llama.llama_state_seq_get_size(self._ctx, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data(self._ctx, buf, size, seq_id)
+        return bytes(buf)[:written]
+
+    def load_seq(self, seq_id: int, state: bytes) -> None:
+        """Replace the sequence's cells by those of ``state`` (saved from any sequence of this
+        context), re-addressed to ``seq_id``'s KV stream (llama_state_seq_set_data).
+
+        :raises RuntimeError: if llama.cpp does not take the whole state.
+        """
+        if len(state) < 12:
+            raise RuntimeError(f"a saved state of {len(state)} bytes is too short")
+        _, src_seq, n_old = np.frombuffer(state[:12], dtype="<u4").tolist()  # saved before a resize too
+        moved = readdress(state, src_seq, n_old, seq_id, self.info.n_seq_max)
+        src = (ctypes.c_uint8 * len(moved)).from_buffer_copy(moved)
+        if llama.llama_state_seq_set_data(self._ctx, src, len(moved), seq_id) != len(moved):
+            raise RuntimeError(f"could not restore a saved state ({len(moved)} bytes) into sequence {seq_id}")
+
     # -- embeddings ----------------------------------------------------------------------------
 
     def _embedding_pooling(self) -> int | None:
@@ -606,11 +627,20 @@ class LlamaCppBackend:
 
 
 def restream(state: bytes, seq: int, n_old: int, n_new: int) -> bytes:
-    """Re-address a sequence's saved KV state from a context of ``n_old`` sequences to one of
-    ``n_new``: with ``kv_unified`` off, llama.cpp keeps one KV stream per sequence and writes a
-    cell count for every stream (0 for all but the sequence's own), and refuses a state whose
-    stream count differs from the context's. The layout is that of the pinned llama.cpp:
-    u32 magic, u32 seq_id, u32 n_stream, then one block per stream.
+    """Re-address a sequence's saved KV state to a context of ``n_new`` sequences (see
+    :func:`readdress`).
+
+    :raises RuntimeError: if the state does not have the pinned layout.
+    """
+    return readdress(state, seq, n_old, seq, n_new)
+
+
+def readdress(state: bytes, seq: int, n_old: int, new_seq: int, n_new: int) -> bytes:
+    """Re-address sequence ``seq``'s saved KV state from a context of ``n_old`` sequences to
+    sequence ``new_seq`` of one of ``n_new``: with ``kv_unified`` off, llama.cpp keeps one KV
+    stream per sequence and writes a cell count for every stream (0 for all but the sequence's
+    own), and refuses a state whose stream count differs from the context's. The layout is that
+    of the pinned llama.cpp: u32 magic, u32 seq_id, u32 n_stream, then one block per stream.
 
     :raises RuntimeError: if the state does not have that layout.
     """
@@ -621,8 +651,8 @@ def restream(state: bytes, seq: int, n_old: int, n_new: int) -> bytes:
     if header[1] != seq or header[2] != n_old or any(empty_before) or any(empty_after):
         raise RuntimeError(f"sequence {seq}: unexpected KV state layout (header {header.tolist()})")
     own = body[4 * seq : len(body) - tail]
-    new_header = np.array([header[0], seq, n_new], dtype="<u4").tobytes()
-    return new_header + bytes(4 * seq) + own + bytes(4 * (n_new - seq - 1))
+    new_header = np.array([header[0], new_seq, n_new], dtype="<u4").tobytes()
+    return new_header + bytes(4 * new_seq) + own + bytes(4 * (n_new - new_seq - 1))
 
 
 class NumpyBatch:

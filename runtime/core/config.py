@@ -98,6 +98,10 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     min_prefix_share: float = 0.1
     """Least part of a prompt an idle slot's cells must share for the prefix to choose that slot
     (llama.cpp's ``--slot-prompt-similarity``); else the least recently used idle slot takes it."""
+    host_cache_bytes: int = -1
+    """Bytes of host memory the prompt cache (actors.host_cache) may hold: saved KV states of
+    conversations a slot gave up, restored for a later prompt that shares their prefix. -1: a
+    tenth of the host memory free when the model loads (cgroup limits counted); 0: off."""
     prefill_budget_s: float = 0.05
     """With sequences decoding, a step's prompt tokens are capped so that the step is predicted
     to take at most this many seconds (from measured steps); 0: no cap by time."""
@@ -147,6 +151,7 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "n_ctx_per_slot": (16, 1 << 20),
             "n_batch": (1, 1 << 16),
             "prefill_budget_tokens": (0, 1 << 16),
+            "host_cache_bytes": (-1, 1 << 50),
             "threads": (0, 1024),
             "n_gpu_layers": (-1, 100_000),
             "main_gpu": (0, MAX_GPUS - 1),

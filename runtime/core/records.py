@@ -15,6 +15,7 @@ __all__ = [
     "DeviceMemory",
     "EmbeddingBatchReport",
     "EmbeddingStatistics",
+    "HostCacheStatistics",
     "MailboxStatistics",
     "MemoryReading",
     "MemorySource",
@@ -118,6 +119,24 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     step's tokens over), or has commands or tokens not yet taken."""
     prefill_capped_steps: int = 0
     """Steps whose prompt tokens the prefill budget cut (actors.budget)."""
+    host_cache: HostCacheStatistics | None = None
+    """The host-RAM prompt cache (actors.host_cache); None when it is off."""
+
+
+class HostCacheStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """The host-RAM prompt cache: its bound and size in bytes, and what it served."""
+
+    bound_bytes: int
+    held_bytes: int
+    entries: int
+    hits: int
+    """Prompts whose prefix was restored from the cache."""
+    misses: int
+    """Prompts no entry served better than their slot's cells."""
+    tokens_saved: int
+    """Prompt tokens restored from the cache instead of evaluated."""
+    evictions: int
+    """Entries dropped, least recently used first, to make room."""
 
 
 class SlotStatistics(msgspec.Struct, frozen=True, kw_only=True):

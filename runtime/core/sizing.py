@@ -11,7 +11,14 @@ from runtime.core.policies import headroom_bytes, slots_that_fit
 from runtime.core.records import MemoryReading
 from runtime.core.telemetry import CgroupHostProbe, MemoryProbe
 
-__all__ = ["initial_slots", "probe_for"]
+__all__ = [
+    "HOST_CACHE_FREE_SHARE",
+    "host_cache_bound",
+    "host_cache_rebound",
+    "host_cache_reserve",
+    "initial_slots",
+    "probe_for",
+]
 
 log = logging.getLogger("slotserve.sizing")
 
@@ -25,6 +32,46 @@ def probe_for(config: RuntimeConfig, gpu_layers: int) -> MemoryProbe | None:
     if source == "nvml" or (source == "auto" and gpu_layers > 0):
         return NvmlProbe.for_config(config)
     return CgroupHostProbe()
+
+
+HOST_CACHE_FREE_SHARE = 0.1
+"""Of the host memory free when a model loads, the part its prompt cache may hold by default."""
+
+
+def host_cache_bound(
+    config: RuntimeConfig, reading: MemoryReading | None, host: MemoryProbe | None, slots_bytes: int = 0
+) -> int:
+    """Bytes the host-RAM prompt cache may hold: ``host_cache_bytes``, or for -1 a tenth of the
+    free host memory (cgroup limits counted) that the slots leave: ``reading`` less
+    ``slots_bytes`` (what the starting slots take of it beyond the context there now, and the
+    headroom) where it is the host's, else what ``host`` reads (the model's KV is on a GPU); 0
+    (off) when it cannot be read. The slots come first; the cache takes a part of the rest."""
+    if config.host_cache_bytes >= 0:
+        return config.host_cache_bytes
+    if reading is None or reading.source == "nvml":
+        reading, slots_bytes = (None if host is None else host.read()), 0
+    if reading is None or reading.free_bytes is None or reading.source == "nvml":
+        return 0
+    return int(max(0, reading.free_bytes - slots_bytes) * HOST_CACHE_FREE_SHARE)
+
+
+def host_cache_rebound(
+    config: RuntimeConfig, reading: MemoryReading, bound_bytes: int, held_bytes: int
+) -> int:
+    """The prompt cache's bound after a new reading: with ``host_cache_bytes`` -1 and a reading
+    of host memory, a tenth of what is free for it (the free bytes and those it holds), never
+    above the bound it had; otherwise ``bound_bytes`` unchanged. A tighter limit (a cgroup's
+    memory.max lowered) lowers it; the cache then drops its least recently used entries."""
+    if config.host_cache_bytes >= 0 or reading.source == "nvml" or reading.free_bytes is None:
+        return bound_bytes
+    return min(bound_bytes, int((reading.free_bytes + held_bytes) * HOST_CACHE_FREE_SHARE))
+
+
+def host_cache_reserve(reading: MemoryReading, bound_bytes: int, held_bytes: int) -> int:
+    """Of ``reading``'s free bytes, those the prompt cache may still take and the slots must not
+    grow into: its bound less what it holds (already used in the reading), where the reading is
+    of host memory; 0 for a GPU's."""
+    return 0 if reading.source == "nvml" else max(0, bound_bytes - held_bytes)
 
 
 def initial_slots(

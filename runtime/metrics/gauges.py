@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -49,7 +49,16 @@ _PER_MODEL = {
     "slotserve_prefix_cache_tokens": "Tokens (prompts and answers) idle slots keep in their sequences for prefix reuse.",
     "slotserve_kv_cache_used_bytes": "KV cache bytes holding tokens: cells of running sequences and kept prefixes.",
     "slotserve_model_load_duration_seconds": "Seconds the weights took to load.",
+    "slotserve_host_cache_bytes": "Bytes of saved KV states the host-RAM prompt cache holds.",
+    "slotserve_host_cache_bound_bytes": "Bytes the host-RAM prompt cache may hold (host_cache_bytes; 0: off).",
 }
+
+_HOST_CACHE_COUNTERS = {
+    "slotserve_host_cache_hits_total": "Prompts whose prefix was restored from the host-RAM prompt cache.",
+    "slotserve_host_cache_misses_total": "Prompts the host-RAM prompt cache had nothing better for than their slot's cells.",
+    "slotserve_host_cache_tokens_saved_total": "Prompt tokens restored from the host-RAM prompt cache instead of evaluated.",
+}
+"""Counters read from the cache's own counts at each scrape (they only grow while it lives)."""
 
 _DEVICE_MEMORY: dict[str, tuple[str, Callable[[DeviceMemory], int | None]]] = {
     "slotserve_device_memory_free_bytes": (
@@ -74,6 +83,7 @@ class _Reading:
 
     states: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PER_MODEL, 0.0))
+    counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_HOST_CACHE_COUNTERS, 0.0))
     devices: dict[str, DeviceMemory] = field(default_factory=dict)
     """device label -> its memory, as the Supervisor last read it."""
     queued: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -83,10 +93,18 @@ class _Reading:
         if status.state in self.states:
             self.states[status.state] += 1
         cached = active = 0
+        host = None
         if status.state != "loading":
             stats = rt.statistics()
             cached = sum(s.cached_tokens for s in stats.supervisor.slots)
             active = stats.model.kv_cells_active
+            host = stats.model.host_cache
+        if host is not None:
+            self.values["slotserve_host_cache_bytes"] += host.held_bytes
+            self.values["slotserve_host_cache_bound_bytes"] += host.bound_bytes
+            self.counts["slotserve_host_cache_hits_total"] += host.hits
+            self.counts["slotserve_host_cache_misses_total"] += host.misses
+            self.counts["slotserve_host_cache_tokens_saved_total"] += host.tokens_saved
         bytes_per_cell = status.kv_bytes_per_slot / max(1, status.n_ctx_per_slot)
         values = {
             "slotserve_queue_depth": status.queue_depth,
@@ -153,6 +171,11 @@ def _families(readings: dict[str, _Reading]) -> Iterator[Metric]:
         for model, r in readings.items():
             family.add_metric([model], r.values[name])
         yield family
+    for name, doc in _HOST_CACHE_COUNTERS.items():
+        counter = CounterMetricFamily(name, doc, labels=["model"])
+        for model, r in readings.items():
+            counter.add_metric([model], r.counts[name])
+        yield counter
     queued = GaugeMetricFamily(
         "slotserve_queue_requests",
         "Requests waiting in the mailbox by priority (high, default, low) and tenant (metrics_tenants; the rest: other).",
