@@ -36,6 +36,10 @@ QUESTIONS = (
 )
 
 
+HOST_CACHE_BYTES = 512 << 20
+"""The host-RAM prompt cache's bound with caching on (memory is not read here, so it is set)."""
+
+
 def chat_turns(n_chats: int, n_turns: int) -> list[list[str]]:
     """The user messages of each chat, turn by turn."""
     return [[q.format(t=TOPICS[c % len(TOPICS)]) for q in QUESTIONS[:n_turns]] for c in range(n_chats)]
@@ -106,8 +110,9 @@ async def run_reuse(
     runs: dict[str, list[list[dict[str, Any]]]] = {}
     for name, cache in (("off", False), ("on", True)):
         cfg = RuntimeConfig(
-            backend=backend, slots=slots, max_queue=chats, memory_source="none", prefix_cache=cache, **config
-        )
+            backend=backend, slots=slots, max_queue=chats, memory_source="none", prefix_cache=cache,
+            host_cache_bytes=HOST_CACHE_BYTES if cache else 0, **config,
+        )  # fmt: skip
         kwargs: dict[str, Any] = {}
         if backend == "fake":
             from runtime.backends.fake import FakeBackend
