@@ -16,7 +16,7 @@ from runtime.bench.workload import Workload
 __all__ = ["LLAMA_SERVER_ENV", "SECTIONS", "BenchOptions", "add_arguments", "options_from"]
 
 SECTIONS = ("plain", "embedded", "servers", "dispatch", "memory", "gpurate", "structured", "ray", "admission")
-"""The sections in order; on the command line each may also be given by its number (1-8)."""
+"""The sections in order; on the command line each may also be given by its number (1-9)."""
 LLAMA_SERVER_ENV = "SLOTSERVE_LLAMA_SERVER"
 """``--llama-server``'s value when the option is not given (runtime.bench.llama_server)."""
 
@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sections",
         type=_sections,
         default=SECTIONS,
-        help="all, or a comma list of: plain, embedded, servers, dispatch, memory, gpurate, structured, ray (or 1-8)",
+        help="all, or a comma list of: plain, embedded, servers, dispatch, memory, gpurate, structured, ray, admission (or 1-9)",
     )
     p.add_argument("--n", type=_counts, default=(1, 2, 4, 8), dest="n_list", help="sequences, e.g. 1,2,4,8")
     p.add_argument(
