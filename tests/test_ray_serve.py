@@ -28,7 +28,8 @@ import msgspec
 import pytest
 
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import ContextOverflowError, QueueFullError, ReplicaLostError
+from runtime.core.errors import ContextOverflowError, QueueFullError
+from runtime.core.messages import GenerateRequest
 from tests.helpers import require_backend
 
 with warnings.catch_warnings():  # Ray's pydantic models warn as they are defined
@@ -345,14 +346,51 @@ def test_an_engine_replica_takes_a_gpu_where_the_layers_go_to_one(url: str) -> N
     assert gpus_per_replica(RuntimeConfig(backend="fake")) == 0.0
 
 
-def test_backpressure_and_a_lost_replica_read_as_our_errors() -> None:
+def test_backpressure_reads_as_queue_full_naming_the_limit() -> None:
     from ray.serve.exceptions import BackPressureError
 
     from runtime.ray_serve.stream import backpressure_error
 
     error = backpressure_error(BackPressureError(num_queued_requests=6, max_queued_requests=6))
     assert isinstance(error, QueueFullError) and "max_queued_requests=6" in str(error)
-    assert issubclass(ReplicaLostError, Exception)
+
+
+async def test_a_call_refused_by_serve_back_pressure_reads_as_queue_full_and_is_released() -> None:
+    """Serve's ``cancel`` on a call whose assignment failed raises that failure again (it
+    fetches the result); closing the stream must not turn the 503 into a 500."""
+    from ray.serve.exceptions import BackPressureError
+
+    from runtime.ray_serve.stream import RemoteStream
+
+    refusal = BackPressureError(num_queued_requests=6, max_queued_requests=6)
+
+    class RefusedCall:
+        cancels = 0
+
+        async def __anext__(self) -> Any:
+            raise refusal
+
+        def cancel(self) -> None:
+            RefusedCall.cancels += 1
+            raise refusal
+
+    class Source:
+        retries, released = 2, 0
+
+        def stream_call(self, request: Any) -> Any:
+            return RefusedCall()
+
+        def release(self) -> None:
+            self.released += 1
+
+    source = Source()
+    stream = RemoteStream(source, GenerateRequest(prompt="p", max_tokens=3))
+    with pytest.raises(QueueFullError, match="max_queued_requests=6"):
+        await stream.__anext__()
+    assert (source.released, RefusedCall.cancels, stream.tries) == (1, 1, 1)  # not retried, released once
+    with pytest.raises(StopAsyncIteration):
+        await stream.__anext__()
+    assert source.released == 1
 
 
 async def test_the_embedded_model_in_two_replicas(url: str, client: httpx.AsyncClient) -> None:

@@ -5,6 +5,7 @@ router sends to another replica."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from types import TracebackType
@@ -82,8 +83,9 @@ class RemoteStream:
             return
         self._done = True
         self._remote.release()
-        if self._call is not None:
-            self._call.cancel()  # type: ignore[no-untyped-call]  # a no-op once the replica's generator has ended
+        if self._call is not None:  # a no-op once the replica's generator has ended; Serve's cancel
+            with contextlib.suppress(Exception):  # re-raises the call's own failure, answered already
+                self._call.cancel()  # type: ignore[no-untyped-call]
 
     def __del__(self) -> None:
         if not self._done:
