@@ -25,9 +25,10 @@ import anyio
 
 from actors.budget import PrefillBudget
 from actors.host_cache import HostPromptCache
+from actors.preemption import PreemptionLedger, Snapshot
 from actors.scheduler import Delivery, Scheduler, SequenceJob, StepBatch
 from actors.worker import WorkerThread, call_into
-from runtime.backends.base import Backend
+from runtime.backends.base import Backend, SequenceStates
 from runtime.core.errors import GenerationError
 from runtime.core.records import ModelStatistics, StepReport
 
@@ -73,6 +74,8 @@ class ModelActor:
         """The step loop's own: the event loop reads its counters and changes it by commands."""
         self.host_cache = HostPromptCache(host_cache_bytes) if host_cache_bytes > 0 else None
         """Saved sequence states (actors.state_swap); the event loop's own."""
+        self.preemption = PreemptionLedger()
+        """Sequences parked and resumed (actors.preemption); the event loop's own."""
         self._on_step = on_step
         self._worker = WorkerThread("slotserve-model")
         self._inbox: deque[_Command] = deque()
@@ -107,6 +110,65 @@ class ModelActor:
         """Leave ``job`` out of the steps from now on (its cells stay until :meth:`end`)."""
         job.done = True  # the next plan skips it even before the command is applied
         self._command(self.scheduler.drop, job)
+
+    @property
+    def can_preempt(self) -> bool:
+        """Whether the backend saves and restores sequence states (else nothing is preempted)."""
+        return isinstance(self.backend, SequenceStates) and self.backend.info.state_export
+
+    async def pause(self, job: SequenceJob) -> tuple[bytes, object] | None:
+        """Between two steps, take ``job`` out of the steps as it is and save its sequence
+        (actors.preemption): its cells' state and its parked sampler. None if it cannot pause
+        now (ended, evaluating or sharing its prompt) or the state could not be saved (logged;
+        the job goes on)."""
+        backend = self.backend
+        if not isinstance(backend, SequenceStates) or not backend.info.state_export:
+            return None
+        scheduler = self.scheduler
+
+        def work() -> tuple[bytes, object] | None:
+            if not scheduler.pause(job):
+                return None
+            try:
+                state = backend.save_seq(job.seq_id)
+            except Exception as exc:
+                log.warning("sequence %d could not be saved for a preemption: %r", job.seq_id, exc)
+                scheduler.resume(job, job.seq_id)  # nothing changed: it goes on
+                return None
+            return state, backend.park_sampler(job.seq_id)
+
+        return await self.between_steps(work)
+
+    async def resume(self, job: SequenceJob, seq_id: int, snapshot: Snapshot, *, cells_kept: bool) -> None:
+        """Between two steps, put the paused ``job`` back in the steps in sequence ``seq_id``:
+        its saved cells loaded there (not if ``cells_kept``: the sequence still holds them) and
+        its sampler given back.
+
+        :raises RuntimeError: if the state could not be loaded (the job stays out; its parked
+            sampler is freed).
+        """
+        backend = self.backend
+        assert isinstance(backend, SequenceStates)
+        scheduler = self.scheduler
+
+        def work() -> None:
+            if not cells_kept:
+                scheduler.forget_trims(seq_id)
+                try:
+                    backend.load_seq(seq_id, snapshot.state)
+                except Exception:
+                    backend.unpark_sampler(None, snapshot.sampler)
+                    raise
+            backend.unpark_sampler(seq_id, snapshot.sampler)
+            scheduler.resume(job, seq_id)
+
+        await self.between_steps(work)
+
+    def discard(self, snapshot: Snapshot) -> None:
+        """Free a snapshot whose request ended while it was parked."""
+        backend = self.backend
+        if isinstance(backend, SequenceStates):
+            self.post(lambda: backend.unpark_sampler(None, snapshot.sampler))
 
     def notify(self) -> None:
         """Wake the step loop (a paused sequence's caller read its stream)."""
@@ -296,4 +358,5 @@ class ModelActor:
             stepping=self._in_step or bool(self._inbox) or bool(self._outbox),
             prefill_capped_steps=self.budget.capped_steps,
             host_cache=None if self.host_cache is None else self.host_cache.statistics(),
+            preemption=self.preemption.statistics(),
         )

@@ -209,6 +209,43 @@ class Scheduler:
         self._waiting.clear()
         return jobs
 
+    def pause(self, job: SequenceJob) -> bool:
+        """Take ``job`` out of the steps as it is, to be :meth:`resume`-d later in any sequence
+        (preemption: its cells are saved first, actors.preemption). Only a job past its first
+        token can pause: not one that is evaluating its prompt, sharing one (a choice of n), or
+        whose cells a queued copy is still to write. Its sequence's cells stay until its slot
+        trims them, and its sampler is the backend's to park. Returns whether it paused."""
+        seq = job.seq_id
+        if (
+            self._jobs.get(seq) is not job
+            or job.done
+            or job.prefilling
+            or job.generated < 1
+            or job.leader is not None
+            or seq in self._waiting
+            or any(dst == seq for _, dst in self._copies)
+        ):
+            return False
+        del self._jobs[seq]
+        if job.top_logprobs >= 0:
+            self._logprob_jobs -= 1
+        self._samplers.pop(seq, None)  # a change queued for it would replace the sampler parked now
+        return True
+
+    def resume(self, job: SequenceJob, seq_id: int) -> None:
+        """Serve a paused ``job`` again from the next step, in sequence ``seq_id``, whose cells
+        and sampler were just replaced by the job's own: what was queued for that sequence
+        (trims, a sampler change, a copy) is discarded."""
+        self._trims = [(s, p) for s, p in self._trims if s != seq_id]
+        self._copies = [(s, d) for s, d in self._copies if d != seq_id]
+        self._samplers.pop(seq_id, None)
+        if (old := self._jobs.get(seq_id)) is not None:
+            self.drop(old)
+        job.seq_id = seq_id
+        self._jobs[seq_id] = job
+        if job.top_logprobs >= 0:
+            self._logprob_jobs += 1
+
     def forget_trims(self, seq_id: int) -> None:
         """Discard the sequence's queued trims (its cells were just replaced by a restored state)."""
         self._trims = [(s, p) for s, p in self._trims if s != seq_id]

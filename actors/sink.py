@@ -139,6 +139,10 @@ class RequestSink:
             )  # fmt: skip
         return Chunk(text=self.out, token_ids=tuple(self.pending), index=self.index)
 
+    def nudge(self) -> None:
+        """Wake the slot's task (a preemption was asked of it)."""
+        self._wake.set()
+
     async def wait(self) -> None:
         """Until the request ended or the sink blocked."""
         await self._wake.wait()

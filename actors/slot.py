@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 
 import anyio
 
 from actors.model import ModelActor
 from actors.placement import Placement, common_prefix
+from actors.preemption import Parked, Run, Snapshot
 from actors.prompt import INLINE_PROMPT_CHARS, PromptCancelled, prompt_chars, prompt_parts, tokenize_parts
 from actors.scheduler import SequenceJob
 from actors.sink import RequestSink
@@ -24,10 +26,10 @@ from runtime.backends.base import SamplerSpec
 from runtime.backends.grammar import GrammarRows
 from runtime.core.choices import ChoiceGroup
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import ContextOverflowError, GenerationError, InvalidRequestError
+from runtime.core.errors import ContextOverflowError, GenerationError, InvalidRequestError, RuntimeClosedError
 from runtime.core.events import Observers
 from runtime.core.mailbox import MailboxReceiver
-from runtime.core.messages import ChatRequest, Chunk, GenerateRequest, RequestStats
+from runtime.core.messages import ChatRequest, Chunk, DoneReason, GenerateRequest, RequestStats
 from runtime.core.records import SlotStatistics
 from runtime.core.ticket import Ticket
 
@@ -98,9 +100,10 @@ class SlotActor:
             try:
                 await self._serve(ticket, tokens)  # on a fault, ``current`` stays set for the Supervisor
             finally:
-                ticket.listen(None)  # a late cancel must not reach this slot's next request
+                if ticket.parked is None:  # (a parked one's listener is its own: nothing awaited since)
+                    ticket.listen(None)  # a late cancel must not reach this slot's next request
             self.current = None
-            self._served += 1
+            self._served += ticket.parked is None
             ticket = None
             if self.retiring:
                 return
@@ -124,6 +127,9 @@ class SlotActor:
         """The prompt's tokens, for the choice of slot (actors.placement); None when there is
         no prefix to look for or the prompt cannot be tokenized (:meth:`_serve` then tries and
         reports why)."""
+        if ticket.parked is not None:  # a preempted request: the slot whose cells hold it, if any
+            held: list[int] = ticket.parked.snapshot.held
+            return held
         if not self.config.prefix_cache or ticket.cancelled:
             return None
         try:
@@ -135,6 +141,9 @@ class SlotActor:
         picked_ns = time.perf_counter_ns()
         if ticket.cancelled:
             ticket.finish("cancel")
+            return
+        if (parked := ticket.parked) is not None:
+            await self._resume(ticket, parked)
             return
         request = ticket.request
         try:
@@ -164,12 +173,8 @@ class SlotActor:
         )
         top = request.top_logprobs if request.logprobs else -1
         job = SequenceJob(seq, tokens, keep, max_new, sampler_spec(request), sink, top_logprobs=top)
-
-        def cancel() -> None:
-            sink.end("cancel")
-            self.model.drop(job)  # out of the next step at once
-
-        ticket.listen(cancel)
+        run = Run(job, sink, tokens, keep, picked_ns)
+        cancel = self._listen(ticket, run)
         if ticket.group is None:
             self.model.begin(job)
         else:
@@ -177,17 +182,51 @@ class SlotActor:
             await group.join(job, lambda j: self._begin_choice(j, group.leader))
         if ticket.cancelled or ticket.finished:  # cancelled, or ended, while it was being tokenized
             cancel()
+        await self._follow(ticket, run)
+
+    def _listen(self, ticket: Ticket, run: Run) -> Callable[[], None]:
+        """Have a cancel of ``ticket`` end ``run`` (returned), and let a request of one choice
+        be preempted while it runs here."""
+
+        def cancel() -> None:
+            run.sink.end("cancel")
+            self.model.drop(run.job)  # out of the next step at once
+
+        ticket.listen(cancel)
+        if ticket.group is None and self.config.preemption and self.model.can_preempt:
+            ticket.serving = run
+        return cancel
+
+    async def _follow(self, ticket: Ticket, run: Run) -> None:
+        """Follow ``run`` to its end and finish the ticket, or park it when a preemption is
+        asked (then the ticket waits in the mailbox to resume, and this slot is free)."""
+        seq, sink = self.slot, run.sink
         try:
-            while True:
-                await sink.wait()
-                if sink.reason is not None:
-                    break
-                await sink.unblock()  # the caller fell behind: wait for room (this sequence paused)
-                self.model.notify()
+            while sink.reason is None:
+                if run.preempt_asked:
+                    parked = await self._park(ticket, run)
+                    run.answer(parked)
+                    if parked:
+                        return
+                elif sink.blocked:  # the caller fell behind: wait for room (this sequence paused)
+                    await sink.unblock()
+                    self.model.notify()
+                else:
+                    await sink.wait()
         except BaseException:  # this task was cancelled: the sequence must not go on
             sink.end("cancel")
             self.model.end(seq)
             raise
+        finally:
+            ticket.serving = None
+            if run.preempt_asked:
+                run.answer(False)  # it ended first
+        self._finish(ticket, run)
+
+    def _finish(self, ticket: Ticket, run: Run) -> None:
+        """Finish ``ticket`` as its sequence ended (``run.sink.reason``), keeping the
+        conversation's cells for the next request."""
+        seq, sink, tokens = self.slot, run.sink, run.tokens
         reason = sink.reason
         assert reason is not None  # the loop ends only with one
         if reason == "error":
@@ -205,11 +244,18 @@ class SlotActor:
             # (all but the last one taken); cells past it (steps run ahead) are trimmed.
             self._cached = tokens + sink.generated[:-1]
         self.model.end(seq, keep=len(self._cached))
+        final, stats = self._final(ticket, run, out, reason)
+        ticket.finish(reason, final=final, stats=stats)
+
+    def _final(self, ticket: Ticket, run: Run, out: str, reason: DoneReason) -> tuple[Chunk, RequestStats]:
+        """The last chunk of ``run`` (with ``out``, the text not sent yet) and its stats."""
+        sink, picked_ns = run.sink, run.picked_ns
+        first_ns = sink.first_ns
         end_ns = time.perf_counter_ns()
         stats = RequestStats(
             slot=self.slot,
-            prompt_tokens=len(tokens),
-            prompt_tokens_cached=keep,
+            prompt_tokens=len(run.tokens),
+            prompt_tokens_cached=run.keep,
             completion_tokens=sink.taken,
             load_duration_ns=0,
             queue_duration_ns=picked_ns - ticket.admitted_ns,
@@ -217,6 +263,8 @@ class SlotActor:
             decode_duration_ns=end_ns - (first_ns or end_ns),
             total_duration_ns=end_ns - ticket.admitted_ns,
             time_to_first_token_ns=None if first_ns is None else first_ns - ticket.admitted_ns,
+            preemptions=run.preemptions,
+            preempted_duration_ns=run.parked_ns,
         )
         final = Chunk(
             text=out,
@@ -227,7 +275,77 @@ class SlotActor:
             done_reason=reason,
             stats=stats,
         )
-        ticket.finish(reason, final=final, stats=stats)
+        return final, stats
+
+    # -- preemption (actors.preemption) ------------------------------------------------------
+
+    async def _park(self, ticket: Ticket, run: Run) -> bool:
+        """Save ``run``'s sequence and put its ticket back in the mailbox to resume later;
+        False (it goes on here) if it cannot pause now, or as many are parked as there are
+        slots (their host memory stays within the KV cache's size)."""
+        model = self.model
+        if model.preemption.parked >= model.backend.info.n_seq_max:
+            return False
+        paused = await model.pause(run.job)
+        if paused is None:
+            return False
+        job, sink = run.job, run.sink
+        held = job.prompt + sink.generated[: job.pos - len(job.prompt)]
+        snapshot = Snapshot(paused[0], paused[1], held)
+        model.preemption.parked_one(snapshot)
+        self._cached = held  # the cells hold it until the next request here trims them
+        parked = Parked(run, snapshot)
+        ticket.parked = parked
+        ticket.serving = None
+        ticket.listen(lambda: self._drop_parked(ticket, parked))
+        if not self._receiver.requeue(ticket, last=run.give_way):  # the mailbox closed meanwhile
+            ticket.finish(
+                "error", error=RuntimeClosedError("the runtime closed while this request was preempted")
+            )
+        return True
+
+    def _drop_parked(self, ticket: Ticket, parked: Parked) -> None:
+        """A parked request was cancelled, or ended by the runtime: free its snapshot, and
+        finish it if it still waits (a slot that took it meanwhile finishes it instead)."""
+        if ticket.parked is not parked:
+            return
+        ticket.parked = None
+        self.model.discard(parked.snapshot)
+        self.model.preemption.released(parked.snapshot, resumed=False)
+        if self._receiver.remove(ticket):
+            parked.run.parked_ns += time.perf_counter_ns() - parked.since_ns
+            final, stats = self._final(ticket, parked.run, "", "cancel")
+            ticket.finish("cancel", final=final, stats=stats)
+
+    async def _resume(self, ticket: Ticket, parked: Parked) -> None:
+        """Resume a preempted request in this slot's sequence where it was, and follow it."""
+        run, snapshot = parked.run, parked.snapshot
+        ticket.listen(None)
+        ticket.parked = None
+        run.parked_ns += time.perf_counter_ns() - parked.since_ns
+        model = self.model
+        if ticket.cancelled or ticket.finished:
+            model.discard(snapshot)
+            model.preemption.released(snapshot, resumed=False)
+            final, stats = self._final(ticket, run, "", "cancel")
+            ticket.finish("cancel", final=final, stats=stats)
+            return
+        kept = bool(self._cached) and self._cached == snapshot.held
+        self._cached = []
+        try:
+            await model.resume(run.job, self.slot, snapshot, cells_kept=kept)
+        except Exception as exc:
+            model.preemption.failed_resumes += 1
+            model.preemption.released(snapshot, resumed=False)
+            self.model.end(self.slot)
+            run.sink.end("error")
+            ticket.finish("error", error=GenerationError(f"the preempted request could not resume: {exc!r}"))
+            return
+        model.preemption.released(snapshot, resumed=True)
+        cancel = self._listen(ticket, run)
+        if ticket.cancelled or ticket.finished:
+            cancel()
+        await self._follow(ticket, run)
 
     def _begin_choice(self, job: SequenceJob, leader: SequenceJob) -> None:
         """Begin one choice of a request's n (runtime.core.choices): each but the first shares

@@ -329,6 +329,11 @@ class Supervisor:
             if target > self._n:
                 await self.resize(target, "memory_available")
 
+    def serving(self, slot: int) -> Ticket | None:
+        """The request slot ``slot`` serves now (None: idle, or no such slot)."""
+        actor = self._slots.get(slot)
+        return None if actor is None else actor.current
+
     @property
     def slots_effective(self) -> int:
         """The slots running now (``statistics().slots_effective``, without the snapshot)."""

@@ -682,6 +682,20 @@ class ModelUnit:
         """What ``status().state`` says, without the rest of the snapshot."""
         return self._state
 
+    async def preempt(self, slot: int) -> bool:
+        """Park the request slot ``slot`` serves (preemption by snapshot, actors.preemption):
+        its sequence saved to host memory, the slot free for the next waiting request; it
+        resumes where it was when a slot takes it from the mailbox again.
+
+        :returns: whether it was parked (False: the slot is idle, its request is evaluating its
+            prompt or ended first, it is one of n choices, or the backend cannot save states).
+        """
+        ticket = None if self._supervisor is None else self._supervisor.serving(slot)
+        run = None if ticket is None else ticket.serving
+        if run is None or not run.ask(give_way=True):
+            return False
+        return await run.decided()
+
     def status(self) -> RuntimeStatus:
         """A frozen snapshot: model, memory (bytes), slots, queue and request counts."""
         mailbox = self._mailbox.statistics()

@@ -307,6 +307,19 @@ class Runtime:
         spec = self.models.get(model)
         return await self._loaded.unload(spec.name)
 
+    async def preempt(self, slot: int, *, model: str | None = None) -> bool:
+        """Park the request running in slot ``slot`` of ``model`` (default: the default model)
+        to host memory, so that the slot serves the next waiting request; it resumes where it
+        was, its stream only paused (greedy output is unchanged). A request of a higher priority
+        that has to wait does this itself (``preemption``).
+
+        :returns: whether it was parked (False: the slot is idle, its request is evaluating its
+            prompt or ended first, or the backend cannot save states).
+        :raises ModelNotFoundError: if ``model`` is not in the registry.
+        :raises RuntimeClosedError: if it is not loaded.
+        """
+        return await self._status_unit(model).preempt(slot)
+
     # -- status --------------------------------------------------------------------------------
 
     @property

@@ -251,8 +251,8 @@ class Backend(Protocol):
 @runtime_checkable
 class SequenceStates(Protocol):
     """A backend whose sequences' KV state can be saved to host memory and restored into any
-    sequence (``info.state_export``): the host-RAM prompt cache (actors.host_cache). Called on
-    the step loop's thread only, between two steps."""
+    sequence (``info.state_export``): the host-RAM prompt cache (actors.host_cache) and
+    preemption (actors.preemption). Called on the step loop's thread only, between two steps."""
 
     def save_seq(self, seq_id: int) -> bytes:
         """The KV state of the sequence's cells (llama_state_seq_get_data)."""
@@ -263,6 +263,15 @@ class SequenceStates(Protocol):
 
         :raises RuntimeError: if the state could not be restored.
         """
+
+    def park_sampler(self, seq_id: int) -> object:
+        """Take the sequence's sampler out as it is (its chain, its random state, a grammar's
+        matcher), for :meth:`unpark_sampler`; the sequence is left with none (a preempted
+        request's, actors.preemption)."""
+
+    def unpark_sampler(self, seq_id: int | None, parked: object) -> None:
+        """Give sequence ``seq_id`` the sampler :meth:`park_sampler` took (what it had is
+        freed); ``seq_id`` None frees ``parked`` (its request ended while parked)."""
 
 
 def special_token_pattern(texts: Iterable[str]) -> re.Pattern[str] | None:

@@ -338,6 +338,28 @@ class FakeBackend:
         half = len(values) // 2
         self._cells[seq_id], self._hashes[seq_id] = values[:half], values[half:]
 
+    def park_sampler(self, seq_id: int) -> object:
+        """The sequence's random state, penalty history and grammar matcher, taken out as they are."""
+        self._touch()
+        return (
+            self._samplers.pop(seq_id, None),
+            self._penalized.pop(seq_id, None),
+            self.grammar.matchers.pop(seq_id, None),
+        )
+
+    def unpark_sampler(self, seq_id: int | None, parked: object) -> None:
+        """Give ``seq_id`` the parked sampler (its own is dropped); None: drop the parked one."""
+        self._touch()
+        assert isinstance(parked, tuple)
+        if seq_id is None:
+            return
+        rng, penalty, matcher = parked
+        self._samplers[seq_id] = rng
+        for table, value in ((self._penalized, penalty), (self.grammar.matchers, matcher)):
+            table.pop(seq_id, None)
+            if value is not None:
+                table[seq_id] = value
+
     def seq_cells(self, seq_id: int) -> int:
         """Cells the sequence holds."""
         self._touch()

@@ -341,6 +341,31 @@ class LlamaCppBackend:
         if llama.llama_state_seq_set_data(self._ctx, src, len(moved), seq_id) != len(moved):
             raise RuntimeError(f"could not restore a saved state ({len(moved)} bytes) into sequence {seq_id}")
 
+    def park_sampler(self, seq_id: int) -> object:
+        """The sequence's sampler chain, grammar matcher and sampler fault, taken out as they are."""
+        return (
+            self._samplers.pop(seq_id, None),
+            self.grammar.matchers.pop(seq_id, None),
+            self._sampler_faults.pop(seq_id, None),
+        )
+
+    def unpark_sampler(self, seq_id: int | None, parked: object) -> None:
+        """Give ``seq_id`` the parked sampler (freeing its own); None: free the parked chain."""
+        assert isinstance(parked, tuple)
+        chain, matcher, fault = parked
+        if seq_id is None:
+            if chain is not None:
+                llama.llama_sampler_free(chain)
+            return
+        self._set_sampler(seq_id, None)
+        for table, value in (
+            (self._samplers, chain),
+            (self.grammar.matchers, matcher),
+            (self._sampler_faults, fault),
+        ):
+            if value is not None:
+                table[seq_id] = value
+
     # -- embeddings ----------------------------------------------------------------------------
 
     def _embedding_pooling(self) -> int | None:

@@ -20,6 +20,7 @@ from runtime.core.events import Observers
 from runtime.core.fair_queue import Held, Placement, QueuePolicy
 from runtime.core.mailbox import Mailbox
 from runtime.core.messages import ChatRequest, GenerateRequest, QueueEstimate, RequestStats
+from runtime.core.preemption import Running, victim
 from runtime.core.records import QueueDepth, QueuedRequest, StepReport
 from runtime.core.ticket import Ticket
 from runtime.core.wait_predictor import WaitPredictor, Work
@@ -100,6 +101,7 @@ class Admission:
             self._refused(exc, request)
             raise
         self._expect(tickets[0], estimates[-1])
+        self._make_room(tickets[0])
         return estimates[-1]
 
     async def admit(self, ticket: Ticket, timeout_s: float) -> QueueEstimate:
@@ -115,7 +117,22 @@ class Admission:
             self._refused(exc, request)
             raise
         self._expect(ticket, estimates[-1])
+        self._make_room(ticket)
         return estimates[-1]
+
+    def _make_room(self, ticket: Ticket) -> None:
+        """``ticket`` waits and every slot is busy: ask the running request of the lowest
+        priority below its own to give way (runtime.core.preemption; ``preemption`` on)."""
+        queue = self.mailbox.queue
+        if not self.config.preemption or queue.held_of(ticket) is not None or ticket.finished:
+            return  # taken already (a slot was idle), or refused
+        held = queue.held()
+        if len(held) < self._slots():
+            return  # a slot is idle: it takes the request
+        serving = [(h, h.item.serving) for h in held if h.item.serving is not None]
+        running = [Running(h.priority, h.taken_s, s.asked) for h, s in serving]
+        if (i := victim(ticket.request.priority, running)) is not None:
+            serving[i][1].ask()
 
     def _check(self, ticket: Ticket, estimates: list[QueueEstimate]) -> Callable[[Sequence[Ticket]], None]:
         """The mailbox's check for ``ticket``, once queued and before a slot may take it: its
@@ -228,6 +245,8 @@ class Admission:
         )
 
     def _taken(self, ticket: Ticket, held: Held[Ticket]) -> None:
+        if ticket.parked is not None:
+            return  # a preempted request resuming: it started before
         predicted = self._predicted.pop(id(ticket), None)
         error = None if predicted is None else abs(held.taken_s - predicted)
         self._observers.request_started(

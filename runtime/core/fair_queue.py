@@ -245,6 +245,17 @@ class FairQueue(Generic[T]):
         lane.entries.pop()
         lane.entries.appendleft(entry)
 
+    def put_last(self, item: T) -> None:
+        """Return ``item``, taken by :meth:`pop` and not done, to the tail of its tenant's lane
+        (a request that gives way to those waiting: preempted by hand), past the tenant's queue
+        cap; its admission time stays (aging counts from it). A no-op if not held."""
+        held = self._held.get(id(item))
+        if held is None:
+            return
+        self.done(item)
+        self._seq += 1
+        self._insert(_Entry(deque([item]), held.priority, held.tenant, held.cost, self._seq, held.admitted_s))
+
     def drain(self) -> list[T]:
         """Take every waiting item out, in admission order (the queue is closing)."""
         left = [item for entry in list(self._entries.values()) for item in entry.items]

@@ -79,6 +79,15 @@ class MailboxReceiver(Generic[T]):
             if waiter.handed:
                 return waiter.item  # type: ignore[return-value]  # handed: always an item
 
+    def requeue(self, item: T, *, last: bool = False) -> bool:
+        """Put ``item``, taken by this slot and paused (preempted), back in the queue as
+        :meth:`Mailbox.requeue` does."""
+        return self._mailbox.requeue(item, last=last)
+
+    def remove(self, item: T) -> bool:
+        """Take a waiting ``item`` out unserved (:meth:`Mailbox.remove`)."""
+        return self._mailbox.remove(item)
+
     def close(self) -> None:
         """Take no more: an idle wait ends (ClosedResourceError), unless an item was already
         handed to it (then the wait returns it, and the slot serves it first)."""
@@ -215,6 +224,20 @@ class Mailbox(Generic[T]):
             self._admitted -= 1
             self._rejected += 1
         self._freed()
+        return True
+
+    def requeue(self, item: T, *, last: bool = False) -> bool:
+        """Put ``item``, taken by a slot and paused (preempted), back at the head of its
+        tenant's lane (``last``: at its tail, behind those waiting), with its first admission
+        time, past every bound (it was admitted before); an idle slot may take it at once.
+        False (nothing done) if the mailbox is closed."""
+        if self.closed or self.queue.held_of(item) is None:
+            return False
+        if last:
+            self.queue.put_last(item)
+            self._dispatch()
+        else:
+            self._put_back(item)
         return True
 
     def done(self, item: T) -> None:

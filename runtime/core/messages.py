@@ -316,6 +316,10 @@ class RequestStats(msgspec.Struct, frozen=True, kw_only=True):
     total_duration_ns: int
     time_to_first_token_ns: int | None
     """None when no token was generated."""
+    preemptions: int = 0
+    """Times the request was parked for a request of a higher priority (or by hand), and resumed."""
+    preempted_duration_ns: int = 0
+    """Time it spent parked, in all (part of ``decode_duration_ns``)."""
 
 
 class TopLogprob(msgspec.Struct, frozen=True, kw_only=True):

@@ -21,6 +21,7 @@ __all__ = [
     "MemorySource",
     "ModelStatistics",
     "PlacementStatistics",
+    "PreemptionStatistics",
     "QueueDepth",
     "QueuedRequest",
     "ResizeReason",
@@ -121,6 +122,8 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """Steps whose prompt tokens the prefill budget cut (actors.budget)."""
     host_cache: HostCacheStatistics | None = None
     """The host-RAM prompt cache (actors.host_cache); None when it is off."""
+    preemption: PreemptionStatistics | None = None
+    """Sequences parked and resumed (actors.preemption)."""
 
 
 class HostCacheStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -137,6 +140,21 @@ class HostCacheStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """Prompt tokens restored from the cache instead of evaluated."""
     evictions: int
     """Entries dropped, least recently used first, to make room."""
+
+
+class PreemptionStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Preemption by snapshot: sequences parked to host memory and resumed, and what is parked now."""
+
+    preemptions: int
+    """Running sequences parked so that their slot served another request."""
+    resumes: int
+    """Parked sequences resumed where they were."""
+    failed_resumes: int
+    """Parked sequences whose state could not be restored (their request failed)."""
+    parked: int
+    """Sequences parked now (at most the slot count)."""
+    parked_bytes: int
+    """Host memory their saved states take."""
 
 
 class SlotStatistics(msgspec.Struct, frozen=True, kw_only=True):

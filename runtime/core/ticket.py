@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -37,11 +37,29 @@ from runtime.core.messages import (
 if TYPE_CHECKING:
     from runtime.core.choices import ChoiceGroup
 
-__all__ = ["OnFinish", "Reply", "ResponseStream", "Ticket"]
+__all__ = ["OnFinish", "Preemptible", "Reply", "ResponseStream", "Ticket"]
 
 Reply = Chunk | BaseException
 OnFinish = Callable[["Ticket", DoneReason, RequestStats | None, BaseException | None], None]
 """(ticket, done_reason, stats or None if it never ran, the error if it failed)."""
+
+
+class Preemptible(Protocol):
+    """A request being served that can be asked to give its slot way (actors.preemption)."""
+
+    @property
+    def asked(self) -> bool:
+        """A preemption was asked and the slot has not answered yet."""
+        ...
+
+    def ask(self, *, give_way: bool = False) -> bool:
+        """Ask the slot to park the request (``give_way``: behind the requests waiting in its
+        class, else first of them); False if it was asked already, has ended or has no token yet."""
+        ...
+
+    async def decided(self) -> bool:
+        """Wait for the slot's answer: whether the request was parked."""
+        ...
 
 
 @dataclass(eq=False)
@@ -62,6 +80,10 @@ class Ticket:
     """The request's choices, where it asked for more than one (runtime.core.choices)."""
     index: int = 0
     """Which of them this ticket is."""
+    serving: Preemptible | None = None
+    """Set by the slot serving it while it can be preempted (None: it cannot now)."""
+    parked: Any = None
+    """A preempted request's saved run (actors.preemption.Parked) while it waits to resume."""
     _cancelled: bool = False
     _finished: bool = False
     _on_cancel: Callable[[], None] | None = None

@@ -51,14 +51,17 @@ _PER_MODEL = {
     "slotserve_model_load_duration_seconds": "Seconds the weights took to load.",
     "slotserve_host_cache_bytes": "Bytes of saved KV states the host-RAM prompt cache holds.",
     "slotserve_host_cache_bound_bytes": "Bytes the host-RAM prompt cache may hold (host_cache_bytes; 0: off).",
+    "slotserve_parked_sequences": "Preempted requests parked in host memory, waiting to resume.",
+    "slotserve_parked_bytes": "Host memory the parked requests' saved KV states take.",
 }
 
-_HOST_CACHE_COUNTERS = {
+_READ_COUNTERS = {
     "slotserve_host_cache_hits_total": "Prompts whose prefix was restored from the host-RAM prompt cache.",
     "slotserve_host_cache_misses_total": "Prompts the host-RAM prompt cache had nothing better for than their slot's cells.",
     "slotserve_host_cache_tokens_saved_total": "Prompt tokens restored from the host-RAM prompt cache instead of evaluated.",
+    "slotserve_preemptions_total": "Running requests parked in host memory so that their slot served another (and resumed later).",
 }
-"""Counters read from the cache's own counts at each scrape (they only grow while it lives)."""
+"""Counters read from the host cache's and the preemptions' own counts at each scrape (they only grow while the model is loaded)."""
 
 _DEVICE_MEMORY: dict[str, tuple[str, Callable[[DeviceMemory], int | None]]] = {
     "slotserve_device_memory_free_bytes": (
@@ -83,7 +86,7 @@ class _Reading:
 
     states: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PER_MODEL, 0.0))
-    counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_HOST_CACHE_COUNTERS, 0.0))
+    counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_READ_COUNTERS, 0.0))
     devices: dict[str, DeviceMemory] = field(default_factory=dict)
     """device label -> its memory, as the Supervisor last read it."""
     queued: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -93,12 +96,16 @@ class _Reading:
         if status.state in self.states:
             self.states[status.state] += 1
         cached = active = 0
-        host = None
+        host = preemption = None
         if status.state != "loading":
             stats = rt.statistics()
             cached = sum(s.cached_tokens for s in stats.supervisor.slots)
             active = stats.model.kv_cells_active
-            host = stats.model.host_cache
+            host, preemption = stats.model.host_cache, stats.model.preemption
+        if preemption is not None:
+            self.values["slotserve_parked_sequences"] += preemption.parked
+            self.values["slotserve_parked_bytes"] += preemption.parked_bytes
+            self.counts["slotserve_preemptions_total"] += preemption.preemptions
         if host is not None:
             self.values["slotserve_host_cache_bytes"] += host.held_bytes
             self.values["slotserve_host_cache_bound_bytes"] += host.bound_bytes
@@ -171,7 +178,7 @@ def _families(readings: dict[str, _Reading]) -> Iterator[Metric]:
         for model, r in readings.items():
             family.add_metric([model], r.values[name])
         yield family
-    for name, doc in _HOST_CACHE_COUNTERS.items():
+    for name, doc in _READ_COUNTERS.items():
         counter = CounterMetricFamily(name, doc, labels=["model"])
         for model, r in readings.items():
             counter.add_metric([model], r.counts[name])
