@@ -16,6 +16,8 @@ async def test_the_admission_section_measures_and_prints() -> None:
     assert 0 <= figures.predicted_within_25_percent <= 1
     assert 0 < figures.deadline_refusal_ms_median <= figures.deadline_refusal_ms_max
     assert figures.retry_after_over_slot_free > 0
+    assert figures.preempted_text_equal  # the parked request's greedy text is its text alone
+    assert figures.high_queue_ms_preempting < figures.high_queue_ms_waiting  # it did not wait for 120 steps
     out = io.StringIO()
     print_admission(figures, out)
     assert "section 9: admission" in out.getvalue() and "weights 3:1" in out.getvalue()

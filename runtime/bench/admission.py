@@ -10,6 +10,10 @@ and how fast an unmeetable deadline is refused, on the fake backend with a step 
   was within 25% of the actual, and the median relative error.
 - deadline: both slots busy; a request with a deadline the prediction cannot meet is refused:
   the time that took, and its Retry-After against when a slot really freed.
+- priority: both slots busy with long requests of priority -1 and 20 more queued; a request of
+  priority 1 arrives: its queue time with preemption (a long one is parked, actors.preemption)
+  and without (it waits for a long one to end), and whether the parked one's greedy text equals
+  its text alone.
 """
 
 from __future__ import annotations
@@ -51,6 +55,12 @@ class AdmissionFigures(msgspec.Struct, frozen=True, kw_only=True):
     deadline_refusal_ms_max: float
     retry_after_over_slot_free: float
     """The refusal's retry_after_s over the seconds until a slot really freed (1 is exact)."""
+    high_queue_ms_preempting: float
+    """A priority-1 request's queue time behind 2 busy slots and 20 queued, with preemption."""
+    high_queue_ms_waiting: float
+    """The same with ``preemption`` off."""
+    preempted_text_equal: bool
+    """The parked request's greedy text equals its text alone."""
 
 
 def _request(prompt: str, max_tokens: int, **fields: object) -> GenerateRequest:
@@ -161,6 +171,25 @@ async def _deadline(step_delay_s: float, tries: int) -> tuple[list[float], float
     return refusals_ms, retry_s / first_free
 
 
+async def _priority_jump(step_delay_s: float, preemption: bool) -> tuple[float, bool]:
+    """(the high request's queue seconds, whether each long request's text equals its text
+    alone, preempted or not)."""
+    longs = [_request(f"long {i}", 120, priority=-1) for i in range(2)]
+    async with _runtime(step_delay_s, max_queue=32, preemption=preemption) as rt:
+        alone = [(await rt.complete(r)).text for r in longs]
+        done: list[Completion] = []
+        queued: list[Completion] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_all, rt, longs, done)
+            await _until(lambda: rt.status().slots_busy == 2)
+            await anyio.sleep(20 * step_delay_s)  # both are decoding
+            tg.start_soon(_all, rt, [_request(f"q{i}", 8, priority=-1) for i in range(20)], queued)
+            await _until(lambda: rt.status().queue_depth == 20)
+            high = await rt.complete(_request("urgent", 8, priority=1))
+        texts = {c.text for c in done}
+    return _queue_s(high), texts == set(alone)
+
+
 async def measure_admission(
     *, step_delay_s: float = 0.002, flood: int = 40, window_s: float = 5.0, requests: int = 60
 ) -> AdmissionFigures:
@@ -171,6 +200,8 @@ async def measure_admission(
     share = await _weights(step_delay_s, window_s)
     within, median_error = await _prediction(step_delay_s * 2.5, requests)
     refusals, retry_ratio = await _deadline(step_delay_s * 2.5, 50)
+    preempting, equal = await _priority_jump(step_delay_s, preemption=True)
+    waiting, _ = await _priority_jump(step_delay_s, preemption=False)
     return AdmissionFigures(
         step_delay_s=step_delay_s,
         b_queue_p50_alone_s=alone,
@@ -184,6 +215,9 @@ async def measure_admission(
         deadline_refusal_ms_median=statistics.median(refusals),
         deadline_refusal_ms_max=max(refusals),
         retry_after_over_slot_free=retry_ratio,
+        high_queue_ms_preempting=preempting * 1000,
+        high_queue_ms_waiting=waiting * 1000,
+        preempted_text_equal=equal,
     )
 
 
@@ -199,6 +233,8 @@ def print_admission(f: AdmissionFigures, out: TextIO = sys.stdout) -> None:
         f"(median error {f.prediction_median_relative_error:.0%})\n"
         f"  unmeetable deadline refused in {f.deadline_refusal_ms_median:.3f} ms (median; max "
         f"{f.deadline_refusal_ms_max:.3f}); Retry-After / slot free {f.retry_after_over_slot_free:.2f}\n"
+        f"  priority 1 behind 2 busy slots and 20 queued: queue {f.high_queue_ms_preempting:.1f} ms with "
+        f"preemption, {f.high_queue_ms_waiting:.1f} ms without; parked greedy text equal: {f.preempted_text_equal}\n"
     )
     out.flush()
 
