@@ -161,7 +161,8 @@ async def run_job(
     out: TextIO = sys.stdout,
 ) -> JobReport:
     """Run the prompts in ``prompts_path`` (a JSON list of strings) concurrently, then one at
-    a time, print both tables and return the report.
+    a time on the model loaded again (so that neither pass finds the other's prompts kept in
+    the slots or the host cache), print both tables and return the report.
 
     :raises ModelLoadError: if the model cannot be loaded.
     """
@@ -175,7 +176,8 @@ async def run_job(
         )
         out.write(f"{len(prompts)} prompts at once on {status.slots_effective} slots:\n")
         concurrent = await _concurrent(rt, prompts, max_tokens, out)
-        out.write("the same prompts one at a time...\n")
+    out.write("the same prompts one at a time, on the model loaded afresh (no prompt kept from the first pass)...\n")
+    async with Runtime(config) as rt:
         sequential = await _sequential(rt, prompts, max_tokens)
     _table(f"Concurrent ({status.slots_effective} slots)", concurrent, out)
     _table("One at a time", sequential, out)
