@@ -176,7 +176,9 @@ async def run_job(
         )
         out.write(f"{len(prompts)} prompts at once on {status.slots_effective} slots:\n")
         concurrent = await _concurrent(rt, prompts, max_tokens, out)
-    out.write("the same prompts one at a time, on the model loaded afresh (no prompt kept from the first pass)...\n")
+    out.write(
+        "the same prompts one at a time, on the model loaded afresh (no prompt kept from the first pass)...\n"
+    )
     async with Runtime(config) as rt:
         sequential = await _sequential(rt, prompts, max_tokens)
     _table(f"Concurrent ({status.slots_effective} slots)", concurrent, out)

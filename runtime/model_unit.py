@@ -36,6 +36,7 @@ from runtime.core.errors import (
     ResizeFailedError,
     RuntimeClosedError,
     RuntimeFailedError,
+    TenantQueueFullError,
 )
 from runtime.core.events import Observer, Observers, ResizeDirection
 from runtime.core.messages import (
@@ -133,6 +134,8 @@ class ModelUnit:
         self._budget_lock = budget_lock
         self._on_idle = on_idle
         self._waiting = 0  # requests waiting for the load, to be admitted when it is done
+        self._waiting_by_tenant: dict[str, int] = {}  # of those, each tenant's
+        self._load_wait_rejected = 0  # refused before the mailbox (the load wait was full)
         self.last_used_s = time.monotonic()
         """When a request last started or ended here (monotonic seconds): the LRU order."""
 
@@ -394,17 +397,30 @@ class ModelUnit:
         A ``deadline_ms`` counts from this call: the wait for the load uses it up.
 
         :raises QueueFullError: if ``max_queue`` requests wait already (at once).
+        :raises TenantQueueFullError: if the request's tenant has ``tenant_max_queued`` waiting
+            (for the load or in the mailbox), at once.
         :raises DeadlineUnmetError: if the load took longer than ``deadline_ms`` (when read).
         :raises BaseException: what ``ready`` raises (the load failed, no memory), when read.
         """
         self._count()  # not entered yet (it may wait for memory): its refusals count already
         depth = self._waiting + self._mailbox.statistics().depth
+        tenant, tenant_cap = request.tenant, self.config.tenant_max_queued
+        refusal: QueueFullError | None = None
         if depth >= self.config.max_queue:
-            self.observers.request_rejected("queue_full")
-            raise QueueFullError(self.config.max_queue)
+            refusal = QueueFullError(self.config.max_queue)
+        elif (
+            tenant_cap
+            and self._waiting_by_tenant.get(tenant, 0) + self._mailbox.queue.queued(tenant) >= tenant_cap
+        ):
+            refusal = TenantQueueFullError(tenant, tenant_cap)
+        if refusal is not None:
+            self._load_wait_rejected += 1
+            self.observers.request_rejected(refusal.reason)
+            raise refusal
         send, receive = channel(self.config.stream_buffer)
         ticket = Ticket(request=request, reply=send, on_finish=self._request_done)
         self._waiting += 1
+        self._waiting_by_tenant[tenant] = self._waiting_by_tenant.get(tenant, 0) + 1
         waiting = True
 
         def stop_waiting() -> None:  # once: admitted, refused, or the stream closed unread
@@ -412,6 +428,10 @@ class ModelUnit:
             if waiting:
                 waiting = False
                 self._waiting -= 1
+                if (left := self._waiting_by_tenant[tenant] - 1) > 0:
+                    self._waiting_by_tenant[tenant] = left
+                else:
+                    del self._waiting_by_tenant[tenant]
                 if self._on_idle is not None and not self.busy:
                     self._on_idle()
 
@@ -724,7 +744,7 @@ class ModelUnit:
             requests_completed=o["stop"] + o["length"],
             requests_cancelled=o["cancel"],
             requests_failed=o["error"],
-            requests_rejected=mailbox.rejected,
+            requests_rejected=mailbox.rejected + self._load_wait_rejected,
             restarts=(sup.slot_restarts + sup.model_restarts) if sup else 0,
             steps=model.steps if model else 0,
             kv_cache_type=self.config.kv_cache_type,

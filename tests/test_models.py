@@ -5,12 +5,15 @@ that cannot fit."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import anyio
 import pytest
 
-from runtime.core.errors import ModelMemoryError, ModelNotFoundError, RuntimeClosedError
+from runtime.backends.fake import FakeBackend
+from runtime.core.config import RuntimeConfig
+from runtime.core.errors import ModelMemoryError, ModelNotFoundError, RuntimeClosedError, TenantQueueFullError
 from runtime.core.registry import ModelSpec
 from tests.helpers import greedy, wait_until
 from tests.model_fleet import Device, Fleet, MiB, fleet_runtime
@@ -207,3 +210,30 @@ async def test_no_model_loads_while_draining_or_after_close() -> None:
     with pytest.raises(RuntimeClosedError):
         rt.generate(greedy("hi"), model="a")
     assert f.loads == {"default": 1}
+
+
+class GatedFleet(Fleet):
+    """A fleet whose model ``a.gguf`` loads only once ``gate`` is set."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        base = fleet(capacity_bytes)
+        super().__init__(base.device, base.weights, base.scripts)
+        self.gate = threading.Event()
+
+    def load(self, config: RuntimeConfig, n_seq: int) -> FakeBackend:
+        if config.model == "a.gguf":
+            self.gate.wait(30)
+        return super().load(config, n_seq)
+
+
+async def test_a_tenant_over_its_queue_cap_is_refused_while_its_model_loads_and_counted() -> None:
+    f = GatedFleet(1 << 40)
+    async with fleet_runtime(f, [A], tenant_max_queued=2, max_queue=8) as rt:
+        waiting = [rt.generate(greedy("hi", 32, tenant="t"), model="a") for _ in range(2)]
+        with pytest.raises(TenantQueueFullError, match="tenant_max_queued"):
+            rt.generate(greedy("hi", 32, tenant="t"), model="a")
+        other = rt.generate(greedy("hi", 32, tenant="u"), model="a")  # another tenant still waits
+        f.gate.set()
+        answers = [(await s.collect()).text for s in [*waiting, other]]
+        assert answers == ["alpha answers"] * 3
+        assert rt.status("a").requests_rejected == 1  # the refusal before the mailbox counts
