@@ -63,10 +63,10 @@ class Run:
         return self.preempt_asked
 
     def ask(self, *, give_way: bool = False) -> bool:
-        """Ask the slot to park this request at its next wake (runtime.core.ticket.Preemptible);
-        False if it was asked already, its sequence has ended, or it has no token yet."""
-        if self.preempt_asked or self.sink.reason is not None or self.sink.taken < 1:
-            return False  # asked already, ended, or still evaluating its prompt
+        """Ask the slot to park this request at its next wake, or once it has its first token
+        (runtime.core.ticket.Preemptible); False if it was asked already or has ended."""
+        if self.preempt_asked or self.sink.reason is not None:
+            return False  # asked already, or ended
         self.preempt_asked = True
         self.give_way = give_way
         self._decision = anyio.Event()

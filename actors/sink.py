@@ -68,6 +68,8 @@ class RequestSink:
         self.blocked = False
         """The reply stream is full: the step loop skips this sequence until the slot sent."""
         self._unblocking: anyio.CancelScope | None = None
+        self.wake_on_token = False
+        """Wake the slot's task at the next token (a preemption waits for the first one)."""
 
     # -- called by the step loop -------------------------------------------------------------
 
@@ -82,6 +84,9 @@ class RequestSink:
             return False
         if self.first_ns is None:
             self.first_ns = at_ns
+            if self.wake_on_token:
+                self.wake_on_token = False
+                self._wake.set()
         else:
             self._observers.inter_token((at_ns - self.last_ns) / 1e9)
         self.last_ns = at_ns

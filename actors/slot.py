@@ -203,7 +203,10 @@ class SlotActor:
         seq, sink = self.slot, run.sink
         try:
             while sink.reason is None:
-                if run.preempt_asked:
+                if run.preempt_asked and sink.taken < 1:  # evaluating its prompt: park it after
+                    sink.wake_on_token = True
+                    await sink.wait()
+                elif run.preempt_asked:
                     parked = await self._park(ticket, run)
                     run.answer(parked)
                     if parked:

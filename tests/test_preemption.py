@@ -31,6 +31,26 @@ def test_the_lowest_priority_below_the_waiting_one_gives_way_the_latest_started_
     assert victim(3, []) is None
 
 
+def test_a_tenant_under_its_share_claims_a_slot_from_one_over_its_own_and_never_back() -> None:
+    def weight(tenant: str) -> float:
+        return {"web": 3.0}.get(tenant, 1.0)
+
+    a2 = [Running(0, 1.0, False, "a"), Running(0, 2.0, False, "a")]
+    assert victim(0, a2, tenant="b", weight=weight) == 1  # 1 slot each: a's latest gives way
+    assert victim(0, a2, tenant="b") is None  # no weights given: priorities only
+    ab = [Running(0, 1.0, False, "a"), Running(0, 2.0, False, "b")]
+    assert victim(0, ab, tenant="a", weight=weight) is None  # each holds its share
+    assert victim(0, ab, tenant="b", weight=weight) is None
+    batch2 = [Running(0, 1.0, False, "batch"), Running(0, 2.0, False, "batch")]
+    assert victim(0, batch2, tenant="web", weight=weight) == 1  # web's share is 1.5: it claims one
+    mixed = [Running(0, 1.0, False, "web"), Running(0, 2.0, False, "batch")]
+    assert victim(0, mixed, tenant="web", weight=weight) is None  # 1 = floor(1.5): no more
+    assert victim(0, mixed, tenant="batch", weight=weight) is None  # no claim back (floor(0.5) = 0)
+    assert (
+        victim(0, [*a2[:1], Running(0, 2.0, True, "a")], tenant="b", weight=weight) is None
+    )  # one asked: a holds 1
+
+
 class _Sink:
     blocked = False
 
@@ -172,6 +192,19 @@ async def test_a_higher_priority_request_takes_the_slot_of_a_lower_one_that_resu
     assert low.stats.preemptions == 0 and high.stats.completion_tokens == 5
 
 
+async def test_a_tenant_arriving_behind_another_tenants_flood_starts_at_once() -> None:
+    async with open_runtime(
+        "fake", slots=2, memory_source="none", max_queue=16, fake={"step_delay_s": STEP_S}
+    ) as rt:
+        flood = [rt.generate(greedy(f"a{i}", max_tokens=60, tenant="a")) for i in range(6)]
+        await _until(lambda: rt.statistics().model.tokens_sampled >= 4, "a's first two decoding")
+        b = await rt.complete(greedy("b", max_tokens=4, tenant="b"))
+        answers = [await s.collect() for s in flood]
+    assert b.stats.queue_duration_ns < 15 * STEP_S * 1e9  # it did not wait 60 steps for one of a's
+    assert sum(a.stats.preemptions for a in answers) == 1
+    assert [a.stats.completion_tokens for a in answers] == [60] * 6
+
+
 async def test_a_request_cancelled_while_parked_frees_its_snapshot_and_nothing_else_is_lost() -> None:
     long = greedy("a long story", max_tokens=200)
     async with open_runtime("fake", slots=1, memory_source="none", fake={"step_delay_s": STEP_S}) as rt:
@@ -196,14 +229,16 @@ async def test_a_request_cancelled_while_parked_frees_its_snapshot_and_nothing_e
         assert (await rt.complete(greedy("next", max_tokens=4))).stats.completion_tokens == 4
 
 
-async def test_preempt_refuses_an_idle_slot_and_a_request_without_a_token_yet() -> None:
+async def test_preempt_refuses_an_idle_slot_and_parks_a_request_once_it_has_its_first_token() -> None:
     async with open_runtime("fake", slots=1, memory_source="none", fake={"step_delay_s": 0.05}) as rt:
         assert not await rt.preempt(0)  # idle
         assert not await rt.preempt(7)  # no such slot
         stream = rt.generate(greedy("x" * 300, max_tokens=4))
         await _until(lambda: rt.status().slots_busy == 1, "taken")
-        assert not await rt.preempt(0)  # its prompt is still evaluating: no token yet
-        assert (await stream.collect()).stats.preemptions == 0
+        assert rt.statistics().model.tokens_sampled == 0  # its prompt is still evaluating
+        assert await rt.preempt(0)  # parked after its first token (and resumed: nothing waits)
+        done = await stream.collect()
+        assert done.stats.preemptions == 1 and done.stats.completion_tokens == 4
 
 
 @pytest.mark.timeout(300)

@@ -2,8 +2,8 @@
 and how fast an unmeetable deadline is refused, on the fake backend with a step delay.
 
 - fairness: 2 slots; tenant A sends ``flood`` requests, then tenant B sends 4. B's queue-time
-  median alone, under the flood with fair queuing, and under the flood first come first served
-  (B's requests as A's tenant: what a FIFO queue does).
+  median alone, under the flood with fair queuing (with fair-share preemption, and without),
+  and under the flood first come first served (B's requests as A's tenant: what a FIFO queue does).
 - weights: 2 slots, tenants web=3 and batch=1 both backlogged for ``window_s`` seconds: the
   ratio of the requests each started.
 - prediction: a steady load on 2 slots; the share of requests that waited whose predicted start
@@ -43,6 +43,8 @@ class AdmissionFigures(msgspec.Struct, frozen=True, kw_only=True):
     step_delay_s: float
     b_queue_p50_alone_s: float
     b_queue_p50_fair_s: float
+    """With fair-share preemption (the default): B takes one of A's slots at once."""
+    b_queue_p50_fair_no_preemption_s: float
     b_queue_p50_fifo_s: float
     a_completed: int
     weights_window_s: float
@@ -93,8 +95,10 @@ def _queue_s(c: Completion) -> float:
     return c.stats.queue_duration_ns / 1e9
 
 
-async def _b_p50(step_delay_s: float, flood: int, b_tenant: str) -> tuple[float, int]:
-    async with _runtime(step_delay_s, max_queue=flood + 8) as rt:
+async def _b_p50(
+    step_delay_s: float, flood: int, b_tenant: str, preemption: bool = True
+) -> tuple[float, int]:
+    async with _runtime(step_delay_s, max_queue=flood + 8, preemption=preemption) as rt:
         a: list[Completion] = []
         b: list[Completion] = []
         async with anyio.create_task_group() as tg:
@@ -196,6 +200,7 @@ async def measure_admission(
     """Run the four measurements (about ``window_s`` + 10 s at the defaults)."""
     alone, _ = await _b_p50(step_delay_s, 0, "b")
     fair, a_completed = await _b_p50(step_delay_s, flood, "b")
+    fair_waiting, _ = await _b_p50(step_delay_s, flood, "b", preemption=False)
     fifo, _ = await _b_p50(step_delay_s, flood, "a")
     share = await _weights(step_delay_s, window_s)
     within, median_error = await _prediction(step_delay_s * 2.5, requests)
@@ -206,6 +211,7 @@ async def measure_admission(
         step_delay_s=step_delay_s,
         b_queue_p50_alone_s=alone,
         b_queue_p50_fair_s=fair,
+        b_queue_p50_fair_no_preemption_s=fair_waiting,
         b_queue_p50_fifo_s=fifo,
         a_completed=a_completed,
         weights_window_s=window_s,
@@ -226,7 +232,8 @@ def print_admission(f: AdmissionFigures, out: TextIO = sys.stdout) -> None:
     out.write(
         f"\nsection 9: admission (fake backend, {f.step_delay_s * 1000:g} ms steps, 2 slots)\n"
         f"  B's queue p50: alone {f.b_queue_p50_alone_s * 1000:.0f} ms, under A's flood fair "
-        f"{f.b_queue_p50_fair_s * 1000:.0f} ms ({f.b_queue_p50_fair_s / max(f.b_queue_p50_alone_s, 1e-9):.1f}x), "
+        f"{f.b_queue_p50_fair_s * 1000:.0f} ms ({f.b_queue_p50_fair_s / max(f.b_queue_p50_alone_s, 1e-9):.1f}x; "
+        f"without preemption {f.b_queue_p50_fair_no_preemption_s * 1000:.0f} ms), "
         f"first come first served {f.b_queue_p50_fifo_s * 1000:.0f} ms; A completed {f.a_completed}\n"
         f"  weights 3:1 over {f.weights_window_s:g} s: {f.web_per_batch_started:.2f} started per 1\n"
         f"  predicted start within 25%: {f.predicted_within_25_percent:.0%} "

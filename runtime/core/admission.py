@@ -121,8 +121,9 @@ class Admission:
         return estimates[-1]
 
     def _make_room(self, ticket: Ticket) -> None:
-        """``ticket`` waits and every slot is busy: ask the running request of the lowest
-        priority below its own to give way (runtime.core.preemption; ``preemption`` on)."""
+        """``ticket`` waits and every slot is busy: ask a running request of a lower priority,
+        or of a tenant over its share of the class's slots, to give way
+        (runtime.core.preemption; ``preemption`` on)."""
         queue = self.mailbox.queue
         if not self.config.preemption or queue.held_of(ticket) is not None or ticket.finished:
             return  # taken already (a slot was idle), or refused
@@ -130,8 +131,10 @@ class Admission:
         if len(held) < self._slots():
             return  # a slot is idle: it takes the request
         serving = [(h, h.item.serving) for h in held if h.item.serving is not None]
-        running = [Running(h.priority, h.taken_s, s.asked) for h, s in serving]
-        if (i := victim(ticket.request.priority, running)) is not None:
+        running = [Running(h.priority, h.taken_s, s.asked, h.tenant) for h, s in serving]
+        request = ticket.request
+        i = victim(request.priority, running, tenant=request.tenant, weight=self.mailbox.queue.policy.weight)
+        if i is not None:
             serving[i][1].ask()
 
     def _check(self, ticket: Ticket, estimates: list[QueueEstimate]) -> Callable[[Sequence[Ticket]], None]:

@@ -139,9 +139,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Seconds after which a waiting request goes before every other, whatever its priority
     (nothing waits for ever); 0 turns aging off."""
     preemption: bool = True
-    """When a request waits and every slot is busy with requests of a lower priority, the
-    lowest of them (the latest started among equals) is parked: its KV state saved to host
-    memory, its slot given to the waiting request; it resumes later where it was."""
+    """When a request has to wait and every slot is busy, a running request of a lower priority
+    (the lowest, the latest started among equals), or else one of a tenant over its weighted
+    share of the class's slots while the waiting request's tenant is under its own, is parked:
+    its KV state saved to host memory, its slot given to the waiting request; it resumes later
+    where it was."""
     metrics_tenants: str = ""
     """Tenants (comma-separated) that get their own ``tenant`` label in the metrics; the rest
     are counted as ``other`` (bounded label sets)."""

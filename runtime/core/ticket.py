@@ -54,7 +54,8 @@ class Preemptible(Protocol):
 
     def ask(self, *, give_way: bool = False) -> bool:
         """Ask the slot to park the request (``give_way``: behind the requests waiting in its
-        class, else first of them); False if it was asked already, has ended or has no token yet."""
+        class, else first of them), once it has its first token; False if it was asked already
+        or has ended."""
         ...
 
     async def decided(self) -> bool:
