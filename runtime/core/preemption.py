@@ -4,10 +4,10 @@
 - Priority: the waiting request claims a running one of a strictly lower priority, the lowest,
   and among equals the one started last (it has the least to lose, as vLLM chooses).
 - Fair share, within the waiting request's class: the slots its class holds are shared among
-  the tenants that run or wait there by their weights. A tenant that holds fewer slots than the
-  whole part of its share claims one from the tenant furthest over the rounded-up part of its
-  own (that tenant's request started last). The two roundings keep a share from passing back
-  and forth: neither tenant can claim the slot back.
+  the tenants that run there and the waiting request's, by their weights. A tenant that holds
+  fewer slots than the whole part of its share claims one from the tenant furthest over the
+  rounded-up part of its own (that tenant's request started last). The two roundings keep a
+  share from passing back and forth: neither tenant can claim the slot back.
 
 A running request asked already (its slot has not answered) is another waiting request's claim
 and is not chosen again; in the fair share it counts as the claimant tenant's.
