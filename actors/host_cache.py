@@ -25,6 +25,8 @@ class HostPromptCache:
         if bound_bytes < 0:
             raise ValueError(f"bound_bytes is {bound_bytes}; it must be >= 0")
         self.bound_bytes = bound_bytes
+        self.ceiling_bytes = bound_bytes
+        """The bound it was made with: a bound that follows memory down may come back up to it."""
         self._entries: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
         self._bytes = 0
         self.hits = 0

@@ -287,11 +287,11 @@ class Supervisor:
 
     def _host_reserve(self, reading: MemoryReading) -> int:
         """Free bytes of ``reading`` kept for the host-RAM prompt cache (runtime.core.sizing),
-        after its bound follows the reading down."""
+        after its bound follows the reading (down, and back up to the bound it started with)."""
         cache = self.model.host_cache
         if cache is None:
             return 0
-        cache.set_bound(host_cache_rebound(self.config, reading, cache.bound_bytes, cache.held_bytes))
+        cache.set_bound(host_cache_rebound(self.config, reading, cache.ceiling_bytes, cache.held_bytes))
         return host_cache_reserve(reading, cache.bound_bytes, cache.held_bytes)
 
     async def _watch_memory(self) -> None:

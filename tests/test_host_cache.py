@@ -161,6 +161,13 @@ async def test_a_scripted_limit_lowers_the_bound_and_the_slots_do_not_grow_into_
             await anyio.sleep(0.005)
         cache = rt.statistics().model.host_cache
         assert cache is not None and cache.bound_bytes <= int(0.1 * GiB) + 1
+        probe.free_bytes = 4 * GiB  # the limit loosened again: the bound comes back to where it began
+        for _ in range(2000):
+            if (c := rt.statistics().model.host_cache) is not None and c.bound_bytes == auto:
+                break
+            await anyio.sleep(0.005)
+        cache = rt.statistics().model.host_cache
+        assert cache is not None and cache.bound_bytes == auto
 
 
 @pytest.mark.timeout(600)

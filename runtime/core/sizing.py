@@ -56,15 +56,16 @@ def host_cache_bound(
 
 
 def host_cache_rebound(
-    config: RuntimeConfig, reading: MemoryReading, bound_bytes: int, held_bytes: int
+    config: RuntimeConfig, reading: MemoryReading, ceiling_bytes: int, held_bytes: int
 ) -> int:
     """The prompt cache's bound after a new reading: with ``host_cache_bytes`` -1 and a reading
     of host memory, a tenth of what is free for it (the free bytes and those it holds), never
-    above the bound it had; otherwise ``bound_bytes`` unchanged. A tighter limit (a cgroup's
-    memory.max lowered) lowers it; the cache then drops its least recently used entries."""
+    above ``ceiling_bytes`` (the bound it started with); otherwise ``ceiling_bytes``. A tighter
+    limit (a cgroup's memory.max lowered) lowers it, and the cache drops its least recently used
+    entries; a looser one raises it again, up to the ceiling."""
     if config.host_cache_bytes >= 0 or reading.source == "nvml" or reading.free_bytes is None:
-        return bound_bytes
-    return min(bound_bytes, int((reading.free_bytes + held_bytes) * HOST_CACHE_FREE_SHARE))
+        return ceiling_bytes
+    return min(ceiling_bytes, int((reading.free_bytes + held_bytes) * HOST_CACHE_FREE_SHARE))
 
 
 def host_cache_reserve(reading: MemoryReading, bound_bytes: int, held_bytes: int) -> int:
