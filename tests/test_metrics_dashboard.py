@@ -83,7 +83,7 @@ def test_dashboard_has_the_panels_the_issue_lists() -> None:
         "slotserve_requests_total", "slotserve_actor_restarts_total", "slotserve_slot_resizes_total",
         "slotserve_resize_failures_total", "slotserve_device_memory_used_bytes",
         "slotserve_step_sequences_bucket", "slotserve_queue_requests", "slotserve_queue_wait_seconds_bucket",
-        "slotserve_queue_prediction_error_seconds_bucket", "slotserve_preemptions_total",
+        "slotserve_preemptions_total",
         "slotserve_parked_sequences",
     ):  # fmt: skip
         assert needed in exprs, needed
