@@ -290,6 +290,28 @@ async def test_a_killed_replica_fails_its_streams_in_band_and_its_queue_moves_to
     assert after[new_id] - before.get(new_id, 0) > 0  # the replacement takes traffic
 
 
+async def test_n_choices_over_the_replicas_each_with_its_index(url: str, client: httpx.AsyncClient) -> None:
+    await asyncio.to_thread(deploy, url, 2)
+    before = await asyncio.to_thread(admitted, url)
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "n": 3,
+            "temperature": 0.9, "seed": 5}  # fmt: skip
+    whole = await client.post("/v1/chat/completions", json=chat)
+    assert whole.status_code == 200, whole.text
+    choices = whole.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert all(c["message"]["content"] for c in choices) and whole.json()["usage"]["completion_tokens"] == 18
+    async with client.stream("POST", "/v1/chat/completions", json={**chat, "n": 2, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = [
+            json.loads(x[6:]) for x in [line async for line in r.aiter_lines()] if x.startswith("data: {")
+        ]
+    assert {c["index"] for line in lines for c in line["choices"]} == {0, 1}
+    too_many = await client.post("/v1/chat/completions", json={**chat, "n": 5})  # 4 slots in all
+    assert too_many.status_code == 400 and "n is 5" in too_many.json()["error"]["message"]
+    after = await asyncio.to_thread(admitted, url)
+    assert sum(after.values()) - sum(before.values()) == 5  # 3 + 2 calls to the replicas
+
+
 async def test_scaling_2_to_1_loses_no_request_in_flight(url: str, client: httpx.AsyncClient) -> None:
     await asyncio.to_thread(deploy, url, 2)
     tasks = [asyncio.create_task(ndjson(client, ollama(f"d{i}", 100, stream=True))) for i in range(10)]

@@ -14,19 +14,18 @@ each with its ``index``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, Self, TypeVar
 
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from runtime.core.errors import GenerationError
-from runtime.core.messages import Chunk, Completion, CompletionBuilder
-from runtime.core.ticket import ResponseStream
+from runtime.core.messages import ChatRequest, Chunk, Completion, CompletionBuilder, GenerateRequest
 
-__all__ = ["GATHER_TIMEOUT_S", "MAX_CHOICES", "ChoiceGroup", "ChoiceStream"]
+__all__ = ["GATHER_TIMEOUT_S", "MAX_CHOICES", "ChoiceGroup", "ChoiceSource", "ChoiceStream"]
 
 J = TypeVar("J")
 MAX_CHOICES = 128
@@ -74,6 +73,26 @@ class ChoiceGroup(Generic[J]):
             begin(job)
 
 
+class ChoiceSource(Protocol):
+    """One choice's chunks, as a ChoiceStream reads them: a ResponseStream, or a replica's
+    stream over Ray Serve (runtime.ray_serve.stream)."""
+
+    @property
+    def request(self) -> GenerateRequest | ChatRequest: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    def __aiter__(self) -> Self: ...
+
+    async def __anext__(self) -> Chunk: ...
+
+    async def aclose(self) -> None: ...
+
+
 class ChoiceStream:
     """The caller's end of a request's n choices: an async iterator of :class:`Chunk` whose
     ``index`` says which choice each is; it ends after every choice's last chunk. Use it with
@@ -81,7 +100,7 @@ class ChoiceStream:
     Iteration raises the first error of any choice (and cancels the others).
     """
 
-    def __init__(self, streams: list[ResponseStream]) -> None:
+    def __init__(self, streams: Sequence[ChoiceSource]) -> None:
         self.streams = streams
         self._send: MemoryObjectSendStream[Chunk | BaseException] | None = None
         self._receive: MemoryObjectReceiveStream[Chunk | BaseException] | None = None
@@ -113,7 +132,7 @@ class ChoiceStream:
         self._send.close()
         self._receive.close()
 
-    async def _pump(self, stream: ResponseStream) -> None:
+    async def _pump(self, stream: ChoiceSource) -> None:
         assert self._send is not None
         try:
             async with stream:

@@ -31,7 +31,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from runtime.backends.base import ModelInfo
 from runtime.backends.gguf_metadata import MetadataValue
-from runtime.core.choices import ChoiceStream
+from runtime.core.choices import MAX_CHOICES, ChoiceStream
 from runtime.core.config import RuntimeConfig
 from runtime.core.durations import KeepAlive
 from runtime.core.errors import (
@@ -41,7 +41,7 @@ from runtime.core.errors import (
     ReplicaLostError,
     RuntimeClosedError,
 )
-from runtime.core.messages import ChatRequest, Embeddings, EmbedRequest, GenerateRequest
+from runtime.core.messages import SEED_LIMIT, ChatRequest, Embeddings, EmbedRequest, GenerateRequest
 from runtime.core.records import RuntimeState, RuntimeStatus
 from runtime.core.registry import ModelRegistry
 from runtime.core.residency import LoadedModel
@@ -221,18 +221,26 @@ class RemoteRuntime:
         :raises QueueFullError: if this Ingress's requests in flight fill every ready replica.
         :raises RuntimeClosedError: if no replica is ready.
         """
+        self._admit(1)
+        return RemoteStream(self, request)
+
+    def _admit(self, n: int) -> None:
+        """Count ``n`` requests in flight here, or refuse them all.
+
+        :raises QueueFullError: if they would overfill every ready replica.
+        :raises RuntimeClosedError: if no replica is ready.
+        """
         if self.state != "ready":
             raise RuntimeClosedError(f"the application is {self.state}; no replica takes requests")
         capacity = self.capacity()
-        if self._in_flight >= capacity:
+        if self._in_flight + n > capacity:
             error = QueueFullError(capacity)
             error.args = (
                 f"every replica's slots and mailbox are full ({self._in_flight} requests in flight; "
                 f"{len(self._reports)} replicas hold {capacity})",
             )
             raise error
-        self._in_flight += 1
-        return RemoteStream(self, request)
+        self._in_flight += n
 
     def release(self) -> None:
         """A request admitted by :meth:`generate` has ended (its stream closed)."""
@@ -246,12 +254,29 @@ class RemoteRuntime:
     def generate_choices(
         self, request: GenerateRequest | ChatRequest, n: int, *, model: str | None = None
     ) -> ChoiceStream:
-        """Not served over Ray Serve for ``n`` above 1 (a request's choices share one prompt
-        evaluation in one replica; that path is not wired through the handle yet).
+        """Admit ``n`` choices of ``request`` here, all or none, each its own call: Serve may
+        route them to different replicas, and each evaluates the prompt (over Ray the choices
+        do not share one prompt evaluation). With a ``seed``, choice i samples with ``seed + i``.
 
-        :raises InvalidRequestError: always.
+        :raises InvalidRequestError: if ``n`` is below 1, above 128 or above the ready
+            replicas' slots (each choice takes one).
+        :raises QueueFullError: if the requests in flight leave no room for all ``n``.
+        :raises RuntimeClosedError: if no replica is ready.
         """
-        raise InvalidRequestError(f"n is {n}; over Ray Serve only n = 1 is served")
+        slots = sum(r.status.slots_effective for r in self._reports if r.status.state == "ready")
+        if not 1 <= n <= min(MAX_CHOICES, max(slots, 1)):
+            raise InvalidRequestError(
+                f"n is {n}; it must be 1 to {min(MAX_CHOICES, max(slots, 1))}: each choice takes a slot, "
+                f"and the replicas have {slots}"
+            )
+        self._admit(n)
+        streams = []
+        for i in range(n):
+            choice = request
+            if i and request.seed is not None:
+                choice = msgspec.structs.replace(request, seed=(request.seed + i) & SEED_LIMIT)
+            streams.append(RemoteStream(self, choice, index=i))
+        return ChoiceStream(streams)
 
     async def embed(
         self, inputs: EmbedRequest, *, model: str | None = None, keep_alive: KeepAlive = None

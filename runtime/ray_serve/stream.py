@@ -11,6 +11,7 @@ from collections import deque
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+import msgspec
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentResponseGenerator
@@ -52,9 +53,13 @@ class StreamSource(Protocol):
 class RemoteStream:
     """One request's chunks from an Engine replica (a ChunkStream)."""
 
-    def __init__(self, remote: StreamSource, request: GenerateRequest | ChatRequest) -> None:
+    def __init__(
+        self, remote: StreamSource, request: GenerateRequest | ChatRequest, *, index: int = 0
+    ) -> None:
         self._remote = remote
         self._request = request
+        self._index = index
+        """Which of its request's n choices this is (the replica numbers every stream's 0)."""
         self._call: DeploymentResponseGenerator[Any] | None = None
         self._ready: deque[Chunk] = deque()
         self._received = 0
@@ -77,6 +82,10 @@ class RemoteStream:
 
     def __aiter__(self) -> Self:
         return self
+
+    async def aclose(self) -> None:
+        """Stop reading; a request still running on its replica is cancelled there."""
+        self._close()
 
     def _close(self) -> None:
         if self._done:
@@ -154,4 +163,6 @@ class RemoteStream:
                 raise error
             batch: list[Chunk] = item
             self._received += len(batch)
+            if self._index:
+                batch = [msgspec.structs.replace(chunk, index=self._index) for chunk in batch]
             return batch
