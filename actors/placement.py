@@ -25,12 +25,19 @@ __all__ = ["Placement", "PlacementSlot", "choose_slot", "common_prefix"]
 T = TypeVar("T")
 
 
+_CHUNK = 64
+"""Tokens compared at once (a slice comparison, in C) before one by one."""
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of ``a`` and ``b``."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
+    for start in range(0, n, _CHUNK):
+        end = min(start + _CHUNK, n)
+        if list(a[start:end]) != list(b[start:end]):  # the first difference is in this chunk
+            for i in range(start, end):
+                if a[i] != b[i]:
+                    return i
     return n
 
 
@@ -45,11 +52,15 @@ def choose_slot(prompt: Sequence[int] | None, cached: Sequence[Sequence[int]], m
         raise ValueError("no idle slot to choose from")
     if not prompt:
         return 0
+    head = list(prompt)
     best, best_len = 0, 0
     for i, tokens in enumerate(cached):
-        n = common_prefix(tokens, prompt)
-        if n > best_len:
-            best, best_len = i, n
+        # Only a slot that shares more than the best so far is measured: its next token agrees,
+        # and the ones before it (compared at once). 128 idle slots that share a long system
+        # prompt cost a comparison of one token each, not a loop over the prompt each.
+        k = best_len
+        if k < len(tokens) and k < len(head) and tokens[k] == head[k] and list(tokens[:k]) == head[:k]:
+            best, best_len = i, common_prefix(tokens, head)
     return best if best_len > 0 and best_len >= min_share * len(prompt) else 0
 
 

@@ -100,3 +100,19 @@ async def test_without_a_prefix_to_choose_by_the_least_recently_used_slot_serves
             assert sorted(burst) == [0, 1, 2]
             placement = rt.statistics().supervisor.placement
             assert (placement.by_prefix, placement.least_recently_used, placement.idle) == (0, 9, 3)
+
+
+@given(
+    a=st.lists(st.integers(0, 2), max_size=200),
+    b=st.lists(st.integers(0, 2), max_size=200),
+    shared=st.lists(st.integers(0, 2), max_size=150),
+    as_tuple=st.booleans(),
+)
+def test_the_common_prefix_is_the_length_where_they_first_differ(
+    a: list[int], b: list[int], shared: list[int], as_tuple: bool
+) -> None:
+    """Past the comparison's chunks (long shared prefixes), and for a tuple against a list."""
+    a, b = shared + a, shared + b
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    assert common_prefix(tuple(a) if as_tuple else a, b) == n
+    assert choose_slot(b, [[9], tuple(a) if as_tuple else a], 0.0) == (1 if n else 0)
