@@ -83,9 +83,9 @@ class Observers:
 
     Each event calls every observer that has the method; one that raises is logged (the first
     time for that observer and event, with both names) and skipped for this call only. An
-    Observers among the observers (a model's, holding its Runtime's) is flattened: its observers,
-    those added to it later too, are called from here in its place, not through a second fan-out
-    for every event (an inter-token event is once per token).
+    Observers among the observers (a model's holds its Runtime's; not a subclass, whose methods
+    may be its own) is flattened: its observers, those added to it later too, are called from
+    here in its place, not through a second fan-out for every event (one a token).
     """
 
     def __init__(self, *observers: object) -> None:
@@ -100,7 +100,7 @@ class Observers:
     def add(self, observer: object) -> None:
         """Send events to ``observer`` too: each Observer method it has (any subset)."""
         self._observers.append(observer)
-        if isinstance(observer, Observers):
+        if type(observer) is Observers:  # a subclass may override events: it is an observer
             observer._into.add(self)
             observer._logged |= self._logged  # one log for an observer and event, whichever fans out
             self._logged = observer._logged
@@ -112,7 +112,7 @@ class Observers:
         for event, handlers in self._handlers.items():
             flat: list[Callable[..., Any]] = []
             for o in self._observers:
-                if isinstance(o, Observers):
+                if type(o) is Observers:
                     flat += o._handlers[event]
                 elif callable(handler := getattr(o, event, None)):
                     flat.append(handler)
