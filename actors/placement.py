@@ -5,7 +5,9 @@ prompt shares the largest part of the new one, if that part is at least the mini
 least recently used slot). The slots still pull from the mailbox (work-pulling): one idle slot
 at a time, the *door*, waits on the mailbox; when a request comes it tokenizes the prompt, and
 :func:`choose_slot` names the idle slot that serves it. The door hands it over (that slot wakes)
-and keeps the door, or serves it itself and passes the door on to another idle slot.
+and keeps the door, or serves it itself and passes the door on to the most recently idle slot.
+Where no prefix can choose (the prefix cache off, or a share above 1) there is no door: each
+idle slot waits on the mailbox, which serves the least recently idle first.
 """
 
 from __future__ import annotations
@@ -23,12 +25,19 @@ __all__ = ["Placement", "PlacementSlot", "choose_slot", "common_prefix"]
 T = TypeVar("T")
 
 
+_CHUNK = 64
+"""Tokens compared at once (a slice comparison, in C) before one by one."""
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of ``a`` and ``b``."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
+    for start in range(0, n, _CHUNK):
+        end = min(start + _CHUNK, n)
+        if list(a[start:end]) != list(b[start:end]):  # the first difference is in this chunk
+            for i in range(start, end):
+                if a[i] != b[i]:
+                    return i
     return n
 
 
@@ -43,11 +52,15 @@ def choose_slot(prompt: Sequence[int] | None, cached: Sequence[Sequence[int]], m
         raise ValueError("no idle slot to choose from")
     if not prompt:
         return 0
+    head = list(prompt)
     best, best_len = 0, 0
     for i, tokens in enumerate(cached):
-        n = common_prefix(tokens, prompt)
-        if n > best_len:
-            best, best_len = i, n
+        # Only a slot that shares more than the best so far is measured: its next token agrees,
+        # and the ones before it (compared at once). 128 idle slots that share a long system
+        # prompt cost a comparison of one token each, not a loop over the prompt each.
+        k = best_len
+        if k < len(tokens) and k < len(head) and tokens[k] == head[k] and list(tokens[:k]) == head[:k]:
+            best, best_len = i, common_prefix(tokens, head)
     return best if best_len > 0 and best_len >= min_share * len(prompt) else 0
 
 
@@ -78,10 +91,13 @@ class Placement(Generic[T]):
 
     :param min_share: least part of a prompt the chosen slot's cells must share (else the least
         recently used idle slot takes it); above 1, prefixes never choose.
+    :param by_prefix: False where no slot keeps a prefix (the prefix cache is off): then, as
+        with ``min_share`` above 1, there is no door (see :meth:`take`).
     """
 
-    def __init__(self, min_share: float) -> None:
+    def __init__(self, min_share: float, *, by_prefix: bool = True) -> None:
         self.min_share = min_share
+        self._by_door = by_prefix and min_share <= 1
         self._idle: list[_Waiter[T]] = []
         self._door: _Waiter[T] | None = None
         self._by_prefix = 0
@@ -99,7 +115,13 @@ class Placement(Generic[T]):
 
         ``receive`` is this slot's own receive from the mailbox (used while it is the door);
         ``tokenize`` gives a request's prompt tokens (None: choose the least recently used).
+        Where prefixes never choose, every idle slot waits on the mailbox itself, with no door:
+        the mailbox hands requests to its waiting receivers in the order they began waiting,
+        the least recently used first, as the choice would, and a burst reaches them all in one
+        turn of the event loop instead of one turn a request.
         """
+        if not self._by_door:
+            return await self._receive(slot, receive)
         me: _Waiter[T] = _Waiter(slot)
         self._idle.append(me)
         try:
@@ -131,11 +153,30 @@ class Placement(Generic[T]):
                 self._door = None
                 self._pass_door()
 
+    async def _receive(
+        self, slot: PlacementSlot, receive: Callable[[], Awaitable[T]]
+    ) -> tuple[T, list[int] | None] | None:
+        """The slot's own wait on the mailbox, where there is no door (a retiring slot's
+        receiver is closed: the wait ends)."""
+        me: _Waiter[T] = _Waiter(slot)
+        self._idle.append(me)
+        try:
+            item = await receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return None
+        finally:
+            self._idle.remove(me)
+        self._by_lru += 1
+        return item, None
+
     def _choose(self, prompt: list[int] | None) -> _Waiter[T]:
         free = [w for w in self._idle if w.handed is None and not w.stopped and not w.slot.retiring]
         if not free:  # only the door itself could be left (retiring while it tokenized)
             assert self._door is not None
             return self._door
+        if not prompt:  # nothing to match: choose_slot's least recently used, without the scan
+            self._by_lru += 1
+            return free[0]
         i = choose_slot(prompt, [w.slot.cached_tokens for w in free], self.min_share)
         shared = common_prefix(free[i].slot.cached_tokens, prompt) if prompt else 0
         if shared and shared >= self.min_share * len(prompt or ()):
@@ -145,8 +186,11 @@ class Placement(Generic[T]):
         return free[i]
 
     def _pass_door(self) -> None:
-        """Wake the least recently used idle slot that has no request yet: it becomes the door."""
-        for waiter in self._idle:
+        """Wake the most recently idle slot that has no request yet: it becomes the door. The
+        least recently used, which the choice prefers, are then not the door: the door hands
+        them requests and goes on receiving, one turn of the event loop a request (a door that
+        serves its own request passes the door, a task switch more)."""
+        for waiter in reversed(self._idle):
             if waiter.handed is None and not waiter.stopped:
                 waiter.wake.set()
                 return

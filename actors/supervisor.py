@@ -77,7 +77,7 @@ class Supervisor:
         self._n = slots
         self._target = slots
         self._slots: dict[int, SlotActor] = {}
-        self.placement: Placement[Ticket] = Placement(config.min_prefix_share)
+        self.placement: Placement[Ticket] = Placement(config.min_prefix_share, by_prefix=config.prefix_cache)
         """Which idle slot takes each request (by the prompt's prefix in its cells)."""
         self._receivers: dict[int, MailboxReceiver[Ticket]] = {}
         self._stopped: dict[int, anyio.Event] = {}

@@ -127,3 +127,33 @@ def test_observers_calls_each_handler_and_skips_a_raising_one() -> None:
         fan.inter_token(0.01)
     assert a.calls["step"] == b.calls["step"] == 3
     assert b.calls["inter_token"] == 3
+
+
+def test_an_observers_inside_another_is_flattened_and_follows_later_adds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two models' Observers hold their Runtime's: an observer added to it later is called by
+    both, once per event, after those added before it; one that raises is logged once."""
+    order: list[str] = []
+
+    class Named(Recorder):
+        def __init__(self, name: str, failing: str | None = None) -> None:
+            super().__init__(failing)
+            self.name = name
+
+        def step(self, report: Any) -> None:
+            order.append(self.name)
+
+    runtime_fan, first = Observers(), Named("first")
+    runtime_fan.add(first)
+    models = [Observers(runtime_fan), Observers(runtime_fan)]
+    late, failing = Named("late"), Named("failing", "inter_token")
+    runtime_fan.add(late)
+    runtime_fan.add(failing)
+    with caplog.at_level(logging.ERROR, logger="slotserve.events"):
+        for fan in models:
+            fan.inter_token(0.01)
+            fan.step(None)  # type: ignore[arg-type]
+    assert first.calls["inter_token"] == late.calls["inter_token"] == failing.calls["inter_token"] == 2
+    assert order == ["first", "late", "failing"] * 2
+    assert len([r for r in caplog.records if r.name == "slotserve.events"]) == 1

@@ -79,3 +79,40 @@ async def test_a_chat_turn_reuses_the_whole_last_turn_and_answers_as_without_cac
     # fed back: it ended the answer) are the cells turn 2 finds.
     assert cached[:2] == [0, len("<user>hello there\n<assistant>") + 7]
     assert cached[2] > cached[1]
+
+
+async def test_without_a_prefix_to_choose_by_the_least_recently_used_slot_serves_as_with_the_door() -> None:
+    """One request at a time goes to the least recently used slot, with the door (prompts that
+    share nothing) and without it (the prefix cache off: every idle slot waits on the mailbox);
+    a burst of as many requests as slots gives each slot one."""
+    for cache in (True, False):
+        async with open_runtime("fake", slots=3, prefix_cache=cache) as rt:
+            order = [(await rt.complete(greedy(f"{i} alone", max_tokens=2))).stats.slot for i in range(6)]
+            assert sorted(order[:3]) == [0, 1, 2] and order[3:] == order[:3]
+            burst: list[int] = []
+
+            async def one(i: int, burst: list[int] = burst) -> None:
+                burst.append((await rt.complete(greedy(f"{i} at once", max_tokens=2))).stats.slot)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(one, i)
+            assert sorted(burst) == [0, 1, 2]
+            placement = rt.statistics().supervisor.placement
+            assert (placement.by_prefix, placement.least_recently_used, placement.idle) == (0, 9, 3)
+
+
+@given(
+    a=st.lists(st.integers(0, 2), max_size=200),
+    b=st.lists(st.integers(0, 2), max_size=200),
+    shared=st.lists(st.integers(0, 2), max_size=150),
+    as_tuple=st.booleans(),
+)
+def test_the_common_prefix_is_the_length_where_they_first_differ(
+    a: list[int], b: list[int], shared: list[int], as_tuple: bool
+) -> None:
+    """Past the comparison's chunks (long shared prefixes), and for a tuple against a list."""
+    a, b = shared + a, shared + b
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    assert common_prefix(tuple(a) if as_tuple else a, b) == n
+    assert choose_slot(b, [[9], tuple(a) if as_tuple else a], 0.0) == (1 if n else 0)

@@ -81,3 +81,18 @@ def test_tenant_weights_are_read_and_checked(monkeypatch: pytest.MonkeyPatch) ->
             parse_weights(bad)
     with pytest.raises(ConfigError, match="tenant_max_slots is 2000"):
         RuntimeConfig(tenant_max_slots=2000)
+
+
+@given(
+    works=st.lists(st.tuples(st.floats(0, 1000), st.floats(0, 500)), max_size=20),
+    elapsed=st.floats(0, 5),
+    prefill_steps=st.floats(0, 3),
+)
+def test_the_bulk_durations_are_the_single_ones(
+    works: list[tuple[float, float]], elapsed: float, prefill_steps: float
+) -> None:
+    p = measured(0.01)
+    p.prefill_steps, p.prefill_s_per_token, p.interval_per_step = prefill_steps, 1e-4, 1.5
+    each = [Work(a, b) for a, b in works]
+    assert p.durations_s(each) == [p.duration_s(w) for w in each]
+    assert p.remainings_s(each, [elapsed] * len(each)) == [p.remaining_s(w, elapsed) for w in each]

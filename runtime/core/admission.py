@@ -201,16 +201,24 @@ class Admission:
         return self.predictor.work(prompt_chars(request), request.max_tokens or self.config.max_tokens_limit)
 
     def _starts(self, order: Sequence[Ticket], now: float) -> list[float]:
-        p = self.predictor
-        running = [p.remaining_s(self._work(h.item), now - h.taken_s) for h in self.mailbox.queue.held()]
-        return p.starts(self._slots(), running, [self._work(t) for t in order])
+        held = self.mailbox.queue.held()
+        running = self.predictor.remainings_s(
+            [self._work(h.item) for h in held], [now - h.taken_s for h in held]
+        )
+        return self.predictor.starts(self._slots(), running, [self._work(t) for t in order])
 
     def _estimate(self, ticket: Ticket, now: float) -> QueueEstimate:
         order = self.mailbox.queue.order(now)
         position = next((i for i, t in enumerate(order) if t is ticket), len(order))
         if not self.predictor.ready:
             return QueueEstimate(position=position, predicted_start_s=None, predicted_ttft_s=None)
-        start = self._starts(order[:position], now)[position]
+        if position < self._slots() - len(self.mailbox.queue.held()):
+            # An idle slot is left for it: playing the queue forward (WaitPredictor.starts) starts
+            # it at once, so the work of the requests running and ahead is not needed (an
+            # admission into idle slots costs O(1) predictions, not O(slots + queue)).
+            start = 0.0
+        else:
+            start = self._starts(order[:position], now)[position]
         ttft = start + self.predictor.prefill_s(self._work(ticket))
         return QueueEstimate(position=position, predicted_start_s=start, predicted_ttft_s=ttft)
 

@@ -11,6 +11,7 @@ slot and the runtime go on, and the other observers are still called.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
@@ -81,21 +82,43 @@ class Observers:
     """Fans events out to any number of observers; with none, every call is a no-op.
 
     Each event calls every observer that has the method; one that raises is logged (the first
-    time for that observer and event, with both names) and skipped for this call only.
+    time for that observer and event, with both names) and skipped for this call only. An
+    Observers among the observers (a model's holds its Runtime's; not a subclass, whose methods
+    may be its own) is flattened: its observers, those added to it later too, are called from
+    here in its place, not through a second fan-out for every event (one a token).
     """
 
     def __init__(self, *observers: object) -> None:
         self._handlers: dict[str, list[Callable[..., Any]]] = {event: [] for event in EVENTS}
         self._logged: set[tuple[int, str]] = set()
         self._inter_token = self._handlers["inter_token"]
+        self._observers: list[object] = []
+        self._into: weakref.WeakSet[Observers] = weakref.WeakSet()  # the Observers that flatten this one
         for o in observers:
             self.add(o)
 
     def add(self, observer: object) -> None:
         """Send events to ``observer`` too: each Observer method it has (any subset)."""
+        self._observers.append(observer)
+        if type(observer) is Observers:  # a subclass may override events: it is an observer
+            observer._into.add(self)
+            observer._logged |= self._logged  # one log for an observer and event, whichever fans out
+            self._logged = observer._logged
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Each event's handlers, in the order their observers were added (in place: the hot
+        paths hold the lists)."""
         for event, handlers in self._handlers.items():
-            if callable(handler := getattr(observer, event, None)):
-                handlers.append(handler)
+            flat: list[Callable[..., Any]] = []
+            for o in self._observers:
+                if type(o) is Observers:
+                    flat += o._handlers[event]
+                elif callable(handler := getattr(o, event, None)):
+                    flat.append(handler)
+            handlers[:] = flat
+        for outer in list(self._into):
+            outer._rebuild()
 
     def _emit(self, event: str, *args: Any) -> None:
         for handler in self._handlers[event]:

@@ -113,9 +113,21 @@ class WaitPredictor:
         """Seconds between two tokens of one request: the step time, as requests see it."""
         return (self.step_s or 0.0) * self.interval_per_step
 
+    def durations_s(self, works: Sequence[Work]) -> list[float]:
+        """:meth:`duration_s` of each of ``works``, in bulk (the rates read once, not per request)."""
+        base, per_token = self.prefill_steps * (self.step_s or 0.0), self.prefill_s_per_token
+        interval = self.token_interval_s
+        return [base + w.prompt_tokens * per_token + max(0.0, w.decode_tokens - 1) * interval for w in works]
+
     def remaining_s(self, work: Work, elapsed_s: float) -> float:
         """Seconds a running request is expected to hold its slot still (at least one step)."""
         return max(self.duration_s(work) - elapsed_s, self.step_s or 0.0)
+
+    def remainings_s(self, works: Sequence[Work], elapsed_s: Sequence[float]) -> list[float]:
+        """:meth:`remaining_s` of each running request (``works[i]`` in its slot for
+        ``elapsed_s[i]`` seconds), in bulk."""
+        least = self.step_s or 0.0
+        return [max(d - e, least) for d, e in zip(self.durations_s(works), elapsed_s, strict=True)]
 
     def starts(self, slots: int, running_s: Sequence[float], queued: Sequence[Work]) -> list[float]:
         """When each of ``queued`` (in the order the queue serves them) is predicted to start,
@@ -126,9 +138,9 @@ class WaitPredictor:
             return [float("inf")] * (len(queued) + 1)
         heapq.heapify(free)
         out: list[float] = []
-        for work in queued:
-            start = heapq.heappop(free)
+        for duration in self.durations_s(queued):
+            start = free[0]  # the first slot to free takes the next request, and frees again after it
             out.append(start)
-            heapq.heappush(free, start + self.duration_s(work))
+            heapq.heapreplace(free, start + duration)
         out.append(free[0])
         return out
