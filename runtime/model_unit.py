@@ -290,8 +290,8 @@ class ModelUnit:
             return 0
         self._state = "draining"
         error = RuntimeClosedError("the server is shutting down; retry on another instance or later")
-        for ticket in self._mailbox.close(lambda: error):
-            ticket.finish("error", error=error)
+        for ticket in self._mailbox.close(lambda: error, keep=lambda t: t.parked is not None):
+            ticket.finish("error", error=error)  # (a preempted one, parked, stays: it resumes)
         log.warning("draining: %d request(s) running, up to %g s", len(self._in_flight), timeout_s)
         with anyio.move_on_after(timeout_s):
             await self._wait_drained()

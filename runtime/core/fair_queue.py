@@ -22,7 +22,7 @@ import bisect
 import contextlib
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -256,9 +256,12 @@ class FairQueue(Generic[T]):
         self._seq += 1
         self._insert(_Entry(deque([item]), held.priority, held.tenant, held.cost, self._seq, held.admitted_s))
 
-    def drain(self) -> list[T]:
-        """Take every waiting item out, in admission order (the queue is closing)."""
+    def drain(self, keep: Callable[[T], bool] | None = None) -> list[T]:
+        """Take every waiting item out, in admission order (the queue is closing), but those
+        ``keep`` holds to: they stay where they are."""
         left = [item for entry in list(self._entries.values()) for item in entry.items]
+        if keep is not None:
+            left = [item for item in left if not keep(item)]
         for item in left:
             self.remove(item)
         return left

@@ -59,7 +59,7 @@ class MailboxReceiver(Generic[T]):
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
-            if mb.closed:
+            if mb.closed and not mb.queue:  # (closed with items kept: they still go out)
                 raise anyio.EndOfStream
             if not mb._waiters and (item := mb._take()) is not None:
                 await anyio.lowlevel.cancel_shielded_checkpoint()
@@ -250,14 +250,22 @@ class Mailbox(Generic[T]):
         """A receiver for one slot; close it when the slot stops."""
         return MailboxReceiver(self)
 
-    def close(self, error: Callable[[], Exception]) -> list[T]:
-        """Refuse new items with ``error()`` and return the items that were still waiting."""
+    def close(self, error: Callable[[], Exception], *, keep: Callable[[T], bool] | None = None) -> list[T]:
+        """Refuse new items with ``error()`` and return the items that were still waiting, but
+        those ``keep`` holds to: they stay queued and the slots still take them (a drain lets
+        a preempted request resume); a later close returns them."""
         self._closed_error = error
-        left = self.queue.drain()
-        for waiter in self._waiters:
-            waiter.event.set()  # not handed: the wait ends with EndOfStream
+        left = self.queue.drain(keep)
+        self._dispatch()
+        self._end_idle_waits()
         self._freed()
         return left
+
+    def _end_idle_waits(self) -> None:
+        """Closed and nothing left: each idle wait ends with EndOfStream."""
+        if self.closed and not self.queue:
+            for waiter in self._waiters:
+                waiter.event.set()  # not handed: the wait ends with EndOfStream
 
     def _has_room(self, n: int) -> bool:
         return len(self.queue) + n <= self.capacity + len(self._waiters)
@@ -270,6 +278,7 @@ class Mailbox(Generic[T]):
         item = self.queue.pop(self._clock())
         if item is not None:
             self._freed()
+            self._end_idle_waits()  # closed, and that was the last one kept
             if self._on_take is not None and (held := self.queue.held_of(item)) is not None:
                 self._on_take(item, held)
         return item
