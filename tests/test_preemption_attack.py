@@ -14,6 +14,8 @@ import pytest
 from actors.model import ModelActor
 from runtime import Runtime
 from runtime.core.errors import RuntimeClosedError
+from runtime.core.fair_queue import FairQueue, Placement, QueuePolicy
+from runtime.core.mailbox import Mailbox
 from runtime.core.messages import Chunk, Completion, CompletionBuilder, GenerateRequest
 from runtime.core.ticket import ResponseStream, Ticket
 from tests.helpers import greedy, open_runtime, wait_until
@@ -274,3 +276,191 @@ async def test_a_reader_that_stopped_reading_is_preempted_and_still_gets_every_t
         assert _parked(rt) == (0, 0)
     assert "".join(c.text for c in chunks) == plain[0].text
     assert chunks[-1].stats is not None and chunks[-1].stats.preemptions == 1
+
+
+# -- answers with state beyond the cells -------------------------------------------------------
+
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 30}},
+    "required": ["story"],
+}
+
+
+async def _midway(
+    rt: Runtime, request: GenerateRequest, at: int, others: list[GenerateRequest]
+) -> tuple[Reader, bool, list[Completion]]:
+    """Run ``request`` in the one slot, park it by hand once ``at`` tokens came with ``others``
+    waiting (they run first), and read everything to the end."""
+    reader = Reader(rt.generate(request))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader.run)
+        await wait_until(lambda: reader.tokens >= at, 10)
+        waiting = [rt.generate(r) for r in others]
+        parked = await rt.preempt(0)
+        done = [await stream.collect() for stream in waiting]
+    return reader, parked, done
+
+
+async def _answer_of(request: GenerateRequest, at: int) -> tuple[Completion, Completion, bool]:
+    """``request`` alone, and preempted by hand after ``at`` tokens; and whether it was."""
+    async with open_runtime("fake", slots=1, memory_source="none", fake=FAST) as rt:
+        plain = await rt.complete(request)
+        reader, parked, _ = await _midway(rt, request, at, [greedy("in between", max_tokens=4)])
+        assert _parked(rt) == (0, 0)
+    assert reader.result is not None and reader.error is None
+    return plain, reader.result, parked
+
+
+@pytest.mark.parametrize(
+    ("request_", "at"),
+    [
+        (greedy("with logprobs", max_tokens=40, logprobs=True, top_logprobs=3), 10),
+        (greedy("json please", max_tokens=60, format="json"), 3),
+        (greedy("a schema", max_tokens=80, format=STORY_SCHEMA), 12),
+        (GenerateRequest(prompt="sampled", max_tokens=80, temperature=0.9, seed=3, format=STORY_SCHEMA), 12),
+        (
+            GenerateRequest(prompt="penalised", max_tokens=50, temperature=0.7, seed=11, repeat_penalty=1.5),
+            20,
+        ),
+    ],
+    ids=["logprobs", "json", "schema", "schema-sampled", "seeded-penalty"],
+)
+async def test_an_answer_preempted_mid_way_is_the_one_never_preempted(
+    request_: GenerateRequest, at: int
+) -> None:
+    plain, done, parked = await _answer_of(request_, at)
+    assert parked and done.stats.preemptions == 1
+    assert (done.text, done.token_ids, done.done_reason) == (plain.text, plain.token_ids, plain.done_reason)
+    assert done.logprobs == plain.logprobs
+    if request_.logprobs:
+        assert len(done.logprobs) == 40 and all(len(lp.top) == 3 for lp in done.logprobs)
+
+
+async def test_a_stop_string_held_back_across_the_pause_still_stops_the_answer() -> None:
+    probe = greedy("stop me", max_tokens=60)
+    (plain,) = await _alone([probe])
+    stop = plain.text[30:33]  # parked while the start of the stop string may be held back
+    request = greedy("stop me", max_tokens=60, stop=(stop,))
+    parks = 0
+    for at in (26, 28, 29, 30):
+        want, done, parked = await _answer_of(request, at)
+        parks += parked
+        assert want.done_reason == "stop" and want.text == plain.text[: plain.text.index(stop)]
+        assert (done.text, done.done_reason) == (want.text, want.done_reason), at
+    assert parks >= 1
+
+
+# -- choices, tenants, aging -------------------------------------------------------------------
+
+
+async def test_the_choices_of_an_n_request_are_never_preempted() -> None:
+    async with open_runtime("fake", slots=2, memory_source="none", fake=FAST) as rt:
+        choices = rt.generate_choices(greedy("two ways", max_tokens=30, priority=-3), 2)
+        got: list[Chunk] = []
+        async with anyio.create_task_group() as tg:
+
+            async def read() -> None:
+                async with choices:
+                    async for chunk in choices:
+                        got.append(chunk)
+
+            tg.start_soon(read)
+            await wait_until(lambda: len(got) >= 4, 10)
+            assert not await rt.preempt(0) and not await rt.preempt(1)
+            high = await rt.complete(greedy("urgent", max_tokens=3, priority=9))
+        stats = rt.statistics().model.preemption
+    assert stats is not None and stats.preemptions == 0
+    assert high.stats.completion_tokens == 3
+    assert sorted(sum(len(c.token_ids) for c in got if c.index == i) for i in (0, 1)) == [30, 30]
+
+
+async def test_at_its_tenants_slot_cap_a_request_takes_the_place_of_its_own_tenants() -> None:
+    async with open_runtime("fake", slots=2, memory_source="none", tenant_max_slots=1, fake=FAST) as rt:
+        a = Reader(rt.generate(greedy("tenant a story", max_tokens=150, tenant="a")))
+        b = Reader(rt.generate(greedy("tenant b story", max_tokens=150, tenant="b")))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.run)
+            await wait_until(lambda: a.tokens >= 1, 10)
+            tg.start_soon(b.run)
+            await wait_until(lambda: b.tokens >= 1, 10)
+            high = await rt.complete(greedy("urgent for a", max_tokens=5, priority=5, tenant="a"))
+            sent_a, sent_b = a.tokens, b.tokens
+        stats = rt.statistics().model.preemption
+    assert high.stats.completion_tokens == 5
+    assert a.result is not None and b.result is not None
+    assert sent_a < 150  # a gave way to its own tenant's urgent request
+    assert a.result.stats.preemptions == 1 and b.result.stats.preemptions == 0
+    assert stats is not None and stats.preemptions == 1 and sent_b >= 0
+
+
+async def test_a_preempted_request_does_not_come_back_first_by_aging_its_running_time() -> None:
+    low = greedy("low priority story", max_tokens=120, priority=-1)
+    async with open_runtime("fake", slots=1, memory_source="none", queue_aging_s=0.01, fake=FAST) as rt:
+        reader = Reader(rt.generate(low))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader.run)
+            await wait_until(lambda: reader.tokens >= 10, 10)  # it has run past queue_aging_s
+            high = await rt.complete(greedy("urgent", max_tokens=5, priority=5))
+            sent = reader.tokens
+    assert high.stats.completion_tokens == 5
+    assert reader.result is not None and reader.result.stats.preemptions == 1
+    assert sent < 120  # the urgent one did not wait behind the whole low answer
+
+
+# -- the queue's part, pure --------------------------------------------------------------------
+
+
+class _Req:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def test_a_requeued_request_waits_from_its_requeue_and_its_tenant_is_charged_once() -> None:
+    q: FairQueue[_Req] = FairQueue(QueuePolicy(aging_s=10.0))
+    run = _Req("run")
+    q.push([run], Placement(tenant="a"), now_s=0.0)
+    assert q.pop(0.0) is run  # tenant a is charged 1
+    older = _Req("older")
+    q.push([older], Placement(tenant="b"), now_s=5.0)
+    q.requeue(run, 30.0)  # it ran 30 s: that was no wait
+    a2, b2 = _Req("a2"), _Req("b2")
+    q.push([a2], Placement(tenant="a"), now_s=31.0)
+    q.push([b2], Placement(tenant="b"), now_s=31.0)
+    assert q.pop(31.0) is older  # aged (26 s waiting); the requeued one is not
+    assert q.order(31.0) == [run, a2, b2]  # a was refunded: run first (its lane's head)
+    assert drain_by_pop(q, 31.0) == [run, a2, b2]
+    q2: FairQueue[_Req] = FairQueue(QueuePolicy())
+    first, behind = _Req("first"), _Req("behind")
+    q2.push([first], Placement(), now_s=0.0)
+    assert q2.pop(0.0) is first
+    q2.push([behind], Placement(), now_s=1.0)
+    q2.requeue(first, 2.0, last=True)
+    assert drain_by_pop(q2, 2.0) == [behind, first] and q2.running("") == 2
+
+
+def drain_by_pop(q: FairQueue[_Req], now_s: float) -> list[_Req]:
+    out = []
+    while (r := q.pop(now_s)) is not None:
+        out.append(r)
+    return out
+
+
+async def test_a_mailbox_closed_for_a_drain_still_hands_out_what_it_keeps_then_ends() -> None:
+    mailbox: Mailbox[_Req] = Mailbox(8)
+    kept, refused = _Req("kept"), _Req("refused")
+    mailbox.put_nowait(refused)
+    mailbox.put_nowait(kept)
+    receivers = [mailbox.receiver(), mailbox.receiver()]
+    left = mailbox.close(lambda: RuntimeClosedError("closing"), keep=lambda r: r is kept)
+    assert left == [refused] and mailbox.statistics().depth == 1
+    with pytest.raises(RuntimeClosedError):
+        mailbox.put_nowait(_Req("new"))
+    with anyio.fail_after(5):
+        assert await receivers[0].receive() is kept
+        with pytest.raises(anyio.EndOfStream):
+            await receivers[1].receive()
+        assert not mailbox.requeue(kept)  # closed: a slot serves it on where it is

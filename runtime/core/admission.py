@@ -122,14 +122,21 @@ class Admission:
 
     def _make_room(self, ticket: Ticket) -> None:
         """``ticket`` waits and every slot is busy: ask the running request of the lowest
-        priority below its own to give way (runtime.core.preemption; ``preemption`` on)."""
+        priority below its own to give way (runtime.core.preemption; ``preemption`` on). A
+        tenant at its slot cap could not take another's slot: only its own give way."""
         queue = self.mailbox.queue
         if not self.config.preemption or queue.held_of(ticket) is not None or ticket.finished:
             return  # taken already (a slot was idle), or refused
         held = queue.held()
         if len(held) < self._slots():
             return  # a slot is idle: it takes the request
-        serving = [(h, h.item.serving) for h in held if h.item.serving is not None]
+        tenant, cap = ticket.request.tenant, queue.policy.tenant_max_slots
+        capped = bool(cap) and queue.running(tenant) >= cap
+        serving = [
+            (h, h.item.serving)
+            for h in held
+            if h.item.serving is not None and (not capped or h.tenant == tenant)
+        ]
         running = [Running(h.priority, h.taken_s, s.asked) for h, s in serving]
         if (i := victim(ticket.request.priority, running)) is not None:
             serving[i][1].ask()

@@ -228,16 +228,13 @@ class Mailbox(Generic[T]):
 
     def requeue(self, item: T, *, last: bool = False) -> bool:
         """Put ``item``, taken by a slot and paused (preempted), back at the head of its
-        tenant's lane (``last``: at its tail, behind those waiting), with its first admission
-        time, past every bound (it was admitted before); an idle slot may take it at once.
-        False (nothing done) if the mailbox is closed."""
+        tenant's lane (``last``: at its tail, behind those waiting), waiting from now
+        (:meth:`FairQueue.requeue`), past every bound (it was admitted before); an idle slot
+        may take it at once. False (nothing done) if the mailbox is closed."""
         if self.closed or self.queue.held_of(item) is None:
             return False
-        if last:
-            self.queue.put_last(item)
-            self._dispatch()
-        else:
-            self._put_back(item)
+        self.queue.requeue(item, self._clock(), last=last)
+        self._dispatch()
         return True
 
     def done(self, item: T) -> None:
