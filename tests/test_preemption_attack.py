@@ -4,20 +4,23 @@ caps, aging, a resize, a failing restore, and an HTTP stream that pauses."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from actors.model import ModelActor
 from runtime import Runtime
-from runtime.core.errors import RuntimeClosedError
+from runtime.core.errors import GenerationError, RuntimeClosedError
 from runtime.core.fair_queue import FairQueue, Placement, QueuePolicy
 from runtime.core.mailbox import Mailbox
 from runtime.core.messages import Chunk, Completion, CompletionBuilder, GenerateRequest
 from runtime.core.ticket import ResponseStream, Ticket
+from runtime.server import create_app
 from tests.helpers import greedy, open_runtime, wait_until
 
 STEP_S = 0.003
@@ -464,3 +467,152 @@ async def test_a_mailbox_closed_for_a_drain_still_hands_out_what_it_keeps_then_e
         with pytest.raises(anyio.EndOfStream):
             await receivers[1].receive()
         assert not mailbox.requeue(kept)  # closed: a slot serves it on where it is
+
+
+# -- resize, a failing restore, a crash --------------------------------------------------------
+
+
+@pytest.mark.parametrize("to_slots", [1, 3], ids=["shrink", "grow"])
+async def test_a_resize_while_a_request_is_parked_keeps_it_exact(to_slots: int) -> None:
+    long = greedy("parked across a resize", max_tokens=60)
+    first = greedy("slot zero's own", max_tokens=30)
+    blocker = greedy("takes slot one", max_tokens=20)
+    plain = await _alone([long, first, blocker])
+    async with open_runtime("fake", slots=2, memory_source="none", prefix_cache=False, fake=FAST) as rt:
+        readers = [Reader(rt.generate(first))]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(readers[0].run)
+            await wait_until(lambda: readers[0].tokens >= 1, 10)
+            readers.append(Reader(rt.generate(long)))
+            tg.start_soon(readers[1].run)
+            await wait_until(lambda: readers[1].tokens >= 5, 10)
+            readers.append(Reader(rt.generate(blocker)))
+            tg.start_soon(readers[2].run)
+            assert await rt.preempt(1)
+            record = await rt.resize(to_slots)
+            assert record is not None and record.to_slots == to_slots
+        assert _parked(rt) == (0, 0) and rt.status().slots_effective == to_slots
+    for reader, want in zip(readers, [first, long, blocker], strict=True):
+        assert reader.error is None and reader.result is not None
+        assert reader.result.text == plain[[long, first, blocker].index(want)].text
+    assert readers[1].result is not None and readers[1].result.stats.preemptions == 1
+
+
+async def test_a_request_whose_state_cannot_be_restored_fails_alone_and_the_slot_serves_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with _parked_runtime(blocker_tokens=10) as (rt, reader, blocker, _):
+
+        def refuse(seq_id: int, state: bytes) -> None:
+            raise RuntimeError(f"no room for {len(state)} bytes in sequence {seq_id}")
+
+        monkeypatch.setattr(rt.backend, "load_seq", refuse)
+        assert (await blocker.collect()).stats.completion_tokens == 10  # then the parked one resumes
+        with anyio.fail_after(10):
+            await reader.ended.wait()
+        monkeypatch.undo()
+        after = await rt.complete(greedy("after the failure", max_tokens=6))
+        stats = rt.statistics().model.preemption
+        status = rt.status()
+    assert isinstance(reader.error, GenerationError) and "could not resume" in str(reader.error)
+    assert after.stats.completion_tokens == 6
+    assert stats is not None and (stats.failed_resumes, stats.parked, stats.parked_bytes) == (1, 0, 0)
+    assert status.restarts == 0 and status.state == "ready"
+
+
+async def test_the_slot_that_parked_a_request_crashing_does_not_lose_it() -> None:
+    long = greedy("a long story", max_tokens=60)
+    (plain,) = await _alone([long])
+    fake = {"step_delay_s": STEP_S, "fault_prompts": ["boom"], "fault_after": 3}
+    async with open_runtime("fake", slots=1, memory_source="none", restart_intensity=3, fake=fake) as rt:
+        reader = Reader(rt.generate(long))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader.run)
+            await wait_until(lambda: reader.tokens >= 5, 10)
+            boom = rt.generate(greedy("boom", max_tokens=20))
+            assert await rt.preempt(0)
+            with pytest.raises(GenerationError):  # the slot crashed on it (SlotFailedError)
+                await boom.collect()
+        status = rt.status()
+        assert _parked(rt) == (0, 0)
+    assert status.restarts == 1 and status.state == "ready"
+    assert reader.error is None and reader.result is not None and reader.result.text == plain.text
+
+
+# -- HTTP --------------------------------------------------------------------------------------
+
+
+async def test_an_ollama_stream_of_low_priority_pauses_for_an_urgent_request_and_ends_exact() -> None:
+    body = {"model": "fake", "prompt": "a low priority story", "stream": True,
+            "options": {"temperature": 0, "num_predict": 80}}  # fmt: skip
+    urgent = {
+        "model": "fake",
+        "prompt": "urgent",
+        "stream": False,
+        "options": {"temperature": 0, "num_predict": 5},
+    }
+    async with open_runtime("fake", slots=1, memory_source="none", fake=FAST) as rt:
+        app = create_app(rt)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+        ) as client:
+            plain = (await client.post("/api/generate", json={**body, "stream": False})).json()
+            lines: list[dict[str, Any]] = []
+            async with anyio.create_task_group() as tg:
+
+                async def stream_low() -> None:
+                    headers = {"x-slotserve-priority": "-1"}
+                    async with client.stream("POST", "/api/generate", json=body, headers=headers) as r:
+                        async for line in r.aiter_lines():
+                            if line:
+                                lines.append(json.loads(line))
+
+                tg.start_soon(stream_low)
+                await wait_until(lambda: rt.statistics().model.tokens_sampled >= 90, 10)  # 10 of its 80
+                r = await client.post("/api/generate", json=urgent, headers={"x-slotserve-priority": "5"})
+                assert r.status_code == 200 and r.json()["eval_count"] == 5
+        stats = rt.statistics().model.preemption
+    assert stats is not None and stats.preemptions == 1 and stats.parked == 0
+    assert lines[-1]["done"] and lines[-1]["eval_count"] == 80
+    assert "".join(line["response"] for line in lines) == plain["response"]
+
+
+async def test_a_storm_of_preempts_and_cancels_at_random_moments_ends_every_stream_and_frees_all() -> None:
+    import random
+
+    rng = random.Random(20261202)
+    requests = [
+        greedy(f"storm {i}", max_tokens=rng.randint(5, 40), priority=rng.randint(-2, 2)) for i in range(30)
+    ]
+    plain = await _alone(requests, prefix_cache=False)
+    async with open_runtime("fake", slots=3, memory_source="none", max_queue=64, fake=FAST) as rt:
+        readers: list[Reader] = []
+        async with anyio.create_task_group() as tg:
+            for request in requests:
+                reader = Reader(rt.generate(request))
+                readers.append(reader)
+                tg.start_soon(reader.run)
+                for _ in range(rng.randint(0, 3)):
+                    await anyio.sleep(rng.choice([0, 0.001, 0.004]))
+                    action = rng.random()
+                    if action < 0.4:
+                        tg.start_soon(rt.preempt, rng.randrange(3))
+                    elif action < 0.6:
+                        victim = rng.choice(readers)
+                        _ticket(victim.stream).cancel()
+        with anyio.fail_after(10):
+            for reader in readers:
+                await reader.ended.wait()
+            await wait_until(lambda: rt.status().requests_in_flight == 0, 10)
+        stats = rt.statistics().model.preemption
+        status = rt.status()
+    assert stats is not None and stats.preemptions >= 1 and (stats.parked, stats.parked_bytes) == (0, 0)
+    assert stats.resumes + stats.failed_resumes <= stats.preemptions and stats.failed_resumes == 0
+    assert status.slots_busy == 0 and status.queue_depth == 0 and status.requests_failed == 0
+    for reader in readers:
+        assert reader.error is None, reader.error
+        if reader.result is None or reader.result.done_reason == "cancel":
+            assert _ticket(reader.stream).cancelled  # (one cancelled unstarted just ends)
+        else:
+            assert reader.result.text == plain[readers.index(reader)].text
+    assert sum(r.result is not None and r.result.done_reason == "length" for r in readers) >= 10
