@@ -262,7 +262,10 @@ class ModelUnit:
         if self._state != "failed":
             self._state = "closed"
         for ticket in self._mailbox.close(lambda: RuntimeClosedError("the runtime is closed")):
-            ticket.finish("error", error=RuntimeClosedError("the runtime closed before this request started"))
+            when = (
+                "before this request started" if ticket.parked is None else "while this request was preempted"
+            )
+            ticket.finish("error", error=RuntimeClosedError(f"the runtime closed {when}"))
         for ticket in list(self._in_flight):
             ticket.cancel()
         assert self._tg is not None and self._backend is not None

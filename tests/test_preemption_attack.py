@@ -18,10 +18,17 @@ from runtime import Runtime
 from runtime.core.errors import GenerationError, RuntimeClosedError
 from runtime.core.fair_queue import FairQueue, Placement, QueuePolicy
 from runtime.core.mailbox import Mailbox
-from runtime.core.messages import Chunk, Completion, CompletionBuilder, GenerateRequest
+from runtime.core.messages import (
+    ChatMessage,
+    ChatRequest,
+    Chunk,
+    Completion,
+    CompletionBuilder,
+    GenerateRequest,
+)
 from runtime.core.ticket import ResponseStream, Ticket
 from runtime.server import create_app
-from tests.helpers import greedy, open_runtime, wait_until
+from tests.helpers import greedy, open_runtime, require_backend, wait_until
 
 STEP_S = 0.003
 FAST = {"step_delay_s": STEP_S}
@@ -35,6 +42,13 @@ def _model(rt: Runtime) -> ModelActor:
     model = rt._model
     assert model is not None
     return model
+
+
+def _slot_of(rt: Runtime, stream: ResponseStream) -> int:
+    """The slot serving ``stream``'s request."""
+    supervisor = rt._status_unit(None)._supervisor
+    assert supervisor is not None
+    return next(i for i in range(rt.status().slots_effective) if supervisor.serving(i) is _ticket(stream))
 
 
 def _parked(rt: Runtime) -> tuple[int, int]:
@@ -219,14 +233,14 @@ async def _parked_runtime(
 
 
 async def test_closing_the_runtime_with_a_parked_request_ends_its_stream_and_frees_it() -> None:
-    async with _parked_runtime() as (rt, reader, blocker, _):
-        model = _model(rt)
-        await blocker.aclose()
+    async with _parked_runtime() as (rt, reader, _blocker, _):
+        model = _model(rt)  # the blocker holds the slot as it closes
     with anyio.fail_after(10):
         await reader.ended.wait()
-    assert isinstance(reader.error, RuntimeClosedError) or (
-        reader.result is not None and reader.result.done_reason == "cancel"
+    assert isinstance(reader.error, RuntimeClosedError) and "while this request was preempted" in str(
+        reader.error
     )
+    assert "".join(c.text for c in reader.chunks)  # what it had sent stays sent
     assert model.preemption.statistics().parked == 0 and model.preemption.statistics().parked_bytes == 0
 
 
@@ -616,3 +630,71 @@ async def test_a_storm_of_preempts_and_cancels_at_random_moments_ends_every_stre
         else:
             assert reader.result.text == plain[readers.index(reader)].text
     assert sum(r.result is not None and r.result.done_reason == "length" for r in readers) >= 10
+
+
+# -- llama.cpp ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+async def test_llama_cpp_a_sampled_constrained_answer_resumed_in_another_slot_is_unchanged() -> None:
+    require_backend("llama_cpp")
+    request = ChatRequest(
+        messages=(ChatMessage(role="user", content="Describe a lighthouse as JSON."),),
+        max_tokens=48, temperature=0.8, seed=5, format=STORY_SCHEMA,
+    )  # fmt: skip
+    async with open_runtime(
+        "llama_cpp", slots=2, n_ctx_per_slot=256, memory_source="none", prefix_cache=False
+    ) as rt:
+        plain = await rt.complete(request)
+        reader = Reader(rt.chat(request))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader.run)
+            await wait_until(lambda: reader.tokens >= 8, 60)
+            short = rt.generate(greedy("The capital of France is", max_tokens=4))
+            await wait_until(lambda: rt.status().slots_busy == 2, 60)
+            waiting = rt.generate(greedy("Once upon a time", max_tokens=24))
+            assert await rt.preempt(_slot_of(rt, reader.stream))  # the other slot frees first
+            await short.collect()
+            await waiting.collect()
+        assert _parked(rt) == (0, 0)
+    assert reader.error is None and reader.result is not None
+    assert reader.result.stats.preemptions == 1
+    assert (reader.result.text, reader.result.token_ids) == (plain.text, plain.token_ids)
+    assert plain.text.replace(" ", "").startswith('{"story":"') and len(plain.token_ids) > 20
+
+
+async def test_a_request_whose_park_meets_a_drain_goes_on_in_its_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    request = greedy("parked as the drain begins", max_tokens=60)
+    (plain,) = await _alone([request])
+    original = ModelActor.pause
+    drains: list[int] = []
+
+    async with open_runtime("fake", slots=1, memory_source="none", fake=FAST) as rt:
+
+        async def pause_then_drain(self: ModelActor, job: Any) -> Any:
+            out = await original(self, job)
+            tg.start_soon(lambda: _drain(rt, drains))
+            await wait_until(lambda: rt.state == "draining", 10)
+            return out
+
+        monkeypatch.setattr(ModelActor, "pause", pause_then_drain)
+        reader = Reader(rt.generate(request))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader.run)
+            await wait_until(lambda: reader.tokens >= 5, 10)
+            waiting = rt.generate(greedy("refused by the drain", max_tokens=5))
+            assert not await rt.preempt(0)  # the mailbox closed meanwhile: it went on here
+            with pytest.raises(RuntimeClosedError):
+                await waiting.collect()
+            monkeypatch.undo()
+            assert not await rt.preempt(0)  # draining: nowhere to park it
+        assert _parked(rt) == (0, 0)
+    assert drains == [0]
+    assert reader.error is None and reader.result is not None
+    assert reader.result.text == plain.text and reader.result.stats.preemptions == 0
+
+
+async def _drain(rt: Runtime, into: list[int]) -> None:
+    into.append(await rt.drain(10))
