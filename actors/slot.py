@@ -282,11 +282,14 @@ class SlotActor:
     async def _park(self, ticket: Ticket, run: Run) -> bool:
         """Save ``run``'s sequence and put its ticket back in the mailbox to resume later;
         False (it goes on here) if it cannot pause now, ended while it paused, the mailbox is
-        closed (a drain), or as many are parked as there are slots (their host memory stays
-        within the KV cache's size)."""
+        closed (a drain), no request above its priority waits any more (asked by the
+        admission), or as many are parked as there are slots (their host memory stays within
+        the KV cache's size)."""
         model = self.model
         if model.preemption.parked >= model.backend.info.n_seq_max:
             return False
+        if not run.give_way and not self._receiver.waits_above(ticket.request.priority):
+            return False  # the request it was asked for has found a slot meanwhile (or ended)
         paused = await model.pause(run.job)
         if paused is None:
             return False

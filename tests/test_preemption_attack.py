@@ -698,3 +698,21 @@ async def test_a_request_whose_park_meets_a_drain_goes_on_in_its_slot(
 
 async def _drain(rt: Runtime, into: list[int]) -> None:
     into.append(await rt.drain(10))
+
+
+async def test_an_ask_whose_waiting_request_found_a_slot_first_parks_nothing() -> None:
+    async with open_runtime("fake", slots=1, memory_source="none", fake=FAST) as rt:
+        reader = Reader(rt.generate(greedy("asked for nothing", max_tokens=30, priority=-1)))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader.run)
+            await wait_until(lambda: reader.tokens >= 3, 10)
+            run = _ticket(reader.stream).serving
+            assert run is not None and run.ask()  # as the admission asks, for a request gone since
+            assert not await run.decided()
+            same = Reader(rt.generate(greedy("same priority", max_tokens=3, priority=-1)))
+            tg.start_soon(same.run)
+            assert run.ask() and not await run.decided()  # one of its own priority waits: no cause
+        stats = rt.statistics().model.preemption
+    assert stats is not None and stats.preemptions == 0
+    assert reader.result is not None and reader.result.stats.preemptions == 0
+    assert same.result is not None and same.result.stats.completion_tokens == 3

@@ -286,6 +286,10 @@ class FairQueue(Generic[T]):
         """Items of ``tenant`` waiting."""
         return self._queued.get(tenant, 0)
 
+    def top_priority(self) -> int | None:
+        """The highest priority among the waiting items (None: none waits)."""
+        return self._priorities[-1] if self._priorities else None
+
     def held_of(self, item: T) -> Held[T] | None:
         """``item``'s record if it is taken and not yet done."""
         return self._held.get(id(item))

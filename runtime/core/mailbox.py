@@ -88,6 +88,11 @@ class MailboxReceiver(Generic[T]):
         """Take a waiting ``item`` out unserved (:meth:`Mailbox.remove`)."""
         return self._mailbox.remove(item)
 
+    def waits_above(self, priority: int) -> bool:
+        """Whether a request of a priority above ``priority`` waits (one a preemption is for)."""
+        top = self._mailbox.queue.top_priority()
+        return top is not None and top > priority
+
     def close(self) -> None:
         """Take no more: an idle wait ends (ClosedResourceError), unless an item was already
         handed to it (then the wait returns it, and the slot serves it first)."""
@@ -224,6 +229,7 @@ class Mailbox(Generic[T]):
             self._admitted -= 1
             self._rejected += 1
         self._freed()
+        self._end_idle_waits()  # closed, and that was the last one kept
         return True
 
     def requeue(self, item: T, *, last: bool = False) -> bool:
