@@ -716,3 +716,53 @@ async def test_an_ask_whose_waiting_request_found_a_slot_first_parks_nothing() -
     assert stats is not None and stats.preemptions == 0
     assert reader.result is not None and reader.result.stats.preemptions == 0
     assert same.result is not None and same.result.stats.completion_tokens == 3
+
+
+async def test_an_openai_stream_of_low_priority_pauses_for_an_urgent_request_and_ends_exact() -> None:
+    body = {"model": "fake", "prompt": "a low priority story", "max_tokens": 80, "temperature": 0}
+    async with open_runtime("fake", slots=1, memory_source="none", fake=FAST) as rt:
+        app = create_app(rt)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+        ) as client:
+            plain = (await client.post("/v1/completions", json=body)).json()["choices"][0]["text"]
+            events: list[dict[str, Any]] = []
+            async with anyio.create_task_group() as tg:
+
+                async def stream_low() -> None:
+                    headers = {"x-slotserve-priority": "-1"}
+                    async with client.stream(
+                        "POST", "/v1/completions", json={**body, "stream": True}, headers=headers
+                    ) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {"):
+                                events.append(json.loads(line.removeprefix("data: ")))
+
+                tg.start_soon(stream_low)
+                await wait_until(lambda: rt.statistics().model.tokens_sampled >= 90, 10)  # 10 of its 80
+                urgent = {**body, "prompt": "urgent", "max_tokens": 5}
+                r = await client.post("/v1/completions", json=urgent, headers={"x-slotserve-priority": "5"})
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        stats = rt.statistics().model.preemption
+    assert stats is not None and stats.preemptions == 1 and stats.parked == 0
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(e["choices"][0]["text"] for e in events) == plain
+
+
+async def test_when_the_latest_started_has_no_token_yet_the_next_lowest_gives_way() -> None:
+    async with open_runtime(
+        "fake", slots=2, memory_source="none", n_batch=8, prefill_budget_tokens=8, fake=FAST
+    ) as rt:
+        running = Reader(rt.generate(greedy("running a while", max_tokens=150, priority=-1)))
+        evaluating = Reader(rt.generate(greedy("p" * 300, max_tokens=150, priority=-1)))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(running.run)
+            await wait_until(lambda: running.tokens >= 1, 10)
+            tg.start_soon(evaluating.run)
+            await wait_until(lambda: rt.status().slots_busy == 2, 10)
+            high = await rt.complete(greedy("urgent", max_tokens=5, priority=5))
+            sent = (running.tokens, evaluating.tokens)
+    assert high.stats.completion_tokens == 5
+    assert sent[0] < 150 and sent[1] < 150  # it did not wait for either to end
+    assert running.result is not None and evaluating.result is not None
+    assert running.result.stats.preemptions + evaluating.result.stats.preemptions == 1

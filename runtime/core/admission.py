@@ -122,8 +122,9 @@ class Admission:
 
     def _make_room(self, ticket: Ticket) -> None:
         """``ticket`` waits and every slot is busy: ask the running request of the lowest
-        priority below its own to give way (runtime.core.preemption; ``preemption`` on). A
-        tenant at its slot cap could not take another's slot: only its own give way."""
+        priority below its own to give way (runtime.core.preemption; ``preemption`` on), the
+        next one if that one cannot (no token yet). A tenant at its slot cap could not take
+        another's slot: only its own give way."""
         queue = self.mailbox.queue
         if not self.config.preemption or queue.held_of(ticket) is not None or ticket.finished:
             return  # taken already (a slot was idle), or refused
@@ -138,8 +139,12 @@ class Admission:
             if h.item.serving is not None and (not capped or h.tenant == tenant)
         ]
         running = [Running(h.priority, h.taken_s, s.asked) for h, s in serving]
-        if (i := victim(ticket.request.priority, running)) is not None:
-            serving[i][1].ask()
+        while (i := victim(ticket.request.priority, running)) is not None:
+            if serving[i][1].ask():
+                return
+            running[i] = Running(
+                running[i].priority, running[i].started_s, asked=True
+            )  # no token yet: the next
 
     def _check(self, ticket: Ticket, estimates: list[QueueEstimate]) -> Callable[[Sequence[Ticket]], None]:
         """The mailbox's check for ``ticket``, once queued and before a slot may take it: its
