@@ -10,6 +10,7 @@ the queue, or in the tenant's share of it), or by how much a deadline was missed
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -142,9 +143,7 @@ class Admission:
         while (i := victim(ticket.request.priority, running)) is not None:
             if serving[i][1].ask():
                 return
-            running[i] = Running(
-                running[i].priority, running[i].started_s, asked=True
-            )  # no token yet: the next
+            running[i] = dataclasses.replace(running[i], asked=True)  # it cannot (no token yet): the next
 
     def _check(self, ticket: Ticket, estimates: list[QueueEstimate]) -> Callable[[Sequence[Ticket]], None]:
         """The mailbox's check for ``ticket``, once queued and before a slot may take it: its
