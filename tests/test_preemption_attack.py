@@ -766,3 +766,21 @@ async def test_when_the_latest_started_has_no_token_yet_the_next_lowest_gives_wa
     assert sent[0] < 150 and sent[1] < 150  # it did not wait for either to end
     assert running.result is not None and evaluating.result is not None
     assert running.result.stats.preemptions + evaluating.result.stats.preemptions == 1
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["fake", "llama_cpp"])
+async def test_a_request_parked_with_nothing_waiting_resumes_at_once_on_its_own_cells(kind: str) -> None:
+    request = greedy("The capital of France is", max_tokens=24)
+    async with open_runtime(kind, slots=1, n_ctx_per_slot=256, memory_source="none", fake=FAST) as rt:
+        plain = await rt.complete(request)
+        reader = Reader(rt.generate(request))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader.run)
+            await wait_until(lambda: reader.tokens >= 4, 60)
+            assert await rt.preempt(0)  # it gives way to nobody: its slot takes it straight back
+            await wait_until(lambda: _ticket(reader.stream).serving is not None or reader.ended.is_set(), 60)
+            assert await rt.preempt(0) or reader.ended.is_set()  # and again, once it runs
+        stats = rt.statistics().model.preemption
+    assert stats is not None and stats.resumes == stats.preemptions >= 1 and stats.parked == 0
+    assert reader.result is not None and reader.result.token_ids == plain.token_ids
