@@ -250,9 +250,13 @@ class FairQueue(Generic[T]):
         tenant's lane: at its head, or with ``last`` at its tail (behind those waiting: it gives
         way by hand); past the tenant's queue cap. It waits from ``now_s`` (aging counts from
         it: the time it ran was no wait), and its tenant gets back what serving it was charged
-        (it is charged again when it resumes). A no-op if not held."""
+        (it is charged again when it resumes). One of n choices whose rest still wait goes
+        back in front of them (:meth:`put_back`). A no-op if not held."""
         held = self._held.get(id(item))
         if held is None:
+            return
+        if held.seq in self._entries:  # one of n choices whose rest still wait: back with them
+            self.put_back(item)
             return
         self.done(item)
         cls = self._classes.get(held.priority)
