@@ -784,3 +784,21 @@ async def test_a_request_parked_with_nothing_waiting_resumes_at_once_on_its_own_
         stats = rt.statistics().model.preemption
     assert stats is not None and stats.resumes == stats.preemptions >= 1 and stats.parked == 0
     assert reader.result is not None and reader.result.token_ids == plain.token_ids
+
+
+async def test_a_request_of_n_choices_above_them_has_as_many_give_way() -> None:
+    async with open_runtime("fake", slots=2, memory_source="none", fake=FAST) as rt:
+        lows = [Reader(rt.generate(greedy(f"low {i}", max_tokens=150, priority=-1))) for i in range(2)]
+        async with anyio.create_task_group() as tg:
+            for reader in lows:
+                tg.start_soon(reader.run)
+            await wait_until(lambda: all(r.tokens >= 1 for r in lows), 10)
+            choices = rt.generate_choices(greedy("urgent twice", max_tokens=5, priority=5), 2)
+            got: list[Chunk] = []
+            async with choices:
+                async for chunk in choices:
+                    got.append(chunk)
+            sent = [r.tokens for r in lows]
+    assert sorted(sum(len(c.token_ids) for c in got if c.index == i) for i in (0, 1)) == [5, 5]
+    assert all(n < 150 for n in sent)  # neither choice waited for a low answer to end
+    assert all(r.result is not None and r.result.stats.preemptions == 1 for r in lows)

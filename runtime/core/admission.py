@@ -102,7 +102,7 @@ class Admission:
             self._refused(exc, request)
             raise
         self._expect(tickets[0], estimates[-1])
-        self._make_room(tickets[0])
+        self._make_room(tickets)
         return estimates[-1]
 
     async def admit(self, ticket: Ticket, timeout_s: float) -> QueueEstimate:
@@ -118,32 +118,35 @@ class Admission:
             self._refused(exc, request)
             raise
         self._expect(ticket, estimates[-1])
-        self._make_room(ticket)
+        self._make_room([ticket])
         return estimates[-1]
 
-    def _make_room(self, ticket: Ticket) -> None:
-        """``ticket`` waits and every slot is busy: ask the running request of the lowest
-        priority below its own to give way (runtime.core.preemption; ``preemption`` on), the
-        next one if that one cannot (no token yet). A tenant at its slot cap could not take
-        another's slot: only its own give way."""
+    def _make_room(self, tickets: Sequence[Ticket]) -> None:
+        """``tickets`` (a request, or its n choices) wait and every slot is busy: ask as many
+        running requests as wait to give way, the lowest in priority below theirs first, the
+        next one where one cannot (no token yet) (runtime.core.preemption; ``preemption`` on).
+        A tenant at its slot cap could not take another's slot: only its own give way."""
+        if not self.config.preemption:
+            return
         queue = self.mailbox.queue
-        if not self.config.preemption or queue.held_of(ticket) is not None or ticket.finished:
-            return  # taken already (a slot was idle), or refused
+        waiting = [t for t in tickets if queue.held_of(t) is None and not t.finished]
+        if not waiting:
+            return  # taken already (slots were idle), or refused
         held = queue.held()
-        if len(held) < self._slots():
-            return  # a slot is idle: it takes the request
-        tenant, cap = ticket.request.tenant, queue.policy.tenant_max_slots
-        capped = bool(cap) and queue.running(tenant) >= cap
+        wanted = len(waiting) - (self._slots() - len(held))
+        if wanted < 1:
+            return  # idle slots take them
+        request, cap = waiting[0].request, queue.policy.tenant_max_slots
+        capped = bool(cap) and queue.running(request.tenant) + len(waiting) > cap
         serving = [
             (h, h.item.serving)
             for h in held
-            if h.item.serving is not None and (not capped or h.tenant == tenant)
+            if h.item.serving is not None and (not capped or h.tenant == request.tenant)
         ]
         running = [Running(h.priority, h.taken_s, s.asked) for h, s in serving]
-        while (i := victim(ticket.request.priority, running)) is not None:
-            if serving[i][1].ask():
-                return
-            running[i] = dataclasses.replace(running[i], asked=True)  # it cannot (no token yet): the next
+        while wanted and (i := victim(request.priority, running)) is not None:
+            wanted -= serving[i][1].ask()  # (False: it cannot, no token yet; the next is asked)
+            running[i] = dataclasses.replace(running[i], asked=True)
 
     def _check(self, ticket: Ticket, estimates: list[QueueEstimate]) -> Callable[[Sequence[Ticket]], None]:
         """The mailbox's check for ``ticket``, once queued and before a slot may take it: its
