@@ -691,7 +691,8 @@ class ModelUnit:
         resumes where it was when a slot takes it from the mailbox again.
 
         :returns: whether it was parked (False: the slot is idle, its request is evaluating its
-            prompt or ended first, it is one of n choices, or the backend cannot save states).
+            prompt, is parked or ended first, it is one of n choices, the runtime is draining,
+            or the backend cannot save states).
         """
         ticket = None if self._supervisor is None else self._supervisor.serving(slot)
         run = None if ticket is None else ticket.serving
