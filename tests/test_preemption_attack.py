@@ -802,3 +802,24 @@ async def test_a_request_of_n_choices_above_them_has_as_many_give_way() -> None:
     assert sorted(sum(len(c.token_ids) for c in got if c.index == i) for i in (0, 1)) == [5, 5]
     assert all(n < 150 for n in sent)  # neither choice waited for a low answer to end
     assert all(r.result is not None and r.result.stats.preemptions == 1 for r in lows)
+
+
+@pytest.mark.timeout(300)
+async def test_llama_cpp_closing_with_a_sampled_request_parked_frees_it_and_ends_its_stream() -> None:
+    require_backend("llama_cpp")
+    request = GenerateRequest(prompt="Once upon a time", max_tokens=200, temperature=0.8, seed=1)
+    async with anyio.create_task_group() as tg:
+        async with open_runtime("llama_cpp", slots=1, n_ctx_per_slot=256, memory_source="none") as rt:
+            model = _model(rt)
+            reader = Reader(rt.generate(request))
+            tg.start_soon(reader.run)
+            await wait_until(lambda: reader.tokens >= 3, 60)
+            blocker = Reader(rt.generate(GenerateRequest(prompt="The sea", max_tokens=200, temperature=0.7)))
+            tg.start_soon(blocker.run)
+            assert await rt.preempt(0)
+            await wait_until(lambda: blocker.tokens >= 1, 60)  # the blocker holds the slot as it closes
+        with anyio.fail_after(30):
+            await reader.ended.wait()
+            await blocker.ended.wait()
+    assert isinstance(reader.error, RuntimeClosedError)
+    assert (model.preemption.statistics().parked, model.preemption.statistics().parked_bytes) == (0, 0)
