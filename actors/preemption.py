@@ -50,6 +50,9 @@ class Run:
     preempt_asked: bool = False
     """A preemption was asked: the slot parks it at its next wake."""
     give_way: bool = False
+    for_priority: int | None = None
+    """With the ask: the priority of the waiting request it is for (the park lapses when none
+    of that priority or above waits any more); None: by hand, it never lapses."""
     """With the ask: it goes back behind the requests waiting in its class (by hand), not first."""
     preemptions: int = 0
     parked_ns: int = 0
@@ -62,13 +65,14 @@ class Run:
         """A preemption was asked and not yet decided."""
         return self.preempt_asked
 
-    def ask(self, *, give_way: bool = False) -> bool:
+    def ask(self, *, give_way: bool = False, for_priority: int | None = None) -> bool:
         """Ask the slot to park this request at its next wake, or once it has its first token
         (runtime.core.ticket.Preemptible); False if it was asked already or has ended."""
         if self.preempt_asked or self.sink.reason is not None:
             return False  # asked already, or ended
         self.preempt_asked = True
         self.give_way = give_way
+        self.for_priority = for_priority
         self._decision = anyio.Event()
         self.sink.nudge()
         return True

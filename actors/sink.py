@@ -145,8 +145,11 @@ class RequestSink:
         return Chunk(text=self.out, token_ids=tuple(self.pending), index=self.index)
 
     def nudge(self) -> None:
-        """Wake the slot's task (a preemption was asked of it)."""
+        """Wake the slot's task (a preemption was asked of it), also from a wait for room: a
+        caller who does not read must not keep the slot."""
         self._wake.set()
+        if self._unblocking is not None:
+            self._unblocking.cancel()  # nothing was sent; the sink stays blocked
 
     async def wait(self) -> None:
         """Until the request ended or the sink blocked."""

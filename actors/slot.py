@@ -26,7 +26,7 @@ from runtime.backends.base import SamplerSpec
 from runtime.backends.grammar import GrammarRows
 from runtime.core.choices import ChoiceGroup
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import ContextOverflowError, GenerationError, InvalidRequestError, RuntimeClosedError
+from runtime.core.errors import ContextOverflowError, GenerationError, InvalidRequestError
 from runtime.core.events import Observers
 from runtime.core.mailbox import MailboxReceiver
 from runtime.core.messages import ChatRequest, Chunk, DoneReason, GenerateRequest, RequestStats
@@ -284,27 +284,34 @@ class SlotActor:
 
     async def _park(self, ticket: Ticket, run: Run) -> bool:
         """Save ``run``'s sequence and put its ticket back in the mailbox to resume later;
-        False (it goes on here) if it cannot pause now, or as many are parked as there are
-        slots (their host memory stays within the KV cache's size)."""
+        False (it goes on here) if it cannot pause now, ended while it paused, the mailbox is
+        closed (a drain), no request above its priority waits any more (asked by the
+        admission), or as many are parked as there are slots (their host memory stays within
+        the KV cache's size)."""
         model = self.model
         if model.preemption.parked >= model.backend.info.n_seq_max:
             return False
+        if run.for_priority is not None and not self._receiver.waits_at_least(run.for_priority):
+            return False  # the request it was asked for has found a slot meanwhile (or ended)
         paused = await model.pause(run.job)
         if paused is None:
             return False
         job, sink = run.job, run.sink
         held = job.prompt + sink.generated[: job.pos - len(job.prompt)]
         snapshot = Snapshot(paused[0], paused[1], held)
+        if sink.reason is not None:  # it ended while its sequence was saved (a cancel, a stop string)
+            model.discard(snapshot)  # its cells stay in this sequence for _finish
+            return False
+        parked = Parked(run, snapshot)
+        ticket.parked = parked  # (before the requeue: a slot may take it at once)
+        if not self._receiver.requeue(ticket, last=run.give_way):  # closed meanwhile: it goes on here
+            ticket.parked = None
+            await model.resume(job, self.slot, snapshot, cells_kept=True)
+            return False
         model.preemption.parked_one(snapshot)
         self._cached = held  # the cells hold it until the next request here trims them
-        parked = Parked(run, snapshot)
-        ticket.parked = parked
         ticket.serving = None
         ticket.listen(lambda: self._drop_parked(ticket, parked))
-        if not self._receiver.requeue(ticket, last=run.give_way):  # the mailbox closed meanwhile
-            ticket.finish(
-                "error", error=RuntimeClosedError("the runtime closed while this request was preempted")
-            )
         return True
 
     def _drop_parked(self, ticket: Ticket, parked: Parked) -> None:

@@ -265,7 +265,10 @@ class ModelUnit:
         if self._state != "failed":
             self._state = "closed"
         for ticket in self._mailbox.close(lambda: RuntimeClosedError("the runtime is closed")):
-            ticket.finish("error", error=RuntimeClosedError("the runtime closed before this request started"))
+            when = (
+                "before this request started" if ticket.parked is None else "while this request was preempted"
+            )
+            ticket.finish("error", error=RuntimeClosedError(f"the runtime closed {when}"))
         for ticket in list(self._in_flight):
             ticket.cancel()
         assert self._tg is not None and self._backend is not None
@@ -293,8 +296,8 @@ class ModelUnit:
             return 0
         self._state = "draining"
         error = RuntimeClosedError("the server is shutting down; retry on another instance or later")
-        for ticket in self._mailbox.close(lambda: error):
-            ticket.finish("error", error=error)
+        for ticket in self._mailbox.close(lambda: error, keep=lambda t: t.parked is not None):
+            ticket.finish("error", error=error)  # (a preempted one, parked, stays: it resumes)
         log.warning("draining: %d request(s) running, up to %g s", len(self._in_flight), timeout_s)
         with anyio.move_on_after(timeout_s):
             await self._wait_drained()
@@ -708,7 +711,8 @@ class ModelUnit:
         resumes where it was when a slot takes it from the mailbox again.
 
         :returns: whether it was parked (False: the slot is idle, its request is evaluating its
-            prompt or ended first, it is one of n choices, or the backend cannot save states).
+            prompt, is parked or ended first, it is one of n choices, the runtime is draining,
+            or the backend cannot save states).
         """
         ticket = None if self._supervisor is None else self._supervisor.serving(slot)
         run = None if ticket is None else ticket.serving

@@ -314,7 +314,8 @@ class Runtime:
         that has to wait does this itself (``preemption``).
 
         :returns: whether it was parked (False: the slot is idle, its request is evaluating its
-            prompt or ended first, or the backend cannot save states).
+            prompt, is parked or ended first, the runtime is draining, or the backend cannot
+            save states).
         :raises ModelNotFoundError: if ``model`` is not in the registry.
         :raises RuntimeClosedError: if it is not loaded.
         """

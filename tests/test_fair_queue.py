@@ -148,6 +148,7 @@ OPS = st.lists(
         st.tuples(st.just("done"), st.integers(0, 1000)),
         st.tuples(st.just("remove"), st.integers(0, 1000)),
         st.tuples(st.just("put_back"), st.integers(0, 1000)),
+        st.tuples(st.just("requeue"), st.integers(0, 1000), st.booleans()),
         st.tuples(st.just("tick"), st.floats(0.0, 3.0)),
     ),
     max_size=80,
@@ -188,12 +189,16 @@ def test_every_item_is_served_or_removed_exactly_once_and_the_caps_hold(
                 assert id(r) in waiting
                 taken.append(r)
                 held.append(r)
-        elif op[0] in ("done", "put_back") and held:
+        elif op[0] in ("done", "put_back", "requeue") and held:
             r = held.pop(op[1] % len(held))
             if op[0] == "done":
                 q.done(r)
             else:
-                q.put_back(r)
+                if op[0] == "put_back":
+                    q.put_back(r)
+                else:
+                    q.requeue(r, now, last=op[2])  # a preempted request
+                assert q.held_of(r) is None and _waiting(q, r)
                 taken.remove(r)
                 put_backs += 1
         elif op[0] == "remove" and pushed:

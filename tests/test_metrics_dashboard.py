@@ -116,7 +116,9 @@ async def test_dashboard_queries_only_name_exposed_series() -> None:
     families, samples = await exposed_families()
     for title, expr in dashboard_queries():
         for name in METRIC_NAME.findall(expr):  # a labelled gauge with no sample now is still a family
-            assert name in samples or name in families, f"{title!r} queries {name}, which slotserve does not expose"
+            assert name in samples or name in families, (
+                f"{title!r} queries {name}, which slotserve does not expose"
+            )
 
 
 def metrics_md() -> dict[str, tuple[str, set[str]]]:

@@ -10,6 +10,7 @@ the queue, or in the tenant's share of it), or by how much a deadline was missed
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -101,7 +102,7 @@ class Admission:
             self._refused(exc, request)
             raise
         self._expect(tickets[0], estimates[-1])
-        self._make_room(tickets[0])
+        self._make_room(tickets)
         return estimates[-1]
 
     async def admit(self, ticket: Ticket, timeout_s: float) -> QueueEstimate:
@@ -117,25 +118,39 @@ class Admission:
             self._refused(exc, request)
             raise
         self._expect(ticket, estimates[-1])
-        self._make_room(ticket)
+        self._make_room([ticket])
         return estimates[-1]
 
-    def _make_room(self, ticket: Ticket) -> None:
-        """``ticket`` waits and every slot is busy: ask a running request of a lower priority,
-        or of a tenant over its share of the class's slots, to give way
-        (runtime.core.preemption; ``preemption`` on)."""
+    def _make_room(self, tickets: Sequence[Ticket]) -> None:
+        """``tickets`` (a request, or its n choices) wait and every slot is busy: ask as many
+        running requests as wait to give way (runtime.core.preemption; ``preemption`` on): of a
+        lower priority first, else of a tenant over its share of the class's slots. A tenant
+        at its slot cap could not take another's slot: only its own give way."""
+        if not self.config.preemption:
+            return
         queue = self.mailbox.queue
-        if not self.config.preemption or queue.held_of(ticket) is not None or ticket.finished:
-            return  # taken already (a slot was idle), or refused
+        waiting = [t for t in tickets if queue.held_of(t) is None and not t.finished]
+        if not waiting:
+            return  # taken already (slots were idle), or refused
         held = queue.held()
-        if len(held) < self._slots():
-            return  # a slot is idle: it takes the request
-        serving = [(h, h.item.serving) for h in held if h.item.serving is not None]
+        wanted = len(waiting) - (self._slots() - len(held))
+        if wanted < 1:
+            return  # idle slots take them
+        request, cap = waiting[0].request, queue.policy.tenant_max_slots
+        capped = bool(cap) and queue.running(request.tenant) + len(waiting) > cap
+        serving = [
+            (h, h.item.serving)
+            for h in held
+            if h.item.serving is not None and (not capped or h.tenant == request.tenant)
+        ]
         running = [Running(h.priority, h.taken_s, s.asked, h.tenant) for h, s in serving]
-        request = ticket.request
-        i = victim(request.priority, running, tenant=request.tenant, weight=self.mailbox.queue.policy.weight)
-        if i is not None:
-            serving[i][1].ask()
+        weight = None if capped else queue.policy.weight  # a capped tenant claims no share
+        while (
+            wanted
+            and (i := victim(request.priority, running, tenant=request.tenant, weight=weight)) is not None
+        ):
+            wanted -= serving[i][1].ask(for_priority=request.priority)  # (False: it ended meanwhile)
+            running[i] = dataclasses.replace(running[i], asked=True)
 
     def _check(self, ticket: Ticket, estimates: list[QueueEstimate]) -> Callable[[Sequence[Ticket]], None]:
         """The mailbox's check for ``ticket``, once queued and before a slot may take it: its

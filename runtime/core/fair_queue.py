@@ -22,7 +22,7 @@ import bisect
 import contextlib
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -245,20 +245,37 @@ class FairQueue(Generic[T]):
         lane.entries.pop()
         lane.entries.appendleft(entry)
 
-    def put_last(self, item: T) -> None:
-        """Return ``item``, taken by :meth:`pop` and not done, to the tail of its tenant's lane
-        (a request that gives way to those waiting: preempted by hand), past the tenant's queue
-        cap; its admission time stays (aging counts from it). A no-op if not held."""
+    def requeue(self, item: T, now_s: float, *, last: bool = False) -> None:
+        """Return ``item``, taken by :meth:`pop` and not done (a preempted request), to its
+        tenant's lane: at its head, or with ``last`` at its tail (behind those waiting: it gives
+        way by hand); past the tenant's queue cap. It waits from ``now_s`` (aging counts from
+        it: the time it ran was no wait), and its tenant gets back what serving it was charged
+        (it is charged again when it resumes). One of n choices whose rest still wait goes
+        back in front of them (:meth:`put_back`). A no-op if not held."""
         held = self._held.get(id(item))
         if held is None:
             return
+        if held.seq in self._entries:  # one of n choices whose rest still wait: back with them
+            self.put_back(item)
+            return
         self.done(item)
+        cls = self._classes.get(held.priority)
+        if cls is not None and (lane := cls.lanes.get(held.tenant)) is not None:
+            lane.vtime -= held.cost / self.policy.weight(held.tenant)  # (_insert bounds it by the class's)
         self._seq += 1
-        self._insert(_Entry(deque([item]), held.priority, held.tenant, held.cost, self._seq, held.admitted_s))
+        entry = _Entry(deque([item]), held.priority, held.tenant, held.cost, self._seq, now_s)
+        self._insert(entry)
+        if not last:
+            lane = self._classes[entry.priority].lanes[entry.tenant]
+            lane.entries.pop()
+            lane.entries.appendleft(entry)
 
-    def drain(self) -> list[T]:
-        """Take every waiting item out, in admission order (the queue is closing)."""
+    def drain(self, keep: Callable[[T], bool] | None = None) -> list[T]:
+        """Take every waiting item out, in admission order (the queue is closing), but those
+        ``keep`` holds to: they stay where they are."""
         left = [item for entry in list(self._entries.values()) for item in entry.items]
+        if keep is not None:
+            left = [item for item in left if not keep(item)]
         for item in left:
             self.remove(item)
         return left
@@ -272,6 +289,10 @@ class FairQueue(Generic[T]):
     def queued(self, tenant: str) -> int:
         """Items of ``tenant`` waiting."""
         return self._queued.get(tenant, 0)
+
+    def top_priority(self) -> int | None:
+        """The highest priority among the waiting items (None: none waits)."""
+        return self._priorities[-1] if self._priorities else None
 
     def held_of(self, item: T) -> Held[T] | None:
         """``item``'s record if it is taken and not yet done."""

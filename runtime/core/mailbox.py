@@ -59,7 +59,7 @@ class MailboxReceiver(Generic[T]):
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
-            if mb.closed:
+            if mb.closed and not mb.queue:  # (closed with items kept: they still go out)
                 raise anyio.EndOfStream
             if not mb._waiters and (item := mb._take()) is not None:
                 await anyio.lowlevel.cancel_shielded_checkpoint()
@@ -87,6 +87,11 @@ class MailboxReceiver(Generic[T]):
     def remove(self, item: T) -> bool:
         """Take a waiting ``item`` out unserved (:meth:`Mailbox.remove`)."""
         return self._mailbox.remove(item)
+
+    def waits_at_least(self, priority: int) -> bool:
+        """Whether a request of ``priority`` or above waits (one a preemption is for)."""
+        top = self._mailbox.queue.top_priority()
+        return top is not None and top >= priority
 
     def close(self) -> None:
         """Take no more: an idle wait ends (ClosedResourceError), unless an item was already
@@ -224,20 +229,18 @@ class Mailbox(Generic[T]):
             self._admitted -= 1
             self._rejected += 1
         self._freed()
+        self._end_idle_waits()  # closed, and that was the last one kept
         return True
 
     def requeue(self, item: T, *, last: bool = False) -> bool:
         """Put ``item``, taken by a slot and paused (preempted), back at the head of its
-        tenant's lane (``last``: at its tail, behind those waiting), with its first admission
-        time, past every bound (it was admitted before); an idle slot may take it at once.
-        False (nothing done) if the mailbox is closed."""
+        tenant's lane (``last``: at its tail, behind those waiting), waiting from now
+        (:meth:`FairQueue.requeue`), past every bound (it was admitted before); an idle slot
+        may take it at once. False (nothing done) if the mailbox is closed."""
         if self.closed or self.queue.held_of(item) is None:
             return False
-        if last:
-            self.queue.put_last(item)
-            self._dispatch()
-        else:
-            self._put_back(item)
+        self.queue.requeue(item, self._clock(), last=last)
+        self._dispatch()
         return True
 
     def done(self, item: T) -> None:
@@ -250,14 +253,22 @@ class Mailbox(Generic[T]):
         """A receiver for one slot; close it when the slot stops."""
         return MailboxReceiver(self)
 
-    def close(self, error: Callable[[], Exception]) -> list[T]:
-        """Refuse new items with ``error()`` and return the items that were still waiting."""
+    def close(self, error: Callable[[], Exception], *, keep: Callable[[T], bool] | None = None) -> list[T]:
+        """Refuse new items with ``error()`` and return the items that were still waiting, but
+        those ``keep`` holds to: they stay queued and the slots still take them (a drain lets
+        a preempted request resume); a later close returns them."""
         self._closed_error = error
-        left = self.queue.drain()
-        for waiter in self._waiters:
-            waiter.event.set()  # not handed: the wait ends with EndOfStream
+        left = self.queue.drain(keep)
+        self._dispatch()
+        self._end_idle_waits()
         self._freed()
         return left
+
+    def _end_idle_waits(self) -> None:
+        """Closed and nothing left: each idle wait ends with EndOfStream."""
+        if self.closed and not self.queue:
+            for waiter in self._waiters:
+                waiter.event.set()  # not handed: the wait ends with EndOfStream
 
     def _has_room(self, n: int) -> bool:
         return len(self.queue) + n <= self.capacity + len(self._waiters)
@@ -270,6 +281,7 @@ class Mailbox(Generic[T]):
         item = self.queue.pop(self._clock())
         if item is not None:
             self._freed()
+            self._end_idle_waits()  # closed, and that was the last one kept
             if self._on_take is not None and (held := self.queue.held_of(item)) is not None:
                 self._on_take(item, held)
         return item

@@ -52,10 +52,11 @@ class Preemptible(Protocol):
         """A preemption was asked and the slot has not answered yet."""
         ...
 
-    def ask(self, *, give_way: bool = False) -> bool:
-        """Ask the slot to park the request (``give_way``: behind the requests waiting in its
-        class, else first of them), once it has its first token; False if it was asked already
-        or has ended."""
+    def ask(self, *, give_way: bool = False, for_priority: int | None = None) -> bool:
+        """Ask the slot to park the request, once it has its first token: for a waiting one of
+        ``for_priority`` (the ask lapses if none of that priority or above waits by then), or
+        by hand (None). ``give_way``: it goes back behind the requests waiting in its class,
+        else first of them. False if it was asked already or has ended."""
         ...
 
     async def decided(self) -> bool:
