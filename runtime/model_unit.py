@@ -708,11 +708,12 @@ class ModelUnit:
     async def preempt(self, slot: int) -> bool:
         """Park the request slot ``slot`` serves (preemption by snapshot, actors.preemption):
         its sequence saved to host memory, the slot free for the next waiting request; it
-        resumes where it was when a slot takes it from the mailbox again.
+        resumes where it was when a slot takes it from the mailbox again (a request still
+        evaluating its prompt is parked once it has its first token).
 
-        :returns: whether it was parked (False: the slot is idle, its request is evaluating its
-            prompt, is parked or ended first, it is one of n choices, the runtime is draining,
-            or the backend cannot save states).
+        :returns: whether it was parked (False: the slot is idle, its request is parked or ended
+            first, it is one of n choices, the runtime is draining, or the backend cannot save
+            states).
         """
         ticket = None if self._supervisor is None else self._supervisor.serving(slot)
         run = None if ticket is None else ticket.serving

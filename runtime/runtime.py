@@ -310,12 +310,12 @@ class Runtime:
     async def preempt(self, slot: int, *, model: str | None = None) -> bool:
         """Park the request running in slot ``slot`` of ``model`` (default: the default model)
         to host memory, so that the slot serves the next waiting request; it resumes where it
-        was, its stream only paused (greedy output is unchanged). A request of a higher priority
-        that has to wait does this itself (``preemption``).
+        was, its stream only paused (greedy output is unchanged). A request still evaluating its
+        prompt is parked once it has its first token. A request of a higher priority, or of a
+        tenant under its share, that has to wait does this itself (``preemption``).
 
-        :returns: whether it was parked (False: the slot is idle, its request is evaluating its
-            prompt, is parked or ended first, the runtime is draining, or the backend cannot
-            save states).
+        :returns: whether it was parked (False: the slot is idle, its request is parked or
+            ended first, the runtime is draining, or the backend cannot save states).
         :raises ModelNotFoundError: if ``model`` is not in the registry.
         :raises RuntimeClosedError: if it is not loaded.
         """
