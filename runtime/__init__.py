@@ -48,7 +48,7 @@ if TYPE_CHECKING:
         TopLogprob,
         decode_request,
     )
-    from runtime.core.records import QueuedRequest, RuntimeStatus
+    from runtime.core.records import QueuedRequest, ResizeRecord, RuntimeStatus
     from runtime.core.registry import ModelRegistry, ModelSpec
     from runtime.core.residency import LoadedModel
     from runtime.core.ticket import ResponseStream
@@ -89,6 +89,7 @@ _HOMES = {
     "QueuedRequest": "runtime.core.records",
     "RequestStats": _MESSAGES,
     "ResizeFailedError": _ERRORS,
+    "ResizeRecord": "runtime.core.records",
     "ResponseStream": "runtime.core.ticket",
     "Runtime": "runtime.runtime",
     "RuntimeClosedError": _ERRORS,
@@ -137,6 +138,7 @@ __all__ = [
     "ReplicaLostError",
     "RequestStats",
     "ResizeFailedError",
+    "ResizeRecord",
     "ResponseStream",
     "Runtime",
     "RuntimeClosedError",

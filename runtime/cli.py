@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,10 +29,23 @@ from runtime.server.settings import ServerSettings
 __all__ = ["build_parser", "main"]
 
 
+def _slots(text: str) -> int | str:
+    """``--slots``: a number, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+
+
 def _config_options(p: argparse.ArgumentParser, slots_default: int | None = None) -> None:
+    """The runtime's options; ``slots_default`` is the command's own slot count, used where
+    neither ``--slots``, SLOTSERVE_SLOTS nor the TOML file sets one."""
     p.add_argument("--model", help="'default' (embedded SmolLM2-135M) or a GGUF path [SLOTSERVE_MODEL]")
     p.add_argument("--backend", choices=["llama_cpp", "ctransformers", "fake"], help="[SLOTSERVE_BACKEND]")
-    p.add_argument("--slots", type=int, default=slots_default, help="concurrent sequences [SLOTSERVE_SLOTS]")
+    p.add_argument("--slots", type=_slots, help="concurrent sequences, or auto [SLOTSERVE_SLOTS]")
+    p.set_defaults(slots_default=slots_default)
     p.add_argument(
         "--max-queue", type=int, dest="max_queue", help="requests that may wait [SLOTSERVE_MAX_QUEUE]"
     )
@@ -55,7 +69,16 @@ def _config(args: argparse.Namespace) -> RuntimeConfig:
     keys = ("model", "backend", "slots", "max_queue", "n_ctx_per_slot", "threads", "models_dir",
             "max_loaded_models", "keep_alive")  # fmt: skip
     overrides = {k: getattr(args, k) for k in keys}
+    default = getattr(args, "slots_default", None)
+    if args.slots is None and default is not None and not _slots_set_elsewhere(args.config):
+        overrides["slots"] = default
     return RuntimeConfig.load(args.config, others=(*ServerSettings.__struct_fields__, "models"), **overrides)
+
+
+def _slots_set_elsewhere(config: Path | None) -> bool:
+    """Whether SLOTSERVE_SLOTS or the TOML file sets the slot count (they go before a command's
+    own default)."""
+    return "SLOTSERVE_SLOTS" in os.environ or "slots" in read_toml(config)
 
 
 def _runtime(args: argparse.Namespace) -> Runtime:
@@ -72,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the main job: prompts at once through the slots, then one at a time")
-    _config_options(run, slots_default=4)
+    _config_options(run)
     run.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="a JSON list of prompts")
     run.add_argument("--max-tokens", type=int, default=64, dest="max_tokens")
     run.add_argument("--json", type=Path, help="also write the report to this JSON file")

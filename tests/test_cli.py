@@ -81,3 +81,26 @@ def test_embed_example_runs() -> None:
 def test_slotserve_serve_refuses_ray_options_without_ray(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--backend", "fake", "--replicas", "2"]) == 2
     assert "--replicas and --address go with --ray" in capsys.readouterr().err
+
+
+def test_a_commands_own_slot_count_gives_way_to_the_environment_and_the_toml_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.cli import _config, build_parser
+
+    def slots(*argv: str) -> object:
+        return _config(build_parser().parse_args(list(argv))).slots
+
+    monkeypatch.delenv("SLOTSERVE_SLOTS", raising=False)
+    assert slots("generate", "hi") == 1  # its own default
+    assert slots("run") == 4
+    assert slots("run", "--slots", "auto") == "auto"
+    toml = tmp_path / "s.toml"
+    toml.write_text("slots = 3\n")
+    assert slots("generate", "hi", "--config", str(toml)) == 3
+    assert slots("run", "--config", str(toml)) == 3
+    monkeypatch.setenv("SLOTSERVE_SLOTS", "2")
+    assert slots("generate", "hi") == 2 and slots("run") == 2
+    assert slots("run", "--slots", "5") == 5  # an option goes before everything
+    with pytest.raises(SystemExit):
+        slots("run", "--slots", "many")

@@ -707,11 +707,15 @@ async def test_an_ask_whose_waiting_request_found_a_slot_first_parks_nothing() -
             tg.start_soon(reader.run)
             await wait_until(lambda: reader.tokens >= 3, 10)
             run = _ticket(reader.stream).serving
-            assert run is not None and run.ask(for_priority=0)  # as the admission asks, for a request gone since
+            assert run is not None and run.ask(
+                for_priority=0
+            )  # as the admission asks, for a request gone since
             assert not await run.decided()
             same = Reader(rt.generate(greedy("same priority", max_tokens=3, priority=-1)))
             tg.start_soon(same.run)
-            assert run.ask(for_priority=0) and not await run.decided()  # one of a lower priority waits: no cause
+            assert (
+                run.ask(for_priority=0) and not await run.decided()
+            )  # one of a lower priority waits: no cause
         stats = rt.statistics().model.preemption
     assert stats is not None and stats.preemptions == 0
     assert reader.result is not None and reader.result.stats.preemptions == 0
