@@ -304,7 +304,10 @@ class SlotActor:
             return False
         parked = Parked(run, snapshot)
         ticket.parked = parked  # (before the requeue: a slot may take it at once)
-        if not self._receiver.requeue(ticket, last=run.give_way):  # closed meanwhile: it goes on here
+        fair_share = run.for_priority is not None and run.for_priority <= ticket.request.priority
+        if not self._receiver.requeue(
+            ticket, last=run.give_way, refund=not fair_share
+        ):  # closed: it goes on here
             ticket.parked = None
             await model.resume(job, self.slot, snapshot, cells_kept=True)
             return False

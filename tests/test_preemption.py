@@ -205,6 +205,25 @@ async def test_a_tenant_arriving_behind_another_tenants_flood_starts_at_once() -
     assert [a.stats.completion_tokens for a in answers] == [60] * 6
 
 
+async def test_a_tenant_under_its_share_keeps_getting_a_slot_from_callers_that_do_not_read() -> None:
+    """Weights web=3, batch=1 on 4 slots held by batch's callers, who read nothing: each of web's
+    requests, one after another, takes a slot at once (the parked batch request keeps its charge,
+    else its tenant's virtual time fell below web's and the slot went straight back to it)."""
+    async with open_runtime("fake", slots=4, memory_source="none", max_queue=64, tenant_weights="web=3,batch=1",
+                            fake={"step_delay_s": STEP_S}) as rt:  # fmt: skip
+        flood = [rt.generate(greedy(f"b{i}", max_tokens=40, tenant="batch")) for i in range(8)]
+        await _until(lambda: rt.statistics().model.tokens_sampled >= 8, "batch decoding")
+        web = []
+        for i in range(3):
+            with anyio.fail_after(10):
+                web.append(await rt.complete(greedy(f"w{i}", max_tokens=4, tenant="web")))
+        assert [w.stats.completion_tokens for w in web] == [4, 4, 4]
+        assert all(w.stats.queue_duration_ns < 15 * STEP_S * 1e9 for w in web)
+        assert rt.statistics().model.preemption.preemptions == 3  # type: ignore[union-attr]
+        answers = [await s.collect() for s in flood]
+    assert [a.stats.completion_tokens for a in answers] == [40] * 8
+
+
 async def test_a_request_cancelled_while_parked_frees_its_snapshot_and_nothing_else_is_lost() -> None:
     long = greedy("a long story", max_tokens=200)
     async with open_runtime("fake", slots=1, memory_source="none", fake={"step_delay_s": STEP_S}) as rt:

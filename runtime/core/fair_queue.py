@@ -245,13 +245,16 @@ class FairQueue(Generic[T]):
         lane.entries.pop()
         lane.entries.appendleft(entry)
 
-    def requeue(self, item: T, now_s: float, *, last: bool = False) -> None:
+    def requeue(self, item: T, now_s: float, *, last: bool = False, refund: bool = True) -> None:
         """Return ``item``, taken by :meth:`pop` and not done (a preempted request), to its
         tenant's lane: at its head, or with ``last`` at its tail (behind those waiting: it gives
         way by hand); past the tenant's queue cap. It waits from ``now_s`` (aging counts from
         it: the time it ran was no wait), and its tenant gets back what serving it was charged
-        (it is charged again when it resumes). One of n choices whose rest still wait goes
-        back in front of them (:meth:`put_back`). A no-op if not held."""
+        (it is charged again when it resumes), unless not ``refund``: parked for another tenant
+        of its class that was under its share, it keeps the charge, or its lane's virtual time
+        would fall below the claimant's and the slot would go straight back to it. One of n
+        choices whose rest still wait goes back in front of them (:meth:`put_back`). A no-op
+        if not held."""
         held = self._held.get(id(item))
         if held is None:
             return
@@ -260,7 +263,7 @@ class FairQueue(Generic[T]):
             return
         self.done(item)
         cls = self._classes.get(held.priority)
-        if cls is not None and (lane := cls.lanes.get(held.tenant)) is not None:
+        if refund and cls is not None and (lane := cls.lanes.get(held.tenant)) is not None:
             lane.vtime -= held.cost / self.policy.weight(held.tenant)  # (_insert bounds it by the class's)
         self._seq += 1
         entry = _Entry(deque([item]), held.priority, held.tenant, held.cost, self._seq, now_s)

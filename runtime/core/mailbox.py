@@ -79,10 +79,10 @@ class MailboxReceiver(Generic[T]):
             if waiter.handed:
                 return waiter.item  # type: ignore[return-value]  # handed: always an item
 
-    def requeue(self, item: T, *, last: bool = False) -> bool:
+    def requeue(self, item: T, *, last: bool = False, refund: bool = True) -> bool:
         """Put ``item``, taken by this slot and paused (preempted), back in the queue as
         :meth:`Mailbox.requeue` does."""
-        return self._mailbox.requeue(item, last=last)
+        return self._mailbox.requeue(item, last=last, refund=refund)
 
     def remove(self, item: T) -> bool:
         """Take a waiting ``item`` out unserved (:meth:`Mailbox.remove`)."""
@@ -232,14 +232,14 @@ class Mailbox(Generic[T]):
         self._end_idle_waits()  # closed, and that was the last one kept
         return True
 
-    def requeue(self, item: T, *, last: bool = False) -> bool:
+    def requeue(self, item: T, *, last: bool = False, refund: bool = True) -> bool:
         """Put ``item``, taken by a slot and paused (preempted), back at the head of its
         tenant's lane (``last``: at its tail, behind those waiting), waiting from now
-        (:meth:`FairQueue.requeue`), past every bound (it was admitted before); an idle slot
-        may take it at once. False (nothing done) if the mailbox is closed."""
+        (:meth:`FairQueue.requeue`; ``refund`` as there), past every bound (it was admitted
+        before); an idle slot may take it at once. False (nothing done) if the mailbox is closed."""
         if self.closed or self.queue.held_of(item) is None:
             return False
-        self.queue.requeue(item, self._clock(), last=last)
+        self.queue.requeue(item, self._clock(), last=last, refund=refund)
         self._dispatch()
         return True
 
