@@ -323,12 +323,20 @@ class SlotActor:
         if ticket.parked is not parked:
             return
         ticket.parked = None
-        self.model.discard(parked.snapshot)
-        self.model.preemption.released(parked.snapshot, resumed=False)
+        self._abandon(parked.snapshot)
         if self._receiver.remove(ticket):
             parked.run.parked_ns += time.perf_counter_ns() - parked.since_ns
-            final, stats = self._final(ticket, parked.run, "", "cancel")
-            ticket.finish("cancel", final=final, stats=stats)
+            self._finish_unresumed(ticket, parked.run)
+
+    def _abandon(self, snapshot: Snapshot) -> None:
+        """Free a parked request's snapshot that will not be resumed."""
+        self.model.discard(snapshot)
+        self.model.preemption.released(snapshot, resumed=False)
+
+    def _finish_unresumed(self, ticket: Ticket, run: Run) -> None:
+        """Finish a parked request that was cancelled before it resumed."""
+        final, stats = self._final(ticket, run, "", "cancel")
+        ticket.finish("cancel", final=final, stats=stats)
 
     async def _resume(self, ticket: Ticket, parked: Parked) -> None:
         """Resume a preempted request in this slot's sequence where it was, and follow it."""
@@ -338,10 +346,8 @@ class SlotActor:
         run.parked_ns += time.perf_counter_ns() - parked.since_ns
         model = self.model
         if ticket.cancelled or ticket.finished:
-            model.discard(snapshot)
-            model.preemption.released(snapshot, resumed=False)
-            final, stats = self._final(ticket, run, "", "cancel")
-            ticket.finish("cancel", final=final, stats=stats)
+            self._abandon(snapshot)
+            self._finish_unresumed(ticket, run)
             return
         kept = bool(self._cached) and self._cached == snapshot.held
         self._cached = []
