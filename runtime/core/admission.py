@@ -39,6 +39,10 @@ def prompt_chars(request: GenerateRequest | ChatRequest) -> int:
     return sum(len(m.content) + 12 for m in request.messages)
 
 
+PRIORITY_LABELS = ("high", "default", "low")
+"""The values of the metrics' ``priority`` label."""
+
+
 def priority_label(priority: int) -> str:
     """The metrics' ``priority`` label: ``high`` above 0, ``default`` at 0, ``low`` below."""
     return "high" if priority > 0 else "low" if priority < 0 else "default"

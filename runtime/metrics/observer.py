@@ -12,6 +12,7 @@ from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from runtime.core.admission import PRIORITY_LABELS
 from runtime.core.events import RejectReason, ResizeDirection, RestartedActor
 from runtime.core.messages import DoneReason, RequestStats
 from runtime.core.records import EmbeddingBatchReport, ResizeReason, RuntimeStatus, StepReport
@@ -76,7 +77,11 @@ class _Series:
         self.itl = f.itl.labels(m)
         self.e2e = f.e2e.labels(m)
         self.queue = f.queue.labels(m)
-        self.queue_wait: dict[tuple[str, str], Any] = {}
+        # Bound at 0 for requests that name no tenant or one beyond metrics_tenants: a series
+        # born at its first request has no 0 before it, and ``rate`` misses that increase.
+        self.queue_wait: dict[tuple[str, str], Any] = {
+            (p, t): f.queue_wait.labels(m, p, t) for p in PRIORITY_LABELS for t in ("default", "other")
+        }
         self.prediction_error = f.prediction_error.labels(m)
         self.prefill = f.prefill.labels(m)
         self.decode = f.decode.labels(m)
