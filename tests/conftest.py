@@ -28,29 +28,28 @@ STALLED_CALLBACK_S = 1.0
 """A callback that holds the event loop this long, running or not, fails the test."""
 
 
-class _CallbackCpu:
-    """The CPU time of the callback that last ran on the current thread's event loop
-    (asyncio's ``Handle._run``, wrapped while a test runs); asyncio reports a slow one right
-    after it ran, on the same thread."""
+class _LastCallback:
+    """When the callback that last ran on the current thread's event loop started and ended
+    (perf_counter) and its CPU time: asyncio's ``Handle._run``, wrapped while a test runs.
+    asyncio reports a slow callback right after it ran, on the same thread."""
 
     def __init__(self) -> None:
         self._original = asyncio.events.Handle._run
         self._last = threading.local()
 
-    @property
-    def seconds(self) -> float | None:
-        """None if no callback of asyncio's own ran here (uvloop's, say)."""
-        return getattr(self._last, "seconds", None)
+    def get(self) -> tuple[float, float, float] | None:
+        """(started, ended, cpu seconds); None if no callback of asyncio's own ran here (uvloop's)."""
+        return getattr(self._last, "timing", None)
 
     def __enter__(self) -> None:
         run, last = self._original, self._last
 
         def timed(handle: asyncio.events.Handle) -> None:
-            start = time.thread_time()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 run(handle)
             finally:
-                last.seconds = time.thread_time() - start
+                last.timing = (started, time.perf_counter(), time.thread_time() - cpu)
 
         asyncio.events.Handle._run = timed  # type: ignore[method-assign, assignment]
 
@@ -79,11 +78,11 @@ class _GcPauses:
 class _SlowCallbacks(logging.Handler):
     """asyncio's slow-callback warnings of callbacks that blocked, less the collector's share."""
 
-    def __init__(self, gc_pauses: _GcPauses, cpu: _CallbackCpu) -> None:
+    def __init__(self, gc_pauses: _GcPauses, last: _LastCallback) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
         self._gc = gc_pauses
-        self._cpu = cpu
+        self._last = last
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
@@ -91,9 +90,12 @@ class _SlowCallbacks(logging.Handler):
             return
         took = record.args[-1] if isinstance(record.args, tuple) else SLOW_CALLBACK_S
         assert isinstance(took, float)
-        end = time.perf_counter()
-        collected = self._gc.within(end - took - 0.01, end)
-        cpu = took if self._cpu.seconds is None else self._cpu.seconds  # None: not asyncio's Handle
+        timing = self._last.get()
+        if timing is None:  # not timed: all of it on the CPU, ending now
+            end = time.perf_counter()
+            timing = (end - took, end, took)
+        started, ended, cpu = timing
+        collected = self._gc.within(started, ended)
         if cpu - collected >= SLOW_CALLBACK_S or took - collected >= STALLED_CALLBACK_S:
             self.messages.append(
                 f"{message} ({cpu:.3f} s of it on the CPU, {collected:.3f} s in the garbage collector)"
@@ -105,15 +107,15 @@ async def loop_watch() -> AsyncIterator[None]:
     """Run the test's event loop in debug mode and fail on any slow callback."""
     loop = asyncio.get_running_loop()
     gc_pauses = _GcPauses()
-    cpu = _CallbackCpu()
-    handler = _SlowCallbacks(gc_pauses, cpu)
+    last = _LastCallback()
+    handler = _SlowCallbacks(gc_pauses, last)
     logger = logging.getLogger("asyncio")
     logger.addHandler(handler)
     gc.callbacks.append(gc_pauses)
     loop.set_debug(True)
     loop.slow_callback_duration = SLOW_CALLBACK_S
     try:
-        with cpu:
+        with last:
             yield
     finally:
         gc.callbacks.remove(gc_pauses)

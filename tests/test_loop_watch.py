@@ -10,33 +10,51 @@ import time
 
 import pytest
 
-from tests.conftest import SLOW_CALLBACK_S, STALLED_CALLBACK_S, _CallbackCpu, _GcPauses, _SlowCallbacks
+from tests.conftest import SLOW_CALLBACK_S, STALLED_CALLBACK_S, _GcPauses, _LastCallback, _SlowCallbacks
 
 
-def _reported(block: float, *, spin: bool) -> list[str]:
-    """What the watchdog reports of one callback that spins (or sleeps) ``block`` seconds."""
+class _SlowHandler(logging.Handler):
+    """A handler ahead of the watchdog's that takes its time (the report comes later)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        time.sleep(SLOW_CALLBACK_S + 0.05)
+
+
+def _reported(block: float, *, spin: bool, collector: bool = False) -> list[str]:
+    """What the watchdog reports of one callback that spins (or sleeps) ``block`` seconds, as
+    the garbage collector's pause with ``collector`` (reported late, after a slow handler)."""
+    pauses = _GcPauses()
 
     async def blocking() -> None:
+        if collector:
+            pauses("start", {})
         if spin:
             end = time.thread_time() + block
             while time.thread_time() < end:
                 pass
         else:
             time.sleep(block)  # noqa: ASYNC251 - the blocking call under test
+        if collector:
+            pauses("stop", {})
 
-    cpu = _CallbackCpu()
-    handler = _SlowCallbacks(_GcPauses(), cpu)
+    last = _LastCallback()
+    handler = _SlowCallbacks(pauses, last)
     logger = logging.getLogger("asyncio")
+    ahead = _SlowHandler() if collector else None
+    if ahead is not None:
+        logger.addHandler(ahead)
     logger.addHandler(handler)
     loop = asyncio.new_event_loop()
     loop.set_debug(True)
     loop.slow_callback_duration = SLOW_CALLBACK_S
     try:
-        with cpu:
+        with last:
             loop.run_until_complete(blocking())
     finally:
         loop.close()
         logger.removeHandler(handler)
+        if ahead is not None:
+            logger.removeHandler(ahead)
     return handler.messages
 
 
@@ -60,8 +78,12 @@ def test_the_watchdog_fails_work_on_the_loop_and_long_blocking_calls_only(
         assert "on the CPU" in message and "blocking()" in message
 
 
+def test_a_collector_pause_is_not_counted_however_long_the_report_takes() -> None:
+    assert _reported(SLOW_CALLBACK_S + 0.1, spin=True, collector=True) == []
+
+
 def test_the_wrapped_callback_is_put_back() -> None:
     original = asyncio.events.Handle._run
-    with _CallbackCpu():
+    with _LastCallback():
         assert asyncio.events.Handle._run is not original
     assert asyncio.events.Handle._run is original
