@@ -36,7 +36,6 @@ from runtime.core.errors import (
     ResizeFailedError,
     RuntimeClosedError,
     RuntimeFailedError,
-    TenantQueueFullError,
 )
 from runtime.core.events import Observer, Observers, ResizeDirection
 from runtime.core.messages import (
@@ -50,8 +49,6 @@ from runtime.core.messages import (
     QueueEstimate,
     RequestStats,
 )
-from runtime.core.nvml import NvmlProbe
-from runtime.core.policies import headroom_bytes
 from runtime.core.records import (
     EmbeddingStatistics,
     ResizeRecord,
@@ -59,9 +56,10 @@ from runtime.core.records import (
     RuntimeStatistics,
     RuntimeStatus,
 )
-from runtime.core.sizing import host_cache_bound, host_cache_reserve, initial_slots, probe_for
-from runtime.core.telemetry import CgroupHostProbe, MemoryProbe, memory_text
+from runtime.core.sizing import probe_for, start_sizes
+from runtime.core.telemetry import MemoryProbe, memory_text
 from runtime.core.ticket import Reply, ResponseStream, Ticket
+from runtime.load_wait import LoadWait
 from runtime.metrics import RuntimeMetrics
 
 __all__ = ["BackendLoad", "ModelUnit"]
@@ -133,9 +131,7 @@ class ModelUnit:
         self._load = load
         self._budget_lock = budget_lock
         self._on_idle = on_idle
-        self._waiting = 0  # requests waiting for the load, to be admitted when it is done
-        self._waiting_by_tenant: dict[str, int] = {}  # of those, each tenant's
-        self._load_wait_rejected = 0  # refused before the mailbox (the load wait was full)
+        self._load_wait = LoadWait(self.config.max_queue, self.config.tenant_max_queued)
         self.last_used_s = time.monotonic()
         """When a request last started or ended here (monotonic seconds): the LRU order."""
 
@@ -163,14 +159,6 @@ class ModelUnit:
         self._state = "closed"
         self._mailbox.close(lambda: RuntimeClosedError(f"the model was not loaded: {error}"))
 
-    @staticmethod
-    def _host_probe(probe: MemoryProbe | None) -> MemoryProbe | None:
-        """What reads host memory for the prompt cache's bound: the unit's probe unless it reads
-        GPUs (then the host's own, cgroup-aware); None where memory is not read at all."""
-        if probe is None:
-            return None
-        return CgroupHostProbe() if isinstance(probe, NvmlProbe) else probe
-
     async def _start(self) -> ModelUnit:
         start = time.perf_counter()
         self._count()
@@ -185,24 +173,7 @@ class ModelUnit:
         probe = self._probe
         reading = None if probe is None else await anyio.to_thread.run_sync(probe.read)
         per_slot = backend.info.kv_bytes_per_slot + backend.info.instance_bytes  # a slot's whole cost
-        sized = reading  # a set host_cache_bytes is kept from the slots; auto takes what they leave
-        if (
-            reading is not None
-            and reading.free_bytes is not None
-            and cfg.prefix_cache
-            and cfg.host_cache_bytes > 0
-        ):
-            free = reading.free_bytes - host_cache_reserve(reading, cfg.host_cache_bytes, 0)
-            sized = msgspec.structs.replace(reading, free_bytes=free)
-        slots = initial_slots(cfg, sized, backend.info.n_seq_max, per_slot)
-        cache_bytes = 0
-        if cfg.prefix_cache:
-            taken = (slots - backend.info.n_seq_max) * per_slot
-            if reading is not None and reading.total_bytes is not None:
-                taken += headroom_bytes(
-                    reading.total_bytes, cfg.memory_headroom_fraction, cfg.memory_headroom_bytes
-                )
-            cache_bytes = host_cache_bound(cfg, reading, self._host_probe(probe), taken)
+        slots, cache_bytes = start_sizes(cfg, reading, probe, backend.info.n_seq_max, per_slot)
         pause_s = 0.0
         start_failed: ResizeDirection | None = None
         if slots != backend.info.n_seq_max:
@@ -406,37 +377,20 @@ class ModelUnit:
         :raises BaseException: what ``ready`` raises (the load failed, no memory), when read.
         """
         self._count()  # not entered yet (it may wait for memory): its refusals count already
-        depth = self._waiting + self._mailbox.statistics().depth
-        tenant, tenant_cap = request.tenant, self.config.tenant_max_queued
-        refusal: QueueFullError | None = None
-        if depth >= self.config.max_queue:
-            refusal = QueueFullError(self.config.max_queue)
-        elif (
-            tenant_cap
-            and self._waiting_by_tenant.get(tenant, 0) + self._mailbox.queue.queued(tenant) >= tenant_cap
-        ):
-            refusal = TenantQueueFullError(tenant, tenant_cap)
+        tenant = request.tenant
+        refusal = self._load_wait.refusal(
+            tenant, self._mailbox.statistics().depth, self._mailbox.queue.queued(tenant)
+        )
         if refusal is not None:
-            self._load_wait_rejected += 1
             self.observers.request_rejected(refusal.reason)
             raise refusal
         send, receive = channel(self.config.stream_buffer)
         ticket = Ticket(request=request, reply=send, on_finish=self._request_done)
-        self._waiting += 1
-        self._waiting_by_tenant[tenant] = self._waiting_by_tenant.get(tenant, 0) + 1
-        waiting = True
+        leave = self._load_wait.enter(tenant)
 
         def stop_waiting() -> None:  # once: admitted, refused, or the stream closed unread
-            nonlocal waiting
-            if waiting:
-                waiting = False
-                self._waiting -= 1
-                if (left := self._waiting_by_tenant[tenant] - 1) > 0:
-                    self._waiting_by_tenant[tenant] = left
-                else:
-                    del self._waiting_by_tenant[tenant]
-                if self._on_idle is not None and not self.busy:
-                    self._on_idle()
+            if leave() and self._on_idle is not None and not self.busy:
+                self._on_idle()
 
         ticket.listen(stop_waiting)  # a stream closed (or collected) before it is read
 
@@ -466,13 +420,13 @@ class ModelUnit:
     @property
     def waiting_for_load(self) -> int:
         """Requests waiting for the load (:meth:`generate_when_ready`), not queued yet."""
-        return self._waiting
+        return self._load_wait.count
 
     @property
     def busy(self) -> bool:
         """Whether it is loading, or requests are in flight, queued or waiting for the load."""
         return (
-            self._state == "loading" or bool(self._in_flight) or self._waiting > 0
+            self._state == "loading" or bool(self._in_flight) or self._load_wait.count > 0
             or self._mailbox.statistics().depth > 0
         )  # fmt: skip
 
@@ -749,7 +703,7 @@ class ModelUnit:
             requests_completed=o["stop"] + o["length"],
             requests_cancelled=o["cancel"],
             requests_failed=o["error"],
-            requests_rejected=mailbox.rejected + self._load_wait_rejected,
+            requests_rejected=mailbox.rejected + self._load_wait.rejected,
             restarts=(sup.slot_restarts + sup.model_restarts) if sup else 0,
             steps=model.steps if model else 0,
             kv_cache_type=self.config.kv_cache_type,

@@ -1,8 +1,11 @@
-"""The slot count to start with: what the configuration asks, checked against free memory."""
+"""The slot count and the prompt cache's bound to start with: what the configuration asks,
+checked against free memory."""
 
 from __future__ import annotations
 
 import logging
+
+import msgspec
 
 from runtime.core.config import RuntimeConfig
 from runtime.core.errors import ConfigError
@@ -18,6 +21,7 @@ __all__ = [
     "host_cache_reserve",
     "initial_slots",
     "probe_for",
+    "start_sizes",
 ]
 
 log = logging.getLogger("slotserve.sizing")
@@ -109,3 +113,39 @@ def initial_slots(
         raise ConfigError(message + f"; set slots <= {fit} or unfit_slots='reduce'")
     log.warning("%s: reducing slots from %d to %d", message, wanted, fit)
     return fit
+
+
+def start_sizes(
+    config: RuntimeConfig,
+    reading: MemoryReading | None,
+    probe: MemoryProbe | None,
+    slots_now: int,
+    slot_bytes: int,
+) -> tuple[int, int]:
+    """The slots a model starts with and its prompt cache's bound in bytes, from ``reading``
+    (None: memory is not read) by ``probe``, with ``slots_now`` sequences built already and
+    ``slot_bytes`` a slot's whole cost. A set ``host_cache_bytes`` is kept from the slots; the
+    automatic bound takes a part of what they leave.
+
+    :raises ConfigError: as :func:`initial_slots`.
+    """
+    sized = reading
+    if (
+        reading is not None
+        and reading.free_bytes is not None
+        and config.prefix_cache
+        and config.host_cache_bytes > 0
+    ):
+        free = reading.free_bytes - host_cache_reserve(reading, config.host_cache_bytes, 0)
+        sized = msgspec.structs.replace(reading, free_bytes=free)
+    slots = initial_slots(config, sized, slots_now, slot_bytes)
+    if not config.prefix_cache:
+        return slots, 0
+    taken = (slots - slots_now) * slot_bytes
+    if reading is not None and reading.total_bytes is not None:
+        taken += headroom_bytes(
+            reading.total_bytes, config.memory_headroom_fraction, config.memory_headroom_bytes
+        )
+    # The host cache reads host memory: the model's probe unless it reads GPUs (then the host's own).
+    host = CgroupHostProbe() if isinstance(probe, NvmlProbe) else probe
+    return slots, host_cache_bound(config, reading, host, taken)
