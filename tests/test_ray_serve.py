@@ -28,8 +28,8 @@ import msgspec
 import pytest
 
 from runtime.core.config import RuntimeConfig
-from runtime.core.errors import ContextOverflowError, QueueFullError
-from runtime.core.messages import GenerateRequest
+from runtime.core.errors import ContextOverflowError, QueueFullError, RuntimeClosedError
+from runtime.core.messages import Chunk, GenerateRequest
 from tests.helpers import require_backend
 
 with warnings.catch_warnings():  # Ray's pydantic models warn as they are defined
@@ -413,6 +413,71 @@ async def test_a_call_refused_by_serve_back_pressure_reads_as_queue_full_and_is_
     with pytest.raises(StopAsyncIteration):
         await stream.__anext__()
     assert source.released == 1
+
+
+class _Calls:
+    """A StreamSource whose calls answer, in turn, as ``answers`` say: an exception to raise,
+    or a list of items (WireErrors, chunk batches) to yield."""
+
+    retries = 3
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = answers
+        self.calls = self.released = 0
+
+    def stream_call(self, request: Any) -> Any:
+        answer = self.answers[self.calls]
+        self.calls += 1
+
+        async def call() -> Any:
+            if isinstance(answer, BaseException):
+                raise answer
+            for item in answer:
+                yield item
+
+        return call()
+
+    def release(self) -> None:
+        self.released += 1
+
+
+def _given_back_then_full() -> list[Any]:
+    from ray.serve.exceptions import BackPressureError
+
+    from runtime.ray_serve.wire import error_to_wire
+
+    done = Chunk(text="hi", token_ids=(1,), done=True, done_reason="stop")
+    return [
+        [error_to_wire(RuntimeClosedError("the server is shutting down"))],  # its replica drains
+        BackPressureError(num_queued_requests=4, max_queued_requests=4),  # the other one is full
+        [error_to_wire(QueueFullError(4))],  # and its mailbox too
+        [[done]],
+    ]
+
+
+async def test_a_request_given_back_by_a_draining_replica_waits_for_room_on_another() -> None:
+    """A scale-down gives back the requests queued on the replica that goes; one that then
+    meets a full replica waits for room (MOVED_WAIT_S) instead of turning into a 503."""
+    from runtime.ray_serve.stream import RemoteStream
+
+    source = _Calls(_given_back_then_full())
+    async with RemoteStream(source, GenerateRequest(prompt="p", max_tokens=3)) as stream:
+        chunks = [chunk async for chunk in stream]
+    assert [c.text for c in chunks] == ["hi"] and chunks[-1].done
+    assert (source.calls, source.released, stream.tries) == (4, 1, 2)  # the waits for room are no tries
+
+
+async def test_a_request_given_back_is_refused_once_its_wait_for_room_is_spent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from runtime.ray_serve import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "MOVED_WAIT_S", -1.0)
+    source = _Calls(_given_back_then_full())
+    stream = stream_module.RemoteStream(source, GenerateRequest(prompt="p", max_tokens=3))
+    with pytest.raises(QueueFullError, match="max_queued_requests=4"):
+        await stream.__anext__()
+    assert (source.calls, source.released) == (2, 1)
 
 
 async def test_the_embedded_model_in_two_replicas(url: str, client: httpx.AsyncClient) -> None:

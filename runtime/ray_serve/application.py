@@ -76,8 +76,11 @@ def build_app(
     """The Serve application of ``replicas`` Engine replicas behind one Ingress deployment.
 
     Each Engine replica takes at most its most slots plus its mailbox at once
-    (``max_ongoing_requests``); Serve's caller queue holds one replica's worth more
-    (``max_queued_requests``), beyond which a caller gets BackPressureError (a 503).
+    (``max_ongoing_requests``). Serve's caller queue (``max_queued_requests``), where a request
+    waits for the router to place it, holds as many as all the replicas: the Ingress admits no
+    more than they hold, and a burst it admitted waits there for the router rather than being
+    refused (with one replica's worth, a burst of 10 over 2 replicas of 6 was seen to lose 2 to
+    BackPressureError). Past it a caller gets BackPressureError (a 503).
 
     :param gpus: GPUs per Engine replica (None: :func:`gpus_per_replica`).
     :param cpus_per_replica: logical CPUs each Engine replica reserves (the Ingress and the
@@ -99,7 +102,7 @@ def build_app(
         name="Engine",
         num_replicas=replicas,
         max_ongoing_requests=capacity,
-        max_queued_requests=capacity,
+        max_queued_requests=capacity * replicas,
         ray_actor_options={
             "num_cpus": cpus_per_replica,
             "num_gpus": gpus_per_replica(config) if gpus is None else gpus,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -27,6 +28,10 @@ log = logging.getLogger("slotserve.ray")
 RETRY_BACKOFF_S = 0.25
 """A request sent again waits this long times its tries so far (0.25, 0.5, 0.75 s: past the
 routing figures' 1 s period, so the router has seen the replica go)."""
+MOVED_WAIT_S = 30.0
+"""A request given back before its first chunk (its replica drains, or went away) waits up to
+this long for room on another replica (every 0.5 s), where a full one would refuse a new
+request: it was admitted already, and a scale-down must not turn it into a 503."""
 LOST = (RayActorError, RayServeException)
 """What a handle raises when the replica is gone (died, unreachable, or none left)."""
 
@@ -65,7 +70,9 @@ class RemoteStream:
         self._received = 0
         self._done = False
         self.tries = 0
-        """Calls made for this request (1 unless a replica went away before its first chunk)."""
+        """Calls made for this request, less those a full replica refused after it was given
+        back (1 unless a replica went away before its first chunk)."""
+        self._moved_s: float | None = None  # when a replica first gave it back (monotonic)
 
     async def __aenter__(self) -> Self:
         return self
@@ -115,6 +122,16 @@ class RemoteStream:
             self._close()
         return chunk
 
+    async def _wait_for_room(self) -> bool:
+        """Whether to send again a request that a full replica refused: only one given back by
+        another replica, and only within MOVED_WAIT_S of that (then it waits 0.5 s first)."""
+        if self._moved_s is None or self._received or time.monotonic() - self._moved_s > MOVED_WAIT_S:
+            return False
+        self._call = None
+        self.tries -= 1  # a wait for room is not one of the retries
+        await asyncio.sleep(0.5)
+        return True
+
     def available(self) -> list[Chunk]:
         """The chunks of the batch that came with the last read."""
         chunks = list(self._ready)
@@ -140,6 +157,8 @@ class RemoteStream:
             except StopAsyncIteration:
                 raise ReplicaLostError("the replica's stream ended without a final chunk") from None
             except BackPressureError as exc:
+                if await self._wait_for_room():
+                    continue
                 raise backpressure_error(exc) from None
             except (*LOST, RayTaskError) as exc:
                 if self._received or self.tries > self._remote.retries or isinstance(exc, RayTaskError):
@@ -151,6 +170,7 @@ class RemoteStream:
                     type(exc).__name__,
                 )
                 self._call = None
+                self._moved_s = self._moved_s or time.monotonic()
                 await asyncio.sleep(RETRY_BACKOFF_S * self.tries)
                 continue
             if isinstance(item, WireError):
@@ -158,7 +178,10 @@ class RemoteStream:
                 retry = isinstance(error, RuntimeClosedError)  # that replica drains, or failed
                 if retry and not self._received and self.tries <= self._remote.retries:
                     self._call = None  # another replica takes it, once the router's figures (1 s) say so
+                    self._moved_s = self._moved_s or time.monotonic()
                     await asyncio.sleep(RETRY_BACKOFF_S * self.tries)
+                    continue
+                if isinstance(error, QueueFullError) and await self._wait_for_room():
                     continue
                 raise error
             batch: list[Chunk] = item
