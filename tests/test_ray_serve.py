@@ -480,6 +480,21 @@ async def test_a_request_given_back_is_refused_once_its_wait_for_room_is_spent(
     assert (source.calls, source.released) == (2, 1)
 
 
+async def test_a_request_given_back_is_not_held_for_a_deadline_it_cannot_meet() -> None:
+    """A deadline refusal is no full replica: waiting for room would only make it later."""
+    from runtime.core.errors import DeadlineUnmetError
+    from runtime.ray_serve.stream import RemoteStream
+    from runtime.ray_serve.wire import error_to_wire
+
+    answers = _given_back_then_full()
+    answers[1] = [error_to_wire(DeadlineUnmetError(100.0, 900.0, 0.8))]
+    source = _Calls(answers)
+    stream = RemoteStream(source, GenerateRequest(prompt="p", max_tokens=3, deadline_ms=100.0))
+    with pytest.raises(DeadlineUnmetError):
+        await stream.__anext__()
+    assert (source.calls, source.released) == (2, 1)
+
+
 async def test_the_embedded_model_in_two_replicas(url: str, client: httpx.AsyncClient) -> None:
     require_backend("llama_cpp")
     config = RuntimeConfig(slots=2, max_queue=4, n_ctx_per_slot=512, threads=1)

@@ -17,7 +17,12 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentResponseGenerator
 
-from runtime.core.errors import QueueFullError, ReplicaLostError, RuntimeClosedError
+from runtime.core.errors import (
+    DeadlineUnmetError,
+    QueueFullError,
+    ReplicaLostError,
+    RuntimeClosedError,
+)
 from runtime.core.messages import ChatRequest, Chunk, GenerateRequest
 from runtime.ray_serve.wire import WireError, error_from_wire
 
@@ -181,7 +186,8 @@ class RemoteStream:
                     self._moved_s = self._moved_s or time.monotonic()
                     await asyncio.sleep(RETRY_BACKOFF_S * self.tries)
                     continue
-                if isinstance(error, QueueFullError) and await self._wait_for_room():
+                full = isinstance(error, QueueFullError) and not isinstance(error, DeadlineUnmetError)
+                if full and await self._wait_for_room():  # a deadline is not met by waiting
                     continue
                 raise error
             batch: list[Chunk] = item
