@@ -38,7 +38,8 @@ class _LastCallback:
         self._last = threading.local()
 
     def get(self) -> tuple[float, float, float] | None:
-        """(started, ended, cpu seconds); None if no callback of asyncio's own ran here (uvloop's)."""
+        """(started, ended, cpu seconds) of the last callback of asyncio's own that ran here
+        (uvloop's are not timed); None if none did."""
         return getattr(self._last, "timing", None)
 
     def __enter__(self) -> None:
@@ -91,7 +92,9 @@ class _SlowCallbacks(logging.Handler):
         took = record.args[-1] if isinstance(record.args, tuple) else SLOW_CALLBACK_S
         assert isinstance(took, float)
         timing = self._last.get()
-        if timing is None:  # not timed: all of it on the CPU, ending now
+        if timing is None or abs(timing[1] - timing[0] - took) > 0.1:
+            # not timed, or the timing is another callback's (uvloop's are not asyncio's
+            # Handle._run): all of it on the CPU, ending now
             end = time.perf_counter()
             timing = (end - took, end, took)
         started, ended, cpu = timing

@@ -87,3 +87,32 @@ def test_the_wrapped_callback_is_put_back() -> None:
     with _LastCallback():
         assert asyncio.events.Handle._run is not original
     assert asyncio.events.Handle._run is original
+
+
+def test_a_callback_asyncio_did_not_time_is_not_judged_by_the_last_one_it_did() -> None:
+    """uvloop runs its callbacks without asyncio's Handle._run, on a thread whose last timing
+    is then another callback's (here a quick one of asyncio's own)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def spin() -> None:
+        end = time.thread_time() + SLOW_CALLBACK_S + 0.05
+        while time.thread_time() < end:
+            pass
+
+    last = _LastCallback()
+    handler = _SlowCallbacks(_GcPauses(), last)
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    try:
+        with last:
+            asyncio.run(asyncio.sleep(0))  # timed: a quick callback of asyncio's
+            loop = uvloop.new_event_loop()
+            loop.set_debug(True)
+            loop.slow_callback_duration = SLOW_CALLBACK_S
+            try:
+                loop.run_until_complete(spin())
+            finally:
+                loop.close()
+    finally:
+        logger.removeHandler(handler)
+    assert len(handler.messages) == 1 and "spin()" in handler.messages[0], handler.messages
