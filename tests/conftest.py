@@ -3,10 +3,10 @@
 the way anyio checks its own tests).
 
 A callback fails the test when it ran on the CPU for SLOW_CALLBACK_S (work that belongs off
-the loop), or held the loop for STALLED_CALLBACK_S in all (a blocking call). A wait between
-the two is not counted: a loop thread that was ready but not running (the machine busy with
-other work: seen at 0.28 and 0.39 s on 2 shared cores, where the same callbacks take 4 ms
-alone) is not a blocking call. Nor is a garbage-collector pause: the time the collector ran
+the loop), or held the loop for STALLED_CALLBACK_S in all (a blocking call). Below that, time
+the loop thread did not run is not counted: a thread kept waiting by a machine busy with other
+work is not a blocking call (pauses of 0.28 and 0.39 s were seen on 2 shared cores, in
+callbacks that take 4 ms alone). Nor is a garbage-collector pause: the time the collector ran
 inside a slow callback is not counted against it."""
 
 from __future__ import annotations

@@ -41,6 +41,9 @@ def prompt_chars(request: GenerateRequest | ChatRequest) -> int:
 
 PRIORITY_LABELS = ("high", "default", "low")
 """The values of the metrics' ``priority`` label."""
+UNNAMED_TENANT_LABELS = ("default", "other")
+"""The metrics' ``tenant`` label of requests that name no tenant, and of those whose tenant
+``metrics_tenants`` does not name."""
 
 
 def priority_label(priority: int) -> str:
@@ -81,9 +84,10 @@ class Admission:
     def tenant_label(self, tenant: str) -> str:
         """The metrics' ``tenant`` label: the tenant if ``metrics_tenants`` names it, else
         ``other`` (``default`` for requests that name none)."""
+        none, other = UNNAMED_TENANT_LABELS
         if not tenant:
-            return "default"
-        return tenant if tenant in self._tenants else "other"
+            return none
+        return tenant if tenant in self._tenants else other
 
     # -- admission -----------------------------------------------------------------------------
 

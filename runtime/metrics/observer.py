@@ -12,7 +12,7 @@ from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from runtime.core.admission import PRIORITY_LABELS
+from runtime.core.admission import PRIORITY_LABELS, UNNAMED_TENANT_LABELS
 from runtime.core.events import RejectReason, ResizeDirection, RestartedActor
 from runtime.core.messages import DoneReason, RequestStats
 from runtime.core.records import EmbeddingBatchReport, ResizeReason, RuntimeStatus, StepReport
@@ -80,7 +80,7 @@ class _Series:
         # Bound at 0 for requests that name no tenant or one beyond metrics_tenants: a series
         # born at its first request has no 0 before it, and ``rate`` misses that increase.
         self.queue_wait: dict[tuple[str, str], Any] = {
-            (p, t): f.queue_wait.labels(m, p, t) for p in PRIORITY_LABELS for t in ("default", "other")
+            (p, t): f.queue_wait.labels(m, p, t) for p in PRIORITY_LABELS for t in UNNAMED_TENANT_LABELS
         }
         self.prediction_error = f.prediction_error.labels(m)
         self.prefill = f.prefill.labels(m)

@@ -35,8 +35,10 @@ RETRY_BACKOFF_S = 0.25
 routing figures' 1 s period, so the router has seen the replica go)."""
 MOVED_WAIT_S = 30.0
 """A request given back before its first chunk (its replica drains, or went away) waits up to
-this long for room on another replica (every 0.5 s), where a full one would refuse a new
-request: it was admitted already, and a scale-down must not turn it into a 503."""
+this long for room on another replica (sent again every ROOM_POLL_S), where a full one would
+refuse a new request: it was admitted already, and a scale-down must not turn it into a 503."""
+ROOM_POLL_S = 0.5
+"""How often a request given back is sent again while the other replicas are full."""
 LOST = (RayActorError, RayServeException)
 """What a handle raises when the replica is gone (died, unreachable, or none left)."""
 
@@ -127,14 +129,27 @@ class RemoteStream:
             self._close()
         return chunk
 
-    async def _wait_for_room(self) -> bool:
-        """Whether to send again a request that a full replica refused: only one given back by
-        another replica, and only within MOVED_WAIT_S of that (then it waits 0.5 s first)."""
-        if self._moved_s is None or self._received or time.monotonic() - self._moved_s > MOVED_WAIT_S:
+    async def _send_again(self) -> None:
+        """After its replica gave it back (drains, failed or went away) before its first chunk:
+        wait for the router to see that (the backoff), then send it anew."""
+        self._call = None
+        self._moved_s = self._moved_s or time.monotonic()
+        await asyncio.sleep(RETRY_BACKOFF_S * self.tries)
+
+    async def _wait_for_room(self, refusal: BackPressureError | QueueFullError) -> bool:
+        """Whether to send again a request that a full replica refused with ``refusal`` (then
+        after ROOM_POLL_S): only one given back by another replica, within MOVED_WAIT_S of
+        that, and never for a missed deadline (waiting does not meet it)."""
+        if (
+            self._moved_s is None
+            or self._received
+            or isinstance(refusal, DeadlineUnmetError)
+            or time.monotonic() - self._moved_s > MOVED_WAIT_S
+        ):
             return False
         self._call = None
         self.tries -= 1  # a wait for room is not one of the retries
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(ROOM_POLL_S)
         return True
 
     def available(self) -> list[Chunk]:
@@ -162,7 +177,7 @@ class RemoteStream:
             except StopAsyncIteration:
                 raise ReplicaLostError("the replica's stream ended without a final chunk") from None
             except BackPressureError as exc:
-                if await self._wait_for_room():
+                if await self._wait_for_room(exc):
                     continue
                 raise backpressure_error(exc) from None
             except (*LOST, RayTaskError) as exc:
@@ -174,20 +189,15 @@ class RemoteStream:
                     "a replica went away before the first chunk (%s); sending the request again",
                     type(exc).__name__,
                 )
-                self._call = None
-                self._moved_s = self._moved_s or time.monotonic()
-                await asyncio.sleep(RETRY_BACKOFF_S * self.tries)
+                await self._send_again()
                 continue
             if isinstance(item, WireError):
                 error = error_from_wire(item)
                 retry = isinstance(error, RuntimeClosedError)  # that replica drains, or failed
                 if retry and not self._received and self.tries <= self._remote.retries:
-                    self._call = None  # another replica takes it, once the router's figures (1 s) say so
-                    self._moved_s = self._moved_s or time.monotonic()
-                    await asyncio.sleep(RETRY_BACKOFF_S * self.tries)
+                    await self._send_again()  # another replica takes it, once the router's figures say so
                     continue
-                full = isinstance(error, QueueFullError) and not isinstance(error, DeadlineUnmetError)
-                if full and await self._wait_for_room():  # a deadline is not met by waiting
+                if isinstance(error, QueueFullError) and await self._wait_for_room(error):
                     continue
                 raise error
             batch: list[Chunk] = item
